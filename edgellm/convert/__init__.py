@@ -1,0 +1,1 @@
+"""Checkpoint readers, quantization, the graph builder and the bundle writer."""

@@ -1,0 +1,309 @@
+"""Reading a GGUF file as a Hugging Face-style source: config from metadata, tensors under HF names, tokenizer.
+
+Quantized blocks that MatMulNBits can express exactly are decoded into integer codes + scales (+ mins) and kept
+as they are (see quantize.QuantizedWeight); every other type is dequantized by the gguf package.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from .quantize import QuantizedWeight
+from .source import ModelSource
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# GGUF tensor name -> Hugging Face name ({i} is the layer)
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs.weight"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+class GGUFSource(ModelSource):
+    def __init__(self, path: Path):
+        try:
+            from gguf import GGUFReader
+        except ImportError as e:  # pragma: no cover - an install problem, not a code path
+            raise EdgeLLMError("reading GGUF files needs the 'gguf' package: pip install 'edgellm[convert]'") from e
+        try:
+            self.reader = GGUFReader(str(path))
+        except Exception as e:  # the gguf package raises bare ValueError/struct errors on corrupt files
+            raise EdgeLLMError(f"{path}: not a readable GGUF file ({e})") from e
+        self.path = path
+        self.meta = {name: _field_value(field) for name, field in self.reader.fields.items()
+                     if not name.startswith("tokenizer.ggml.") or name in _SMALL_TOKENIZER_FIELDS}
+        self.arch = self.meta.get("general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise EdgeLLMError(f"{path}: unknown GGUF architecture {self.arch!r}; edgellm reads: "
+                               f"{', '.join(ARCHITECTURES)}")
+        self._tensors = {}
+        for t in self.reader.tensors:
+            name = hf_name(t.name)
+            if name is not None:
+                self._tensors[name] = t
+        self.config = self._hf_config()
+
+    # --- config --------------------------------------------------------------------------------
+    def _hf_config(self) -> dict:
+        a, m = self.arch, self.meta
+        heads = m[f"{a}.attention.head_count"]
+        config = {
+            "architectures": [ARCHITECTURES[a]],
+            "hidden_size": m[f"{a}.embedding_length"],
+            "num_hidden_layers": m[f"{a}.block_count"],
+            "intermediate_size": m[f"{a}.feed_forward_length"],
+            "num_attention_heads": heads,
+            "num_key_value_heads": m.get(f"{a}.attention.head_count_kv", heads),
+            "head_dim": m.get(f"{a}.attention.key_length", m[f"{a}.embedding_length"] // heads),
+            "rms_norm_eps": m[f"{a}.attention.layer_norm_rms_epsilon"],
+            "max_position_embeddings": m.get(f"{a}.context_length", 4096),
+            "vocab_size": len(self.reader.fields["tokenizer.ggml.tokens"].data),
+            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "rope_theta": m.get(f"{a}.rope.freq_base", 10000.0),
+        }
+        scaling = m.get(f"{a}.rope.scaling.type")
+        if scaling == "linear":
+            config["rope_scaling"] = {"rope_type": "linear", "factor": m[f"{a}.rope.scaling.factor"]}
+        elif scaling not in (None, "none"):
+            raise EdgeLLMError(f"{self.path}: rope scaling {scaling!r} is not supported yet")
+        if "rope_freqs.weight" in self._tensors:  # Llama 3.x: per-frequency divisors stored as a tensor
+            config["rope_scaling"] = {"rope_type": "freq_factors",
+                                      "factors": self.tensor("rope_freqs.weight").tolist()}
+        return config
+
+    # --- weights -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def _get(self, name: str):
+        if name not in self._tensors:
+            raise EdgeLLMError(f"{self.path}: tensor {name} not found in the GGUF file")
+        return self._tensors[name]
+
+    def raw(self, name: str) -> np.ndarray:
+        return _unpermute(self, name, _dequantize(self._get(name)))
+
+    def linear(self, name: str) -> np.ndarray | QuantizedWeight:
+        t = self._get(name)
+        decode = _BLOCK_DECODERS.get(t.tensor_type.name)
+        if decode is None:
+            return self.tensor(name)
+        rows = np.asarray(t.data).reshape(int(t.shape[1]), -1)
+        return _unpermute(self, name, decode(rows, int(t.shape[0])))
+
+    # --- tokenizer and templates ---------------------------------------------------------------
+    def tokenizer_json(self) -> str:
+        return json.dumps(gguf_tokenizer(self.reader, self.meta))
+
+    def tokenizer_config(self) -> dict:
+        tokens = self.reader.fields["tokenizer.ggml.tokens"]
+        token = lambda key: (_token_text(tokens, self.meta[key]) if key in self.meta else None)  # noqa: E731
+        return {"bos_token": token("tokenizer.ggml.bos_token_id"), "eos_token": token("tokenizer.ggml.eos_token_id"),
+                "add_bos_token": bool(self.meta.get("tokenizer.ggml.add_bos_token", False))}
+
+    def chat_template(self) -> str | None:
+        return self.meta.get("tokenizer.chat_template")
+
+    def generation_config(self) -> dict:
+        eos = [self.meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+               if k in self.meta]
+        config = {"eos_token_id": sorted(set(eos))}
+        if "tokenizer.ggml.bos_token_id" in self.meta:
+            config["bos_token_id"] = self.meta["tokenizer.ggml.bos_token_id"]
+        return config
+
+
+_SMALL_TOKENIZER_FIELDS = {"tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
+                           "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                           "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+                           "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+                           "tokenizer.ggml.add_space_prefix"}
+
+
+def _field_value(field):
+    try:
+        return field.contents()
+    except Exception:  # exotic field types we never read
+        return None
+
+
+def _token_text(tokens_field, index: int) -> str:
+    return bytes(tokens_field.parts[tokens_field.data[index]]).decode("utf-8", errors="replace")
+
+
+def _unpermute(source: GGUFSource, name: str, w):
+    """llama.cpp interleaves the rows of Llama's q/k projections for its rotary layout; undo it (rows only, so
+    quantized blocks along K move intact)."""
+    if source.arch != "llama" or not re.search(r"self_attn\.[qk]_proj\.weight$", name):
+        return w
+    heads = source.config["num_attention_heads" if ".q_proj" in name else "num_key_value_heads"]
+    n = w.shape[0] if isinstance(w, np.ndarray) else w.n
+    forward = np.arange(n).reshape(heads, 2, n // heads // 2).swapaxes(1, 2).reshape(-1)
+    rows = np.argsort(forward)
+    return w[rows] if isinstance(w, np.ndarray) else w.take_rows(rows)
+
+
+def _dequantize(t) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+
+    data = np.asarray(t.data)
+    kind = t.tensor_type
+    if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        out = data
+    else:
+        out = quants.dequantize(data, kind)
+    return np.asarray(out, np.float32).reshape([int(d) for d in reversed(t.shape)])
+
+
+# --- block decoders: raw GGUF rows [N, bytes] -> QuantizedWeight ---------------------------------
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
+
+
+def _blocks(rows: np.ndarray, k: int, block_bytes: int, block: int) -> np.ndarray:
+    return rows.reshape(rows.shape[0], k // block, block_bytes)
+
+
+def _split_nibbles(qs: np.ndarray) -> np.ndarray:
+    """ggml packs element j in the low nibble and j + half in the high nibble of byte j."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _q4_0(rows, k):
+    b = _blocks(rows, k, 18, 32)
+    return QuantizedWeight(4, 32, k, _split_nibbles(b[..., 2:]), _f16(b[..., 0:2]))
+
+
+def _q4_1(rows, k):
+    b = _blocks(rows, k, 20, 32)
+    codes = _split_nibbles(b[..., 4:])
+    return QuantizedWeight(4, 32, k, codes, _f16(b[..., 0:2]), np.zeros(codes.shape[:2], np.uint8), _f16(b[..., 2:4]))
+
+
+def _q8_0(rows, k):
+    b = _blocks(rows, k, 34, 32)
+    codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return QuantizedWeight(8, 32, k, codes, _f16(b[..., 0:2]))
+
+
+def _k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 6-bit scales and mins of the 8 sub-blocks of a Q4_K/Q5_K super-block (12 bytes)."""
+    q = scales.astype(np.uint8)
+    sc = np.empty(q.shape[:-1] + (8,), np.uint8)
+    mn = np.empty_like(sc)
+    sc[..., :4] = q[..., 0:4] & 63
+    mn[..., :4] = q[..., 4:8] & 63
+    sc[..., 4:] = (q[..., 8:12] & 0x0F) | ((q[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _q4_k(rows, k):
+    b = _blocks(rows, k, 144, 256)
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    sc, mn = _k_scales_mins(b[..., 4:16])
+    qs = b[..., 16:].reshape(*b.shape[:2], 4, 32)  # 4 chunks of 64 elements: low nibbles then high nibbles
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(b.shape[0], -1, 32)  # sub-blocks of 32
+    scales = (d[..., None] * sc).reshape(b.shape[0], -1)
+    mins = (-dmin[..., None] * mn).reshape(b.shape[0], -1)
+    return QuantizedWeight(4, 32, k, codes, scales, np.zeros(scales.shape, np.uint8), mins)
+
+
+def _q6_k(rows, k):
+    b = _blocks(rows, k, 210, 256)
+    ql, qh = b[..., 0:128].reshape(*b.shape[:2], 2, 64), b[..., 128:192].reshape(*b.shape[:2], 2, 32)
+    sc = b[..., 192:208].view(np.int8).astype(np.float32)
+    d = _f16(b[..., 208:210])
+    lo = np.concatenate([ql[..., :32] & 0x0F, ql[..., 32:] & 0x0F, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-1)
+    hi = np.concatenate([qh & 3, (qh >> 2) & 3, (qh >> 4) & 3, (qh >> 6) & 3], axis=-1)
+    q = (lo | (hi << 4)).astype(np.int16)  # [N, superblocks, 2, 128], values 0..63, offset 32
+    codes = (q + 96).astype(np.uint8).reshape(b.shape[0], -1, 16)  # 8-bit codes with the default zero point 128
+    scales = (d[..., None] * sc).reshape(b.shape[0], -1)
+    return QuantizedWeight(8, 16, k, codes, scales)
+
+
+_BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+# tokenizer.ggml.pre -> the split regex of the original Hugging Face tokenizer (None: GPT-2's own)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level_pre_tokenizer(pre: str | None) -> dict:
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if pre in (None, "default", "gpt-2", "gpt2"):
+        return byte_level
+    if pre == "smollm":
+        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    split = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+    if pre not in split:
+        raise EdgeLLMError(f"GGUF pre-tokenizer {pre!r} is not supported yet")
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": split[pre]}, "behavior": "Isolated", "invert": False},
+        dict(byte_level, use_regex=False)]}
+
+
+def gguf_tokenizer(reader, meta: dict) -> dict:
+    """A tokenizer.json equivalent to the GGUF's byte-level BPE vocabulary."""
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise EdgeLLMError(f"GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 byte-level BPE)")
+    tokens_field = reader.fields["tokenizer.ggml.tokens"]
+    tokens = [_token_text(tokens_field, i) for i in range(len(tokens_field.data))]
+    merges_field = reader.fields["tokenizer.ggml.merges"]
+    merges = [_token_text(merges_field, i) for i in range(len(merges_field.data))]
+    types_field = reader.fields.get("tokenizer.ggml.token_type")
+    types = [int(types_field.parts[i][0]) for i in types_field.data] if types_field else [1] * len(tokens)
+    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": kind == 3}
+             for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)]
+    post = None
+    if meta.get("tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in meta:
+        bos_id = meta["tokenizer.ggml.bos_token_id"]
+        bos = tokens[bos_id]
+        post = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre")),
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {tok: i for i, tok in enumerate(tokens)},
+                  "merges": [m.split(" ", 1) for m in merges]},
+    }

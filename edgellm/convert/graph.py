@@ -1,0 +1,166 @@
+"""A small ONNX graph builder: one method per op the model families use, so a family file reads like the model.
+
+Activations are float32 everywhere (the CPU kernels are fastest and exact there); only weights change with the
+precision policy: float32, float16 (stored half-size, widened once at session start), or MatMulNBits blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .quantize import QuantizedWeight, concat_rows, quantize
+
+MS = "com.microsoft"
+OPSET = 17
+IR_VERSION = 10  # onnx 1.23 writes IR 12 by default, which ONNX Runtime 1.31 refuses
+DTYPES = {np.float32: TensorProto.FLOAT, np.int64: TensorProto.INT64, np.int32: TensorProto.INT32}
+
+
+@dataclass
+class WeightPolicy:
+    """How float weights are stored. Pre-quantized blocks (GGUF, AWQ) are kept whenever the mode is w4/w8."""
+
+    mode: str = "w4"  # f32 | f16 | w8 | w4
+    group_size: int = 64
+    symmetric: bool = True
+    accuracy_level: int = 4  # MatMulNBits: int8 activations (VNNI/AMX path); 0 keeps float activations
+
+    @property
+    def bits(self) -> int | None:
+        return {"w4": 4, "w8": 8}.get(self.mode)
+
+
+class GraphBuilder:
+    def __init__(self, policy: WeightPolicy):
+        self.policy = policy
+        self.lm_head_policy = policy  # the converter may keep the lm_head at higher precision
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._count: dict[str, int] = {}
+        self._block_sums: dict[tuple[str, int], str] = {}
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def _fresh(self, base: str) -> str:
+        n = self._count.get(base, 0)
+        self._count[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def input(self, name: str, dtype, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, DTYPES[dtype], shape))
+        return name
+
+    def output(self, name: str, dtype, shape: list, value: str | None = None) -> None:
+        """Declare a graph output; `value` is the tensor to expose under `name` if a node made it under another."""
+        if value is not None and value != name:
+            self.op("Identity", [value], name=name, outputs=[name])
+        self.outputs.append(helper.make_tensor_value_info(name, DTYPES[dtype], shape))
+
+    def const(self, array: np.ndarray, name: str) -> str:
+        name = self._fresh(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: list[str] | int = 1,
+           domain: str = "", **attrs) -> str | list[str]:
+        base = self._fresh(name or op_type)
+        if isinstance(outputs, int):
+            outputs = [base if outputs == 1 else f"{base}:{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=base, domain=domain, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def to_model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "edgellm", self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+        return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="edgellm")
+
+    # --- ops -------------------------------------------------------------------------------------
+    def ints(self, values, name: str) -> str:
+        return self.const(np.asarray(values, np.int64), name)
+
+    def reshape(self, x: str, shape: list[int], name: str = "reshape") -> str:
+        return self.op("Reshape", [x, self.ints(shape, f"{name}/shape")], name=name)
+
+    def add(self, a: str, b: str, name: str = "add") -> str:
+        return self.op("Add", [a, b], name=name)
+
+    def mul(self, a: str, b: str, name: str = "mul") -> str:
+        return self.op("Mul", [a, b], name=name)
+
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+        w = self.const(weight.astype(np.float32), f"{name}.weight")
+        return self.op("SimplifiedLayerNormalization", [x, w], name=name, axis=-1, epsilon=float(eps), stash_type=1)
+
+    def add_rms_norm(self, x: str, residual: str, weight: np.ndarray, eps: float, name: str) -> tuple[str, str]:
+        """(norm(x + residual), x + residual) in one fused kernel."""
+        w = self.const(weight.astype(np.float32), f"{name}.weight")
+        outs = [f"{name}:out", "", "", f"{name}:sum"]
+        self.op("SkipSimplifiedLayerNormalization", [x, residual, w], name=name, outputs=outs, domain=MS,
+                epsilon=float(eps))
+        return outs[0], outs[3]
+
+    def rotary(self, x: str, position_ids: str, cos: str, sin: str, num_heads: int, name: str) -> str:
+        return self.op("RotaryEmbedding", [x, position_ids, cos, sin], name=name, domain=MS,
+                       num_heads=num_heads, interleaved=0)
+
+    def linear(self, x: str, weight: np.ndarray | QuantizedWeight, name: str, bias: np.ndarray | None = None,
+               policy: WeightPolicy | None = None) -> str:
+        """x @ weight.T (+ bias); weight is [out_features, in_features] like a torch Linear."""
+        policy = policy or self.policy
+        if isinstance(weight, QuantizedWeight) and policy.bits is None:
+            weight = weight.dequantize()
+        if isinstance(weight, np.ndarray) and policy.bits is not None:
+            weight = quantize(weight, policy.bits, policy.group_size, policy.symmetric)
+        if isinstance(weight, QuantizedWeight):
+            y = self._matmul_nbits(x, weight, name, policy.accuracy_level)
+        else:
+            w_t = np.ascontiguousarray(weight.T)
+            if policy.mode == "f16":
+                w = self.op("Cast", [self.const(w_t.astype(np.float16), f"{name}.weight")], name=f"{name}/cast",
+                            to=TensorProto.FLOAT)
+            else:
+                w = self.const(w_t.astype(np.float32), f"{name}.weight")
+            y = self.op("MatMul", [x, w], name=name)
+        if bias is not None:
+            y = self.add(y, self.const(bias.astype(np.float32), f"{name}.bias"), name=f"{name}/bias")
+        return y
+
+    def fused_linear(self, x: str, weights: list, name: str, biases: list | None = None) -> list[str]:
+        """Several projections of the same input as one matmul (QKV, gate+up), split afterwards."""
+        sizes = [w.shape[0] if isinstance(w, np.ndarray) else w.n for w in weights]
+        if all(isinstance(w, QuantizedWeight) for w in weights) and self.policy.bits is not None:
+            fused = concat_rows(weights)
+            if fused is None:  # mixed block formats (possible in GGUF files): keep them apart
+                return [self.linear(x, w, f"{name}.{i}", None if biases is None else biases[i])
+                        for i, w in enumerate(weights)]
+        else:
+            fused = np.concatenate([w if isinstance(w, np.ndarray) else w.dequantize() for w in weights])
+        bias = None if biases is None else np.concatenate(biases)
+        y = self.linear(x, fused, name, bias)
+        return self.op("Split", [y, self.ints(sizes, f"{name}/sizes")], name=f"{name}/split", outputs=len(sizes),
+                       axis=-1)
+
+    def _matmul_nbits(self, x: str, w: QuantizedWeight, name: str, accuracy_level: int) -> str:
+        inputs = [x, self.const(w.packed_codes(), f"{name}.qweight"),
+                  self.const(w.scales.reshape(-1).astype(np.float32), f"{name}.scales")]
+        zero_points = w.packed_zero_points()
+        if zero_points is not None:
+            inputs.append(self.const(zero_points, f"{name}.zero_points"))
+        y = self.op("MatMulNBits", inputs, name=name, domain=MS, K=w.k_blocks * w.block_size, N=w.n, bits=w.bits,
+                    block_size=w.block_size, accuracy_level=accuracy_level)
+        if w.mins is None:
+            return y
+        # GGUF min formats: sum_k x_k * (s q_k + m) = MatMulNBits(x) + sum_blocks(x) @ mins, exact.
+        assert w.k % w.block_size == 0, "min formats come from GGUF, whose rows are whole blocks"
+        key = (x, w.block_size)
+        if key not in self._block_sums:
+            blocks = self.reshape(x, [0, 0, w.k_blocks, w.block_size], name=f"{name}/blocks")
+            self._block_sums[key] = self.op("ReduceSum", [blocks, self.ints([-1], f"{name}/axis")],
+                                            name=f"{name}/block_sums", keepdims=0)
+        mins = self.const(np.ascontiguousarray(w.mins.T.astype(np.float32)), f"{name}.mins")
+        return self.add(y, self.op("MatMul", [self._block_sums[key], mins], name=f"{name}/mins"), name=f"{name}/sum")

@@ -1,0 +1,113 @@
+"""Reading a Hugging Face model folder: config, safetensors weights (sharded or not), tokenizer and templates."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from .source import ModelSource
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+    """Memory-maps one .safetensors file; tensors are read lazily, bf16 widened to float32."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                self.header = json.loads(f.read(header_len))
+        except (OSError, struct.error, ValueError) as e:
+            raise EdgeLLMError(f"{path}: not a readable safetensors file ({e})") from e
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES:
+            raise EdgeLLMError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        raw = self._map[self.data_start + start: self.data_start + end]
+        if self.data_start + end > len(self._map):
+            raise EdgeLLMError(f"{self.path}: truncated file (tensor {name} runs past its end)")
+        array = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        return array
+
+
+class HFSource(ModelSource):
+    def __init__(self, folder: Path):
+        self.folder = folder
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise EdgeLLMError(f"{folder}: no config.json; expected a Hugging Face model folder or a .gguf file")
+        self.config = json.loads(config_path.read_text())
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = {}
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            self._where = json.loads(index.read_text())["weight_map"]
+        else:
+            shards = sorted(folder.glob("*.safetensors"))
+            if not shards:
+                raise EdgeLLMError(f"{folder}: no *.safetensors weights found (PyTorch .bin files are not read; "
+                                   "re-save the model with safe_serialization=True)")
+            for shard in shards:
+                for name in self._open(shard.name).names():
+                    self._where[name] = shard.name
+
+    def _open(self, file_name: str) -> SafetensorsFile:
+        if file_name not in self._files:
+            path = self.folder / file_name
+            if not path.is_file():
+                raise EdgeLLMError(f"{path}: missing weight shard named in the index")
+            self._files[file_name] = SafetensorsFile(path)
+        return self._files[file_name]
+
+    # --- weights -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def raw(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise EdgeLLMError(f"{self.folder}: tensor {name} not found in the checkpoint")
+        return self._open(self._where[name]).get(name)
+
+    # --- tokenizer and templates ---------------------------------------------------------------
+    def tokenizer_json(self) -> str:
+        path = self.folder / "tokenizer.json"
+        if not path.is_file():
+            raise EdgeLLMError(f"{self.folder}: no tokenizer.json (edgellm needs the fast-tokenizer file)")
+        return path.read_text()
+
+    def tokenizer_config(self) -> dict:
+        path = self.folder / "tokenizer_config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def chat_template(self) -> str | None:
+        jinja = self.folder / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text()
+        as_json = self.folder / "chat_template.json"
+        if as_json.is_file():
+            return json.loads(as_json.read_text()).get("chat_template")
+        template = self.tokenizer_config().get("chat_template")
+        if isinstance(template, list):  # several named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        return template
+
+    def generation_config(self) -> dict:
+        path = self.folder / "generation_config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}

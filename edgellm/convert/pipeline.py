@@ -1,0 +1,154 @@
+"""`edgellm convert`: checkpoint -> tensors -> graph -> bundle on disk."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import EdgeLLMError
+from ..models import family_for
+from .bundle import MANIFEST, staging_folder, write_manifest
+from .graph import GraphBuilder, WeightPolicy
+from .source import ModelSource
+
+QUANT_MODES = ("f32", "f16", "w8", "w4")
+DECODER_FILE = "decoder.onnx"
+EMBEDDINGS_FILE = "embed_tokens.npy"
+
+
+def open_source(src: str | Path) -> ModelSource:
+    path = Path(src)
+    if not path.exists():
+        raise EdgeLLMError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise EdgeLLMError(f"{path}: expected a Hugging Face model folder or a .gguf file")
+        from .gguf import GGUFSource
+
+        return GGUFSource(path)
+    from .hf import HFSource
+
+    return HFSource(path)
+
+
+class _Progress(ModelSource):
+    """Passes a source through, ticking a progress bar per tensor read (the builder reads each once)."""
+
+    def __init__(self, source: ModelSource, bar):
+        self.source, self.bar, self.config = source, bar, source.config
+
+    def names(self):
+        return self.source.names()
+
+    def __contains__(self, name):
+        return name in self.source
+
+    def tensor(self, name):
+        self.bar.update(1)
+        return self.source.tensor(name)
+
+    def linear(self, name):
+        self.bar.update(1)
+        return self.source.linear(name)
+
+
+def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: int = 64,
+            seq_length: int | None = None, chunk_length: int = 128, symmetric: bool = True,
+            quantize_lm_head: bool = True, accuracy_level: int = 4, force: bool = False,
+            progress: bool = True) -> Path:
+    """Convert a Hugging Face folder or a GGUF file into a bundle folder at `out`; returns `out`."""
+    if quantize not in QUANT_MODES:
+        raise EdgeLLMError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
+    if chunk_length < 1:
+        raise EdgeLLMError("--chunk-length must be at least 1")
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:  # fail before any work
+        raise EdgeLLMError(f"{out} already exists; choose another output folder or pass --force to replace it")
+    source = open_source(src)
+    config = source.config
+    architecture = (config.get("architectures") or ["<missing>"])[0]
+    family = family_for(architecture)
+    args = family.ModelArgs.from_config(config)
+    model = family.Model(args)
+    max_positions = int(config.get("max_position_embeddings") or 2048)
+    seq_length = int(seq_length or min(2048, max_positions))
+    if seq_length < 2:
+        raise EdgeLLMError("--seq-length must be at least 2")
+    tokenizer_json = source.tokenizer_json()
+    tokens = special_tokens(source, tokenizer_json)
+
+    policy = WeightPolicy(quantize, group_size, symmetric, accuracy_level)
+    g = GraphBuilder(policy)
+    if not quantize_lm_head and policy.bits is not None:
+        g.lm_head_policy = WeightPolicy("f16", group_size, symmetric, accuracy_level)
+    with staging_folder(out, overwrite=force) as stage:
+        with tqdm(total=len(source.names()), desc="reading weights", unit="tensor", disable=not progress) as bar:
+            weights = _Progress(source, bar)
+            model.build(g, weights, seq_length)
+            embeddings = model.embedding_table(weights)
+        if progress:
+            tqdm.write("writing graph ...")
+        onnx.save_model(g.to_model(), stage / DECODER_FILE, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DECODER_FILE + ".data", size_threshold=1024)
+        np.save(stage / EMBEDDINGS_FILE, embeddings.astype(np.float32 if quantize == "f32" else np.float16))
+        (stage / "tokenizer.json").write_text(tokenizer_json)
+        template = source.chat_template()
+        if template:
+            (stage / "chat_template.jinja").write_text(template)
+        generation = dict(source.generation_config())
+        generation.setdefault("eos_token_id", tokens["eos_token_ids"])
+        (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_manifest(stage, {
+            "created_by": f"edgellm {__version__}",
+            "architecture": architecture,
+            "family": family.__name__.rsplit(".", 1)[-1],
+            "source": {"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf"},
+            "model": {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
+                      "num_attention_heads": args.num_attention_heads,
+                      "num_key_value_heads": args.num_key_value_heads, "head_dim": args.head_dim,
+                      "vocab_size": args.vocab_size},
+            "seq_length": seq_length,
+            "chunk_length": chunk_length,
+            "quantization": {"mode": quantize, "group_size": group_size, "symmetric": symmetric,
+                             "lm_head": quantize if quantize_lm_head or policy.bits is None else "f16",
+                             "accuracy_level": accuracy_level},
+            "tokens": tokens,
+            "graphs": {"decoder": DECODER_FILE},
+            "embeddings": EMBEDDINGS_FILE,
+        })
+    if progress:
+        size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+        tqdm.write(f"wrote {out} ({size:.1f} MiB, {quantize}) in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def special_tokens(source: ModelSource, tokenizer_json: str) -> dict:
+    """BOS/EOS as strings (for chat templates) and ids (for generation), from whichever file states them."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tcfg, gcfg, cfg = source.tokenizer_config(), source.generation_config(), source.config
+    text = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
+    bos, eos = text(tcfg.get("bos_token")), text(tcfg.get("eos_token"))
+    eos_ids = []
+    for value in (gcfg.get("eos_token_id"), cfg.get("eos_token_id"), tok.token_to_id(eos) if eos else None):
+        for i in value if isinstance(value, list) else [value]:
+            if i is not None and i not in eos_ids:
+                eos_ids.append(int(i))
+    if not eos_ids:
+        raise EdgeLLMError("the checkpoint names no end-of-sequence token (eos_token_id); generation could not stop")
+    bos_id = tok.token_to_id(bos) if bos else gcfg.get("bos_token_id", cfg.get("bos_token_id"))
+    if bos is None and bos_id is not None:
+        bos = tok.id_to_token(bos_id)
+    return {"bos_token": bos, "bos_token_id": bos_id, "eos_token": eos or tok.id_to_token(eos_ids[0]),
+            "eos_token_ids": eos_ids, "pad_token_id": gcfg.get("pad_token_id", cfg.get("pad_token_id"))}
+
+
+__all__ = ["convert", "QUANT_MODES", "MANIFEST"]

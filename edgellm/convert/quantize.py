@@ -1,0 +1,118 @@
+"""Block-wise weight quantization in the layout of ONNX Runtime's MatMulNBits.
+
+A weight of shape [N, K] (out_features, in_features, as in a torch Linear) is split along K into blocks;
+each block stores integer codes q, a float scale and an integer zero point, and decodes as
+``scale * (q - zero_point)``. GGUF's "min" formats (Q4_1, Q4_K, ...) decode as ``scale * q + min`` with a
+float min that no integer zero point can express; they keep zero point 0 and carry the mins separately, and
+the graph adds ``block_sums(x) @ mins`` (see GraphBuilder.linear), which is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class QuantizedWeight:
+    bits: int  # 4 or 8
+    block_size: int  # power of two, >= 16
+    k: int  # in_features before padding to whole blocks
+    codes: np.ndarray  # uint8 [N, k_blocks, block_size], values in [0, 2**bits)
+    scales: np.ndarray  # float32 [N, k_blocks]
+    zero_points: np.ndarray | None = None  # uint8 [N, k_blocks]; None means the midpoint 2**(bits-1)
+    mins: np.ndarray | None = None  # float32 [N, k_blocks], added per block (GGUF min formats)
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def k_blocks(self) -> int:
+        return self.codes.shape[1]
+
+    def zero_points_or_default(self) -> np.ndarray:
+        if self.zero_points is not None:
+            return self.zero_points
+        return np.full(self.scales.shape, 1 << (self.bits - 1), np.uint8)
+
+    def dequantize(self) -> np.ndarray:
+        zp = self.zero_points_or_default().astype(np.float32)[..., None]
+        w = (self.codes.astype(np.float32) - zp) * self.scales[..., None]
+        if self.mins is not None:
+            w = w + self.mins[..., None]
+        return w.reshape(self.n, -1)[:, : self.k]
+
+    def take_rows(self, rows: np.ndarray) -> "QuantizedWeight":
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return QuantizedWeight(self.bits, self.block_size, self.k, self.codes[rows], self.scales[rows],
+                               pick(self.zero_points), pick(self.mins))
+
+    # --- MatMulNBits initializers -------------------------------------------------------------
+    def packed_codes(self) -> np.ndarray:
+        """uint8 [N, k_blocks, block_size * bits / 8]; 4-bit codes pack two per byte, low nibble first."""
+        if self.bits == 8:
+            return np.ascontiguousarray(self.codes)
+        c = self.codes
+        return np.ascontiguousarray(c[..., 0::2] | (c[..., 1::2] << 4))
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        if self.zero_points is None:
+            return None
+        if self.bits == 8:
+            return np.ascontiguousarray(self.zero_points.reshape(-1))
+        zp = self.zero_points
+        if zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+        return np.ascontiguousarray((zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1))
+
+
+def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
+    """Stack weights along N (for fused QKV / gate-up projections); None if their formats differ."""
+    first = weights[0]
+    if any((w.bits, w.block_size, w.k, w.k_blocks) != (first.bits, first.block_size, first.k, first.k_blocks)
+           for w in weights):
+        return None
+    any_zp = any(w.zero_points is not None for w in weights)
+    any_min = any(w.mins is not None for w in weights)
+    return QuantizedWeight(
+        first.bits, first.block_size, first.k,
+        np.concatenate([w.codes for w in weights]),
+        np.concatenate([w.scales for w in weights]),
+        np.concatenate([w.zero_points_or_default() for w in weights]) if any_zp else None,
+        np.concatenate([w.mins if w.mins is not None else np.zeros_like(w.scales) for w in weights])
+        if any_min else None,
+    )
+
+
+def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> QuantizedWeight:
+    """Round a float [N, K] weight to `bits`-bit blocks of `block_size` along K."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"group size must be a power of two >= 16, got {block_size}")
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    k_blocks = -(-k // block_size)
+    if k_blocks * block_size != k:
+        w = np.pad(w, ((0, 0), (0, k_blocks * block_size - k)))
+    blocks = w.reshape(n, k_blocks, block_size)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        # Scale by the signed extreme so that it lands exactly on the code -2**(bits-1): uses the full range.
+        mid = 1 << (bits - 1)
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
+        scales = extreme / -mid
+        safe = np.where(scales == 0, 1.0, scales)
+        codes = np.clip(np.rint(blocks / safe[..., None]) + mid, 0, qmax)
+        return QuantizedWeight(bits, block_size, k, codes.astype(np.uint8), scales.astype(np.float32))
+    lo = np.minimum(blocks.min(axis=-1), 0.0)
+    hi = np.maximum(blocks.max(axis=-1), 0.0)
+    scales = (hi - lo) / qmax
+    safe = np.where(scales == 0, 1.0, scales)
+    zero_points = np.clip(np.rint(-lo / safe), 0, qmax)
+    codes = np.clip(np.rint(blocks / safe[..., None]) + zero_points[..., None], 0, qmax)
+    return QuantizedWeight(bits, block_size, k, codes.astype(np.uint8), scales.astype(np.float32),
+                           zero_points.astype(np.uint8))

@@ -1,0 +1,164 @@
+"""Llama family: Llama 2/3, SmolLM2, Mistral-style decoders. The reference decoder the other families extend.
+
+Parameter names are the Hugging Face checkpoint's (model.layers.N.self_attn.q_proj ...); GGUF files are mapped
+onto them by the reader, so this file never sees where a tensor came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..convert.graph import GraphBuilder
+from ..errors import EdgeLLMError
+from .rope import cos_sin_cache, inv_freq, rope_parameters
+
+ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM"]
+
+
+@dataclass
+class ModelArgs:
+    architecture: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope: dict
+    tie_word_embeddings: bool
+    attention_bias: bool
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        heads = config["num_attention_heads"]
+        return cls(
+            architecture=config["architectures"][0],
+            hidden_size=config["hidden_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            intermediate_size=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope=rope_parameters(config),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            hidden_act=config.get("hidden_act", "silu"),
+            sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
+        )
+
+
+class Model:
+    """Builds the decoder graph: inputs_embeds + explicit positions in, logits at chosen positions out."""
+
+    def __init__(self, args: ModelArgs):
+        self.args = args
+
+    # --- pieces a neighbouring family overrides ------------------------------------------------
+    def embedding_table(self, weights) -> np.ndarray:
+        return weights.tensor("model.embed_tokens.weight")
+
+    def lm_head_weight(self, weights):
+        if "lm_head.weight" in weights and not self.args.tie_word_embeddings:
+            return weights.linear("lm_head.weight")
+        return weights.linear("model.embed_tokens.weight")
+
+    def project_qkv(self, g: GraphBuilder, weights, prefix: str, x: str) -> list[str]:
+        names = [f"{prefix}.{p}_proj" for p in "qkv"]
+        biases = [weights.tensor(f"{n}.bias") for n in names] if self.args.attention_bias else None
+        return g.fused_linear(x, [weights.linear(f"{n}.weight") for n in names], f"{prefix}.qkv_proj", biases)
+
+    def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
+        gate, up = g.fused_linear(x, [weights.linear(f"{prefix}.gate_proj.weight"),
+                                      weights.linear(f"{prefix}.up_proj.weight")], f"{prefix}.gate_up_proj")
+        act = activation(g, gate, self.args.hidden_act, f"{prefix}.act")
+        return g.linear(g.mul(act, up, f"{prefix}.act_up"), weights.linear(f"{prefix}.down_proj.weight"),
+                        f"{prefix}.down_proj")
+
+    # --- the decoder ---------------------------------------------------------------------------
+    def attention(self, g: GraphBuilder, weights, i: int, x: str, ctx: dict) -> str:
+        a = self.args
+        prefix = f"model.layers.{i}.self_attn"
+        q, k, v = self.project_qkv(g, weights, prefix, x)
+        q = g.rotary(q, ctx["position_ids"], ctx["cos"], ctx["sin"], a.num_attention_heads, f"{prefix}.q_rotary")
+        k = g.rotary(k, ctx["position_ids"], ctx["cos"], ctx["sin"], a.num_key_value_heads, f"{prefix}.k_rotary")
+        out = g.op("GroupQueryAttention", [q, k, v, f"past_key.{i}", f"past_value.{i}", ctx["seqlens_k"],
+                                           ctx["total_sequence_length"]],
+                   name=f"{prefix}.attn", outputs=[f"{prefix}.attn", f"present_key.{i}", f"present_value.{i}"],
+                   domain="com.microsoft", num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads,
+                   scale=self.attention_scale())[0]
+        return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
+
+    def attention_scale(self) -> float:
+        return float(self.args.head_dim ** -0.5)
+
+    def check_supported(self, seq_length: int) -> None:
+        w = self.args.sliding_window
+        if w and w < seq_length:
+            raise EdgeLLMError(f"{self.args.architecture} uses a {w}-token sliding attention window, which edgellm "
+                               f"does not build yet; convert with --seq-length {w} or less")
+
+    def build(self, g: GraphBuilder, weights, seq_length: int) -> None:
+        a = self.args
+        self.check_supported(seq_length)
+        ctx = declare_decoder_io(g, a, seq_length)
+        cos, sin = cos_sin_cache(inv_freq(a.rope, a.head_dim), seq_length)
+        ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
+
+        hidden, residual = ctx["inputs_embeds"], None
+        for i in range(a.num_hidden_layers):
+            prefix = f"model.layers.{i}"
+            norm_w = weights.tensor(f"{prefix}.input_layernorm.weight")
+            if residual is None:
+                x, residual = g.rms_norm(hidden, norm_w, a.rms_norm_eps, f"{prefix}.input_layernorm"), hidden
+            else:
+                x, residual = g.add_rms_norm(hidden, residual, norm_w, a.rms_norm_eps, f"{prefix}.input_layernorm")
+            attn = self.attention(g, weights, i, x, ctx)
+            x, residual = g.add_rms_norm(attn, residual, weights.tensor(f"{prefix}.post_attention_layernorm.weight"),
+                                         a.rms_norm_eps, f"{prefix}.post_attention_layernorm")
+            hidden = self.mlp(g, weights, f"{prefix}.mlp", x)
+
+        # Only the requested positions go through the final norm and the (large) lm_head.
+        pick = lambda t: g.op("Gather", [t, ctx["logits_index"]], name="gather_logits_rows", axis=1)  # noqa: E731
+        x, _ = g.add_rms_norm(pick(hidden), pick(residual), weights.tensor("model.norm.weight"), a.rms_norm_eps,
+                              "model.norm")
+        logits = g.linear(x, self.lm_head_weight(weights), "lm_head", policy=g.lm_head_policy)
+        g.output("logits", np.float32, [1, "n_logits", a.vocab_size], value=logits)
+
+
+def activation(g: GraphBuilder, x: str, kind: str, name: str) -> str:
+    if kind in ("silu", "swish"):
+        return g.mul(x, g.op("Sigmoid", [x], name=f"{name}/sigmoid"), name)
+    if kind in ("gelu_pytorch_tanh", "gelu_new"):
+        return g.op("FastGelu", [x], name=name, domain="com.microsoft")
+    if kind == "gelu":
+        return g.op("Gelu", [x], name=name, domain="com.microsoft")
+    raise ValueError(f"unsupported activation {kind!r}")
+
+
+def declare_decoder_io(g: GraphBuilder, a, seq_length: int) -> dict:
+    """The decoder contract the runtime relies on, shared by every family.
+
+    past/present KV of every layer are [1, kv_heads, seq_length, head_dim] and share one buffer: the runtime
+    binds the same memory to both, and GroupQueryAttention writes the new positions in place.
+    """
+    ctx = {
+        "inputs_embeds": g.input("inputs_embeds", np.float32, [1, "sequence", a.hidden_size]),
+        "position_ids": g.input("position_ids", np.int64, [1, "sequence"]),
+        "seqlens_k": g.input("seqlens_k", np.int32, [1]),  # total length - 1
+        "total_sequence_length": g.input("total_sequence_length", np.int32, []),
+        "logits_index": g.input("logits_index", np.int64, ["n_logits"]),
+    }
+    kv_shape = [1, a.num_key_value_heads, seq_length, a.head_dim]
+    for i in range(a.num_hidden_layers):
+        for kind in ("key", "value"):
+            g.input(f"past_{kind}.{i}", np.float32, kv_shape)
+            g.output(f"present_{kind}.{i}", np.float32, kv_shape)
+    return ctx

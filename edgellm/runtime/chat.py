@@ -1,0 +1,45 @@
+"""Rendering conversations with the bundle's Jinja chat template, the way transformers does."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from jinja2 import StrictUndefined, TemplateError, Undefined  # noqa: F401
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import EdgeLLMError
+
+
+def _raise(message):
+    raise TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str | None, eos_token: str | None):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.template = env.from_string(source)
+        self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        check_messages(messages)
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **self.special, **extra)
+        except TemplateError as e:
+            raise EdgeLLMError(f"the chat template refused the conversation: {e}") from e
+
+
+def check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise EdgeLLMError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise EdgeLLMError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")

@@ -1,0 +1,141 @@
+"""The decoder session: a KV cache preallocated to the bundle's length, chunked prefill and one-token decode.
+
+The KV cache is one numpy array. Each layer's key and value slices are bound as both the graph's past and present
+tensors, so GroupQueryAttention appends new positions in place: nothing is copied or reallocated per token.
+The engine remembers which token sits at each cached position, so a new prompt that starts like the cached one
+(the next turn of a chat, a repeated system prompt) prefills only what differs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import EdgeLLMError
+from .bundle import Bundle
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (hyper-threads slow ONNX Runtime's matmuls down)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        siblings = open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read()
+        per_core = len(siblings.replace("-", ",").split(",")) if siblings.strip() else 1
+    except OSError:
+        per_core = 1
+    return max(1, available // max(1, per_core))
+
+
+def session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # A spinning pool wins a little when the cores are idle and loses several-fold when they are shared.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return so
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True):
+        if device not in PROVIDERS:
+            raise EdgeLLMError(f"unknown device {device!r}; choose cpu or cuda")
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise EdgeLLMError("device cuda asked for, but this onnxruntime has no CUDA provider "
+                               "(pip install onnxruntime-gpu)")
+        m = bundle.manifest["model"]
+        self.bundle = bundle
+        self.seq_length = bundle.seq_length
+        self.chunk_length = bundle.chunk_length
+        self.hidden_size = m["hidden_size"]
+        decoder = bundle.file(bundle.manifest["graphs"]["decoder"])
+        try:
+            self.session = ort.InferenceSession(str(decoder), session_options(threads, spinning),
+                                                providers=PROVIDERS[device])
+        except Exception as e:  # ORT raises its own exception types for unreadable graphs
+            raise EdgeLLMError(f"{decoder}: ONNX Runtime could not load the graph ({e})") from e
+        self.embeddings = np.load(bundle.file(bundle.manifest["embeddings"]), mmap_mode="r")
+        layers = m["num_hidden_layers"]
+        self.kv = np.zeros((layers, 2, 1, m["num_key_value_heads"], self.seq_length, m["head_dim"]), np.float32)
+        self.binding = self.session.io_binding()
+        for i in range(layers):
+            for j, kind in enumerate(("key", "value")):
+                value = ort.OrtValue.ortvalue_from_numpy(self.kv[i, j])
+                self.binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
+                self.binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
+        # One-token decode writes its logits into this fixed buffer; other calls let ORT size the output.
+        self.step_logits = np.zeros((1, 1, m["vocab_size"]), np.float32)
+        self.step_logits_value = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
+        self.reused = 0  # positions the last prefill took from the cache
+        self.tokens: list[int] = []  # what fills the cache, position by position (-1 for non-token embeddings)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def embed(self, token_ids) -> np.ndarray:
+        return np.asarray(self.embeddings[np.asarray(token_ids, np.int64)], np.float32)
+
+    def reuse_prefix(self, token_ids: list[int]) -> int:
+        """Keep the cached positions that hold the start of `token_ids`; at least one token is left to compute."""
+        n, limit = 0, min(len(self.tokens), len(token_ids) - 1)
+        while n < limit and self.tokens[n] == token_ids[n]:
+            n += 1
+        del self.tokens[n:]
+        return n
+
+    def forward(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids=None,
+                position_ids: np.ndarray | None = None) -> np.ndarray:
+        """Run `embeds` [S, hidden] at the next S positions; returns logits [len(logits_index), vocab]."""
+        s, start = embeds.shape[0], self.length
+        if start + s > self.seq_length:
+            raise EdgeLLMError(f"context full: {start + s} positions needed, the bundle holds {self.seq_length}")
+        if position_ids is None:
+            position_ids = np.arange(start, start + s, dtype=np.int64)
+        b = self.binding
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], np.float32))
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64).reshape(1, s))
+        b.bind_cpu_input("seqlens_k", np.array([start + s - 1], np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(start + s, np.int32))
+        b.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, np.int64))
+        single = len(logits_index) == 1
+        if single:
+            b.bind_ortvalue_output("logits", self.step_logits_value)
+        else:
+            b.bind_output("logits")
+        self.session.run_with_iobinding(b)
+        self.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
+        return self.step_logits[0].copy() if single else b.get_outputs()[-1].numpy()[0]
+
+    def prefill(self, token_ids: list[int], all_logits: bool = False,
+                on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Compute the tokens after the reusable prefix in chunks; returns the last position's logits, or every
+        new position's when all_logits (then nothing is reused)."""
+        if all_logits:
+            self.reset()
+        self.reused = 0 if all_logits else self.reuse_prefix(token_ids)
+        todo = token_ids[self.length:]
+        if self.length + len(todo) > self.seq_length:
+            raise EdgeLLMError(f"prompt is {len(token_ids)} tokens but this bundle holds at most "
+                               f"{self.seq_length} (its --seq-length); shorten the prompt or reconvert with a "
+                               "larger --seq-length")
+        outputs = []
+        for begin in range(0, len(todo), self.chunk_length):
+            chunk = todo[begin: begin + self.chunk_length]
+            index = np.arange(len(chunk)) if all_logits else np.array([len(chunk) - 1])
+            outputs.append(self.forward(self.embed(chunk), index, chunk))
+            if on_chunk:
+                on_chunk(begin + len(chunk), len(todo))
+        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self.forward(self.embed([token_id]), np.zeros(1, np.int64), [token_id])[0]

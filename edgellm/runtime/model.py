@@ -1,0 +1,178 @@
+"""The public Model: prompts in, tokens, text and timings out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from .bundle import open_bundle
+from .chat import ChatTemplate, check_messages
+from .engine import Engine
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # generated ids only (no EOS)
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt positions served from the KV cache of an earlier call
+    finish_reason: str = "stop"  # "stop" (EOS or a stop string) or "length"
+    ttft_s: float = 0.0  # call to first token: prefill of the new prompt tokens + first sample
+    decode_s: float = 0.0  # first token to last
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return (self.prompt_tokens - self.reused_tokens) / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.token_ids) - 1  # the first token comes out of prefill
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def timing_line(self) -> str:
+        return (f"prompt {self.prompt_tokens} tok ({self.reused_tokens} cached) | TTFT {self.ttft_s * 1000:.0f} ms | "
+                f"prefill {self.prefill_tokens_per_s:.0f} tok/s | decode {len(self.token_ids)} tok at "
+                f"{self.decode_tokens_per_s:.1f} tok/s")
+
+
+class Model:
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
+                 spinning: bool = True):
+        started = time.perf_counter()
+        self.bundle = open_bundle(path, verify=verify)
+        self.manifest = self.bundle.manifest
+        self.tokenizer = Tokenizer(self.bundle.file("tokenizer.json"))
+        tokens = self.manifest["tokens"]
+        self.eos_token_ids = set(tokens["eos_token_ids"])
+        template = self.bundle.file("chat_template.jinja")
+        self.chat_template = (ChatTemplate(template.read_text(), tokens.get("bos_token"), tokens.get("eos_token"))
+                              if template.is_file() else None)
+        self.generation_config = self.bundle.json("generation_config.json")
+        self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning)
+        self.load_s = time.perf_counter() - started
+        self.last_result: GenerationResult | None = None
+
+    @property
+    def seq_length(self) -> int:
+        return self.engine.seq_length
+
+    # --- prompts -------------------------------------------------------------------------------
+    def prompt_ids(self, prompt_or_messages, raw: bool = False) -> list[int]:
+        """Exactly the ids generate() prefills. A string is one user turn (or, with raw=True or when the bundle
+        has no chat template, plain text); a list of dicts is a conversation; a list of ints is used as is."""
+        p = prompt_or_messages
+        if isinstance(p, str):
+            if raw or self.chat_template is None:
+                return self.tokenizer.encode(p)
+            p = [{"role": "user", "content": p}]
+        if isinstance(p, (list, tuple)) and p and all(isinstance(t, (int, np.integer)) for t in p):
+            return [int(t) for t in p]
+        check_messages(p)
+        if self.chat_template is None:
+            raise EdgeLLMError("this bundle has no chat template; pass a plain string prompt (raw text) instead")
+        return self.tokenizer.encode(self.chat_template.render(list(p)), add_special_tokens=False)
+
+    def check_length(self, n: int) -> None:
+        if n == 0:
+            raise EdgeLLMError("the prompt is empty")
+        if n > self.seq_length:
+            raise EdgeLLMError(f"prompt is {n} tokens but this bundle holds at most {self.seq_length} "
+                               "(its --seq-length); shorten the prompt or reconvert with a larger --seq-length")
+
+    # --- logits --------------------------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        """[len(token_ids), vocab] float32 logits, computed through the bundle's chunked prefill path."""
+        ids = [int(t) for t in token_ids]
+        self.check_length(len(ids))
+        return self.engine.prefill(ids, all_logits=True)
+
+    # --- generation ----------------------------------------------------------------------------
+    def sampling_defaults(self) -> dict:
+        """The checkpoint's generation_config.json, as the CLI uses it (the API defaults to greedy)."""
+        g = self.generation_config
+        sample = g.get("do_sample", False)
+        return {"temperature": g.get("temperature", 1.0) if sample else 0.0, "top_k": g.get("top_k", 0) or 0,
+                "top_p": g.get("top_p", 1.0) or 1.0, "min_p": g.get("min_p", 0.0) or 0.0,
+                "repetition_penalty": g.get("repetition_penalty", 1.0) or 1.0}
+
+    def generate(self, prompt_or_messages, max_new_tokens: int = 256, **kwargs) -> GenerationResult:
+        for _ in self.stream(prompt_or_messages, max_new_tokens, **kwargs):
+            pass
+        return self.last_result
+
+    def stream(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: list[str] | str | None = None, raw: bool = False) -> Iterator[str]:
+        """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards."""
+        started = time.perf_counter()
+        ids = self.prompt_ids(prompt_or_messages, raw=raw)
+        self.check_length(len(ids))
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        result = GenerationResult(prompt_tokens=len(ids))
+        self.last_result = result
+        engine = self.engine
+        logits = engine.prefill(ids)
+        result.reused_tokens = engine.reused
+        decoder, text, emitted, history = StreamDecoder(self.tokenizer), "", 0, list(ids)
+        first_at, hit_stop = None, False
+        result.finish_reason = "length"
+        while len(result.token_ids) < max_new_tokens:
+            token = sampler(logits, history)
+            if first_at is None:
+                first_at = time.perf_counter()
+                result.ttft_s = first_at - started
+            if token in self.eos_token_ids:
+                result.finish_reason = "stop"
+                break
+            result.token_ids.append(token)
+            history.append(token)
+            text += decoder.push(token)
+            cut = _find_stop(text, stops)
+            if cut is not None:
+                text, result.finish_reason, hit_stop = text[:cut], "stop", True
+                break
+            safe = len(text) - _held_back(text, stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if len(result.token_ids) >= max_new_tokens or engine.length >= self.seq_length:
+                break
+            logits = engine.decode(token)
+        if not hit_stop:
+            text += decoder.flush()
+            cut = _find_stop(text, stops)  # the held-back tail may complete a stop string
+            if cut is not None:
+                text, result.finish_reason = text[:cut], "stop"
+        if len(text) > emitted:
+            yield text[emitted:]
+        result.text = text
+        result.decode_s = time.perf_counter() - first_at if first_at else 0.0
+
+    def chat(self, system: str | None = None, max_new_tokens: int = 512):
+        from .conversation import Conversation
+
+        return Conversation(self, system=system, max_new_tokens=max_new_tokens)
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest

@@ -1,0 +1,109 @@
+"""Fixtures: tiny randomly initialised models built with transformers (the oracle), and their bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import edgellm  # noqa: E402
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CORPUS = (Path(__file__).parent / "data" / "english.txt")
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.08)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0)),
+}
+
+
+def write_tokenizer(folder: Path) -> int:
+    """A small byte-level BPE trained on the test corpus, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS.read_text()], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return tok.get_vocab_size()
+
+
+def make_tiny_model(arch: str, folder: Path, tie: bool = False):
+    config_cls, model_cls, extra = ARCHS[arch]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(folder)
+    from tokenizers import Tokenizer
+
+    eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|im_end|>")
+    config = getattr(transformers, config_cls)(vocab_size=vocab, eos_token_id=eos, tie_word_embeddings=tie,
+                                              **TINY, **extra)
+    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3}[arch])
+    model = getattr(transformers, model_cls)(config).eval()
+    if arch == "qwen2":  # random biases, so a dropped bias would show
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(arch) -> (transformers model, HF folder); built once per session."""
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            folder = tmp_path_factory.mktemp(f"hf-{arch}")
+            cache[arch] = (make_tiny_model(arch, folder), folder)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny, tmp_path_factory):
+    """bundle(arch, quant, **options) -> converted bundle folder; converted once per combination."""
+    cache = {}
+
+    def get(arch: str, quant: str = "f32", **options):
+        key = (arch, quant, tuple(sorted(options.items())))
+        if key not in cache:
+            _, folder = tiny(arch)
+            out = tmp_path_factory.mktemp("bundles") / f"{arch}-{quant}"
+            options.setdefault("seq_length", 512)
+            options.setdefault("chunk_length", 16)
+            cache[key] = edgellm.convert(folder, out, quantize=quant, progress=False, **options)
+        return cache[key]
+
+    return get
+
+
+def reference_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def reference_greedy(model, ids, n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()

@@ -1,0 +1,99 @@
+"""Bundles of tiny Llama, Qwen2 and Qwen3 models against transformers, the oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgellm
+from conftest import CORPUS, reference_greedy, reference_logits
+
+ARCHS = ["llama", "qwen2", "qwen3"]
+# Max-abs logit error relative to the reference's logit scale (max |logit|), per precision. f32 is the issue's
+# bound. Against the float model, the others are what rounding random weights costs (measured: f16 ~1e-3,
+# w8 <= 3.4e-2, w4 <= 0.37 on these tiny random models, which amplify weight noise far more than trained ones).
+BOUNDS = {"f32": 1e-4, "f16": 5e-3, "w8": 6e-2, "w4": 0.6}
+# Against a transformers model holding the very same rounded weights, what remains is the runtime's own error:
+# MatMulNBits at accuracy_level 4 rounds activations to int8 per block (measured ~5e-3 on one matmul).
+DEQUANTIZED_BOUND = 3e-2
+
+
+def corpus_ids(model, n: int) -> list[int]:
+    return model.tokenizer.encode(CORPUS.read_text())[:n]
+
+
+def relative_error(got, ref) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", list(BOUNDS))
+def test_logits_match_transformers(tiny, bundle, arch, quant):
+    ref_model, _ = tiny(arch)
+    model = edgellm.load(bundle(arch, quant))
+    ids = corpus_ids(model, 40)  # chunk length 16: three chunks, the last one partial
+    assert len(ids) > 2 * model.manifest["chunk_length"]
+    got, ref = model.logits(ids), reference_logits(ref_model, ids)
+    assert got.shape == ref.shape == (len(ids), ref_model.config.vocab_size)
+    assert got.dtype == np.float32
+    err = relative_error(got, ref)
+    assert err < BOUNDS[quant], f"{arch} {quant}: relative max-abs logit error {err:.2e}"
+
+
+def dequantized_copy(model, bits: int, group: int):
+    """The transformers model with every projection rounded exactly as the converter rounds it."""
+    import copy
+
+    import torch
+
+    from edgellm.convert.quantize import quantize
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in clone.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight.numpy()
+                module.weight.copy_(torch.from_numpy(quantize(w, bits, group).dequantize()))
+        emb = clone.model.embed_tokens.weight
+        emb.copy_(emb.half().float())  # quantized bundles store the embedding table in float16
+    return clone
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", ["w8", "w4"])
+def test_quantized_bundle_matches_its_dequantized_weights(tiny, bundle, arch, quant):
+    ref_model, _ = tiny(arch)
+    model = edgellm.load(bundle(arch, quant))
+    ids = corpus_ids(model, 40)
+    ref = reference_logits(dequantized_copy(ref_model, int(quant[1]), 64), ids)
+    err = relative_error(model.logits(ids), ref)
+    assert err < DEQUANTIZED_BOUND, f"{arch} {quant}: {err:.2e} against its own dequantized weights"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_matches_transformers(tiny, bundle, arch):
+    ref_model, _ = tiny(arch)
+    model = edgellm.load(bundle(arch, "f32"))
+    ids = model.prompt_ids("Four score and seven years ago")
+    expected = reference_greedy(ref_model, ids, 32)
+    eos = ref_model.generation_config.eos_token_id
+    if eos in expected:  # edgellm stops at EOS; compare up to it
+        expected = expected[: expected.index(eos)]
+    result = model.generate("Four score and seven years ago", max_new_tokens=32)
+    assert result.token_ids == expected
+    assert result.text == model.tokenizer.decode(expected)
+
+
+def test_multi_turn_chat_equals_full_rerun(bundle):
+    path = bundle("llama", "f32")
+    model = edgellm.load(path)
+    chat = model.chat(max_new_tokens=12)
+    replies = []
+    for question in ["When in the Course of human events", "We hold these truths", "He has refused his Assent"]:
+        replies.append(chat.send(question))
+    assert chat.last_result.reused_tokens > 0  # the earlier turns came from the KV cache
+    fresh = edgellm.load(path)
+    rerun = fresh.generate(chat.messages[:-1], max_new_tokens=12)
+    assert rerun.reused_tokens == 0
+    assert rerun.token_ids == chat.last_result.token_ids
+    assert rerun.text == replies[-1]
