@@ -109,7 +109,7 @@ class Model:
 
     def stream(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: list[str] | str | None = None, raw: bool = False) -> Iterator[str]:
+               stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False) -> Iterator[str]:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards."""
         started = time.perf_counter()
         ids = self.prompt_ids(prompt_or_messages, raw=raw)
@@ -129,7 +129,7 @@ class Model:
             if first_at is None:
                 first_at = time.perf_counter()
                 result.ttft_s = first_at - started
-            if token in self.eos_token_ids:
+            if token in self.eos_token_ids and not ignore_eos:
                 result.finish_reason = "stop"
                 break
             result.token_ids.append(token)

@@ -1,0 +1,52 @@
+"""`edgellm bench`: time to first token, prefill and decode speed per prompt length, and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+
+import numpy as np
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench(model, prompt_lengths: list[int], decode_tokens: int = 128, repeats: int = 3, quiet: bool = False) -> list[dict]:
+    """Greedy runs on fixed pseudo-random prompts, cache cleared before each; medians of `repeats` runs."""
+    rng = np.random.default_rng(0)
+    vocab = model.engine.embeddings.shape[0]
+    rows = []
+    for n in prompt_lengths:
+        if n + decode_tokens > model.seq_length:
+            print(f"skipping {n}-token prompt: {n} + {decode_tokens} exceeds the bundle's {model.seq_length}")
+            continue
+        ids = rng.integers(100, vocab, n).tolist()
+        runs = []
+        for _ in range(repeats):
+            model.engine.reset()
+            runs.append(model.generate(ids, max_new_tokens=decode_tokens, ignore_eos=True))
+        rows.append({
+            "prompt_tokens": n,
+            "ttft_ms": statistics.median(r.ttft_s for r in runs) * 1000,
+            "prefill_tok_s": statistics.median(r.prefill_tokens_per_s for r in runs),
+            "decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
+            "decode_tokens": decode_tokens,
+            "peak_rss_mib": peak_rss_mib(),
+        })
+    if not quiet:
+        print(format_table(model, rows))
+    return rows
+
+
+def format_table(model, rows: list[dict]) -> str:
+    m = model.manifest
+    q = m["quantization"]
+    size = sum(f["bytes"] for f in m["files"].values()) / 2**20
+    lines = [f"{m['architecture']} {q['mode']} (group {q['group_size']}), bundle {size:.0f} MiB, "
+             f"{model.engine.session.get_session_options().intra_op_num_threads} threads, load {model.load_s * 1000:.0f} ms",
+             f"{'prompt':>7} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MiB':>13}"]
+    for r in rows:
+        lines.append(f"{r['prompt_tokens']:>7} {r['ttft_ms']:>9.1f} {r['prefill_tok_s']:>14.0f} "
+                     f"{r['decode_tok_s']:>13.1f} {r['peak_rss_mib']:>13.0f}")
+    return "\n".join(lines)
