@@ -97,3 +97,25 @@ def test_multi_turn_chat_equals_full_rerun(bundle):
     assert rerun.reused_tokens == 0
     assert rerun.token_ids == chat.last_result.token_ids
     assert rerun.text == replies[-1]
+
+
+def test_sharded_bfloat16_checkpoint(tiny, tmp_path):
+    """Sharded safetensors (with an index) in bfloat16, the usual layout of real checkpoints."""
+    import torch
+
+    ref_model, folder = tiny("qwen2")
+    bf16 = type(ref_model)(ref_model.config)
+    bf16.load_state_dict(ref_model.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    shard_dir = tmp_path / "sharded"
+    bf16.save_pretrained(shard_dir, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (shard_dir / name).write_bytes((folder / name).read_bytes())
+    assert (shard_dir / "model.safetensors.index.json").is_file()
+    model = edgellm.load(edgellm.convert(shard_dir, tmp_path / "bundle", quantize="f32", progress=False,
+                                         seq_length=128, chunk_length=16))
+    ids = corpus_ids(model, 40)
+    rounded = type(ref_model)(ref_model.config).eval()  # float32 model holding the bf16-rounded weights
+    rounded.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})
+    ref = reference_logits(rounded, ids)
+    assert relative_error(model.logits(ids), ref) < 1e-4

@@ -1,0 +1,172 @@
+"""Runtime behaviour: streaming, sampling, stop strings, the CLI, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edgellm
+from edgellm.cli import main
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.sampling import Sampler, SamplingParams
+from edgellm.runtime.tokenizer import StreamDecoder
+
+
+class ByteTokenizer:
+    """Each id is one UTF-8 byte: the worst case for streaming multi-byte characters."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_stream_decoder_never_emits_broken_utf8():
+    text = "naïve café 東京 🙂 ok"
+    decoder = StreamDecoder(ByteTokenizer())
+    pieces = [decoder.push(b) for b in text.encode("utf-8")] + [decoder.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+
+
+def test_stream_pieces_join_to_the_generated_text(bundle):
+    model = edgellm.load(bundle("llama", "f32"))
+    pieces = list(model.stream("We hold these truths", max_new_tokens=20))
+    assert "".join(pieces) == model.last_result.text
+    assert model.last_result.text == model.tokenizer.decode(model.last_result.token_ids)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    draws = lambda **kw: [Sampler(SamplingParams(temperature=1.0, seed=7, **kw))(logits, []) for _ in range(1)]  # noqa
+    assert draws() == draws()
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0))
+    assert {sampler(logits, []) for _ in range(200)} == {0, 1}
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.6, seed=0))
+    assert {sampler(logits, []) for _ in range(200)} == {0, 1}  # 0.5 < 0.6: the token crossing top_p is kept
+    sampler = Sampler(SamplingParams(temperature=1.0, min_p=0.5, seed=0))
+    assert {sampler(logits, []) for _ in range(200)} == {0, 1}  # 0.3 >= 0.5 * 0.5
+    assert Sampler(SamplingParams(temperature=0.0))(logits, []) == 0
+    penalised = Sampler(SamplingParams(temperature=0.0, repetition_penalty=10.0))
+    assert penalised(logits, [0]) == 1
+
+
+def test_sampled_generation_is_reproducible_with_a_seed(bundle):
+    model = edgellm.load(bundle("qwen2", "f32"))
+    a = model.generate("Liberty", max_new_tokens=16, temperature=0.9, top_p=0.95, seed=3, ignore_eos=True)
+    b = model.generate("Liberty", max_new_tokens=16, temperature=0.9, top_p=0.95, seed=3, ignore_eos=True)
+    c = model.generate("Liberty", max_new_tokens=16, temperature=0.9, top_p=0.95, seed=4, ignore_eos=True)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 16
+    assert a.token_ids != c.token_ids
+
+
+def test_stop_strings_cut_the_answer(bundle):
+    model = edgellm.load(bundle("llama", "f32"))
+    full = model.generate("Four score", max_new_tokens=24, ignore_eos=True).text
+    stop = full[5:8]
+    assert stop and stop in full
+    result = model.generate("Four score", max_new_tokens=24, ignore_eos=True, stop=[stop])
+    assert result.text == full[: full.index(stop)] and result.finish_reason == "stop"
+
+
+def test_prompt_prefix_is_reused(bundle):
+    model = edgellm.load(bundle("llama", "f32"))
+    first = model.generate("He has refused his Assent to Laws", max_new_tokens=4)
+    again = model.generate("He has refused his Assent to Laws, the most wholesome", max_new_tokens=4)
+    assert first.reused_tokens == 0 and again.reused_tokens > 5
+    fresh = edgellm.load(bundle("llama", "f32")).generate("He has refused his Assent to Laws, the most wholesome",
+                                                          max_new_tokens=4)
+    assert fresh.token_ids == again.token_ids
+
+
+def test_chat_drops_oldest_turns_when_the_context_is_full(bundle):
+    model = edgellm.load(bundle("llama", "f32", seq_length=96))
+    chat = model.chat(max_new_tokens=8)
+    for i in range(8):
+        chat.send(f"turn {i}: When in the Course of human events")
+    assert chat.dropped_turns > 0
+    assert chat.messages[-1]["role"] == "assistant"
+    last = chat.last_result
+    assert last.prompt_tokens + len(last.token_ids) <= model.seq_length
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+def test_over_long_prompt_names_both_lengths(bundle):
+    model = edgellm.load(bundle("llama", "f32", seq_length=64))
+    with pytest.raises(EdgeLLMError, match=r"prompt is \d+ tokens but this bundle holds at most 64"):
+        model.generate(list(range(3, 80)), max_new_tokens=4)
+    with pytest.raises(EdgeLLMError, match="holds at most 64"):
+        model.logits(list(range(3, 80)))
+
+
+def test_missing_and_unknown_models(tmp_path, tiny):
+    with pytest.raises(EdgeLLMError, match="no such file or folder"):
+        edgellm.convert(tmp_path / "nope", tmp_path / "out")
+    _, folder = tiny("llama")
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["architectures"] = ["FancyNewForCausalLM"]
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdgeLLMError, match="unknown architecture 'FancyNewForCausalLM'"):
+        edgellm.convert(odd, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(EdgeLLMError, match="no such bundle folder"):
+        edgellm.load(tmp_path / "missing-bundle")
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path, tiny):
+    _, folder = tiny("llama")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
+    with pytest.raises(EdgeLLMError, match="truncated"):
+        edgellm.convert(broken, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_corrupt_or_truncated_bundle_is_refused(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle("llama", "f32"), copy)
+    data = copy / "decoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(raw)
+    with pytest.raises(EdgeLLMError, match="SHA-256 does not match"):
+        edgellm.load(copy)
+    data.write_bytes(raw[:-10])
+    with pytest.raises(EdgeLLMError, match="truncated or replaced"):
+        edgellm.load(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(EdgeLLMError, match="corrupt manifest"):
+        edgellm.load(copy)
+
+
+def test_bad_messages_are_refused(bundle):
+    model = edgellm.load(bundle("llama", "f32"))
+    with pytest.raises(EdgeLLMError, match="'role' and 'content'"):
+        model.generate([{"text": "hi"}])
+    with pytest.raises(EdgeLLMError, match="empty"):
+        model.generate("", raw=True)
+
+
+# --- command line ------------------------------------------------------------------------------------
+def test_cli_convert_run_and_bench(tiny, tmp_path, capsys):
+    _, folder = tiny("qwen3")
+    out = tmp_path / "cli-bundle"
+    assert main(["convert", "-m", str(folder), "-o", str(out), "-q", "w8", "-g", "32", "-s", "256"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["mode"] == "w8" and manifest["quantization"]["group_size"] == 32
+    assert manifest["seq_length"] == 256
+    assert main(["convert", "-m", str(folder), "-o", str(out)]) == 2  # exists: refused, not overwritten
+    assert "already exists" in capsys.readouterr().err
+    assert main(["run", str(out), "-p", "Liberty", "-n", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "TTFT" in captured.err and "decode" in captured.err
+    assert main(["bench", str(out), "--prompt-lengths", "8,32", "--decode-tokens", "4", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "prefill tok/s" in table and "peak RSS" in table and len(table.strip().splitlines()) == 4
+    assert main(["run", str(tmp_path / "nothing"), "-p", "x"]) == 2
+    assert "no such bundle folder" in capsys.readouterr().err
