@@ -1,0 +1,61 @@
+"""Block formats: our quantizer's rounding, and GGUF blocks decoded into MatMulNBits codes without loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgellm.convert import gguf as gguf_reader
+from edgellm.convert.quantize import concat_rows, quantize
+
+gguf = pytest.importorskip("gguf")
+
+# type: (bytes per block, elements per block, offsets of float16 fields inside a block)
+LAYOUTS = {"Q4_0": (18, 32, [0]), "Q4_1": (20, 32, [0, 2]), "Q8_0": (34, 32, [0]),
+           "Q4_K": (144, 256, [0, 2]), "Q6_K": (210, 256, [208])}
+
+
+def random_blocks(kind: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random bytes in `kind`'s layout, with sane float16 scales (random bytes could be inf/nan)."""
+    size, per_block, f16_offsets = LAYOUTS[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, k // per_block, size), dtype=np.uint8)
+    for off in f16_offsets:
+        scales = rng.uniform(-0.05, 0.05, raw.shape[:2]).astype(np.float16)
+        raw[..., off: off + 2] = scales[..., None].view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", list(LAYOUTS))
+def test_gguf_blocks_decode_to_what_gguf_dequantizes(kind):
+    rows, k = 24, 512
+    raw = random_blocks(kind, rows, k)
+    expected = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).reshape(rows, k)
+    weight = gguf_reader._BLOCK_DECODERS[kind](raw, k)
+    assert weight.codes.max() < (1 << weight.bits)
+    # Exact in real arithmetic; the centred form of the min formats (s*(q-8) + (m+8s)) reassociates float32 sums.
+    np.testing.assert_allclose(weight.dequantize(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_round_trip_error(bits, symmetric):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 200)).astype(np.float32)  # K not a multiple of the block: padded
+    q = quantize(w, bits, 64, symmetric)
+    err = np.sqrt(((q.dequantize() - w) ** 2).mean() / (w ** 2).mean())
+    assert q.dequantize().shape == w.shape
+    assert err < {4: 0.11, 8: 0.007}[bits]  # uniform rounding of a Gaussian block: ~0.09 and ~0.006
+    if symmetric:  # the largest magnitude of each block lands exactly on a code
+        blocks = np.pad(w, ((0, 0), (0, 56))).reshape(64, 4, 64)
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+        np.testing.assert_allclose(q.scales * -(1 << (bits - 1)), extreme, rtol=1e-6)
+
+
+def test_concat_rows_unifies_zero_points_and_mins():
+    rng = np.random.default_rng(2)
+    a = quantize(rng.standard_normal((8, 64)), 4, 32, symmetric=True)
+    b = quantize(rng.standard_normal((4, 64)), 4, 32, symmetric=False)
+    fused = concat_rows([a, b])
+    np.testing.assert_array_equal(fused.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]))
+    assert concat_rows([a, quantize(rng.standard_normal((4, 64)), 8, 32)]) is None
