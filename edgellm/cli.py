@@ -119,7 +119,7 @@ def cmd_run(args) -> None:
     prompt = args.prompt
     if args.system and not args.raw:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]
-    _print_stream(model.stream(prompt, args.max_new_tokens, raw=args.raw, **_sampling(model, args)))
+    _print_stream(model.stream(prompt, args.max_new_tokens, raw=args.raw, progress=True, **_sampling(model, args)))
     print(model.last_result.timing_line(), file=sys.stderr)
 
 

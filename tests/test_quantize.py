@@ -59,3 +59,22 @@ def test_concat_rows_unifies_zero_points_and_mins():
     fused = concat_rows([a, b])
     np.testing.assert_array_equal(fused.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]))
     assert concat_rows([a, quantize(rng.standard_normal((4, 64)), 8, 32)]) is None
+
+
+def test_min_format_matmul_is_exact():
+    """GGUF min formats run as MatMulNBits plus block_sums(x) @ mins; with float activations that is exact."""
+    import onnxruntime as ort
+
+    from edgellm.convert.graph import GraphBuilder, WeightPolicy
+
+    k, n = 256, 48
+    weight = gguf_reader._BLOCK_DECODERS["Q4_K"](random_blocks("Q4_K", n, k, seed=3), k)
+    assert weight.mins is not None
+    g = GraphBuilder(WeightPolicy("w4", accuracy_level=0))
+    y = g.linear(g.input("x", np.float32, [1, "s", k]), weight, "proj")
+    g.output("y", np.float32, [1, "s", n], value=y)
+    session = ort.InferenceSession(g.to_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(4).standard_normal((1, 7, k)).astype(np.float32)
+    expected = x @ weight.dequantize().T
+    scale = np.abs(expected).max()  # ~100: float32 sums in another order differ by ~1e-6 of that
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=0, atol=2e-6 * scale)

@@ -44,6 +44,7 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count: dict[str, int] = {}
         self._block_sums: dict[tuple[str, int], str] = {}
+        self._block_indicators: dict[tuple[int, int], str] = {}
 
     # --- plumbing ------------------------------------------------------------------------------
     def _fresh(self, base: str) -> str:
@@ -130,18 +131,25 @@ class GraphBuilder:
             y = self.add(y, self.const(bias.astype(np.float32), f"{name}.bias"), name=f"{name}/bias")
         return y
 
-    def fused_linear(self, x: str, weights: list, name: str, biases: list | None = None) -> list[str]:
-        """Several projections of the same input as one matmul (QKV, gate+up), split afterwards."""
+    def fused_linear(self, x: str, weights: list, name: str, biases: list | None = None,
+                     split: bool = True) -> list[str] | str | None:
+        """Several projections of the same input as one matmul (QKV, gate+up), split afterwards unless split=False.
+        Pre-quantized weights of different block formats cannot share a matmul: then they stay apart, or, with
+        split=False, None is returned."""
         sizes = [w.shape[0] if isinstance(w, np.ndarray) else w.n for w in weights]
         if all(isinstance(w, QuantizedWeight) for w in weights) and self.policy.bits is not None:
             fused = concat_rows(weights)
-            if fused is None:  # mixed block formats (possible in GGUF files): keep them apart
+            if fused is None:
+                if not split:
+                    return None
                 return [self.linear(x, w, f"{name}.{i}", None if biases is None else biases[i])
                         for i, w in enumerate(weights)]
         else:
             fused = np.concatenate([w if isinstance(w, np.ndarray) else w.dequantize() for w in weights])
         bias = None if biases is None else np.concatenate(biases)
         y = self.linear(x, fused, name, bias)
+        if not split:
+            return y
         return self.op("Split", [y, self.ints(sizes, f"{name}/sizes")], name=f"{name}/split", outputs=len(sizes),
                        axis=-1)
 
@@ -158,9 +166,11 @@ class GraphBuilder:
         # GGUF min formats: sum_k x_k * (s q_k + m) = MatMulNBits(x) + sum_blocks(x) @ mins, exact.
         assert w.k % w.block_size == 0, "min formats come from GGUF, whose rows are whole blocks"
         key = (x, w.block_size)
-        if key not in self._block_sums:
-            blocks = self.reshape(x, [0, 0, w.k_blocks, w.block_size], name=f"{name}/blocks")
-            self._block_sums[key] = self.op("ReduceSum", [blocks, self.ints([-1], f"{name}/axis")],
-                                            name=f"{name}/block_sums", keepdims=0)
+        if key not in self._block_sums:  # one MatMul with a 0/1 block indicator: fewer ops than Reshape + ReduceSum
+            shape = (w.k, w.block_size)
+            if shape not in self._block_indicators:
+                indicator = np.arange(w.k)[:, None] // w.block_size == np.arange(w.k_blocks)[None, :]
+                self._block_indicators[shape] = self.const(indicator.astype(np.float32), f"block_indicator_{w.k}")
+            self._block_sums[key] = self.op("MatMul", [x, self._block_indicators[shape]], name=f"{name}/block_sums")
         mins = self.const(np.ascontiguousarray(w.mins.T.astype(np.float32)), f"{name}.mins")
         return self.add(y, self.op("MatMul", [self._block_sums[key], mins], name=f"{name}/mins"), name=f"{name}/sum")

@@ -70,10 +70,19 @@ class Model:
             return weights.linear("lm_head.weight")
         return weights.linear("model.embed_tokens.weight")
 
-    def project_qkv(self, g: GraphBuilder, weights, prefix: str, x: str) -> list[str]:
+    # Projections feed rotary directly, so QKV can stay packed and GroupQueryAttention applies rotary itself (fewer
+    # ops per layer). Its positions are then past length + i, which is what text decoding uses; families that
+    # transform heads before rotary (Qwen3's q/k norm) or need other positions turn this off.
+    packed_qkv = True
+
+    def qkv_weights(self, weights, prefix: str):
         names = [f"{prefix}.{p}_proj" for p in "qkv"]
         biases = [weights.tensor(f"{n}.bias") for n in names] if self.args.attention_bias else None
-        return g.fused_linear(x, [weights.linear(f"{n}.weight") for n in names], f"{prefix}.qkv_proj", biases)
+        return [weights.linear(f"{n}.weight") for n in names], biases
+
+    def project_qkv(self, g: GraphBuilder, weights, prefix: str, x: str) -> list[str]:
+        ws, biases = self.qkv_weights(weights, prefix)
+        return g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases)
 
     def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
         gate, up = g.fused_linear(x, [weights.linear(f"{prefix}.gate_proj.weight"),
@@ -86,14 +95,22 @@ class Model:
     def attention(self, g: GraphBuilder, weights, i: int, x: str, ctx: dict) -> str:
         a = self.args
         prefix = f"model.layers.{i}.self_attn"
-        q, k, v = self.project_qkv(g, weights, prefix, x)
-        q = g.rotary(q, ctx["position_ids"], ctx["cos"], ctx["sin"], a.num_attention_heads, f"{prefix}.q_rotary")
-        k = g.rotary(k, ctx["position_ids"], ctx["cos"], ctx["sin"], a.num_key_value_heads, f"{prefix}.k_rotary")
-        out = g.op("GroupQueryAttention", [q, k, v, f"past_key.{i}", f"past_value.{i}", ctx["seqlens_k"],
-                                           ctx["total_sequence_length"]],
-                   name=f"{prefix}.attn", outputs=[f"{prefix}.attn", f"present_key.{i}", f"present_value.{i}"],
+        gqa = dict(name=f"{prefix}.attn", outputs=[f"{prefix}.attn", f"present_key.{i}", f"present_value.{i}"],
                    domain="com.microsoft", num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads,
-                   scale=self.attention_scale())[0]
+                   scale=self.attention_scale())
+        cache = [f"past_key.{i}", f"past_value.{i}", ctx["seqlens_k"], ctx["total_sequence_length"]]
+        packed = None
+        if self.packed_qkv:
+            ws, biases = self.qkv_weights(weights, prefix)
+            packed = g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, split=False)
+        if packed is not None:
+            out = g.op("GroupQueryAttention", [packed, "", "", *cache, ctx["cos"], ctx["sin"]], do_rotary=1,
+                       rotary_interleaved=0, **gqa)[0]
+        else:
+            q, k, v = self.project_qkv(g, weights, prefix, x)
+            q = g.rotary(q, ctx["position_ids"], ctx["cos"], ctx["sin"], a.num_attention_heads, f"{prefix}.q_rotary")
+            k = g.rotary(k, ctx["position_ids"], ctx["cos"], ctx["sin"], a.num_key_value_heads, f"{prefix}.k_rotary")
+            out = g.op("GroupQueryAttention", [q, k, v, *cache], **gqa)[0]
         return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
 
     def attention_scale(self) -> float:

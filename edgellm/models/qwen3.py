@@ -9,6 +9,8 @@ ModelArgs = llama.ModelArgs
 
 
 class Model(llama.Model):
+    packed_qkv = False  # the norms sit between projection and rotary
+
     def project_qkv(self, g, weights, prefix, x):
         q, k, v = super().project_qkv(g, weights, prefix, x)
         a = self.args

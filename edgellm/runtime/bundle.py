@@ -22,6 +22,13 @@ class Bundle:
         path = self.file(name)
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def verify_hashes(self) -> None:
+        """SHA-256 of every file against the manifest (sizes were checked when the bundle was opened)."""
+        for name, info in self.manifest["files"].items():
+            if sha256_file(self.path / name) != info["sha256"]:
+                raise EdgeLLMError(f"{self.path / name}: SHA-256 does not match the manifest (corrupt file); "
+                                   "reconvert the model")
+
     @property
     def seq_length(self) -> int:
         return int(self.manifest["seq_length"])
@@ -32,6 +39,7 @@ class Bundle:
 
 
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Checks the manifest and file sizes; with verify, also every file's SHA-256 (see Bundle.verify_hashes)."""
     path = Path(path)
     if not path.is_dir():
         raise EdgeLLMError(f"{path}: no such bundle folder (make one with `edgellm convert -m MODEL -o {path}`)")
@@ -53,6 +61,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         if size != info["bytes"]:
             raise EdgeLLMError(f"{file}: {size} bytes where the manifest records {info['bytes']} "
                                "(truncated or replaced); reconvert the model")
-        if verify and sha256_file(file) != info["sha256"]:
-            raise EdgeLLMError(f"{file}: SHA-256 does not match the manifest (corrupt file); reconvert the model")
-    return Bundle(path, manifest)
+    bundle = Bundle(path, manifest)
+    if verify:
+        bundle.verify_hashes()
+    return bundle

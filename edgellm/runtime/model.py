@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +48,10 @@ class Model:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
                  spinning: bool = True):
         started = time.perf_counter()
-        self.bundle = open_bundle(path, verify=verify)
+        self.bundle = open_bundle(path, verify=False)
+        # Hashing the files overlaps with building the session (hashlib releases the GIL on large reads).
+        hashing = ThreadPoolExecutor(1)
+        verified = hashing.submit(self.bundle.verify_hashes) if verify else None
         self.manifest = self.bundle.manifest
         self.tokenizer = Tokenizer(self.bundle.file("tokenizer.json"))
         tokens = self.manifest["tokens"]
@@ -55,7 +60,16 @@ class Model:
         self.chat_template = (ChatTemplate(template.read_text(), tokens.get("bos_token"), tokens.get("eos_token"))
                               if template.is_file() else None)
         self.generation_config = self.bundle.json("generation_config.json")
-        self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning)
+        try:
+            self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning)
+        except Exception:
+            if verified:
+                verified.result()  # a corrupt file explains a failed load better than ONNX Runtime's message
+            raise
+        finally:
+            hashing.shutdown(wait=True)
+        if verified:
+            verified.result()
         self.load_s = time.perf_counter() - started
         self.last_result: GenerationResult | None = None
 
@@ -109,8 +123,10 @@ class Model:
 
     def stream(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False) -> Iterator[str]:
-        """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards."""
+               stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False,
+               progress: bool = False) -> Iterator[str]:
+        """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
+        progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled."""
         started = time.perf_counter()
         ids = self.prompt_ids(prompt_or_messages, raw=raw)
         self.check_length(len(ids))
@@ -119,7 +135,8 @@ class Model:
         result = GenerationResult(prompt_tokens=len(ids))
         self.last_result = result
         engine = self.engine
-        logits = engine.prefill(ids)
+        with prefill_progress(progress, len(ids) - engine.reuse_prefix(ids), engine.chunk_length) as on_chunk:
+            logits = engine.prefill(ids, on_chunk=on_chunk)
         result.reused_tokens = engine.reused
         decoder, text, emitted, history = StreamDecoder(self.tokenizer), "", 0, list(ids)
         first_at, hit_stop = None, False
@@ -160,6 +177,17 @@ class Model:
         from .conversation import Conversation
 
         return Conversation(self, system=system, max_new_tokens=max_new_tokens)
+
+
+@contextmanager
+def prefill_progress(enabled: bool, todo: int, chunk: int):
+    if not enabled or todo <= 2 * chunk:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=todo, desc="prefill", unit="tok", leave=False) as bar:
+        yield lambda done, total: bar.update(done - bar.n)
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:
