@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import json
+import os
 import resource
 import statistics
+import time
 
 import numpy as np
 
@@ -49,4 +53,37 @@ def format_table(model, rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['prompt_tokens']:>7} {r['ttft_ms']:>9.1f} {r['prefill_tok_s']:>14.0f} "
                      f"{r['decode_tok_s']:>13.1f} {r['peak_rss_mib']:>13.0f}")
+    return "\n".join(lines)
+
+
+def profile_decode(model, prompt_tokens: int = 64, tokens: int = 32) -> str:
+    """Where one decoded token's time goes: Python around the graph vs the graph, and the graph by op type.
+    `model` must be loaded with profile_prefix set (ONNX Runtime's profiler records every node)."""
+    engine = model.engine
+    engine.reset()
+    engine.prefill(list(range(100, 100 + prompt_tokens)))
+    token, walls = 100, []
+    for _ in range(tokens):
+        t = time.perf_counter()
+        token = int(np.argmax(engine.decode(token)))
+        walls.append(time.perf_counter() - t)
+    path = engine.session.end_profiling()
+    events = json.load(open(path))
+    os.remove(path)
+    runs = [e for e in events if e.get("name") == "model_run"][-tokens:]
+    first_run = runs[0]["ts"]
+    by_op, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_run:
+            by_op[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    wall_us = statistics.median(walls) * 1e6
+    run_us = statistics.median(r["dur"] for r in runs)
+    kernels_us = sum(by_op.values()) / tokens
+    lines = [f"one decoded token (median of {tokens}; the profiler itself slows ONNX Runtime down):",
+             f"  wall {wall_us:8.0f} us = graph run {run_us:8.0f} us + Python/binding {wall_us - run_us:6.0f} us",
+             f"  graph run = kernels {kernels_us:8.0f} us + executor overhead {run_us - kernels_us:6.0f} us",
+             f"  {'op type':<34}{'us/token':>10}{'share':>8}{'nodes':>7}"]
+    for op, us in by_op.most_common():
+        lines.append(f"  {op:<34}{us / tokens:>10.0f}{us / sum(by_op.values()):>8.1%}{count[op] // tokens:>7}")
     return "\n".join(lines)

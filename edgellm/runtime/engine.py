@@ -31,8 +31,11 @@ def default_threads() -> int:
     return max(1, available // max(1, per_core))
 
 
-def session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
+def session_options(threads: int | None, spinning: bool, profile_prefix: str | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -43,7 +46,8 @@ def session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True):
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True,
+                 profile_prefix: str | None = None):
         if device not in PROVIDERS:
             raise EdgeLLMError(f"unknown device {device!r}; choose cpu or cuda")
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -56,7 +60,7 @@ class Engine:
         self.hidden_size = m["hidden_size"]
         decoder = bundle.file(bundle.manifest["graphs"]["decoder"])
         try:
-            self.session = ort.InferenceSession(str(decoder), session_options(threads, spinning),
+            self.session = ort.InferenceSession(str(decoder), session_options(threads, spinning, profile_prefix),
                                                 providers=PROVIDERS[device])
         except Exception as e:  # ORT raises its own exception types for unreadable graphs
             raise EdgeLLMError(f"{decoder}: ONNX Runtime could not load the graph ({e})") from e

@@ -46,7 +46,7 @@ class GenerationResult:
 
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
-                 spinning: bool = True):
+                 spinning: bool = True, profile_prefix: str | None = None):
         started = time.perf_counter()
         self.bundle = open_bundle(path, verify=False)
         # Hashing the files overlaps with building the session (hashlib releases the GIL on large reads).
@@ -61,7 +61,8 @@ class Model:
                               if template.is_file() else None)
         self.generation_config = self.bundle.json("generation_config.json")
         try:
-            self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning)
+            self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning,
+                                 profile_prefix=profile_prefix)
         except Exception:
             if verified:
                 verified.result()  # a corrupt file explains a failed load better than ONNX Runtime's message
