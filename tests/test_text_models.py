@@ -119,3 +119,27 @@ def test_sharded_bfloat16_checkpoint(tiny, tmp_path):
     rounded.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})
     ref = reference_logits(rounded, ids)
     assert relative_error(model.logits(ids), ref) < 1e-4
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "linear", "factor": 4.0},
+])
+def test_scaled_rope_matches_transformers(tmp_path, rope):
+    """Llama 3.x frequency scaling and linear position interpolation."""
+    import torch
+    import transformers
+
+    from conftest import TINY, write_tokenizer
+
+    vocab = write_tokenizer(tmp_path)
+    config = transformers.LlamaConfig(vocab_size=vocab, eos_token_id=2, **TINY,
+                                      rope_parameters={"rope_theta": 500000.0, **rope})
+    torch.manual_seed(5)
+    ref_model = transformers.LlamaForCausalLM(config).eval()
+    ref_model.save_pretrained(tmp_path)
+    model = edgellm.load(edgellm.convert(tmp_path, tmp_path / "bundle", quantize="f32", seq_length=128,
+                                         chunk_length=16, progress=False))
+    ids = corpus_ids(model, 100)
+    assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4

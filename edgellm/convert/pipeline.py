@@ -38,10 +38,11 @@ def open_source(src: str | Path) -> ModelSource:
 
 
 class _Progress(ModelSource):
-    """Passes a source through, ticking a progress bar per tensor read (the builder reads each once)."""
+    """Passes a source through, ticking a progress bar the first time each tensor is read."""
 
     def __init__(self, source: ModelSource, bar):
         self.source, self.bar, self.config = source, bar, source.config
+        self.seen: set[str] = set()
 
     def names(self):
         return self.source.names()
@@ -49,12 +50,17 @@ class _Progress(ModelSource):
     def __contains__(self, name):
         return name in self.source
 
+    def _tick(self, name):
+        if name not in self.seen:
+            self.seen.add(name)
+            self.bar.update(1)
+
     def tensor(self, name):
-        self.bar.update(1)
+        self._tick(name)
         return self.source.tensor(name)
 
     def linear(self, name):
-        self.bar.update(1)
+        self._tick(name)
         return self.source.linear(name)
 
 
@@ -93,6 +99,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             weights = _Progress(source, bar)
             model.build(g, weights, seq_length)
             embeddings = model.embedding_table(weights)
+            bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
         if progress:
             tqdm.write("writing graph ...")
         onnx.save_model(g.to_model(), stage / DECODER_FILE, save_as_external_data=True,
