@@ -170,3 +170,14 @@ def test_cli_convert_run_and_bench(tiny, tmp_path, capsys):
     assert "prefill tok/s" in table and "peak RSS" in table and len(table.strip().splitlines()) == 4
     assert main(["run", str(tmp_path / "nothing"), "-p", "x"]) == 2
     assert "no such bundle folder" in capsys.readouterr().err
+
+
+def test_cli_chat_keeps_turns_and_clears(bundle, monkeypatch, capsys):
+    lines = iter(["We hold these truths", "that all men", "/clear", "Liberty", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(bundle("llama", "f32")), "-n", "6", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    timings = [line for line in err.splitlines() if line.startswith("prompt ")]
+    assert len(timings) == 3 and "conversation cleared" in err
+    cached = [int(line.split("(")[1].split()[0]) for line in timings]
+    assert cached[0] == 0 and cached[1] > 0  # the second turn reused the first turn's KV cache

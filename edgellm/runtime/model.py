@@ -174,10 +174,11 @@ class Model:
         result.text = text
         result.decode_s = time.perf_counter() - first_at if first_at else 0.0
 
-    def chat(self, system: str | None = None, max_new_tokens: int = 512):
+    def chat(self, system: str | None = None, max_new_tokens: int = 512, **sampling):
+        """A multi-turn Conversation; `sampling` (temperature, top_p, ...) applies to every answer."""
         from .conversation import Conversation
 
-        return Conversation(self, system=system, max_new_tokens=max_new_tokens)
+        return Conversation(self, system=system, max_new_tokens=max_new_tokens, **sampling)
 
 
 @contextmanager
