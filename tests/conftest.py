@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (test dependencies: a missing one should fail, not skip)
+import transformers  # noqa: E402
 
 import edgellm  # noqa: E402
 

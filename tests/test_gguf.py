@@ -12,7 +12,7 @@ import edgellm
 from conftest import CORPUS, reference_logits, torch
 from edgellm.convert.gguf import _GLOBAL_NAMES, _LAYER_NAMES
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 HF_TO_GGUF = {**{v: k for k, v in _GLOBAL_NAMES.items()}, **{v: k for k, v in _LAYER_NAMES.items()}}
 
 

@@ -8,7 +8,7 @@ import pytest
 from edgellm.convert import gguf as gguf_reader
 from edgellm.convert.quantize import concat_rows, quantize
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 
 # type: (bytes per block, elements per block, offsets of float16 fields inside a block)
 LAYOUTS = {"Q4_0": (18, 32, [0]), "Q4_1": (20, 32, [0, 2]), "Q8_0": (34, 32, [0]),
