@@ -25,12 +25,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise EdgeLLMError(f"{out} already exists; choose another output folder or pass --force to replace it")
+
+
 @contextmanager
 def staging_folder(out: Path, overwrite: bool):
     """Yields an empty folder beside `out`; on success it replaces `out`, on any failure it is removed."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise EdgeLLMError(f"{out} already exists; choose another output folder or pass --force to replace it")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}-{int(time.time())}"
     stage.mkdir()

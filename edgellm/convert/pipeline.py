@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import EdgeLLMError
 from ..models import family_for
-from .bundle import MANIFEST, staging_folder, write_manifest
+from .bundle import MANIFEST, check_output, staging_folder, write_manifest
 from .graph import GraphBuilder, WeightPolicy
 from .source import ModelSource
 
@@ -75,8 +75,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         raise EdgeLLMError("--chunk-length must be at least 1")
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and not force:  # fail before any work
-        raise EdgeLLMError(f"{out} already exists; choose another output folder or pass --force to replace it")
+    check_output(out, force)  # before any work
     source = open_source(src)
     config = source.config
     architecture = (config.get("architectures") or ["<missing>"])[0]
