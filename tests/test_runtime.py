@@ -181,3 +181,28 @@ def test_cli_chat_keeps_turns_and_clears(bundle, monkeypatch, capsys):
     assert len(timings) == 3 and "conversation cleared" in err
     cached = [int(line.split("(")[1].split()[0]) for line in timings]
     assert cached[0] == 0 and cached[1] > 0  # the second turn reused the first turn's KV cache
+
+
+def test_quality_command_measures_perplexity_and_agreement(tiny, bundle, capsys):
+    import torch
+
+    from conftest import CORPUS
+    from edgellm.quality import evaluate
+
+    ref_model, _ = tiny("qwen2")
+    model = edgellm.load(bundle("qwen2", "f32", seq_length=64))
+    report = evaluate(model, CORPUS.read_text(), reference=model, max_tokens=150)
+    assert report["top1_agreement"] == 1.0 and report["tokens"] == 150
+    ids = model.tokenizer.encode(CORPUS.read_text())[:150]
+    nll = []  # transformers over the same 64-token windows
+    for start in range(0, 149, 64):
+        chunk = ids[start: start + 64]
+        with torch.no_grad():
+            logp = torch.log_softmax(ref_model(torch.tensor([chunk])).logits[0, :-1].double(), -1)
+        nll += (-logp[torch.arange(len(chunk) - 1), torch.tensor(chunk[1:])]).tolist()
+    assert report["perplexity"] == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-4)
+    w4 = bundle("qwen2", "w4", seq_length=64)
+    assert main(["quality", str(w4), "--reference", str(bundle("qwen2", "f32", seq_length=64)),
+                 "--text", str(CORPUS), "--max-tokens", "150"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 agreement" in out and "perplexity" in out
