@@ -103,6 +103,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             tqdm.write("writing graph ...")
         onnx.save_model(g.to_model(), stage / DECODER_FILE, save_as_external_data=True,
                         all_tensors_to_one_file=True, location=DECODER_FILE + ".data", size_threshold=1024)
+        (stage / (DECODER_FILE + ".data")).chmod(0o644)  # onnx creates it owner-only; bundles are shared
         np.save(stage / EMBEDDINGS_FILE, embeddings.astype(np.float32 if quantize == "f32" else np.float16))
         (stage / "tokenizer.json").write_text(tokenizer_json)
         template = source.chat_template()
