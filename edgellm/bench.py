@@ -47,7 +47,8 @@ def format_table(model, rows: list[dict]) -> str:
     m = model.manifest
     q = m["quantization"]
     size = sum(f["bytes"] for f in m["files"].values()) / 2**20
-    lines = [f"{m['architecture']} {q['mode']} (group {q['group_size']}), bundle {size:.0f} MiB, "
+    formats = ", ".join(f"{n}x {kind}" for kind, n in q.get("matmuls", {}).items()) or f"group {q['group_size']}"
+    lines = [f"{m['architecture']} {q['mode']} ({formats}), bundle {size:.0f} MiB, "
              f"{model.engine.session.get_session_options().intra_op_num_threads} threads, load {model.load_s * 1000:.0f} ms",
              f"{'prompt':>7} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MiB':>13}"]
     for r in rows:

@@ -159,6 +159,7 @@ def test_cli_convert_run_and_bench(tiny, tmp_path, capsys):
     assert main(["convert", "-m", str(folder), "-o", str(out), "-q", "w8", "-g", "32", "-s", "256"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"]["mode"] == "w8" and manifest["quantization"]["group_size"] == 32
+    assert manifest["quantization"]["matmuls"] == {"8-bit/32": 2 * 4 + 1}  # fused qkv, o, gate_up, down; lm_head
     assert manifest["seq_length"] == 256
     assert main(["convert", "-m", str(folder), "-o", str(out)]) == 2  # exists: refused, not overwritten
     assert "already exists" in capsys.readouterr().err

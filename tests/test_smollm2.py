@@ -68,6 +68,11 @@ def test_gguf_blocks_are_kept_exactly(gguf, reference):
         np.testing.assert_allclose(weight.dequantize(), state[name].numpy(), rtol=0, atol=1e-6)
 
 
+def test_w4_bundle_holds_the_files_own_blocks(bundles):
+    """30 layers x (qkv, o, gate_up, down) stay Q4_1 (4-bit blocks of 32 with mins); the Q8_0 lm_head stays 8-bit."""
+    assert bundles["w4"].manifest["quantization"]["matmuls"] == {"4-bit/32 +mins": 120, "8-bit/32": 1}
+
+
 def test_f32_bundle_matches_the_dequantized_reference(bundles, reference):
     _, ref_model = reference
     ids = bundles["f32"].tokenizer.encode(CORPUS.read_text())[:300]  # three 128-token chunks

@@ -45,6 +45,7 @@ class GraphBuilder:
         self._count: dict[str, int] = {}
         self._block_sums: dict[tuple[str, int], str] = {}
         self._block_indicators: dict[tuple[int, int], str] = {}
+        self.matmul_formats: dict[str, int] = {}  # e.g. {"4-bit/32 +mins": 120}: what the bundle really holds
 
     # --- plumbing ------------------------------------------------------------------------------
     def _fresh(self, base: str) -> str:
@@ -154,6 +155,8 @@ class GraphBuilder:
                        axis=-1)
 
     def _matmul_nbits(self, x: str, w: QuantizedWeight, name: str, accuracy_level: int) -> str:
+        kind = f"{w.bits}-bit/{w.block_size}" + (" +mins" if w.mins is not None else "")
+        self.matmul_formats[kind] = self.matmul_formats.get(kind, 0) + 1
         inputs = [x, self.const(w.packed_codes(), f"{name}.qweight"),
                   self.const(w.scales.reshape(-1).astype(np.float32), f"{name}.scales")]
         zero_points = w.packed_zero_points()

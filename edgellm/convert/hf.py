@@ -80,6 +80,9 @@ class HFSource(ModelSource):
     def names(self) -> list[str]:
         return list(self._where)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
     def raw(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise EdgeLLMError(f"{self.folder}: tensor {name} not found in the checkpoint")

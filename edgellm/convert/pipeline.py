@@ -125,7 +125,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             "chunk_length": chunk_length,
             "quantization": {"mode": quantize, "group_size": group_size, "symmetric": symmetric,
                              "lm_head": quantize if quantize_lm_head or policy.bits is None else "f16",
-                             "accuracy_level": accuracy_level},
+                             "accuracy_level": accuracy_level, "matmuls": g.matmul_formats},
             "tokens": tokens,
             "graphs": {"decoder": DECODER_FILE},
             "embeddings": EMBEDDINGS_FILE,
