@@ -7,42 +7,38 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import EdgeLLMError
 
-def window_logits(model, ids: list[int], window: int):
+
+def score(model, ids: list[int], window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per predicted position: the negative log-likelihood of the true next token, and the model's top-1 token.
+    Each window's logits are computed once and reduced at once, so only two numbers per position are kept."""
+    nll, top1 = [], []
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start: start + window]
-        if len(chunk) > 1:
-            yield chunk, model.logits(chunk)
-
-
-def negative_log_likelihoods(model, ids: list[int], window: int) -> np.ndarray:
-    nll = []
-    for chunk, logits in window_logits(model, ids, window):
-        x = logits[:-1].astype(np.float64)
-        log_z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+        if len(chunk) < 2:
+            continue
+        x = model.logits(chunk)[:-1].astype(np.float64)
+        peak = x.max(-1)
+        log_z = np.log(np.exp(x - peak[:, None]).sum(-1)) + peak
         nll.append(log_z - x[np.arange(len(chunk) - 1), chunk[1:]])
-    return np.concatenate(nll)
+        top1.append(x.argmax(-1))
+    return np.concatenate(nll), np.concatenate(top1)
 
 
 def evaluate(model, text: str, reference=None, max_tokens: int = 2048) -> dict:
     ids = model.tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:
-        from .errors import EdgeLLMError
-
         raise EdgeLLMError("the text is too short to measure (fewer than two tokens)")
+    if reference is not None and reference.tokenizer.encode(text)[:max_tokens] != ids:
+        raise EdgeLLMError("the reference bundle tokenizes the text differently; compare bundles of one model")
     window = min(model.seq_length, reference.seq_length if reference else model.seq_length)
-    report = {"tokens": len(ids), "window": window,
-              "perplexity": float(np.exp(negative_log_likelihoods(model, ids, window).mean()))}
+    nll, top1 = score(model, ids, window)
+    report = {"tokens": len(ids), "window": window, "perplexity": float(np.exp(nll.mean()))}
     if reference is not None:
-        ref_ids = reference.tokenizer.encode(text)[:max_tokens]
-        if ref_ids != ids:
-            from .errors import EdgeLLMError
-
-            raise EdgeLLMError("the reference bundle tokenizes the text differently; compare bundles of one model")
-        same = [(a.argmax(-1) == b.argmax(-1)) for (_, a), (_, b) in
-                zip(window_logits(model, ids, window), window_logits(reference, ids, window))]
-        report["top1_agreement"] = float(np.concatenate(same).mean())
-        report["reference_perplexity"] = float(np.exp(negative_log_likelihoods(reference, ids, window).mean()))
+        ref_nll, ref_top1 = score(reference, ids, window)
+        report["top1_agreement"] = float((top1 == ref_top1).mean())
+        report["reference_perplexity"] = float(np.exp(ref_nll.mean()))
     return report
 
 
