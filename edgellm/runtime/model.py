@@ -136,7 +136,7 @@ class Model:
         result = GenerationResult(prompt_tokens=len(ids))
         self.last_result = result
         engine = self.engine
-        with prefill_progress(progress, len(ids) - engine.reuse_prefix(ids), engine.chunk_length) as on_chunk:
+        with prefill_progress(progress, engine.chunk_length) as on_chunk:
             logits = engine.prefill(ids, on_chunk=on_chunk)
         result.reused_tokens = engine.reused
         decoder, text, emitted, history = StreamDecoder(self.tokenizer), "", 0, list(ids)
@@ -182,14 +182,27 @@ class Model:
 
 
 @contextmanager
-def prefill_progress(enabled: bool, todo: int, chunk: int):
-    if not enabled or todo <= 2 * chunk:
+def prefill_progress(enabled: bool, chunk: int):
+    """A chunk callback for Engine.prefill that shows a bar once the work to do exceeds two chunks."""
+    if not enabled:
         yield None
         return
-    from tqdm import tqdm
+    bar = None
 
-    with tqdm(total=todo, desc="prefill", unit="tok", leave=False) as bar:
-        yield lambda done, total: bar.update(done - bar.n)
+    def on_chunk(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and total > 2 * chunk:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="prefill", unit="tok", leave=False)
+        if bar is not None:
+            bar.update(done - bar.n)
+
+    try:
+        yield on_chunk
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:
