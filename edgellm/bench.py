@@ -69,7 +69,8 @@ def profile_decode(model, prompt_tokens: int = 64, tokens: int = 32) -> str:
         token = int(np.argmax(engine.decode(token)))
         walls.append(time.perf_counter() - t)
     path = engine.session.end_profiling()
-    events = json.load(open(path))
+    with open(path) as f:
+        events = json.load(f)
     os.remove(path)
     runs = [e for e in events if e.get("name") == "model_run"][-tokens:]
     first_run = runs[0]["ts"]
