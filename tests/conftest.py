@@ -26,20 +26,20 @@ ARCHS = {
 }
 
 
-def write_tokenizer(folder: Path) -> int:
-    """A small byte-level BPE trained on the test corpus, with ChatML special tokens."""
+def write_tokenizer(folder: Path, extra_specials: tuple[str, ...] = (), template: str = CHATML) -> int:
+    """A small byte-level BPE trained on the test corpus, with ChatML special tokens (and a VLM's markers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_specials]
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS.read_text()], trainer)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML,
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": template,
         "tokenizer_class": "PreTrainedTokenizerFast"}))
     return tok.get_vocab_size()
 

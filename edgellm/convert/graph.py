@@ -98,6 +98,11 @@ class GraphBuilder:
         w = self.const(weight.astype(np.float32), f"{name}.weight")
         return self.op("SimplifiedLayerNormalization", [x, w], name=name, axis=-1, epsilon=float(eps), stash_type=1)
 
+    def layer_norm(self, x: str, weight: np.ndarray, bias: np.ndarray, eps: float, name: str) -> str:
+        w = self.const(weight.astype(np.float32), f"{name}.weight")
+        b = self.const(bias.astype(np.float32), f"{name}.bias")
+        return self.op("LayerNormalization", [x, w, b], name=name, axis=-1, epsilon=float(eps))
+
     def add_rms_norm(self, x: str, residual: str, weight: np.ndarray, eps: float, name: str) -> tuple[str, str]:
         """(norm(x + residual), x + residual) in one fused kernel."""
         w = self.const(weight.astype(np.float32), f"{name}.weight")

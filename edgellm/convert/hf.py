@@ -114,3 +114,7 @@ class HFSource(ModelSource):
     def generation_config(self) -> dict:
         path = self.folder / "generation_config.json"
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def preprocessor_config(self) -> dict:
+        path = self.folder / "preprocessor_config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}

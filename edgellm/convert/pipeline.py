@@ -20,6 +20,7 @@ from .source import ModelSource
 QUANT_MODES = ("f32", "f16", "w8", "w4")
 DECODER_FILE = "decoder.onnx"
 EMBEDDINGS_FILE = "embed_tokens.npy"
+VISION_FILE = "vision.onnx"
 
 
 def open_source(src: str | Path) -> ModelSource:
@@ -67,19 +68,28 @@ class _Progress(ModelSource):
 def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: int = 64,
             seq_length: int | None = None, chunk_length: int = 128, symmetric: bool = True,
             quantize_lm_head: bool = True, accuracy_level: int = 4, force: bool = False,
-            progress: bool = True) -> Path:
-    """Convert a Hugging Face folder or a GGUF file into a bundle folder at `out`; returns `out`."""
+            progress: bool = True, vision_quantize: str | None = None) -> Path:
+    """Convert a Hugging Face folder or a GGUF file into a bundle folder at `out`; returns `out`.
+    A vision-language model also gets a vision graph, whose weights default to f16 (f32 when quantize is f32)."""
     if quantize not in QUANT_MODES:
         raise EdgeLLMError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
+    vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
+    if vision_quantize not in QUANT_MODES:
+        raise EdgeLLMError(f"unknown vision quantization {vision_quantize!r}; choose one of {', '.join(QUANT_MODES)}")
     if chunk_length < 1:
         raise EdgeLLMError("--chunk-length must be at least 1")
     started = time.perf_counter()
     out = Path(out)
     check_output(out, force)  # before any work
-    source = open_source(src)
-    config = source.config
-    architecture = (config.get("architectures") or ["<missing>"])[0]
+    checkpoint = source = open_source(src)
+    architecture = (source.config.get("architectures") or ["<missing>"])[0]
     family = family_for(architecture)
+    vision = None
+    if hasattr(family, "split"):  # a vision-language model: its text decoder is built by its own family
+        source, vision_model, vision_weights, vision_settings = family.split(checkpoint)
+        vision = (family, vision_model, vision_weights, vision_settings)
+        family = family_for(source.config["architectures"][0])
+    config = source.config
     args = family.ModelArgs.from_config(config)
     model = family.Model(args)
     max_positions = int(config.get("max_position_embeddings") or 2048)
@@ -88,22 +98,28 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         raise EdgeLLMError("--seq-length must be at least 2")
     tokenizer_json = source.tokenizer_json()
     tokens = special_tokens(source, tokenizer_json)
+    if vision:
+        tokens.update(media_tokens(vision[3], tokenizer_json))
 
     policy = WeightPolicy(quantize, group_size, symmetric, accuracy_level)
     g = GraphBuilder(policy)
     if not quantize_lm_head and policy.bits is not None:
         g.lm_head_policy = WeightPolicy("f16", group_size, symmetric, accuracy_level)
+    graphs = {"decoder": DECODER_FILE}
     with staging_folder(out, overwrite=force) as stage:
-        with tqdm(total=len(source.names()), desc="reading weights", unit="tensor", disable=not progress) as bar:
+        with tqdm(total=len(checkpoint.names()), desc="reading weights", unit="tensor", disable=not progress) as bar:
             weights = _Progress(source, bar)
             model.build(g, weights, seq_length)
             embeddings = model.embedding_table(weights)
+            if vision:
+                vg = GraphBuilder(WeightPolicy(vision_quantize, group_size, symmetric, accuracy_level))
+                vision[1].build(vg, _Progress(vision[2], bar))
+                save_graph(vg, stage / VISION_FILE)
+                graphs["vision"] = VISION_FILE
             bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
         if progress:
             tqdm.write("writing graph ...")
-        onnx.save_model(g.to_model(), stage / DECODER_FILE, save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=DECODER_FILE + ".data", size_threshold=1024)
-        (stage / (DECODER_FILE + ".data")).chmod(0o644)  # onnx creates it owner-only; bundles are shared
+        save_graph(g, stage / DECODER_FILE)
         np.save(stage / EMBEDDINGS_FILE, embeddings.astype(np.float32 if quantize == "f32" else np.float16))
         (stage / "tokenizer.json").write_text(tokenizer_json)
         template = source.chat_template()
@@ -112,7 +128,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         generation = dict(source.generation_config())
         generation.setdefault("eos_token_id", tokens["eos_token_ids"])
         (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        write_manifest(stage, {
+        manifest = {
             "created_by": f"edgellm {__version__}",
             "architecture": architecture,
             "family": family.__name__.rsplit(".", 1)[-1],
@@ -127,13 +143,40 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
                              "lm_head": quantize if quantize_lm_head or policy.bits is None else "f16",
                              "accuracy_level": accuracy_level, "matmuls": g.matmul_formats},
             "tokens": tokens,
-            "graphs": {"decoder": DECODER_FILE},
+            "graphs": graphs,
             "embeddings": EMBEDDINGS_FILE,
-        })
+        }
+        if vision:
+            manifest["vision"] = {**vision[3], "quantization": vision_quantize}
+        write_manifest(stage, manifest)
     if progress:
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
         tqdm.write(f"wrote {out} ({size:.1f} MiB, {quantize}) in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def save_graph(g: GraphBuilder, path: Path) -> None:
+    onnx.save_model(g.to_model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.chmod(0o644)  # onnx creates it owner-only; bundles are shared
+
+
+def media_tokens(settings: dict, tokenizer_json: str) -> dict:
+    """Ids of a VLM's image/video marker tokens; each must be one token of the tokenizer."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    ids = {}
+    for key in ("image_token", "image_start", "image_end", "video_token"):
+        text = settings.get(key)
+        if text is None:
+            continue
+        ids[key + "_id"] = tok.token_to_id(text)
+        if ids[key + "_id"] is None:
+            raise EdgeLLMError(f"the tokenizer has no {text!r} token, which this vision-language model needs")
+    return ids
 
 
 def special_tokens(source: ModelSource, tokenizer_json: str) -> dict:

@@ -42,3 +42,70 @@ class ModelSource:
 
     def generation_config(self) -> dict:
         return {}
+
+    def preprocessor_config(self) -> dict:
+        """The image processor's settings (preprocessor_config.json), for vision-language models."""
+        return {}
+
+
+class RenamedSource(ModelSource):
+    """One part of a multi-part checkpoint (a VLM's text decoder) seen as a model of its own: its own config, and
+    names as its family file expects them (`rename` maps those to the checkpoint's)."""
+
+    def __init__(self, source: ModelSource, config: dict, rename):
+        self.source, self.config, self.rename = source, config, rename
+        own = set(source.names())
+        self._names = {}
+        for name in own:
+            mine = rename.inverse(name)
+            if mine is not None:
+                self._names[mine] = name
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def _theirs(self, name: str) -> str:
+        return self._names.get(name) or self.rename(name)
+
+    def raw(self, name: str) -> np.ndarray:
+        return self.source.raw(self._theirs(name))
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self.source.tensor(self._theirs(name))
+
+    def linear(self, name: str):
+        return self.source.linear(self._theirs(name))
+
+    def tokenizer_json(self) -> str:
+        return self.source.tokenizer_json()
+
+    def tokenizer_config(self) -> dict:
+        return self.source.tokenizer_config()
+
+    def chat_template(self) -> str | None:
+        return self.source.chat_template()
+
+    def generation_config(self) -> dict:
+        return self.source.generation_config()
+
+
+class PrefixRename:
+    """Maps name prefixes one way (family names -> checkpoint names) and back; e.g. {"model.": "language_model.model."}."""
+
+    def __init__(self, prefixes: dict[str, str]):
+        self.prefixes = prefixes
+
+    def __call__(self, name: str) -> str:
+        for mine, theirs in self.prefixes.items():
+            if name.startswith(mine):
+                return theirs + name[len(mine):]
+        return name
+
+    def inverse(self, name: str) -> str | None:
+        for mine, theirs in self.prefixes.items():
+            if name.startswith(theirs):
+                return mine + name[len(theirs):]
+        return None

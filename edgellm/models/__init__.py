@@ -1,13 +1,15 @@
-"""Model families, one module each. A module exposes ARCHITECTURES, ModelArgs.from_config and Model.build."""
+"""Model families, one module each. A text family exposes ARCHITECTURES, ModelArgs.from_config and Model.build;
+a vision-language family exposes ARCHITECTURES and split(source) -> (text source, vision model, its weights,
+runtime settings), and its text decoder is built by the text family its config names."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
 from ..errors import EdgeLLMError
-from . import llama, qwen2, qwen3
+from . import internvl, llama, qwen2, qwen3
 
-FAMILIES: list[ModuleType] = [llama, qwen2, qwen3]
+FAMILIES: list[ModuleType] = [llama, qwen2, qwen3, internvl]
 
 
 def family_for(architecture: str) -> ModuleType:

@@ -43,3 +43,12 @@ def check_messages(messages) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise EdgeLLMError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        if isinstance(m["content"], list):
+            for part in m["content"]:
+                if not isinstance(part, dict) or part.get("type") not in ("text", "image", "video"):
+                    raise EdgeLLMError(f"message {i}: a content part must be a dict with 'type' text, image or "
+                                       f"video, got {part!r}")
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise EdgeLLMError(f"message {i}: a text part needs a 'text' string, got {part!r}")
+        elif not isinstance(m["content"], str):
+            raise EdgeLLMError(f"message {i}: content must be a string or a list of parts, got {m['content']!r}")

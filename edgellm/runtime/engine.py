@@ -121,24 +121,37 @@ class Engine:
         return self.step_logits[0].copy() if single else b.get_outputs()[-1].numpy()[0]
 
     def prefill(self, token_ids: list[int], all_logits: bool = False,
-                on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
+                on_chunk: Callable[[int, int], None] | None = None, media: list | None = None) -> np.ndarray:
         """Compute the tokens after the reusable prefix in chunks; returns the last position's logits, or every
-        new position's when all_logits (then nothing is reused)."""
+        new position's when all_logits (then nothing is reused).
+
+        media: (positions, key, rows) per image or video: the embeddings rows() replace the token embeddings at
+        those prompt positions, and the cache records `key` there, so a different image is never mistaken for a
+        cached one. rows() is only called when a chunk to compute holds some of those positions."""
+        keys = list(token_ids)
+        for positions, key, _ in media or ():
+            for p in positions:
+                keys[p] = key
         if all_logits:
             self.reset()
-        self.reused = 0 if all_logits else self.reuse_prefix(token_ids)
-        todo = token_ids[self.length:]
-        if self.length + len(todo) > self.seq_length:
+        self.reused = 0 if all_logits else self.reuse_prefix(keys)
+        start = self.length
+        if len(keys) > self.seq_length:
             raise EdgeLLMError(f"prompt is {len(token_ids)} tokens but this bundle holds at most "
                                f"{self.seq_length} (its --seq-length); shorten the prompt or reconvert with a "
                                "larger --seq-length")
-        outputs = []
-        for begin in range(0, len(todo), self.chunk_length):
-            chunk = todo[begin: begin + self.chunk_length]
-            index = np.arange(len(chunk)) if all_logits else np.array([len(chunk) - 1])
-            outputs.append(self.forward(self.embed(chunk), index, chunk))
+        outputs, todo = [], len(keys) - start
+        for begin in range(start, len(keys), self.chunk_length):
+            end = min(begin + self.chunk_length, len(keys))
+            embeds = self.embed(token_ids[begin:end])
+            for positions, _, rows in media or ():
+                inside = (positions >= begin) & (positions < end)
+                if inside.any():
+                    embeds[positions[inside] - begin] = rows()[inside]
+            index = np.arange(end - begin) if all_logits else np.array([end - begin - 1])
+            outputs.append(self.forward(embeds, index, keys[begin:end]))
             if on_chunk:
-                on_chunk(begin + len(chunk), len(todo))
+                on_chunk(end - start, todo)
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]
 
     def decode(self, token_id: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import EdgeLLMError
 from .bundle import open_bundle
 from .chat import ChatTemplate, check_messages
-from .engine import Engine
+from .engine import PROVIDERS, Engine, session_options
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -26,8 +26,10 @@ class GenerationResult:
     prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt positions served from the KV cache of an earlier call
     finish_reason: str = "stop"  # "stop" (EOS or a stop string) or "length"
-    ttft_s: float = 0.0  # call to first token: prefill of the new prompt tokens + first sample
+    ttft_s: float = 0.0  # call to first token: image encoding + prefill of the new prompt tokens + first sample
     decode_s: float = 0.0  # first token to last
+    images: int = 0  # images and videos in the prompt
+    vision_s: float = 0.0  # time in the vision graph (inside ttft_s; 0 when every image came from a cache)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -39,7 +41,9 @@ class GenerationResult:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
     def timing_line(self) -> str:
-        return (f"prompt {self.prompt_tokens} tok ({self.reused_tokens} cached) | TTFT {self.ttft_s * 1000:.0f} ms | "
+        vision = f"{self.images} image(s) encoded in {self.vision_s * 1000:.0f} ms | " if self.images else ""
+        return (f"{vision}prompt {self.prompt_tokens} tok ({self.reused_tokens} cached) | "
+                f"TTFT {self.ttft_s * 1000:.0f} ms | "
                 f"prefill {self.prefill_tokens_per_s:.0f} tok/s | decode {len(self.token_ids)} tok at "
                 f"{self.decode_tokens_per_s:.1f} tok/s")
 
@@ -63,6 +67,11 @@ class Model:
         try:
             self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning,
                                  profile_prefix=profile_prefix)
+            self.vision = None
+            if "vision" in self.manifest["graphs"]:
+                from .vision import VisionEncoder
+
+                self.vision = VisionEncoder(self.bundle, session_options(threads, spinning), PROVIDERS[device])
         except Exception:
             if verified:
                 verified.result()  # a corrupt file explains a failed load better than ONNX Runtime's message
@@ -79,20 +88,67 @@ class Model:
         return self.engine.seq_length
 
     # --- prompts -------------------------------------------------------------------------------
-    def prompt_ids(self, prompt_or_messages, raw: bool = False) -> list[int]:
+    def prompt_ids(self, prompt_or_messages, raw: bool = False, images=None, videos=None) -> list[int]:
         """Exactly the ids generate() prefills. A string is one user turn (or, with raw=True or when the bundle
-        has no chat template, plain text); a list of dicts is a conversation; a list of ints is used as is."""
-        p = prompt_or_messages
+        has no chat template, plain text); a list of dicts is a conversation; a list of ints is used as is.
+        With images/videos, each image placeholder is expanded to the tokens its embeddings will fill."""
+        return self.prepare(prompt_or_messages, raw, images, videos)[0]
+
+    def prepare(self, prompt_or_messages, raw: bool = False, images=None, videos=None, frames: int | None = None):
+        """(ids, media for Engine.prefill): the prompt as token ids, and where each image's embeddings go."""
+        p, images, videos = prompt_or_messages, list(images or []), list(videos or [])
+        if (images or videos) and self.vision is None:
+            raise EdgeLLMError("this bundle has no vision graph: convert a vision-language model to use images")
+        if isinstance(p, str) and (images or videos):
+            if raw or self.chat_template is None:
+                raise EdgeLLMError("images need the bundle's chat template; raw prompts cannot hold them")
+            parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
+            p = [{"role": "user", "content": parts + [{"type": "text", "text": p}]}]
         if isinstance(p, str):
             if raw or self.chat_template is None:
-                return self.tokenizer.encode(p)
+                return self.tokenizer.encode(p), []
             p = [{"role": "user", "content": p}]
         if isinstance(p, (list, tuple)) and p and all(isinstance(t, (int, np.integer)) for t in p):
-            return [int(t) for t in p]
+            if images or videos:
+                raise EdgeLLMError("token ids cannot carry images; pass a prompt or messages with images=")
+            return [int(t) for t in p], []
         check_messages(p)
         if self.chat_template is None:
             raise EdgeLLMError("this bundle has no chat template; pass a plain string prompt (raw text) instead")
-        return self.tokenizer.encode(self.chat_template.render(list(p)), add_special_tokens=False)
+        text = self.chat_template.render(list(p))
+        wanted = {kind: sum(1 for m in p if not isinstance(m["content"], str)
+                            for part in m["content"] if part.get("type") == kind) for kind in ("image", "video")}
+        if wanted["image"] != len(images) or wanted["video"] != len(videos):
+            raise EdgeLLMError(f"the messages hold {wanted['image']} image and {wanted['video']} video part(s), "
+                               f"but {len(images)} image(s) and {len(videos)} video(s) were given")
+        if not images and not videos:
+            return self.tokenizer.encode(text, add_special_tokens=False), []
+        items = self._media_in_order(p, images, videos, frames)
+        ids = self.tokenizer.encode(self.vision.processor.expand_prompt(text, items, self.vision.settings),
+                                    add_special_tokens=False)
+        positions = np.flatnonzero(np.asarray(ids) == self.manifest["tokens"]["image_token_id"])
+        media, used = [], 0
+        for item in items:
+            n = item.pixel_values.shape[0] * self.vision.settings["tokens_per_tile"]
+            media.append((positions[used:used + n], item.key, lambda item=item: self.vision.embeddings(item)))
+            used += n
+        if used != len(positions):
+            raise EdgeLLMError(f"the prompt text holds {len(positions) - used} image token(s) of its own; "
+                               "use image parts, not the raw image token")
+        return ids, media
+
+    def _media_in_order(self, messages, images: list, videos: list, frames: int | None):
+        """Preprocessed images and videos in the order their parts appear: the i-th image part takes images[i]."""
+        queues = {"image": iter(images), "video": iter(videos)}
+        items = []
+        for m in messages:
+            for part in [] if isinstance(m["content"], str) else m["content"]:
+                kind = part.get("type")
+                if kind == "image":
+                    items.append(self.vision.image(next(queues["image"])))
+                elif kind == "video":
+                    items.append(self.vision.video(next(queues["video"]), frames))
+        return items
 
     def check_length(self, n: int) -> None:
         if n == 0:
@@ -102,11 +158,12 @@ class Model:
                                "(its --seq-length); shorten the prompt or reconvert with a larger --seq-length")
 
     # --- logits --------------------------------------------------------------------------------
-    def logits(self, token_ids) -> np.ndarray:
-        """[len(token_ids), vocab] float32 logits, computed through the bundle's chunked prefill path."""
-        ids = [int(t) for t in token_ids]
+    def logits(self, prompt, images=None, videos=None, raw: bool = False) -> np.ndarray:
+        """[prompt tokens, vocab] float32 logits, computed through the bundle's chunked prefill path. `prompt` is
+        token ids, a string or messages, as for generate()."""
+        ids, media = self.prepare(prompt, raw, images, videos)
         self.check_length(len(ids))
-        return self.engine.prefill(ids, all_logits=True)
+        return self.engine.prefill(ids, all_logits=True, media=media)
 
     # --- generation ----------------------------------------------------------------------------
     def sampling_defaults(self) -> dict:
@@ -125,20 +182,22 @@ class Model:
     def stream(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False,
-               progress: bool = False) -> Iterator[str]:
+               progress: bool = False, images=None, videos=None, frames: int | None = None) -> Iterator[str]:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
         progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled."""
         started = time.perf_counter()
-        ids = self.prompt_ids(prompt_or_messages, raw=raw)
+        ids, media = self.prepare(prompt_or_messages, raw, images, videos, frames)
         self.check_length(len(ids))
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        result = GenerationResult(prompt_tokens=len(ids))
+        result = GenerationResult(prompt_tokens=len(ids), images=len(media))
         self.last_result = result
         engine = self.engine
+        vision_before = self.vision.encode_s if self.vision else 0.0
         with prefill_progress(progress, engine.chunk_length) as on_chunk:
-            logits = engine.prefill(ids, on_chunk=on_chunk)
+            logits = engine.prefill(ids, on_chunk=on_chunk, media=media)
         result.reused_tokens = engine.reused
+        result.vision_s = (self.vision.encode_s if self.vision else 0.0) - vision_before
         decoder, text, emitted, history = StreamDecoder(self.tokenizer), "", 0, list(ids)
         first_at, hit_stop = None, False
         result.finish_reason = "length"

@@ -1,0 +1,222 @@
+"""InternVL against transformers: a tiny random InternVLForConditionalGeneration (Qwen2 decoder), converted with its
+vision tower; tiling, prompt expansion, logits with two images, greedy generation, errors and multi-turn reuse."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgellm
+from conftest import torch, transformers, write_tokenizer
+
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}")
+TILE, PER_TILE = 56, 4  # 56px tiles of 14px patches: a 4x4 grid, pixel-shuffled to 2x2 = 4 tokens per tile
+PREPROCESSOR = {"crop_to_patches": True, "min_patches": 1, "max_patches": 6, "size": {"height": TILE, "width": TILE},
+                "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3,
+                "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": True, "do_normalize": True,
+                "do_convert_rgb": True}
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    """(transformers model, HF folder, f32 bundle)."""
+    folder = tmp_path_factory.mktemp("hf-internvl")
+    vocab = write_tokenizer(folder, ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"), INTERNVL_TEMPLATE)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = tok.token_to_id("<|im_end|>")
+    text = transformers.Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, eos_token_id=eos,
+                                    initializer_range=0.08)
+    vision = transformers.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=[TILE, TILE], patch_size=[14, 14],
+                                               use_qk_norm=True, attention_bias=True, initializer_range=0.08)
+    config = transformers.InternVLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                         image_token_id=tok.token_to_id("<IMG_CONTEXT>"), image_seq_length=PER_TILE,
+                                         initializer_range=0.08)
+    torch.manual_seed(7)
+    model = transformers.InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # zero-initialised tables and unit scales would hide a dropped term
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif any(k in name for k in ("lambda", "position_embeddings", "cls_token", "bias")):
+                p.normal_(0, 0.5)
+            elif "language_model" in name:
+                p.mul_(3)  # sharper logits: greedy text that varies, so a wrong position or cache would show
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    bundle = edgellm.convert(folder, tmp_path_factory.mktemp("b") / "internvl-f32", quantize="f32", seq_length=256,
+                             chunk_length=16, progress=False)
+    return model, folder, bundle
+
+
+def hf_image_processor():
+    from transformers import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(**PREPROCESSOR)
+
+
+def hf_inputs(folder, messages, images):
+    """What InternVLProcessor produces (built by hand: its video processor needs torchvision)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    tok.chat_template = INTERNVL_TEMPLATE
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pixels = hf_image_processor()(images, return_tensors="pt")
+    for n in pixels["num_patches"]:
+        text = text.replace("<IMG_CONTEXT>", "<img>" + "\0" * (PER_TILE * int(n)) + "</img>", 1)
+    ids = tok(text.replace("\0", "<IMG_CONTEXT>"), return_tensors="pt")["input_ids"]
+    return {"input_ids": ids, "pixel_values": pixels["pixel_values"]}
+
+
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    smooth = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    noisy = np.kron(smooth, np.ones((8, 8, 1), np.uint8))[:height, :width]
+    return Image.fromarray(noisy ^ rng.integers(0, 32, noisy.shape, dtype=np.uint8))
+
+
+TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare this with "},
+                                           {"type": "image"}, {"type": "text", "text": "the second picture."}]}]
+
+
+@pytest.mark.parametrize("size", [(56, 56), (150, 70), (60, 100), (300, 40), (33, 200), (224, 224)])
+def test_tiles_equal_the_hf_image_processor(internvl, size):
+    from edgellm.vision import internvl as tiling
+
+    settings = edgellm.load(internvl[2]).vision.settings
+    image = picture(*size)
+    ours = tiling.tiles(image, settings)
+    ref = hf_image_processor()([image], return_tensors="np")
+    assert ours.shape == ref["pixel_values"].shape and ours.shape[0] == ref["num_patches"][0]
+    np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-5, rtol=0)
+
+
+def test_transparent_and_grey_images_become_rgb_like_hf(internvl):
+    from edgellm.vision import internvl as tiling
+    from edgellm.vision import load_image
+
+    settings = edgellm.load(internvl[2]).vision.settings
+    rgba = picture(90, 60).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.arange(90, dtype=np.uint8) * 2, (60, 1))))
+    for image in (rgba, picture(70, 70).convert("L")):
+        ref = hf_image_processor()([image], return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(tiling.tiles(load_image(image), settings), ref, atol=1e-5, rtol=0)
+
+
+def test_two_image_prompt_ids_and_logits_match_transformers(internvl):
+    model_hf, folder, bundle = internvl
+    images = [picture(150, 70, 1), picture(60, 100, 2)]
+    ref = hf_inputs(folder, TWO_IMAGES, images)
+    model = edgellm.load(bundle)
+    ids = model.prompt_ids(TWO_IMAGES, images=images)
+    assert ids == ref["input_ids"][0].tolist()
+    tiles = ref["pixel_values"].shape[0]
+    assert tiles > 4 and ids.count(model.manifest["tokens"]["image_token_id"]) == PER_TILE * tiles  # tiles+thumbnails
+    with torch.no_grad():
+        want = model_hf(**ref).logits[0].numpy()
+    got = model.logits(TWO_IMAGES, images=images)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    # the images matter: another picture changes the logits
+    other = model.logits(TWO_IMAGES, images=[picture(150, 70, 3), images[1]])
+    assert np.abs(other - got).max() > 1e-3
+
+
+def test_greedy_generation_with_an_image_matches_transformers(internvl):
+    model_hf, folder, bundle = internvl
+    image = picture(120, 80, 4)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    ref = hf_inputs(folder, messages, [image])
+    with torch.no_grad():
+        out = model_hf.generate(**ref, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    want = out[0, ref["input_ids"].shape[1]:].tolist()
+    model = edgellm.load(bundle)
+    result = model.generate(messages, images=[image], max_new_tokens=16, ignore_eos=True)
+    assert result.token_ids == want
+    assert len(set(want)) > 2  # a varied continuation, not one repeated token
+    assert result.images == 1 and result.vision_s > 0
+    # a plain string with images= puts the images before the text
+    assert model.prompt_ids("What is this?", images=[image]) == ref["input_ids"][0].tolist()
+
+
+def test_images_as_path_bytes_and_pil_give_the_same_prompt(internvl, tmp_path):
+    model = edgellm.load(internvl[2])
+    image = picture(100, 60, 5)
+    path = tmp_path / "a.png"
+    image.save(path)
+    as_pil = model.logits("Describe.", images=[image])
+    np.testing.assert_array_equal(model.logits("Describe.", images=[str(path)]), as_pil)
+    np.testing.assert_array_equal(model.logits("Describe.", images=[path.read_bytes()]), as_pil)
+
+
+def test_chat_encodes_an_image_once_and_reuses_the_cache(internvl):
+    model = edgellm.load(internvl[2])
+    image = picture(80, 80, 6)
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Look."}]}]
+    r1 = model.generate(first, images=[image], max_new_tokens=4)
+    assert r1.vision_s > 0 and r1.reused_tokens == 0
+    second = first + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "And now?"}]
+    r2 = model.generate(second, images=[image], max_new_tokens=4)
+    assert r2.vision_s == 0  # neither encoded again nor prefilled again: the KV cache holds it
+    assert r2.reused_tokens >= r1.prompt_tokens - 1
+    # the same conversation with another image must not reuse the cached image positions
+    r3 = model.generate(second, images=[picture(80, 80, 7)], max_new_tokens=4)
+    assert r3.vision_s > 0 and r3.reused_tokens < r1.prompt_tokens - 1
+    # and the answer after reuse equals a fresh run
+    fresh = edgellm.load(internvl[2]).generate(second, images=[image], max_new_tokens=4)
+    assert fresh.token_ids == r2.token_ids
+
+
+def test_bad_images_and_mismatched_parts_are_clear_errors(internvl, tmp_path):
+    model = edgellm.load(internvl[2])
+    (tmp_path / "not.png").write_text("this is text")
+    good = picture(60, 60)
+    buffer = io.BytesIO()
+    good.save(buffer, format="PNG")
+    cases = {
+        "no such image file": [tmp_path / "missing.png"],
+        "not a readable image": [tmp_path / "not.png"],
+        "not a readable image ": [buffer.getvalue()[:40]],  # truncated PNG
+        "zero size": [Image.new("RGB", (0, 0))],
+        "must be a path, bytes or a PIL image": [12],
+    }
+    for message, images in cases.items():
+        with pytest.raises(edgellm.EdgeLLMError, match=message.strip()):
+            model.generate("Describe.", images=images, max_new_tokens=2)
+    with pytest.raises(edgellm.EdgeLLMError, match="1 image and 0 video part"):
+        model.generate([{"role": "user", "content": [{"type": "image"}]}], images=[good, good])
+    with pytest.raises(edgellm.EdgeLLMError, match="content part"):
+        model.generate([{"role": "user", "content": [{"type": "picture"}]}])
+    with pytest.raises(edgellm.EdgeLLMError, match="holds at most 256"):
+        model.generate("Many.", images=[picture(300, 60, i) for i in range(12)], max_new_tokens=2)
+
+
+def test_text_bundle_refuses_images(bundle):
+    model = edgellm.load(bundle("qwen2"))
+    with pytest.raises(edgellm.EdgeLLMError, match="no vision graph"):
+        model.generate("Describe.", images=[picture(60, 60)])
+
+
+def test_w8_bundle_with_f16_vision_stays_close(internvl, tmp_path):
+    model_hf, folder, _ = internvl
+    out = edgellm.convert(folder, tmp_path / "w8", quantize="w8", group_size=32, seq_length=128, progress=False)
+    model = edgellm.load(out)
+    assert model.manifest["vision"]["quantization"] == "f16"  # the default for the vision graph
+    images = [picture(150, 70, 1), picture(60, 100, 2)]
+    with torch.no_grad():
+        want = model_hf(**hf_inputs(folder, TWO_IMAGES, images)).logits[0].numpy()
+    got = model.logits(TWO_IMAGES, images=images)
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
