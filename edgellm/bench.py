@@ -43,6 +43,55 @@ def bench(model, prompt_lengths: list[int], decode_tokens: int = 128, repeats: i
     return rows
 
 
+def bench_vision(model, decode_tokens: int = 32, repeats: int = 3) -> str:
+    """Rows for 1 image, 4 images and a video (when PyAV is installed), like the vendor demos' tables: one
+    tile-sized picture per image, encoded afresh each run (the embedding cache is cleared)."""
+    import tempfile
+
+    from PIL import Image
+
+    size = model.vision.settings["tile_size"]
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(4)]
+    cases = [("1 image", {"images": pictures[:1]}), ("4 images", {"images": pictures})]
+    lines = [f"{'input':<16} {'tokens':>7} {'encode ms':>10} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            clip = write_test_clip(f"{tmp}/clip.mkv", size, frames=16)
+            cases.append((f"video {model.vision.settings['video_frames']} frames", {"videos": [clip]}))
+        except ImportError:
+            lines.append("(no video row: PyAV is not installed)")
+        for label, media in cases:
+            runs = []
+            for _ in range(repeats):
+                model.engine.reset()
+                model.vision.cache.clear()
+                runs.append(model.generate("Describe what you see.", max_new_tokens=decode_tokens, ignore_eos=True,
+                                           **media))
+            med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
+            prefill = med(lambda r: r.prompt_tokens / max(r.ttft_s - r.vision_s, 1e-9))
+            lines.append(f"{label:<16} {runs[0].prompt_tokens:>7} {med(lambda r: r.vision_s) * 1000:>10.0f} "
+                         f"{med(lambda r: r.ttft_s) * 1000:>9.0f} {prefill:>14.0f} {med(lambda r: r.decode_tokens_per_s):>13.1f}")
+    return "\n".join(lines)
+
+
+def write_test_clip(path: str, size: int, frames: int) -> str:
+    import av
+
+    rng = np.random.default_rng(1)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("ffv1", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "bgr0"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def format_table(model, rows: list[dict]) -> str:
     m = model.manifest
     q = m["quantization"]

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the output projection in float16")
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
+    c.add_argument("--vision-quantize", default=None, choices=["f32", "f16", "w8", "w4"],
+                   help="vision graph weights of a vision-language model (default f16; f32 with -q f32)")
     c.add_argument("-f", "--force", action="store_true", help="replace the output folder if it exists")
     c.set_defaults(func=cmd_convert)
 
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--repetition-penalty", type=float, default=None)
             q.add_argument("--seed", type=int, default=None)
             q.add_argument("--system", default=None, help="system prompt")
+            q.add_argument("-i", "--image", nargs="+", default=[], metavar="IMAGE",
+                           help="image file(s) for a vision-language bundle, placed before the prompt")
+            q.add_argument("--video", nargs="+", default=[], metavar="VIDEO", help="video file(s), after the images")
+            q.add_argument("--frames", type=int, default=None, help="frames sampled per video (default: model's)")
 
     r = sub.add_parser("run", help="answer one prompt")
     runtime_args(r)
@@ -120,22 +126,28 @@ def cmd_convert(args) -> None:
 
     convert(args.model, args.output, quantize=args.quantize, group_size=args.group_size, seq_length=args.seq_length,
             chunk_length=args.chunk_length, symmetric=args.symmetric, quantize_lm_head=args.quantize_lm_head,
-            accuracy_level=args.accuracy_level, force=args.force)
+            accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize)
 
 
 def cmd_run(args) -> None:
     model = _load(args)
     prompt = args.prompt
     if args.system and not args.raw:
-        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]
-    _print_stream(model.stream(prompt, args.max_new_tokens, raw=args.raw, progress=True, **_sampling(model, args)))
+        parts = [{"type": "image"}] * len(args.image) + [{"type": "video"}] * len(args.video)
+        user = parts + [{"type": "text", "text": args.prompt}] if parts else args.prompt
+        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": user}]
+    _print_stream(model.stream(prompt, args.max_new_tokens, raw=args.raw, progress=True, images=args.image,
+                               videos=args.video, frames=args.frames, **_sampling(model, args)))
     print(model.last_result.timing_line(), file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
     model = _load(args)
-    chat = model.chat(system=args.system, max_new_tokens=args.max_new_tokens, **_sampling(model, args))
-    print("chat with the model; /clear starts over, /quit or Ctrl-D leaves", file=sys.stderr)
+    chat = model.chat(system=args.system, max_new_tokens=args.max_new_tokens, frames=args.frames,
+                      **_sampling(model, args))
+    attach = {"images": list(args.image), "videos": list(args.video)}  # go with the first message
+    print("chat with the model; /image FILE attaches an image to the next message, /clear starts over, "
+          "/quit or Ctrl-D leaves", file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
@@ -148,10 +160,15 @@ def cmd_chat(args) -> None:
             chat.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
+        if line.startswith("/image ") or line.startswith("/video "):
+            attach["images" if line.startswith("/image") else "videos"].append(line.split(" ", 1)[1].strip())
+            continue
         if not line:
             continue
         try:
-            _print_stream(chat.stream(line))
+            pieces = chat.stream(line, **attach)
+            attach = {"images": [], "videos": []}
+            _print_stream(pieces)
         except EdgeLLMError as e:
             print(f"edgellm: error: {e}", file=sys.stderr)
             continue
@@ -164,6 +181,10 @@ def cmd_bench(args) -> None:
     model = _load(args)
     lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
     bench(model, lengths, args.decode_tokens, args.repeats)
+    if model.vision is not None:
+        from .bench import bench_vision
+
+        print(bench_vision(model, min(args.decode_tokens, 32), args.repeats))
     if args.profile:
         import tempfile
 

@@ -220,3 +220,108 @@ def test_w8_bundle_with_f16_vision_stays_close(internvl, tmp_path):
         want = model_hf(**hf_inputs(folder, TWO_IMAGES, images)).logits[0].numpy()
     got = model.logits(TWO_IMAGES, images=images)
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
+def write_clip(path, frames: int = 20, size=(96, 72)):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "bgr0"
+        for i in range(frames):
+            frame = av.VideoFrame.from_image(picture(*size, seed=100 + i))
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_video_prompt_matches_transformers_on_the_same_frames(internvl, tmp_path):
+    import av
+
+    model_hf, folder, bundle = internvl
+    clip = tmp_path / "clip.mkv"
+    write_clip(clip)
+    with av.open(str(clip)) as c:
+        decoded = [f.to_image() for f in c.decode(video=0)]
+    assert len(decoded) == 20
+    segment = 19 / 8  # InternVL's loader: 8 segments over frames 0..19, the middle of each
+    picked = [decoded[int(segment / 2 + round(segment * i))] for i in range(8)]
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    from transformers import GotOcr2ImageProcessorPil, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    tok.chat_template = INTERNVL_TEMPLATE
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    frames = "\n".join(f"Frame{i + 1}: <img>" + "<IMG_CONTEXT>" * PER_TILE + "</img>" for i in range(8))
+    ids = tok(text.replace("<video>", frames), return_tensors="pt")["input_ids"]
+    pixels = GotOcr2ImageProcessorPil(**{**PREPROCESSOR, "crop_to_patches": False})(picked, return_tensors="pt")
+    with torch.no_grad():
+        want = model_hf.generate(input_ids=ids, pixel_values=pixels["pixel_values"], max_new_tokens=16,
+                                 min_new_tokens=16, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    model = edgellm.load(bundle)
+    assert model.prompt_ids(messages, videos=[clip]) == ids[0].tolist()
+    result = model.generate(messages, videos=[clip], max_new_tokens=16, ignore_eos=True)
+    assert result.token_ids == want and result.images == 1
+    assert len(model.prompt_ids(messages, videos=[clip], frames=4)) < len(ids[0])  # --frames changes the count
+
+
+def test_unreadable_video_is_a_clear_error(internvl, tmp_path):
+    model = edgellm.load(internvl[2])
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
+    for path, message in [(tmp_path / "bad.mp4", "not a readable video"), (tmp_path / "none.mp4", "no such video")]:
+        with pytest.raises(edgellm.EdgeLLMError, match=message):
+            model.generate(messages, videos=[path], max_new_tokens=2)
+
+
+def original_layout_name(name: str) -> str:
+    """transformers' InternVL names -> the original remote-code checkpoint's (InternVLChatModel)."""
+    for hf, original in [("model.vision_tower.", "vision_model."), ("encoder.layer.", "encoder.layers."),
+                         ("embeddings.cls_token", "embeddings.class_embedding"),
+                         ("embeddings.position_embeddings", "embeddings.position_embedding"),
+                         ("embeddings.patch_embeddings.projection", "embeddings.patch_embedding"),
+                         ("attention.projection_layer", "attn.proj"), ("attention.q_norm", "attn.q_norm"),
+                         ("attention.k_norm", "attn.k_norm"), ("lambda_1", "ls1"), ("lambda_2", "ls2"),
+                         ("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+                         ("model.multi_modal_projector.layer_norm", "mlp1.0"),
+                         ("model.multi_modal_projector.linear_1", "mlp1.1"),
+                         ("model.multi_modal_projector.linear_2", "mlp1.3"),
+                         ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")]:
+        name = name.replace(hf, original)
+    return name
+
+
+def test_original_remote_code_layout_converts_to_the_same_model(internvl, tmp_path):
+    from safetensors.numpy import save_file
+
+    model_hf, folder, bundle = internvl
+    state = {k: v.numpy() for k, v in model_hf.state_dict().items()}
+    out = {}
+    for name, value in state.items():
+        if ".attention.k_proj." in name or ".attention.v_proj." in name:
+            continue
+        if ".attention.q_proj." in name:  # the original checkpoint keeps one fused qkv projection
+            value = np.concatenate([state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+            name = name.replace("attention.q_proj", "attn.qkv")
+        out[original_layout_name(name)] = np.ascontiguousarray(value)
+    original = tmp_path / "original"
+    original.mkdir()
+    save_file(out, str(original / "model.safetensors"))
+    cfg = model_hf.config
+    text = {**cfg.text_config.to_dict(), "architectures": ["Qwen2ForCausalLM"]}
+    v = cfg.vision_config
+    (original / "config.json").write_text(json.dumps({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "llm_config": text,
+        "downsample_ratio": 0.5, "force_image_size": TILE, "select_layer": -1, "ps_version": "v2",
+        "vision_config": {"hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                          "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+                          "image_size": TILE, "patch_size": 14, "qkv_bias": True, "qk_normalization": True,
+                          "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "hidden_act": "gelu"}}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+        (original / name).write_bytes((folder / name).read_bytes())
+    converted = edgellm.convert(original, tmp_path / "b", quantize="f32", seq_length=256, chunk_length=16,
+                                progress=False)
+    images = [picture(150, 70, 1), picture(60, 100, 2)]
+    np.testing.assert_allclose(edgellm.load(converted).logits(TWO_IMAGES, images=images),
+                               edgellm.load(bundle).logits(TWO_IMAGES, images=images), atol=1e-5, rtol=0)

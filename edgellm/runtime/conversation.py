@@ -1,6 +1,7 @@
 """Multi-turn chat: the conversation is re-rendered each turn, and the engine's prefix reuse means only the new
-turn is prefilled. When the context is full, the oldest turns are dropped (the system prompt stays) and the
-shortened conversation is prefilled again."""
+turn is prefilled (images of earlier turns are neither encoded nor prefilled again). When the context is full,
+the oldest turns are dropped with their images (the system prompt stays) and the shortened conversation is
+prefilled again."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ class Conversation:
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.messages: list[dict] = []
+        self.media: list[tuple[list, list]] = []  # (images, videos) of each message
         self.last_result = None
         self.dropped_turns = 0
 
     def clear(self) -> None:
-        self.messages = []
+        self.messages, self.media = [], []
         self.model.engine.reset()
+
+    def _attachments(self) -> dict:
+        return {"images": [i for m in self.media for i in m[0]], "videos": [v for m in self.media for v in m[1]]}
 
     def _history(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -30,7 +35,7 @@ class Conversation:
         """Prompt ids of the conversation, dropping the oldest turns until the answer has room."""
         room = min(self.max_new_tokens, self.model.seq_length // 4)
         while True:
-            ids = self.model.prompt_ids(self._history())
+            ids = self.model.prompt_ids(self._history(), **self._attachments())
             if len(ids) + room <= self.model.seq_length:
                 return ids
             if len(self.messages) <= 1:
@@ -38,21 +43,30 @@ class Conversation:
                                    f"not fit the bundle's {self.model.seq_length}-token context")
             drop = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
             del self.messages[:drop]
+            del self.media[:drop]
             self.dropped_turns += 1
 
-    def stream(self, text: str) -> Iterator[str]:
-        self.messages.append({"role": "user", "content": text})
+    def stream(self, text: str, images=(), videos=()) -> Iterator[str]:
+        """The answer to `text`; images and videos given here go before the text of this turn."""
+        images, videos = list(images), list(videos)
+        content = text if not images and not videos else \
+            [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": content})
+        self.media.append((images, videos))
         try:
-            ids = self._fit()
+            self._fit()
             pieces = []
-            for piece in self.model.stream(ids, max_new_tokens=self.max_new_tokens, **self.sampling):
+            for piece in self.model.stream(self._history(), max_new_tokens=self.max_new_tokens,
+                                           **self._attachments(), **self.sampling):
                 pieces.append(piece)
                 yield piece
         except BaseException:
             self.messages.pop()
+            self.media.pop()
             raise
         self.last_result = self.model.last_result
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        self.media.append(([], []))
 
-    def send(self, text: str) -> str:
-        return "".join(self.stream(text))
+    def send(self, text: str, images=(), videos=()) -> str:
+        return "".join(self.stream(text, images, videos))

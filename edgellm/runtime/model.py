@@ -88,11 +88,12 @@ class Model:
         return self.engine.seq_length
 
     # --- prompts -------------------------------------------------------------------------------
-    def prompt_ids(self, prompt_or_messages, raw: bool = False, images=None, videos=None) -> list[int]:
+    def prompt_ids(self, prompt_or_messages, raw: bool = False, images=None, videos=None,
+                   frames: int | None = None) -> list[int]:
         """Exactly the ids generate() prefills. A string is one user turn (or, with raw=True or when the bundle
         has no chat template, plain text); a list of dicts is a conversation; a list of ints is used as is.
         With images/videos, each image placeholder is expanded to the tokens its embeddings will fill."""
-        return self.prepare(prompt_or_messages, raw, images, videos)[0]
+        return self.prepare(prompt_or_messages, raw, images, videos, frames)[0]
 
     def prepare(self, prompt_or_messages, raw: bool = False, images=None, videos=None, frames: int | None = None):
         """(ids, media for Engine.prefill): the prompt as token ids, and where each image's embeddings go."""
@@ -158,10 +159,10 @@ class Model:
                                "(its --seq-length); shorten the prompt or reconvert with a larger --seq-length")
 
     # --- logits --------------------------------------------------------------------------------
-    def logits(self, prompt, images=None, videos=None, raw: bool = False) -> np.ndarray:
+    def logits(self, prompt, images=None, videos=None, raw: bool = False, frames: int | None = None) -> np.ndarray:
         """[prompt tokens, vocab] float32 logits, computed through the bundle's chunked prefill path. `prompt` is
         token ids, a string or messages, as for generate()."""
-        ids, media = self.prepare(prompt, raw, images, videos)
+        ids, media = self.prepare(prompt, raw, images, videos, frames)
         self.check_length(len(ids))
         return self.engine.prefill(ids, all_logits=True, media=media)
 

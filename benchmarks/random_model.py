@@ -1,0 +1,56 @@
+"""Random-weight Hugging Face folders with the shapes of real models, for speed and memory measurements without
+downloads (the weights are noise, so the text is too; the timings are those of the real shapes).
+
+    .venv/bin/python benchmarks/random_model.py qwen2.5-0.5b OUT_FOLDER
+    .venv/bin/python benchmarks/random_model.py internvl3-1b OUT_FOLDER
+
+Needs the test dependencies (torch, transformers). The tokenizer is the small one of the tests, so prompts are
+made of random ids rather than text.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import write_tokenizer  # noqa: E402
+from test_internvl import INTERNVL_TEMPLATE  # noqa: E402
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  tie_word_embeddings=True, rope_theta=1000000.0)
+INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=[448, 448], patch_size=[14, 14], attention_bias=True)
+
+
+def qwen(out: Path) -> None:
+    write_tokenizer(out)
+    config = transformers.Qwen2Config(**QWEN25_05B, eos_token_id=2)
+    transformers.Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+
+
+def internvl(out: Path) -> None:
+    write_tokenizer(out, ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"), INTERNVL_TEMPLATE)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    text = transformers.Qwen2Config(**QWEN25_05B, eos_token_id=ids["<|im_end|>"])
+    config = transformers.InternVLConfig(text_config=text.to_dict(),
+                                         vision_config=transformers.InternVLVisionConfig(**INTERNVIT_300M).to_dict(),
+                                         image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=256)
+    transformers.InternVLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "crop_to_patches": True, "min_patches": 1, "max_patches": 12, "size": {"height": 448, "width": 448},
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}))
+
+
+if __name__ == "__main__":
+    shape, folder = sys.argv[1], Path(sys.argv[2])
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl}[shape](folder)
+    print(f"wrote {folder}")
