@@ -93,7 +93,7 @@ class RenamedSource(ModelSource):
 
 
 class PrefixRename:
-    """Maps name prefixes one way (family names -> checkpoint names) and back; e.g. {"model.": "language_model.model."}."""
+    """Maps name prefixes from family names to checkpoint names and back, e.g. {"model.": "language_model.model."}."""
 
     def __init__(self, prefixes: dict[str, str]):
         self.prefixes = prefixes

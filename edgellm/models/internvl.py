@@ -171,8 +171,8 @@ class VisionModel:
                  perm=[0, 2, 1])
         tiles = g.op("Slice", [g.op("Shape", [pixels], name=f"{prefix}/shape"), g.ints([0], "zero"),
                                g.ints([1], "one")], name=f"{prefix}/tiles")
-        cls_shape = g.op("Concat", [tiles, g.ints([1, a.hidden_size], f"{prefix}/cls_dims")], name=f"{prefix}/cls_shape",
-                         axis=0)
+        cls_shape = g.op("Concat", [tiles, g.ints([1, a.hidden_size], f"{prefix}/cls_dims")],
+                         name=f"{prefix}/cls_shape", axis=0)
         cls = g.op("Expand", [g.const(weights.tensor(f"{prefix}.cls_token").reshape(1, 1, -1), f"{prefix}.cls_token"),
                               cls_shape], name=f"{prefix}/cls")
         x = g.op("Concat", [cls, x], name=f"{prefix}/with_cls", axis=1)

@@ -14,7 +14,8 @@ from .images import normalize
 @lru_cache(maxsize=16)
 def tile_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
     """(columns, rows) arrangements with min..max tiles, fewest tiles first."""
-    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles]
+    sides = range(1, max_tiles + 1)
+    grids = [(c, r) for c in sides for r in sides if min_tiles <= c * r <= max_tiles]
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 
