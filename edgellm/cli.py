@@ -166,9 +166,8 @@ def cmd_chat(args) -> None:
         if not line:
             continue
         try:
-            pieces = chat.stream(line, **attach)
-            attach = {"images": [], "videos": []}
-            _print_stream(pieces)
+            _print_stream(chat.stream(line, **attach))
+            attach = {"images": [], "videos": []}  # kept for the next try if this message failed
         except EdgeLLMError as e:
             print(f"edgellm: error: {e}", file=sys.stderr)
             continue

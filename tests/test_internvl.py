@@ -325,3 +325,19 @@ def test_original_remote_code_layout_converts_to_the_same_model(internvl, tmp_pa
     images = [picture(150, 70, 1), picture(60, 100, 2)]
     np.testing.assert_allclose(edgellm.load(converted).logits(TWO_IMAGES, images=images),
                                edgellm.load(bundle).logits(TWO_IMAGES, images=images), atol=1e-5, rtol=0)
+
+
+def test_chat_keeps_an_image_of_an_earlier_turn(internvl):
+    model = edgellm.load(internvl[2])
+    chat = model.chat(max_new_tokens=4)
+    image = picture(90, 50, 8)
+    chat.send("Look at this.", images=[image])
+    first = chat.last_result
+    assert first.images == 1 and first.vision_s > 0
+    chat.send("And now?")
+    second = chat.last_result
+    assert second.images == 1 and second.vision_s == 0  # still in the prompt, neither encoded nor prefilled again
+    assert second.reused_tokens >= first.prompt_tokens
+    before_answer = chat._history()[:-1]
+    fresh = edgellm.load(internvl[2]).generate(before_answer, images=[image], max_new_tokens=4)
+    assert fresh.token_ids == second.token_ids

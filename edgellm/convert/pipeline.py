@@ -84,10 +84,9 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
     checkpoint = source = open_source(src)
     architecture = (source.config.get("architectures") or ["<missing>"])[0]
     family = family_for(architecture)
-    vision = None
+    vision_model = None
     if hasattr(family, "split"):  # a vision-language model: its text decoder is built by its own family
         source, vision_model, vision_weights, vision_settings = family.split(checkpoint)
-        vision = (family, vision_model, vision_weights, vision_settings)
         family = family_for(source.config["architectures"][0])
     config = source.config
     args = family.ModelArgs.from_config(config)
@@ -98,8 +97,8 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         raise EdgeLLMError("--seq-length must be at least 2")
     tokenizer_json = source.tokenizer_json()
     tokens = special_tokens(source, tokenizer_json)
-    if vision:
-        tokens.update(media_tokens(vision[3], tokenizer_json))
+    if vision_model:
+        tokens.update(media_tokens(vision_settings, tokenizer_json))
 
     policy = WeightPolicy(quantize, group_size, symmetric, accuracy_level)
     g = GraphBuilder(policy)
@@ -111,9 +110,9 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             weights = _Progress(source, bar)
             model.build(g, weights, seq_length)
             embeddings = model.embedding_table(weights)
-            if vision:
+            if vision_model:
                 vg = GraphBuilder(WeightPolicy(vision_quantize, group_size, symmetric, accuracy_level))
-                vision[1].build(vg, _Progress(vision[2], bar))
+                vision_model.build(vg, _Progress(vision_weights, bar))
                 save_graph(vg, stage / VISION_FILE)
                 graphs["vision"] = VISION_FILE
             bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
@@ -146,8 +145,8 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             "graphs": graphs,
             "embeddings": EMBEDDINGS_FILE,
         }
-        if vision:
-            manifest["vision"] = {**vision[3], "quantization": vision_quantize}
+        if vision_model:
+            manifest["vision"] = {**vision_settings, "quantization": vision_quantize}
         write_manifest(stage, manifest)
     if progress:
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20

@@ -15,6 +15,7 @@ class Conversation:
         self.model = model
         self.system = system
         self.max_new_tokens = max_new_tokens
+        self.frames = sampling.pop("frames", None)  # per video, when the conversation holds videos
         self.sampling = sampling
         self.messages: list[dict] = []
         self.media: list[tuple[list, list]] = []  # (images, videos) of each message
@@ -31,16 +32,17 @@ class Conversation:
     def _history(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
-    def _fit(self) -> list[int]:
-        """Prompt ids of the conversation, dropping the oldest turns until the answer has room."""
+    def _fit(self):
+        """The conversation prepared for prefill (a runtime.model.Prompt), dropping the oldest turns until the
+        answer has room."""
         room = min(self.max_new_tokens, self.model.seq_length // 4)
         while True:
-            ids = self.model.prompt_ids(self._history(), **self._attachments())
-            if len(ids) + room <= self.model.seq_length:
-                return ids
+            prompt = self.model.prepare(self._history(), frames=self.frames, **self._attachments())
+            if len(prompt.ids) + room <= self.model.seq_length:
+                return prompt
             if len(self.messages) <= 1:
-                raise EdgeLLMError(f"this message is {len(ids)} tokens; with room for a {room}-token answer it does "
-                                   f"not fit the bundle's {self.model.seq_length}-token context")
+                raise EdgeLLMError(f"this message is {len(prompt.ids)} tokens; with room for a {room}-token answer it "
+                                   f"does not fit the bundle's {self.model.seq_length}-token context")
             drop = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
             del self.messages[:drop]
             del self.media[:drop]
@@ -54,10 +56,9 @@ class Conversation:
         self.messages.append({"role": "user", "content": content})
         self.media.append((images, videos))
         try:
-            self._fit()
+            prompt = self._fit()
             pieces = []
-            for piece in self.model.stream(self._history(), max_new_tokens=self.max_new_tokens,
-                                           **self._attachments(), **self.sampling):
+            for piece in self.model.stream(prompt, max_new_tokens=self.max_new_tokens, **self.sampling):
                 pieces.append(piece)
                 yield piece
         except BaseException:

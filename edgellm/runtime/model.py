@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -46,6 +46,13 @@ class GenerationResult:
                 f"TTFT {self.ttft_s * 1000:.0f} ms | "
                 f"prefill {self.prefill_tokens_per_s:.0f} tok/s | decode {len(self.token_ids)} tok at "
                 f"{self.decode_tokens_per_s:.1f} tok/s")
+
+
+class Prompt(NamedTuple):
+    """A prompt made ready for prefill by Model.prepare (generate/stream/logits accept it as it is)."""
+
+    ids: list[int]
+    media: list  # (positions, key, rows) per image or video, as Engine.prefill takes them
 
 
 class Model:
@@ -93,11 +100,16 @@ class Model:
         """Exactly the ids generate() prefills. A string is one user turn (or, with raw=True or when the bundle
         has no chat template, plain text); a list of dicts is a conversation; a list of ints is used as is.
         With images/videos, each image placeholder is expanded to the tokens its embeddings will fill."""
-        return self.prepare(prompt_or_messages, raw, images, videos, frames)[0]
+        return self.prepare(prompt_or_messages, raw, images, videos, frames).ids
 
-    def prepare(self, prompt_or_messages, raw: bool = False, images=None, videos=None, frames: int | None = None):
-        """(ids, media for Engine.prefill): the prompt as token ids, and where each image's embeddings go."""
+    def prepare(self, prompt_or_messages, raw: bool = False, images=None, videos=None,
+                frames: int | None = None) -> Prompt:
+        """The prompt as token ids, and where each image's embeddings go; images are preprocessed here, once."""
         p, images, videos = prompt_or_messages, list(images or []), list(videos or [])
+        if isinstance(p, Prompt):
+            if images or videos:
+                raise EdgeLLMError("a prepared prompt already holds its images; do not pass images= again")
+            return p
         if (images or videos) and self.vision is None:
             raise EdgeLLMError("this bundle has no vision graph: convert a vision-language model to use images")
         if isinstance(p, str) and (images or videos):
@@ -107,12 +119,12 @@ class Model:
             p = [{"role": "user", "content": parts + [{"type": "text", "text": p}]}]
         if isinstance(p, str):
             if raw or self.chat_template is None:
-                return self.tokenizer.encode(p), []
+                return Prompt(self.tokenizer.encode(p), [])
             p = [{"role": "user", "content": p}]
         if isinstance(p, (list, tuple)) and p and all(isinstance(t, (int, np.integer)) for t in p):
             if images or videos:
                 raise EdgeLLMError("token ids cannot carry images; pass a prompt or messages with images=")
-            return [int(t) for t in p], []
+            return Prompt([int(t) for t in p], [])
         check_messages(p)
         if self.chat_template is None:
             raise EdgeLLMError("this bundle has no chat template; pass a plain string prompt (raw text) instead")
@@ -123,7 +135,7 @@ class Model:
             raise EdgeLLMError(f"the messages hold {wanted['image']} image and {wanted['video']} video part(s), "
                                f"but {len(images)} image(s) and {len(videos)} video(s) were given")
         if not images and not videos:
-            return self.tokenizer.encode(text, add_special_tokens=False), []
+            return Prompt(self.tokenizer.encode(text, add_special_tokens=False), [])
         items = self._media_in_order(p, images, videos, frames)
         ids = self.tokenizer.encode(self.vision.processor.expand_prompt(text, items, self.vision.settings),
                                     add_special_tokens=False)
@@ -136,7 +148,7 @@ class Model:
         if used != len(positions):
             raise EdgeLLMError(f"the prompt text holds {len(positions) - used} image token(s) of its own; "
                                "use image parts, not the raw image token")
-        return ids, media
+        return Prompt(ids, media)
 
     def _media_in_order(self, messages, images: list, videos: list, frames: int | None):
         """Preprocessed images and videos in the order their parts appear: the i-th image part takes images[i]."""
