@@ -65,7 +65,8 @@ class GraphBuilder:
 
     def const(self, array: np.ndarray, name: str) -> str:
         name = self._fresh(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.asarray(array)  # (np.ascontiguousarray would turn a scalar into a 1-element vector)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array) if array.ndim else array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: list[str] | int = 1,

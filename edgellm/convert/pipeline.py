@@ -68,9 +68,10 @@ class _Progress(ModelSource):
 def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: int = 64,
             seq_length: int | None = None, chunk_length: int = 128, symmetric: bool = True,
             quantize_lm_head: bool = True, accuracy_level: int = 4, force: bool = False,
-            progress: bool = True, vision_quantize: str | None = None) -> Path:
+            progress: bool = True, vision_quantize: str | None = None, max_pixels: int | None = None) -> Path:
     """Convert a Hugging Face folder or a GGUF file into a bundle folder at `out`; returns `out`.
-    A vision-language model also gets a vision graph, whose weights default to f16 (f32 when quantize is f32)."""
+    A vision-language model also gets a vision graph, whose weights default to f16 (f32 when quantize is f32);
+    max_pixels bounds the pixels of one image (Qwen2-VL: the resize budget, InternVL: the number of tiles)."""
     if quantize not in QUANT_MODES:
         raise EdgeLLMError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
     vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
@@ -85,8 +86,10 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
     architecture = (source.config.get("architectures") or ["<missing>"])[0]
     family = family_for(architecture)
     vision_model = None
+    if max_pixels is not None and not hasattr(family, "split"):
+        raise EdgeLLMError("--max-pixels applies to vision-language models only")
     if hasattr(family, "split"):  # a vision-language model: its text decoder is built by its own family
-        source, vision_model, vision_weights, vision_settings = family.split(checkpoint)
+        source, vision_model, vision_weights, vision_settings = family.split(checkpoint, max_pixels=max_pixels)
         family = family_for(source.config["architectures"][0])
     config = source.config
     args = family.ModelArgs.from_config(config)
@@ -135,7 +138,8 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             "model": {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
                       "num_attention_heads": args.num_attention_heads,
                       "num_key_value_heads": args.num_key_value_heads, "head_dim": args.head_dim,
-                      "vocab_size": args.vocab_size},
+                      "vocab_size": args.vocab_size,
+                      **({"mrope_section": args.mrope_section} if args.mrope_section else {})},
             "seq_length": seq_length,
             "chunk_length": chunk_length,
             "quantization": {"mode": quantize, "group_size": group_size, "symmetric": symmetric,

@@ -103,8 +103,9 @@ class OriginalLayout(ModelSource):
     linear = tensor
 
 
-def split(source: ModelSource):
-    """(text decoder source, vision model, vision settings) of an InternVL checkpoint."""
+def split(source: ModelSource, max_pixels: int | None = None):
+    """(text decoder source, vision model, its weights, runtime settings) of an InternVL checkpoint; max_pixels
+    caps the number of tiles of an image."""
     config = source.config
     original = "llm_config" in config
     text_config = dict(config["llm_config"] if original else config["text_config"])
@@ -122,7 +123,10 @@ def split(source: ModelSource):
                                                                      "multi_modal_projector.":
                                                                          "model.multi_modal_projector."}))
     args = VisionArgs.from_config(config, text_config)
-    return text, VisionModel(args), vision_source, settings(source, args)
+    found = settings(source, args)
+    if max_pixels:
+        found["max_patches"] = max(1, min(found["max_patches"], int(max_pixels) // found["tile_size"] ** 2))
+    return text, VisionModel(args), vision_source, found
 
 
 _TEXT_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}

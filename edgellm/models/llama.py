@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import TensorProto
 
 from ..convert.graph import GraphBuilder
 from ..errors import EdgeLLMError
@@ -33,6 +34,7 @@ class ModelArgs:
     attention_bias: bool
     hidden_act: str = "silu"
     sliding_window: int | None = None
+    mrope_section: list[int] | None = None  # M-RoPE (Qwen2-VL): rotary frequencies split over t, h, w positions
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
@@ -52,6 +54,7 @@ class ModelArgs:
             attention_bias=bool(config.get("attention_bias", False)),
             hidden_act=config.get("hidden_act", "silu"),
             sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
+            mrope_section=rope_parameters(config).get("mrope_section"),
         )
 
 
@@ -100,7 +103,7 @@ class Model:
                    scale=self.attention_scale())
         cache = [f"past_key.{i}", f"past_value.{i}", ctx["seqlens_k"], ctx["total_sequence_length"]]
         packed = None
-        if self.packed_qkv:
+        if self.packed_qkv and not a.mrope_section:
             ws, biases = self.qkv_weights(weights, prefix)
             packed = g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, split=False)
         if packed is not None:
@@ -126,8 +129,11 @@ class Model:
         a = self.args
         self.check_supported(seq_length)
         ctx = declare_decoder_io(g, a, seq_length)
-        cos, sin = cos_sin_cache(inv_freq(a.rope, a.head_dim), seq_length)
-        ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
+        if a.mrope_section:
+            mrope_tables(g, ctx, inv_freq(a.rope, a.head_dim), a.mrope_section)
+        else:
+            cos, sin = cos_sin_cache(inv_freq(a.rope, a.head_dim), seq_length)
+            ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
 
         hidden, residual = ctx["inputs_embeds"], None
         for i in range(a.num_hidden_layers):
@@ -155,9 +161,32 @@ def activation(g: GraphBuilder, x: str, kind: str, name: str) -> str:
         return g.mul(x, g.op("Sigmoid", [x], name=f"{name}/sigmoid"), name)
     if kind in ("gelu_pytorch_tanh", "gelu_new"):
         return g.op("FastGelu", [x], name=name, domain="com.microsoft")
+    if kind == "quick_gelu":
+        return g.op("QuickGelu", [x], name=name, domain="com.microsoft", alpha=1.702)
     if kind == "gelu":
         return g.op("Gelu", [x], name=name, domain="com.microsoft")
     raise ValueError(f"unsupported activation {kind!r}")
+
+
+def mrope_tables(g: GraphBuilder, ctx: dict, freqs: np.ndarray, sections: list[int]) -> None:
+    """M-RoPE: each token has (t, h, w) positions and each band of frequencies turns with one of them (section i
+    with axis i % 3). The angles are computed per token in the graph, so rotary then reads row i for token i."""
+    half = len(freqs)
+    if sum(sections) != half:
+        raise EdgeLLMError(f"mrope_section {sections} does not cover the {half} rotary frequencies")
+    axis = np.concatenate([np.full(n, i % 3) for i, n in enumerate(sections)])
+    pick = (axis[None, :] == np.arange(3)[:, None]).astype(np.float32)[:, None, :]  # [3, 1, half]
+    positions = g.op("Cast", [ctx["position_ids"]], name="rope/positions", to=TensorProto.FLOAT)
+    angles = g.mul(g.op("Unsqueeze", [positions, g.ints([2], "rope/axis2")], name="rope/unsqueeze"),
+                   g.const(freqs.astype(np.float32).reshape(1, 1, half), "rope.inv_freq"), "rope/angles")
+    angles = g.op("ReduceSum", [g.mul(angles, g.const(pick, "rope.sections"), "rope/pick"), g.ints([0], "rope/axis0")],
+                  name="rope/select", keepdims=0)
+    ctx["cos"], ctx["sin"] = g.op("Cos", [angles], name="rope/cos"), g.op("Sin", [angles], name="rope/sin")
+    # RotaryEmbedding then indexes these per-token tables by the token's place in the chunk.
+    length = g.op("Gather", [g.op("Shape", [ctx["inputs_embeds"]], name="rope/shape"), g.ints(1, "rope/dim1")],
+                  name="rope/length", axis=0)
+    steps = g.op("Range", [g.ints(0, "rope/zero"), length, g.ints(1, "rope/one")], name="rope/steps")
+    ctx["position_ids"] = g.op("Unsqueeze", [steps, g.ints([0], "rope/axis0b")], name="rope/local_positions")
 
 
 def declare_decoder_io(g: GraphBuilder, a, seq_length: int) -> dict:
@@ -168,7 +197,8 @@ def declare_decoder_io(g: GraphBuilder, a, seq_length: int) -> dict:
     """
     ctx = {
         "inputs_embeds": g.input("inputs_embeds", np.float32, [1, "sequence", a.hidden_size]),
-        "position_ids": g.input("position_ids", np.int64, [1, "sequence"]),
+        # M-RoPE decoders take (t, h, w) rows; text positions repeat the same value in all three.
+        "position_ids": g.input("position_ids", np.int64, [3 if getattr(a, "mrope_section", None) else 1, "sequence"]),
         "seqlens_k": g.input("seqlens_k", np.int32, [1]),  # total length - 1
         "total_sequence_length": g.input("total_sequence_length", np.int32, []),
         "logits_index": g.input("logits_index", np.int64, ["n_logits"]),

@@ -15,6 +15,8 @@ def rope_parameters(config: dict) -> dict:
     params.update(config.get("rope_parameters") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
+    if params["rope_type"] == "mrope":  # Qwen2-VL's older configs: default frequencies, split over 3 axes
+        params["rope_type"] = "default"
     return params
 
 

@@ -77,7 +77,11 @@ class Engine:
         self.step_logits = np.zeros((1, 1, m["vocab_size"]), np.float32)
         self.step_logits_value = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
         self.reused = 0  # positions the last prefill took from the cache
-        self.tokens: list[int] = []  # what fills the cache, position by position (-1 for non-token embeddings)
+        self.tokens: list[int] = []  # what fills the cache, slot by slot (negative keys for image embeddings)
+        # M-RoPE bundles (Qwen2-VL) take (t, h, w) rotary positions, which after an image fall behind the slot
+        # index: each slot's positions are kept, and decoding continues from the largest one + 1.
+        self.mrope = bool(m.get("mrope_section"))
+        self.positions = np.zeros((3, self.seq_length), np.int64)
 
     @property
     def length(self) -> int:
@@ -89,25 +93,37 @@ class Engine:
     def embed(self, token_ids) -> np.ndarray:
         return np.asarray(self.embeddings[np.asarray(token_ids, np.int64)], np.float32)
 
-    def reuse_prefix(self, token_ids: list[int]) -> int:
-        """Keep the cached positions that hold the start of `token_ids`; at least one token is left to compute."""
+    def reuse_prefix(self, token_ids: list[int], positions: np.ndarray | None = None) -> int:
+        """Keep the cached slots that hold the start of `token_ids` (at the same rotary positions, for M-RoPE);
+        at least one token is left to compute."""
         n, limit = 0, min(len(self.tokens), len(token_ids) - 1)
-        while n < limit and self.tokens[n] == token_ids[n]:
+        while n < limit and self.tokens[n] == token_ids[n] and (
+                positions is None or (self.positions[:, n] == positions[:, n]).all()):
             n += 1
         del self.tokens[n:]
         return n
 
+    def next_positions(self, s: int) -> np.ndarray:
+        """Rotary positions of `s` new slots that follow the cache: one row, or the three M-RoPE rows."""
+        if not self.mrope:
+            return np.arange(self.length, self.length + s, dtype=np.int64)[None]
+        after = int(self.positions[:, :self.length].max()) + 1 if self.length else 0
+        return np.repeat(np.arange(after, after + s, dtype=np.int64)[None], 3, axis=0)
+
     def forward(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids=None,
                 position_ids: np.ndarray | None = None) -> np.ndarray:
-        """Run `embeds` [S, hidden] at the next S positions; returns logits [len(logits_index), vocab]."""
+        """Run `embeds` [S, hidden] in the next S cache slots, at `position_ids` ([rows, S]; by default those that
+        follow the cache); returns logits [len(logits_index), vocab]."""
         s, start = embeds.shape[0], self.length
         if start + s > self.seq_length:
             raise EdgeLLMError(f"context full: {start + s} positions needed, the bundle holds {self.seq_length}")
         if position_ids is None:
-            position_ids = np.arange(start, start + s, dtype=np.int64)
+            position_ids = self.next_positions(s)
+        if self.mrope:
+            self.positions[:, start:start + s] = position_ids
         b = self.binding
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], np.float32))
-        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64).reshape(1, s))
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         b.bind_cpu_input("seqlens_k", np.array([start + s - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(start + s, np.int32))
         b.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, np.int64))
@@ -121,20 +137,24 @@ class Engine:
         return self.step_logits[0].copy() if single else b.get_outputs()[-1].numpy()[0]
 
     def prefill(self, token_ids: list[int], all_logits: bool = False,
-                on_chunk: Callable[[int, int], None] | None = None, media: list | None = None) -> np.ndarray:
+                on_chunk: Callable[[int, int], None] | None = None, media: list | None = None,
+                positions: np.ndarray | None = None) -> np.ndarray:
         """Compute the tokens after the reusable prefix in chunks; returns the last position's logits, or every
         new position's when all_logits (then nothing is reused).
 
-        media: (positions, key, rows) per image or video: the embeddings rows() replace the token embeddings at
+        media: (slots, key, rows) per image or video: the embeddings rows() replace the token embeddings at
         those prompt positions, and the cache records `key` there, so a different image is never mistaken for a
-        cached one. rows() is only called when a chunk to compute holds some of those positions."""
+        cached one. rows() is only called when a chunk to compute holds some of those positions.
+        positions: M-RoPE positions [3, len(token_ids)] of the prompt (None: 0, 1, 2, ...)."""
         keys = list(token_ids)
-        for positions, key, _ in media or ():
-            for p in positions:
+        for slots, key, _ in media or ():
+            for p in slots:
                 keys[p] = key
         if all_logits:
             self.reset()
-        self.reused = 0 if all_logits else self.reuse_prefix(keys)
+        if self.mrope and positions is None:
+            positions = np.repeat(np.arange(len(keys), dtype=np.int64)[None], 3, axis=0)
+        self.reused = 0 if all_logits else self.reuse_prefix(keys, positions)
         start = self.length
         if len(keys) > self.seq_length:
             raise EdgeLLMError(f"prompt is {len(token_ids)} tokens but this bundle holds at most "
@@ -144,12 +164,13 @@ class Engine:
         for begin in range(start, len(keys), self.chunk_length):
             end = min(begin + self.chunk_length, len(keys))
             embeds = self.embed(token_ids[begin:end])
-            for positions, _, rows in media or ():
-                inside = (positions >= begin) & (positions < end)
+            for slots, _, rows in media or ():
+                inside = (slots >= begin) & (slots < end)
                 if inside.any():
-                    embeds[positions[inside] - begin] = rows()[inside]
+                    embeds[slots[inside] - begin] = rows()[inside]
             index = np.arange(end - begin) if all_logits else np.array([end - begin - 1])
-            outputs.append(self.forward(embeds, index, keys[begin:end]))
+            rotary = positions[:, begin:end] if positions is not None else None
+            outputs.append(self.forward(embeds, index, keys[begin:end], rotary))
             if on_chunk:
                 on_chunk(end - start, todo)
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]

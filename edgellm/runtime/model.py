@@ -53,6 +53,7 @@ class Prompt(NamedTuple):
 
     ids: list[int]
     media: list  # (positions, key, rows) per image or video, as Engine.prefill takes them
+    positions: np.ndarray | None = None  # [3, len(ids)] for M-RoPE models with images; None: 0, 1, 2, ...
 
 
 class Model:
@@ -139,16 +140,18 @@ class Model:
         items = self._media_in_order(p, images, videos, frames)
         ids = self.tokenizer.encode(self.vision.processor.expand_prompt(text, items, self.vision.settings),
                                     add_special_tokens=False)
-        positions = np.flatnonzero(np.asarray(ids) == self.manifest["tokens"]["image_token_id"])
-        media, used = [], 0
+        tokens = self.manifest["tokens"]
+        slots = np.flatnonzero(np.isin(ids, [tokens[k] for k in ("image_token_id", "video_token_id") if k in tokens]))
+        media, spans, used = [], [], 0
         for item in items:
-            n = item.pixel_values.shape[0] * self.vision.settings["tokens_per_tile"]
-            media.append((positions[used:used + n], item.key, lambda item=item: self.vision.embeddings(item)))
-            used += n
-        if used != len(positions):
-            raise EdgeLLMError(f"the prompt text holds {len(positions) - used} image token(s) of its own; "
+            spans.append(slots[used:used + item.tokens])
+            media.append((spans[-1], item.key, lambda item=item: self.vision.embeddings(item)))
+            used += item.tokens
+        if used != len(slots):
+            raise EdgeLLMError(f"the prompt text holds {len(slots) - used} image token(s) of its own; "
                                "use image parts, not the raw image token")
-        return Prompt(ids, media)
+        rope = getattr(self.vision.processor, "positions", None)
+        return Prompt(ids, media, rope(len(ids), spans, items, self.vision.settings) if rope else None)
 
     def _media_in_order(self, messages, images: list, videos: list, frames: int | None):
         """Preprocessed images and videos in the order their parts appear: the i-th image part takes images[i]."""
@@ -174,9 +177,9 @@ class Model:
     def logits(self, prompt, images=None, videos=None, raw: bool = False, frames: int | None = None) -> np.ndarray:
         """[prompt tokens, vocab] float32 logits, computed through the bundle's chunked prefill path. `prompt` is
         token ids, a string or messages, as for generate()."""
-        ids, media = self.prepare(prompt, raw, images, videos, frames)
-        self.check_length(len(ids))
-        return self.engine.prefill(ids, all_logits=True, media=media)
+        prompt = self.prepare(prompt, raw, images, videos, frames)
+        self.check_length(len(prompt.ids))
+        return self.engine.prefill(prompt.ids, all_logits=True, media=prompt.media, positions=prompt.positions)
 
     # --- generation ----------------------------------------------------------------------------
     def sampling_defaults(self) -> dict:
@@ -199,7 +202,7 @@ class Model:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
         progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled."""
         started = time.perf_counter()
-        ids, media = self.prepare(prompt_or_messages, raw, images, videos, frames)
+        ids, media, positions = self.prepare(prompt_or_messages, raw, images, videos, frames)
         self.check_length(len(ids))
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -208,7 +211,7 @@ class Model:
         engine = self.engine
         vision_before = self.vision.encode_s if self.vision else 0.0
         with prefill_progress(progress, engine.chunk_length) as on_chunk:
-            logits = engine.prefill(ids, on_chunk=on_chunk, media=media)
+            logits = engine.prefill(ids, on_chunk=on_chunk, media=media, positions=positions)
         result.reused_tokens = engine.reused
         result.vision_s = (self.vision.encode_s if self.vision else 0.0) - vision_before
         decoder, text, emitted, history = StreamDecoder(self.tokenizer), "", 0, list(ids)

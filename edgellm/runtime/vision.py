@@ -6,28 +6,15 @@ encoded once, however many turns follow (and the engine's prefix reuse usually s
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import EdgeLLMError
-
-
-@dataclass
-class Media:
-    kind: str  # "image" or "video"
-    pixel_values: np.ndarray  # [tiles or frames, 3, H, W], float32
-    key: int  # negative: identifies these pixels in the KV cache's position record
-
-    @classmethod
-    def of(cls, kind: str, pixel_values: np.ndarray) -> "Media":
-        digest = hashlib.sha1(np.ascontiguousarray(pixel_values).tobytes()).digest()
-        return cls(kind, pixel_values, -1 - int.from_bytes(digest[:7], "little"))
+from ..vision.media import Media
 
 
 class VisionEncoder:
@@ -44,16 +31,10 @@ class VisionEncoder:
         self.encode_s = 0.0  # total time spent in the vision graph (callers take differences)
 
     def image(self, image) -> Media:
-        from ..vision import load_image
-
-        return Media.of("image", self.processor.tiles(load_image(image), self.settings))
+        return self.processor.image(image, self.settings)
 
     def video(self, video, frames: int | None = None) -> Media:
-        from ..vision.video import read_frames
-
-        pictures = read_frames(video, frames or self.settings["video_frames"])
-        return Media.of("video", np.concatenate([self.processor.tiles(p, self.settings, max_tiles=1)
-                                                 for p in pictures]))
+        return self.processor.video(video, self.settings, frames)
 
     def embeddings(self, media: Media) -> np.ndarray:
         """[tokens, hidden] for all tiles/frames of `media`, in prompt order."""
@@ -62,9 +43,9 @@ class VisionEncoder:
             self.cache.move_to_end(media.key)
             return hit
         started = time.perf_counter()
-        out = self.session.run(None, {"pixel_values": media.pixel_values})[0]
+        outs = [self.session.run(None, feed)[0] for feed in self.processor.runs(media, self.settings)]
         self.encode_s += time.perf_counter() - started
-        rows = out.reshape(-1, out.shape[-1])
+        rows = np.concatenate([out.reshape(-1, out.shape[-1]) for out in outs])
         self.cache[media.key] = rows
         while len(self.cache) > self.cache_items:
             self.cache.popitem(last=False)

@@ -8,7 +8,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from .images import normalize
+from .images import load_image, normalize
+from .media import Media
+from .video import read_frames, segment_midpoints
 
 
 @lru_cache(maxsize=16)
@@ -48,6 +50,23 @@ def tiles(image, s: dict, max_tiles: int | None = None) -> np.ndarray:
     else:
         parts = [image.resize((size, size), resample)]
     return np.stack([normalize(p, s["rescale_factor"], s["image_mean"], s["image_std"]) for p in parts])
+
+
+def image(picture, s: dict) -> Media:
+    pixels = tiles(load_image(picture), s)
+    return Media.of("image", pixels, pixels.shape[0] * s["tokens_per_tile"])
+
+
+def video(clip, s: dict, frames: int | None = None) -> Media:
+    """`frames` pictures (default: the bundle's video_frames) at segment midpoints, one tile each."""
+    pictures, _ = read_frames(clip, lambda total, fps: segment_midpoints(total, frames or s["video_frames"]))
+    pixels = np.concatenate([tiles(p, s, max_tiles=1) for p in pictures])
+    return Media.of("video", pixels, pixels.shape[0] * s["tokens_per_tile"])
+
+
+def runs(media: Media, s: dict):
+    """The vision graph's inputs: all tiles (or frames) of one image in one run."""
+    yield {"pixel_values": media.pixel_values}
 
 
 def expand_prompt(text: str, items: list, s: dict) -> str:

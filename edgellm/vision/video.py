@@ -1,25 +1,28 @@
-"""Video frames with PyAV: `frames` pictures taken uniformly, one from the middle of each equal segment of the clip
-(the rule of InternVL's own video loader), as RGB PIL images."""
+"""Video frames with PyAV. Which frames to take is the model's rule, passed in as `choose(total, fps)`: InternVL
+takes one frame from the middle of each of N equal segments, Qwen2-VL samples at a frame rate."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from ..errors import EdgeLLMError
 
 
-def frame_indices(total: int, frames: int) -> list[int]:
+def segment_midpoints(total: int, frames: int) -> list[int]:
+    """InternVL's rule: `frames` pictures, one from the middle of each equal segment of the clip."""
+    if frames < 1:
+        raise EdgeLLMError("--frames must be at least 1")
     segment = (total - 1) / frames
     return [int(segment / 2 + round(segment * i)) for i in range(frames)]
 
 
-def read_frames(video, frames: int) -> list:
+def read_frames(video, choose: Callable[[int, float], list[int]]) -> tuple[list, float]:
+    """(RGB PIL frames at the indices choose(total frames, frame rate) picks, the clip's frame rate)."""
     try:
         import av
     except ImportError as e:
         raise EdgeLLMError("reading video needs PyAV: pip install av") from e
-    if frames < 1:
-        raise EdgeLLMError("--frames must be at least 1")
     if not isinstance(video, (str, Path)):
         raise EdgeLLMError(f"a video must be a file path, not {type(video).__name__}")
     if not Path(video).is_file():
@@ -28,19 +31,21 @@ def read_frames(video, frames: int) -> list:
         with av.open(str(video)) as container:
             if not container.streams.video:
                 raise EdgeLLMError(f"{video}: the file holds no video stream")
-            total = container.streams.video[0].frames or sum(1 for _ in container.decode(video=0))
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
+            total = stream.frames or sum(1 for _ in container.decode(video=0))
         if total == 0:
             raise EdgeLLMError(f"{video}: the video has no frames")
-        wanted = frame_indices(total, frames)
+        wanted = choose(total, rate)
         pictures = {}
         with av.open(str(video)) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if i in wanted:
                     pictures[i] = frame.to_image().convert("RGB")
-                if i >= wanted[-1]:
+                if i >= max(wanted):
                     break
     except av.error.FFmpegError as e:
         raise EdgeLLMError(f"{video}: not a readable video ({e})") from e
     if len(pictures) < len(set(wanted)):
         raise EdgeLLMError(f"{video}: only {len(pictures)} of the frames it announces could be decoded")
-    return [pictures[i] for i in wanted]
+    return [pictures[i] for i in wanted], rate

@@ -1,0 +1,196 @@
+"""Qwen2-VL and Qwen2.5-VL: a ViT over 14px patches of any resolution (2-D rotary positions), a 2x2 patch merger,
+and a Qwen2 decoder whose rotary positions have three axes (M-RoPE: time, height, width).
+
+Qwen2.5-VL changes the vision tower: RMSNorm, a gated SiLU MLP, and attention within 112px windows except in
+`fullatt_block_indexes`. Names are the checkpoint's (visual.blocks.N.attn.qkv ...); transformers 5's own layout
+(model.visual., model.language_model.) is renamed onto them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..convert.graph import MS, GraphBuilder
+from ..convert.source import ModelSource, PrefixRename, RenamedSource
+from ..errors import EdgeLLMError
+from .llama import activation
+
+ARCHITECTURES = ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+# Edge defaults: an image of at most 512 merged tokens (about 630x630), video frames of 128 tokens, 16 frames.
+DEFAULT_MAX_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MAX_FRAMES = 512 * 28 * 28, 128 * 28 * 28, 16
+
+
+@dataclass
+class VisionArgs:
+    version: str  # "2" or "2.5"
+    hidden_size: int  # the ViT's width
+    depth: int
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    rope_theta: float
+    text_hidden_size: int
+    window_size: int = 0  # 2.5: window side in pixels
+    fullatt_block_indexes: tuple[int, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def window_patches(self) -> int:  # window side in patches (a whole number of merged units)
+        return self.window_size // self.patch_size // self.spatial_merge_size * self.spatial_merge_size
+
+    @classmethod
+    def from_config(cls, config: dict, text_config: dict) -> "VisionArgs":
+        v = config["vision_config"]
+        v25 = config["architectures"][0].startswith("Qwen2_5")
+        width = v["hidden_size"] if v25 else v["embed_dim"]
+        return cls(
+            version="2.5" if v25 else "2", hidden_size=width, depth=v["depth"], num_heads=v["num_heads"],
+            intermediate_size=v["intermediate_size"] if v25 else int(width * v.get("mlp_ratio", 4)),
+            hidden_act=v.get("hidden_act", "silu" if v25 else "quick_gelu"), patch_size=v.get("patch_size", 14),
+            temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge_size=v.get("spatial_merge_size", 2),
+            rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            text_hidden_size=v.get("out_hidden_size", text_config["hidden_size"]) if v25 else text_config["hidden_size"],
+            window_size=v.get("window_size", 0) if v25 else 0,
+            fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())) if v25 else ())
+
+
+def split(source: ModelSource, max_pixels: int | None = None):
+    """(text decoder source, vision model, its weights, runtime settings) of a Qwen2-VL / Qwen2.5-VL checkpoint."""
+    config = source.config
+    names = set(source.names())
+    text_config = dict(config.get("text_config") or {k: v for k, v in config.items() if k != "vision_config"})
+    text_config["architectures"] = ["Qwen2ForCausalLM"]
+    text_config.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+    if not (text_config.get("rope_parameters") or text_config.get("rope_scaling") or {}).get("mrope_section"):
+        raise EdgeLLMError("this Qwen2-VL config names no mrope_section for its rotary positions")
+    hf5 = any(n.startswith("model.language_model.") for n in names)
+    text = RenamedSource(source, text_config, PrefixRename({"model.": "model.language_model." if hf5 else "model.",
+                                                            "lm_head.": "lm_head."}))
+    vision = RenamedSource(source, config, PrefixRename({"visual.": "model.visual."})) \
+        if any(n.startswith("model.visual.") for n in names) else source
+    args = VisionArgs.from_config(config, text_config)
+    return text, VisionModel(args), vision, settings(source, args, config, max_pixels)
+
+
+def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: int | None) -> dict:
+    """The processor's rules (smart resize bounds, normalisation, video sampling) and the prompt's tokens."""
+    p = source.preprocessor_config()
+    size = p.get("size") or {}
+    min_px = int(p.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
+    max_px = int(p.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
+    max_px = int(max_pixels) if max_pixels else min(max_px, DEFAULT_MAX_PIXELS)
+    factor = args.patch_size * args.spatial_merge_size
+    if max_px < factor * factor:
+        raise EdgeLLMError(f"--max-pixels {max_px} is below one {factor}x{factor} merged patch")
+    return {
+        "family": "qwen2_vl", "version": args.version, "patch_size": args.patch_size,
+        "temporal_patch_size": args.temporal_patch_size, "merge_size": args.spatial_merge_size,
+        "min_pixels": min(min_px, max_px), "max_pixels": max_px, "resample": int(p.get("resample", 3)),
+        "rescale_factor": float(p.get("rescale_factor", 1 / 255)),
+        "image_mean": list(p.get("image_mean", CLIP_MEAN)), "image_std": list(p.get("image_std", CLIP_STD)),
+        "video_fps": 2.0, "video_min_frames": 4, "video_frames": VIDEO_MAX_FRAMES,
+        "video_min_pixels": min(128 * 28 * 28, max_px) if not max_pixels else min(min_px, max_px),
+        "video_max_pixels": min(VIDEO_MAX_PIXELS, max_px) if not max_pixels else max_px,
+        # 2.5 spaces video frames' temporal positions by time: tokens_per_second x seconds per temporal patch
+        "tokens_per_second": config["vision_config"].get("tokens_per_second") if args.version == "2.5" else None,
+        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+    }
+
+
+class VisionModel:
+    """pixel_values [patches, 3 x temporal x 14 x 14] + patch_positions [patches, 2] (row, column) of one image or
+    one temporal slice of a video -> image_embeds [patches / 4, text hidden size]."""
+
+    def __init__(self, args: VisionArgs):
+        self.args = args
+
+    def norm(self, g: GraphBuilder, weights, x: str, name: str) -> str:
+        if self.args.version == "2.5":
+            return g.rms_norm(x, weights.tensor(f"{name}.weight"), 1e-6, name)
+        return g.layer_norm(x, weights.tensor(f"{name}.weight"), weights.tensor(f"{name}.bias"), 1e-6, name)
+
+    def linear(self, g: GraphBuilder, weights, x: str, name: str) -> str:
+        return g.linear(x, weights.linear(f"{name}.weight"), name, weights.tensor(f"{name}.bias"))
+
+    def rotary_tables(self, g: GraphBuilder, positions: str) -> tuple[str, str]:
+        """cos/sin [patches, head_dim / 2]: a quarter of the frequencies turn with the row, a quarter with the column."""
+        quarter = self.args.head_dim // 4
+        freqs = 1.0 / self.args.rope_theta ** (np.arange(0, 2 * quarter, 2, dtype=np.float32) / (2 * quarter))
+        pos = g.op("Cast", [positions], name="rotary/float", to=1)
+        angles = g.mul(g.op("Unsqueeze", [pos, g.ints([2], "rotary/axis")], name="rotary/unsqueeze"),
+                       g.const(freqs.astype(np.float32).reshape(1, 1, quarter), "rotary.inv_freq"), "rotary/angles")
+        angles = g.reshape(angles, [0, 2 * quarter], "rotary/rows_then_columns")
+        return g.op("Cos", [angles], name="rotary/cos"), g.op("Sin", [angles], name="rotary/sin")
+
+    def window_bias(self, g: GraphBuilder, positions: str) -> str:
+        """[1, 1, patches, patches]: 0 where two patches share a window, a large negative number elsewhere."""
+        window = g.op("Div", [positions, g.ints(self.args.window_patches, "window/side")], name="window/index")
+        row, col = (g.op("Gather", [window, g.ints(i, f"window/axis{i}")], name=f"window/{n}", axis=1)
+                    for i, n in enumerate(("row", "col")))
+        key = g.add(g.mul(row, g.ints(1 << 20, "window/stride"), "window/row_key"), col, "window/key")
+        same = g.op("Equal", [g.op("Unsqueeze", [key, g.ints([1], "window/ax1")], name="window/rows"),
+                              g.op("Unsqueeze", [key, g.ints([0], "window/ax0")], name="window/cols")],
+                    name="window/same")
+        bias = g.op("Where", [same, g.const(np.float32(0), "window/zero"), g.const(np.float32(-1e30), "window/masked")],
+                    name="window/bias")
+        return g.op("Unsqueeze", [bias, g.ints([0, 1], "window/ax01")], name="window/bias4d")
+
+    def attention(self, g: GraphBuilder, weights, prefix: str, x: str, rope: dict, bias: str | None) -> str:
+        a = self.args
+        qkv = self.linear(g, weights, x, f"{prefix}.qkv")
+        q, k, v = g.op("Split", [qkv, g.ints([a.hidden_size] * 3, f"{prefix}/sizes")], name=f"{prefix}/split",
+                       outputs=3, axis=-1)
+        q, k, v = (g.op("Unsqueeze", [t, g.ints([0], f"{prefix}/batch")], name=f"{prefix}/{n}3d")
+                   for t, n in zip((q, k, v), "qkv"))
+        q, k = (g.op("RotaryEmbedding", [t, rope["steps"], rope["cos"], rope["sin"]], name=f"{prefix}/{n}_rotary",
+                     domain=MS, num_heads=a.num_heads, interleaved=0) for t, n in zip((q, k), "qk"))
+        inputs = [q, k, v] + (["", "", bias] if bias else [])
+        out = g.op("MultiHeadAttention", inputs, name=f"{prefix}/mha", domain=MS, num_heads=a.num_heads)
+        return self.linear(g, weights, g.reshape(out, [-1, a.hidden_size], f"{prefix}/2d"), f"{prefix}.proj")
+
+    def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
+        if self.args.version == "2.5":
+            gate = activation(g, self.linear(g, weights, x, f"{prefix}.gate_proj"), self.args.hidden_act,
+                              f"{prefix}.act")
+            return self.linear(g, weights, g.mul(gate, self.linear(g, weights, x, f"{prefix}.up_proj")),
+                               f"{prefix}.down_proj")
+        return self.linear(g, weights, activation(g, self.linear(g, weights, x, f"{prefix}.fc1"), self.args.hidden_act,
+                                                  f"{prefix}.act"), f"{prefix}.fc2")
+
+    def build(self, g: GraphBuilder, weights) -> None:
+        a = self.args
+        patch_dim = 3 * a.temporal_patch_size * a.patch_size ** 2
+        pixels = g.input("pixel_values", np.float32, ["patches", patch_dim])
+        positions = g.input("patch_positions", np.int64, ["patches", 2])
+        # The 3-D convolution over non-overlapping patches is a matmul with the flattened kernel.
+        kernel = weights.tensor("visual.patch_embed.proj.weight").reshape(a.hidden_size, patch_dim)
+        x = g.linear(pixels, kernel, "visual.patch_embed.proj")
+        cos, sin = self.rotary_tables(g, positions)
+        count = g.op("Gather", [g.op("Shape", [pixels], name="patches/shape"), g.ints(0, "patches/dim0")],
+                     name="patches/count", axis=0)
+        steps = g.op("Range", [g.ints(0, "patches/zero"), count, g.ints(1, "patches/one")], name="patches/steps")
+        rope = {"cos": cos, "sin": sin,
+                "steps": g.op("Unsqueeze", [steps, g.ints([0], "patches/ax0")], name="patches/positions")}
+        windowed = self.window_bias(g, positions) if a.window_size else None
+        for i in range(a.depth):
+            prefix = f"visual.blocks.{i}"
+            bias = None if i in a.fullatt_block_indexes else windowed
+            h = self.attention(g, weights, f"{prefix}.attn", self.norm(g, weights, x, f"{prefix}.norm1"), rope, bias)
+            x = g.add(x, h, f"{prefix}/res1")
+            x = g.add(x, self.mlp(g, weights, f"{prefix}.mlp", self.norm(g, weights, x, f"{prefix}.norm2")),
+                      f"{prefix}/res2")
+        # Patches come in 2x2 groups (the preprocessor's order), so merging is a reshape.
+        x = self.norm(g, weights, x, "visual.merger.ln_q")
+        x = g.reshape(x, [-1, a.hidden_size * a.spatial_merge_size ** 2], "visual.merger/group")
+        x = self.linear(g, weights, x, "visual.merger.mlp.0")
+        x = self.linear(g, weights, activation(g, x, "gelu", "visual.merger.act"), "visual.merger.mlp.2")
+        g.output("image_embeds", np.float32, ["tokens", a.text_hidden_size], value=x)

@@ -1,0 +1,228 @@
+"""Qwen2-VL and Qwen2.5-VL against transformers: tiny random models (Qwen2.5-VL with window attention over several
+windows), converted with their vision towers; smart resize and patches, M-RoPE positions, logits with two images,
+greedy generation for an image and for a video, chat reuse and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edgellm
+from conftest import torch, transformers, write_tokenizer
+from test_internvl import picture, write_clip
+
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif content['type'] == 'video' %}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}")
+MARKERS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 24  # at most 24 merged tokens (96 patches) per image
+PREPROCESSOR = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "rescale_factor": 1 / 255}
+VERSIONS = {
+    "2": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration",
+          dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)),
+    # windows of 56px = 4x4 patches, so the test images span several; block 1 attends over the whole image
+    "2.5": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration",
+            dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, window_size=56,
+                 fullatt_block_indexes=[1], tokens_per_second=2)),
+}
+
+
+@pytest.fixture(scope="module", params=list(VERSIONS))
+def qwen_vl(request, tmp_path_factory):
+    """(transformers model, HF folder, f32 bundle, version)."""
+    version = request.param
+    folder = tmp_path_factory.mktemp("hf-qwen-vl")
+    vocab = write_tokenizer(folder, MARKERS, QWEN_VL_TEMPLATE)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = {name: tok.token_to_id(t) for name, t in zip(("vision_start", "vision_end", "image", "video"), MARKERS)}
+    eos = tok.token_to_id("<|im_end|>")
+    config_cls, model_cls, vision = VERSIONS[version]
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, eos_token_id=eos, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    config = getattr(transformers, config_cls)(
+        text_config=text, vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
+        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"], eos_token_id=eos)
+    torch.manual_seed(11)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.3)
+            else:
+                p.normal_(0, 0.25 if "visual" in name else 0.12)  # sharp logits: greedy text that varies
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    bundle = edgellm.convert(folder, tmp_path_factory.mktemp("b") / "qwen-vl-f32", quantize="f32", seq_length=320,
+                             chunk_length=16, progress=False)
+    return model, folder, bundle, version
+
+
+def hf_processor(**size):
+    from transformers import Qwen2VLImageProcessorPil
+
+    p = {**PREPROCESSOR, **size}
+    return Qwen2VLImageProcessorPil(**{k: v for k, v in p.items() if k not in ("rescale_factor",)})
+
+
+def hf_text(folder, messages):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    tok.chat_template = QWEN_VL_TEMPLATE
+    return tok, tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def hf_inputs(model_hf, folder, messages, images):
+    """What Qwen2VLProcessor produces (built by hand: the processor needs torchvision)."""
+    tok, text = hf_text(folder, messages)
+    pixels = hf_processor()(images, return_tensors="pt")
+    for t, h, w in pixels["image_grid_thw"].tolist():
+        text = text.replace("<|image_pad|>", "\0" * (t * h * w // 4), 1)
+    ids = tok(text.replace("\0", "<|image_pad|>"), return_tensors="pt")["input_ids"]
+    return {"input_ids": ids, "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
+            "mm_token_type_ids": (ids == model_hf.config.image_token_id).int()}
+
+
+TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare this with "},
+                                           {"type": "image"}, {"type": "text", "text": "the second picture."}]}]
+
+
+@pytest.mark.parametrize("size", [(56, 56), (150, 70), (60, 100), (300, 40), (33, 200), (224, 224), (20, 20)])
+def test_patches_equal_the_hf_image_processor(qwen_vl, size):
+    from edgellm.vision import qwen2_vl as processing
+
+    settings = edgellm.load(qwen_vl[2]).vision.settings
+    image = picture(*size)
+    ours = processing.image(image, settings)
+    ref = hf_processor()([image], return_tensors="np")
+    assert ours.grid == tuple(ref["image_grid_thw"][0])
+    np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"], atol=1e-5, rtol=0)
+
+
+def test_text_only_logits_match_transformers(qwen_vl):
+    model_hf, _, bundle, _ = qwen_vl
+    ids = list(range(5, 60))
+    with torch.no_grad():
+        want = model_hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(edgellm.load(bundle).logits(ids), want, atol=1e-4 * max(1, np.abs(want).max()), rtol=0)
+
+
+def test_two_image_prompt_ids_and_logits_match_transformers(qwen_vl):
+    model_hf, folder, bundle, _ = qwen_vl
+    images = [picture(150, 70, 1), picture(112, 168, 2)]  # 168px: three 56px windows down, two across
+    ref = hf_inputs(model_hf, folder, TWO_IMAGES, images)
+    model = edgellm.load(bundle)
+    ids = model.prompt_ids(TWO_IMAGES, images=images)
+    assert ids == ref["input_ids"][0].tolist()
+    with torch.no_grad():
+        want = model_hf(**ref).logits[0].numpy()
+    got = model.logits(TWO_IMAGES, images=images)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    other = model.logits(TWO_IMAGES, images=[picture(150, 70, 3), images[1]])
+    assert np.abs(other - got).max() > 1e-3
+
+
+def test_greedy_generation_with_an_image_matches_transformers(qwen_vl):
+    model_hf, folder, bundle, _ = qwen_vl
+    image = picture(168, 112, 4)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    ref = hf_inputs(model_hf, folder, messages, [image])
+    with torch.no_grad():
+        out = model_hf.generate(**ref, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    want = out[0, ref["input_ids"].shape[1]:].tolist()
+    model = edgellm.load(bundle)
+    result = model.generate(messages, images=[image], max_new_tokens=16, ignore_eos=True)
+    assert result.token_ids == want
+    assert len(set(want)) > 2
+    assert result.images == 1 and result.vision_s > 0
+    assert model.prompt_ids("What is this?", images=[image]) == ref["input_ids"][0].tolist()
+
+
+def test_video_prompt_matches_transformers_on_the_same_frames(qwen_vl, tmp_path):
+    """20 frames at 10 fps, sampled at 2 fps: frames 0, 5, 10, 15, two temporal patches (Qwen2.5-VL spaces them
+    by time: 2 tokens per second x 1 s per patch)."""
+    import av
+
+    model_hf, folder, bundle, version = qwen_vl
+    clip = tmp_path / "clip.mkv"
+    write_clip(clip)
+    with av.open(str(clip)) as c:
+        decoded = [f.to_image() for f in c.decode(video=0)]
+    picked = [decoded[i] for i in (0, 5, 10, 15)]
+    model = edgellm.load(bundle)
+    s = model.vision.settings
+    # transformers' image processor resizes and normalises each frame; pairs of frames fill the temporal patches
+    per_frame = hf_processor(min_pixels=s["video_min_pixels"], max_pixels=s["video_max_pixels"])(
+        picked, return_tensors="np")
+    grid = per_frame["image_grid_thw"][0]
+    patches = per_frame["pixel_values"].reshape(4, -1, 3, 2, 14, 14)[:, :, :, 0]  # each frame, one copy
+    video = np.stack([patches[0::2], patches[1::2]], axis=3).reshape(2 * grid[1] * grid[2], -1)
+    tokens = 2 * grid[1] * grid[2] // 4
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    tok, text = hf_text(folder, messages)
+    ids = tok(text.replace("<|video_pad|>", "<|video_pad|>" * tokens), return_tensors="pt")["input_ids"]
+    inputs = {"input_ids": ids, "pixel_values_videos": torch.from_numpy(video),
+              "video_grid_thw": torch.tensor([[2, grid[1], grid[2]]]),
+              "mm_token_type_ids": 2 * (ids == model_hf.config.video_token_id).int()}
+    if version == "2.5":
+        inputs["second_per_grid_ts"] = torch.tensor([1.0])
+    with torch.no_grad():
+        want = model_hf.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                 pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert model.prompt_ids(messages, videos=[clip]) == ids[0].tolist()
+    result = model.generate(messages, videos=[clip], max_new_tokens=16, ignore_eos=True)
+    assert result.token_ids == want and result.images == 1
+    assert len(model.prompt_ids(messages, videos=[clip], frames=2)) < len(ids[0])  # --frames caps the count
+
+
+def test_chat_reuses_images_and_positions_across_turns(qwen_vl):
+    bundle = qwen_vl[2]
+    model = edgellm.load(bundle)
+    chat = model.chat(max_new_tokens=5)
+    image = picture(112, 112, 8)
+    chat.send("Look at this.", images=[image])
+    first = chat.last_result
+    chat.send("And now?")
+    second = chat.last_result
+    assert second.images == 1 and second.vision_s == 0 and second.reused_tokens >= first.prompt_tokens
+    fresh = edgellm.load(bundle).generate(chat._history()[:-1], images=[image], max_new_tokens=5)
+    assert fresh.token_ids == second.token_ids
+
+
+def test_max_pixels_bounds_the_image_tokens(qwen_vl, tmp_path):
+    _, folder, _, _ = qwen_vl
+    small = edgellm.convert(folder, tmp_path / "small", quantize="f32", seq_length=128, max_pixels=56 * 56,
+                            progress=False)
+    model = edgellm.load(small)
+    ids = model.prompt_ids("Describe.", images=[picture(300, 200)])
+    assert ids.count(model.manifest["tokens"]["image_token_id"]) <= 4
+    with pytest.raises(edgellm.EdgeLLMError, match="holds at most 128"):
+        model.generate("Many.", images=[picture(200, 200, i) for i in range(40)], max_new_tokens=2)
+
+
+def test_mrope_positions_follow_the_image_grid():
+    from edgellm.vision.media import Media
+    from edgellm.vision.qwen2_vl import positions
+
+    s = {"merge_size": 2, "tokens_per_second": 2}
+    image = Media("image", np.zeros(1), 6, 0, grid=(1, 4, 6))  # 2 x 3 merged tokens
+    got = positions(10, [np.arange(2, 8)], [image], s)
+    want = np.array([[0, 1, 2, 2, 2, 2, 2, 2, 5, 6],
+                     [0, 1, 2, 2, 2, 3, 3, 3, 5, 6],
+                     [0, 1, 2, 3, 4, 2, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(got, want)
