@@ -3,6 +3,7 @@ downloads (the weights are noise, so the text is too; the timings are those of t
 
     .venv/bin/python benchmarks/random_model.py qwen2.5-0.5b OUT_FOLDER
     .venv/bin/python benchmarks/random_model.py internvl3-1b OUT_FOLDER
+    .venv/bin/python benchmarks/random_model.py qwen2-vl-2b OUT_FOLDER
 
 Needs the test dependencies (torch, transformers). The tokenizer is the small one of the tests, so prompts are
 made of random ids rather than text.
@@ -20,10 +21,16 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_tokenizer  # noqa: E402
 from test_internvl import INTERNVL_TEMPLATE  # noqa: E402
+from test_qwen2_vl import MARKERS, QWEN_VL_TEMPLATE  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                   tie_word_embeddings=True, rope_theta=1000000.0)
+QWEN2_VL_2B_TEXT = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+QWEN2_VL_VIT = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2)
 INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                       image_size=[448, 448], patch_size=[14, 14], attention_bias=True)
 
@@ -48,9 +55,22 @@ def internvl(out: Path) -> None:
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}))
 
 
+def qwen2_vl(out: Path) -> None:
+    write_tokenizer(out, MARKERS, QWEN_VL_TEMPLATE)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    config = transformers.Qwen2VLConfig(
+        text_config={**QWEN2_VL_2B_TEXT, "eos_token_id": ids["<|im_end|>"]}, vision_config=QWEN2_VL_VIT,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    transformers.Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
+
+
 if __name__ == "__main__":
     shape, folder = sys.argv[1], Path(sys.argv[2])
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl}[shape](folder)
+    {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl, "qwen2-vl-2b": qwen2_vl}[shape](folder)
     print(f"wrote {folder}")

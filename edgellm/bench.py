@@ -45,12 +45,12 @@ def bench(model, prompt_lengths: list[int], decode_tokens: int = 128, repeats: i
 
 def bench_vision(model, decode_tokens: int = 32, repeats: int = 3) -> str:
     """Rows for 1 image, 4 images and a video (when PyAV is installed), like the vendor demos' tables: one
-    tile-sized picture per image, encoded afresh each run (the embedding cache is cleared)."""
+    448x448 picture (InternVL: one tile) per image, encoded afresh each run (the embedding cache is cleared)."""
     import tempfile
 
     from PIL import Image
 
-    size = model.vision.settings["tile_size"]
+    size = model.vision.settings.get("tile_size", 448)
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(4)]
     cases = [("1 image", {"images": pictures[:1]}), ("4 images", {"images": pictures})]
@@ -58,7 +58,7 @@ def bench_vision(model, decode_tokens: int = 32, repeats: int = 3) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             clip = write_test_clip(f"{tmp}/clip.mkv", size, frames=16)
-            cases.append((f"video {model.vision.settings['video_frames']} frames", {"videos": [clip]}))
+            cases.append(("video 2 s, 16 fr", {"videos": [clip]}))
         except ImportError:
             lines.append("(no video row: PyAV is not installed)")
         for label, media in cases:

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
     c.add_argument("--vision-quantize", default=None, choices=["f32", "f16", "w8", "w4"],
                    help="vision graph weights of a vision-language model (default f16; f32 with -q f32)")
+    c.add_argument("--max-pixels", type=pixel_budget, default=None, metavar="W,H|PIXELS",
+                   help="largest image a vision-language bundle takes, as W,H or a pixel count (Qwen2-VL: the "
+                        "resize budget, default 512 tokens' worth; InternVL: caps the number of 448px tiles)")
     c.add_argument("-f", "--force", action="store_true", help="replace the output folder if it exists")
     c.set_defaults(func=cmd_convert)
 
@@ -121,12 +124,24 @@ def _print_stream(pieces) -> None:
     sys.stdout.write("\n")
 
 
+def pixel_budget(text: str) -> int:
+    """--max-pixels: "W,H" or a pixel count."""
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected W,H or a pixel count, got {text!r}")
+    return parts[0] * (parts[1] if len(parts) == 2 else 1)
+
+
 def cmd_convert(args) -> None:
     from . import convert
 
     convert(args.model, args.output, quantize=args.quantize, group_size=args.group_size, seq_length=args.seq_length,
             chunk_length=args.chunk_length, symmetric=args.symmetric, quantize_lm_head=args.quantize_lm_head,
-            accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize)
+            accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,
+            max_pixels=args.max_pixels)
 
 
 def cmd_run(args) -> None:

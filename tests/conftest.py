@@ -23,6 +23,11 @@ ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0)),
+    # an 8-token window, so prompts of a few chunks test the sliding layers; linear-scaled global rotary
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
 }
 
 
@@ -53,7 +58,7 @@ def make_tiny_model(arch: str, folder: Path, tie: bool = False):
     eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|im_end|>")
     config = getattr(transformers, config_cls)(vocab_size=vocab, eos_token_id=eos, tie_word_embeddings=tie,
                                               **TINY, **extra)
-    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3}[arch])
+    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4}[arch])
     model = getattr(transformers, model_cls)(config).eval()
     if arch == "qwen2":  # random biases, so a dropped bias would show
         with torch.no_grad():

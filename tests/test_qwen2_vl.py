@@ -226,3 +226,29 @@ def test_mrope_positions_follow_the_image_grid():
                      [0, 1, 2, 2, 2, 3, 3, 3, 5, 6],
                      [0, 1, 2, 3, 4, 2, 3, 4, 5, 6]])
     np.testing.assert_array_equal(got, want)
+
+
+def test_cli_converts_with_a_pixel_budget_and_answers_about_images_and_video(qwen_vl, tmp_path, capsys):
+    from edgellm.cli import main
+
+    _, folder, _, version = qwen_vl
+    out = tmp_path / "w4"
+    assert main(["convert", "-m", str(folder), "-o", str(out), "-q", "w4", "-g", "32", "-s", "256",
+                 "--max-pixels", "112,112"]) == 0
+    settings = edgellm.load(out).vision.settings
+    assert settings["max_pixels"] == 112 * 112 and settings["version"] == version
+    image, clip = tmp_path / "a.png", tmp_path / "clip.mkv"
+    picture(200, 120).save(image)
+    write_clip(clip)
+    capsys.readouterr()
+    assert main(["run", str(out), "-p", "Describe.", "-i", str(image), "--video", str(clip), "-n", "4"]) == 0
+    assert "2 image(s) encoded" in capsys.readouterr().err
+    assert main(["run", str(out), "-p", "Describe.", "-i", str(tmp_path / "missing.png")]) == 2
+    assert main(["bench", str(out), "--prompt-lengths", "8", "--decode-tokens", "2", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "1 image" in table and "4 images" in table and "video" in table
+    with pytest.raises(SystemExit) as bad:
+        main(["convert", "-m", str(folder), "-o", str(tmp_path / "x"), "--max-pixels", "0,5"])
+    assert bad.value.code == 2 and "expected W,H or a pixel count" in capsys.readouterr().err
+    assert main(["convert", "-m", str(folder), "-o", str(tmp_path / "x"), "--max-pixels", "20,20"]) == 2
+    assert "below one 28x28 merged patch" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -1,4 +1,4 @@
-"""Bundles of tiny Llama, Qwen2 and Qwen3 models against transformers, the oracle."""
+"""Bundles of tiny Llama, Qwen2, Qwen3 and Gemma 3 models against transformers, the oracle."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import edgellm
 from conftest import CORPUS, reference_greedy, reference_logits
 
-ARCHS = ["llama", "qwen2", "qwen3"]
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
 # Max-abs logit error relative to the reference's logit scale (max |logit|), per precision. f32 is the issue's
 # bound. Against the float model, the others are what rounding random weights costs (measured: f16 ~1e-3,
 # w8 <= 3.4e-2, w4 <= 0.37 on these tiny random models, which amplify weight noise far more than trained ones).

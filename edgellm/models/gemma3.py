@@ -1,0 +1,127 @@
+"""Gemma 3 text decoder (Gemma3ForCausalLM, and the decoder of Gemma3ForConditionalGeneration).
+
+Differences from Llama: embeddings scaled by sqrt(hidden size); RMSNorm weights are offsets from 1; q/k RMSNorm per
+head; norms after attention and after the MLP as well as before; a GELU (tanh) gate; layers alternate between a
+sliding window (local rotary base) and full attention (global base, possibly scaled); the query scale comes from
+query_pre_attn_scalar; optional tanh soft-capping of attention scores and of the final logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..convert.graph import GraphBuilder
+from ..errors import EdgeLLMError
+from . import llama
+from .qwen3 import head_norm
+from .rope import cos_sin_cache, inv_freq, rope_parameters
+
+ARCHITECTURES = ["Gemma3ForCausalLM"]
+
+
+@dataclass
+class ModelArgs(llama.ModelArgs):
+    layer_types: tuple[str, ...] = ()
+    local_rope: dict | None = None
+    query_pre_attn_scalar: float = 256.0
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        if config.get("use_bidirectional_attention"):
+            raise EdgeLLMError("Gemma 3 with bidirectional attention (an embedding model) is not a generator")
+        args = super().from_config({**config, "hidden_act": config.get("hidden_activation", "gelu_pytorch_tanh"),
+                                    "use_sliding_window": True})
+        layers = args.num_hidden_layers
+        pattern = config.get("sliding_window_pattern", 6)
+        args.layer_types = tuple(config.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0
+                                                               else "sliding_attention" for i in range(layers)])
+        params = config.get("rope_parameters") or {}
+        if "full_attention" in params:  # transformers 5: one rope entry per layer type
+            args.rope = rope_parameters({"rope_parameters": params["full_attention"]})
+            args.local_rope = rope_parameters({"rope_parameters": params["sliding_attention"]})
+        else:
+            args.local_rope = {"rope_type": "default", "rope_theta": config.get("rope_local_base_freq", 10000.0)}
+        args.query_pre_attn_scalar = float(config.get("query_pre_attn_scalar") or args.head_dim)
+        args.attn_logit_softcapping = config.get("attn_logit_softcapping")
+        args.final_logit_softcapping = config.get("final_logit_softcapping")
+        return args
+
+
+class Model(llama.Model):
+    packed_qkv = False  # q/k norms sit between projection and rotary
+
+    def embedding_table(self, weights) -> np.ndarray:
+        # The scale is applied in the embedding's dtype (a bf16 checkpoint rounds sqrt(hidden) to bf16 first).
+        return weights.tensor("model.embed_tokens.weight") * np.float32(self.args.hidden_size ** 0.5)
+
+    def norm_weight(self, weights, name: str) -> np.ndarray:
+        return weights.tensor(name) + np.float32(1.0)
+
+    def project_qkv(self, g, weights, prefix, x):
+        q, k, v = super().project_qkv(g, weights, prefix, x)
+        a = self.args
+        q = head_norm(g, q, self.norm_weight(weights, f"{prefix}.q_norm.weight"), a.num_attention_heads, a,
+                      f"{prefix}.q_norm")
+        k = head_norm(g, k, self.norm_weight(weights, f"{prefix}.k_norm.weight"), a.num_key_value_heads, a,
+                      f"{prefix}.k_norm")
+        return q, k, v
+
+    def attention_scale(self) -> float:
+        return float(self.args.query_pre_attn_scalar ** -0.5)
+
+    def check_supported(self, seq_length: int) -> None:
+        pass  # sliding layers are built with GroupQueryAttention's local window
+
+    def attention(self, g: GraphBuilder, weights, i: int, x: str, ctx: dict) -> str:
+        a = self.args
+        prefix = f"model.layers.{i}.self_attn"
+        local = a.layer_types[i] == "sliding_attention"
+        cos, sin = ctx["local" if local else "global"]
+        q, k, v = self.project_qkv(g, weights, prefix, x)
+        q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary")
+        k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary")
+        extra = {"local_window_size": int(a.sliding_window)} if local and a.sliding_window else {}
+        if a.attn_logit_softcapping:
+            extra["softcap"] = float(a.attn_logit_softcapping)
+        out = g.op("GroupQueryAttention", [q, k, v, f"past_key.{i}", f"past_value.{i}", ctx["seqlens_k"],
+                                           ctx["total_sequence_length"]],
+                   name=f"{prefix}.attn", outputs=[f"{prefix}.attn", f"present_key.{i}", f"present_value.{i}"],
+                   domain="com.microsoft", num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads,
+                   scale=self.attention_scale(), **extra)[0]
+        return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
+
+    def build(self, g: GraphBuilder, weights, seq_length: int) -> None:
+        a = self.args
+        ctx = llama.declare_decoder_io(g, a, seq_length)
+        for kind, rope in (("global", a.rope), ("local", a.local_rope)):
+            cos, sin = cos_sin_cache(inv_freq(rope, a.head_dim), seq_length)
+            ctx[kind] = (g.const(cos, f"rope.{kind}.cos"), g.const(sin, f"rope.{kind}.sin"))
+
+        eps, norm = a.rms_norm_eps, lambda name: self.norm_weight(weights, f"{name}.weight")  # noqa: E731
+        hidden, branch = ctx["inputs_embeds"], None
+        for i in range(a.num_hidden_layers):
+            prefix = f"model.layers.{i}"
+            if branch is None:
+                x = g.rms_norm(hidden, norm(f"{prefix}.input_layernorm"), eps, f"{prefix}.input_layernorm")
+            else:  # the previous layer's normed MLP output joins the residual stream here
+                x, hidden = g.add_rms_norm(branch, hidden, norm(f"{prefix}.input_layernorm"), eps,
+                                           f"{prefix}.input_layernorm")
+            attn = self.attention(g, weights, i, x, ctx)
+            attn = g.rms_norm(attn, norm(f"{prefix}.post_attention_layernorm"), eps, f"{prefix}.post_attention_layernorm")
+            x, hidden = g.add_rms_norm(attn, hidden, norm(f"{prefix}.pre_feedforward_layernorm"), eps,
+                                       f"{prefix}.pre_feedforward_layernorm")
+            branch = g.rms_norm(self.mlp(g, weights, f"{prefix}.mlp", x), norm(f"{prefix}.post_feedforward_layernorm"),
+                                eps, f"{prefix}.post_feedforward_layernorm")
+
+        pick = lambda t: g.op("Gather", [t, ctx["logits_index"]], name="gather_logits_rows", axis=1)  # noqa: E731
+        x, _ = g.add_rms_norm(pick(branch), pick(hidden), norm("model.norm"), eps, "model.norm")
+        logits = g.linear(x, self.lm_head_weight(weights), "lm_head", policy=g.lm_head_policy)
+        if a.final_logit_softcapping:
+            cap = g.const(np.float32(a.final_logit_softcapping), "final_logit_softcapping")
+            logits = g.mul(g.op("Tanh", [g.op("Div", [logits, cap], name="softcap/scale")], name="softcap/tanh"), cap,
+                           "softcap")
+        g.output("logits", np.float32, [1, "n_logits", a.vocab_size], value=logits)
