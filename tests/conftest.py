@@ -112,3 +112,31 @@ def reference_greedy(model, ids, n: int) -> list[int]:
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
                              pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+def check_image_logits(model, model_hf, ref: dict, messages, images, other_image) -> None:
+    """The bundle's logits for `messages` with `images` equal transformers' on the processor inputs `ref` (1e-4 of
+    the logit scale), and swapping the first image for `other_image` changes them (the images are really read)."""
+    with torch.no_grad():
+        want = model_hf(**ref).logits[0].numpy()
+    got = model.logits(messages, images=images)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    other = model.logits(messages, images=[other_image, *images[1:]])
+    assert np.abs(other - got).max() > 1e-3
+
+
+IMAGE_QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+
+
+def check_image_greedy(model_hf, bundle, ref: dict, image) -> None:
+    """16 greedy tokens for IMAGE_QUESTION with `image` equal transformers' generate on the processor inputs `ref`;
+    a plain string with images= gives the same prompt (the images go before the text)."""
+    with torch.no_grad():
+        out = model_hf.generate(**ref, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    want = out[0, ref["input_ids"].shape[1]:].tolist()
+    model = edgellm.load(bundle)
+    result = model.generate(IMAGE_QUESTION, images=[image], max_new_tokens=16, ignore_eos=True)
+    assert result.token_ids == want
+    assert len(set(want)) > 2  # a varied continuation, not one repeated token
+    assert result.images == 1 and result.vision_s > 0
+    assert model.prompt_ids("What is this?", images=[image]) == ref["input_ids"][0].tolist()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import edgellm
-from conftest import torch, transformers, write_tokenizer
+from conftest import IMAGE_QUESTION, check_image_greedy, check_image_logits, torch, transformers, write_tokenizer
 
 INTERNVL_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
@@ -126,30 +126,13 @@ def test_two_image_prompt_ids_and_logits_match_transformers(internvl):
     assert ids == ref["input_ids"][0].tolist()
     tiles = ref["pixel_values"].shape[0]
     assert tiles > 4 and ids.count(model.manifest["tokens"]["image_token_id"]) == PER_TILE * tiles  # tiles+thumbnails
-    with torch.no_grad():
-        want = model_hf(**ref).logits[0].numpy()
-    got = model.logits(TWO_IMAGES, images=images)
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    # the images matter: another picture changes the logits
-    other = model.logits(TWO_IMAGES, images=[picture(150, 70, 3), images[1]])
-    assert np.abs(other - got).max() > 1e-3
+    check_image_logits(model, model_hf, ref, TWO_IMAGES, images, picture(150, 70, 3))
 
 
 def test_greedy_generation_with_an_image_matches_transformers(internvl):
     model_hf, folder, bundle = internvl
     image = picture(120, 80, 4)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    ref = hf_inputs(folder, messages, [image])
-    with torch.no_grad():
-        out = model_hf.generate(**ref, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
-    want = out[0, ref["input_ids"].shape[1]:].tolist()
-    model = edgellm.load(bundle)
-    result = model.generate(messages, images=[image], max_new_tokens=16, ignore_eos=True)
-    assert result.token_ids == want
-    assert len(set(want)) > 2  # a varied continuation, not one repeated token
-    assert result.images == 1 and result.vision_s > 0
-    # a plain string with images= puts the images before the text
-    assert model.prompt_ids("What is this?", images=[image]) == ref["input_ids"][0].tolist()
+    check_image_greedy(model_hf, bundle, hf_inputs(folder, IMAGE_QUESTION, [image]), image)
 
 
 def test_images_as_path_bytes_and_pil_give_the_same_prompt(internvl, tmp_path):

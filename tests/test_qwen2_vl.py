@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import edgellm
-from conftest import torch, transformers, write_tokenizer
+from conftest import IMAGE_QUESTION, check_image_greedy, check_image_logits, torch, transformers, write_tokenizer
 from test_internvl import picture, write_clip
 
 QWEN_VL_TEMPLATE = (
@@ -129,28 +129,13 @@ def test_two_image_prompt_ids_and_logits_match_transformers(qwen_vl):
     model = edgellm.load(bundle)
     ids = model.prompt_ids(TWO_IMAGES, images=images)
     assert ids == ref["input_ids"][0].tolist()
-    with torch.no_grad():
-        want = model_hf(**ref).logits[0].numpy()
-    got = model.logits(TWO_IMAGES, images=images)
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    other = model.logits(TWO_IMAGES, images=[picture(150, 70, 3), images[1]])
-    assert np.abs(other - got).max() > 1e-3
+    check_image_logits(model, model_hf, ref, TWO_IMAGES, images, picture(150, 70, 3))
 
 
 def test_greedy_generation_with_an_image_matches_transformers(qwen_vl):
     model_hf, folder, bundle, _ = qwen_vl
     image = picture(168, 112, 4)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    ref = hf_inputs(model_hf, folder, messages, [image])
-    with torch.no_grad():
-        out = model_hf.generate(**ref, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
-    want = out[0, ref["input_ids"].shape[1]:].tolist()
-    model = edgellm.load(bundle)
-    result = model.generate(messages, images=[image], max_new_tokens=16, ignore_eos=True)
-    assert result.token_ids == want
-    assert len(set(want)) > 2
-    assert result.images == 1 and result.vision_s > 0
-    assert model.prompt_ids("What is this?", images=[image]) == ref["input_ids"][0].tolist()
+    check_image_greedy(model_hf, bundle, hf_inputs(model_hf, folder, IMAGE_QUESTION, [image]), image)
 
 
 def test_video_prompt_matches_transformers_on_the_same_frames(qwen_vl, tmp_path):

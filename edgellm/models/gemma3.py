@@ -111,7 +111,8 @@ class Model(llama.Model):
                 x, hidden = g.add_rms_norm(branch, hidden, norm(f"{prefix}.input_layernorm"), eps,
                                            f"{prefix}.input_layernorm")
             attn = self.attention(g, weights, i, x, ctx)
-            attn = g.rms_norm(attn, norm(f"{prefix}.post_attention_layernorm"), eps, f"{prefix}.post_attention_layernorm")
+            post = f"{prefix}.post_attention_layernorm"
+            attn = g.rms_norm(attn, norm(post), eps, post)
             x, hidden = g.add_rms_norm(attn, hidden, norm(f"{prefix}.pre_feedforward_layernorm"), eps,
                                        f"{prefix}.pre_feedforward_layernorm")
             branch = g.rms_norm(self.mlp(g, weights, f"{prefix}.mlp", x), norm(f"{prefix}.post_feedforward_layernorm"),

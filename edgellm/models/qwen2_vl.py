@@ -58,7 +58,7 @@ class VisionArgs:
             hidden_act=v.get("hidden_act", "silu" if v25 else "quick_gelu"), patch_size=v.get("patch_size", 14),
             temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge_size=v.get("spatial_merge_size", 2),
             rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            text_hidden_size=v.get("out_hidden_size", text_config["hidden_size"]) if v25 else text_config["hidden_size"],
+            text_hidden_size=v["out_hidden_size"] if v25 and "out_hidden_size" in v else text_config["hidden_size"],
             window_size=v.get("window_size", 0) if v25 else 0,
             fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())) if v25 else ())
 
@@ -122,7 +122,8 @@ class VisionModel:
         return g.linear(x, weights.linear(f"{name}.weight"), name, weights.tensor(f"{name}.bias"))
 
     def rotary_tables(self, g: GraphBuilder, positions: str) -> tuple[str, str]:
-        """cos/sin [patches, head_dim / 2]: a quarter of the frequencies turn with the row, a quarter with the column."""
+        """cos/sin [patches, head_dim / 2]: the first half of the frequencies turn with the row, the rest with the
+        column."""
         quarter = self.args.head_dim // 4
         freqs = 1.0 / self.args.rope_theta ** (np.arange(0, 2 * quarter, 2, dtype=np.float32) / (2 * quarter))
         pos = g.op("Cast", [positions], name="rotary/float", to=1)
