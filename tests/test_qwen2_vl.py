@@ -237,3 +237,16 @@ def test_cli_converts_with_a_pixel_budget_and_answers_about_images_and_video(qwe
     assert bad.value.code == 2 and "expected W,H or a pixel count" in capsys.readouterr().err
     assert main(["convert", "-m", str(folder), "-o", str(tmp_path / "x"), "--max-pixels", "20,20"]) == 2
     assert "below one 28x28 merged patch" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_quantized_vision_graph_stays_close(qwen_vl, tmp_path):
+    """w8 vision weights: the patch embedding's 1,176 inputs are not a whole number of 64-wide blocks."""
+    model_hf, folder, _, _ = qwen_vl
+    out = edgellm.convert(folder, tmp_path / "w8", quantize="w8", vision_quantize="w8", group_size=64,
+                          seq_length=256, progress=False)
+    model = edgellm.load(out)
+    images = [picture(150, 70, 1), picture(112, 168, 2)]
+    with torch.no_grad():
+        want = model_hf(**hf_inputs(model_hf, folder, TWO_IMAGES, images)).logits[0].numpy()
+    got = model.logits(TWO_IMAGES, images=images)
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()

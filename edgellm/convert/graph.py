@@ -168,7 +168,7 @@ class GraphBuilder:
         zero_points = w.packed_zero_points()
         if zero_points is not None:
             inputs.append(self.const(zero_points, f"{name}.zero_points"))
-        y = self.op("MatMulNBits", inputs, name=name, domain=MS, K=w.k_blocks * w.block_size, N=w.n, bits=w.bits,
+        y = self.op("MatMulNBits", inputs, name=name, domain=MS, K=w.k, N=w.n, bits=w.bits,
                     block_size=w.block_size, accuracy_level=accuracy_level)
         if w.mins is None:
             return y
