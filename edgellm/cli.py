@@ -148,9 +148,10 @@ def cmd_run(args) -> None:
     model = _load(args)
     prompt = args.prompt
     if args.system and not args.raw:
-        parts = [{"type": "image"}] * len(args.image) + [{"type": "video"}] * len(args.video)
-        user = parts + [{"type": "text", "text": args.prompt}] if parts else args.prompt
-        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": user}]
+        from .runtime.chat import user_content
+
+        prompt = [{"role": "system", "content": args.system},
+                  {"role": "user", "content": user_content(args.prompt, len(args.image), len(args.video))}]
     _print_stream(model.stream(prompt, args.max_new_tokens, raw=args.raw, progress=True, images=args.image,
                                videos=args.video, frames=args.frames, **_sampling(model, args)))
     print(model.last_result.timing_line(), file=sys.stderr)

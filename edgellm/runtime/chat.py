@@ -37,6 +37,14 @@ class ChatTemplate:
             raise EdgeLLMError(f"the chat template refused the conversation: {e}") from e
 
 
+def user_content(text: str, images: int = 0, videos: int = 0):
+    """A user message's content: the text alone, or `images` image parts and `videos` video parts (in that order,
+    the convention for media given apart from the messages) followed by the text."""
+    if not images and not videos:
+        return text
+    return [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": text}]
+
+
 def check_messages(messages) -> None:
     if not isinstance(messages, list) or not messages:
         raise EdgeLLMError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")

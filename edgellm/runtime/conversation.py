@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..errors import EdgeLLMError
+from .chat import user_content
 
 
 class Conversation:
@@ -51,9 +52,7 @@ class Conversation:
     def stream(self, text: str, images=(), videos=()) -> Iterator[str]:
         """The answer to `text`; images and videos given here go before the text of this turn."""
         images, videos = list(images), list(videos)
-        content = text if not images and not videos else \
-            [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "text", "text": text}]
-        self.messages.append({"role": "user", "content": content})
+        self.messages.append({"role": "user", "content": user_content(text, len(images), len(videos))})
         self.media.append((images, videos))
         try:
             prompt = self._fit()

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import EdgeLLMError
 from .bundle import open_bundle
-from .chat import ChatTemplate, check_messages
+from .chat import ChatTemplate, check_messages, user_content
 from .engine import PROVIDERS, Engine, session_options
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
@@ -116,8 +116,7 @@ class Model:
         if isinstance(p, str) and (images or videos):
             if raw or self.chat_template is None:
                 raise EdgeLLMError("images need the bundle's chat template; raw prompts cannot hold them")
-            parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
-            p = [{"role": "user", "content": parts + [{"type": "text", "text": p}]}]
+            p = [{"role": "user", "content": user_content(p, len(images), len(videos))}]
         if isinstance(p, str):
             if raw or self.chat_template is None:
                 return Prompt(self.tokenizer.encode(p), [])
