@@ -76,23 +76,16 @@ class Model(llama.Model):
     def check_supported(self, seq_length: int) -> None:
         pass  # sliding layers are built with GroupQueryAttention's local window
 
-    def attention(self, g: GraphBuilder, weights, i: int, x: str, ctx: dict) -> str:
-        a = self.args
-        prefix = f"model.layers.{i}.self_attn"
-        local = a.layer_types[i] == "sliding_attention"
-        cos, sin = ctx["local" if local else "global"]
-        q, k, v = self.project_qkv(g, weights, prefix, x)
-        q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary")
-        k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary")
-        extra = {"local_window_size": int(a.sliding_window)} if local and a.sliding_window else {}
+    def rotary_tables(self, i: int, ctx: dict) -> tuple[str, str]:
+        return ctx["local" if self.args.layer_types[i] == "sliding_attention" else "global"]
+
+    def attention_options(self, i: int) -> dict:
+        a, options = self.args, {}
+        if a.layer_types[i] == "sliding_attention" and a.sliding_window:
+            options["local_window_size"] = int(a.sliding_window)
         if a.attn_logit_softcapping:
-            extra["softcap"] = float(a.attn_logit_softcapping)
-        out = g.op("GroupQueryAttention", [q, k, v, f"past_key.{i}", f"past_value.{i}", ctx["seqlens_k"],
-                                           ctx["total_sequence_length"]],
-                   name=f"{prefix}.attn", outputs=[f"{prefix}.attn", f"present_key.{i}", f"present_value.{i}"],
-                   domain="com.microsoft", num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads,
-                   scale=self.attention_scale(), **extra)[0]
-        return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
+            options["softcap"] = float(a.attn_logit_softcapping)
+        return options
 
     def build(self, g: GraphBuilder, weights, seq_length: int) -> None:
         a = self.args

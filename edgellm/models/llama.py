@@ -100,24 +100,33 @@ class Model:
         prefix = f"model.layers.{i}.self_attn"
         gqa = dict(name=f"{prefix}.attn", outputs=[f"{prefix}.attn", f"present_key.{i}", f"present_value.{i}"],
                    domain="com.microsoft", num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads,
-                   scale=self.attention_scale())
+                   scale=self.attention_scale(), **self.attention_options(i))
         cache = [f"past_key.{i}", f"past_value.{i}", ctx["seqlens_k"], ctx["total_sequence_length"]]
+        cos, sin = self.rotary_tables(i, ctx)
         packed = None
         if self.packed_qkv and not a.mrope_section:
             ws, biases = self.qkv_weights(weights, prefix)
             packed = g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, split=False)
         if packed is not None:
-            out = g.op("GroupQueryAttention", [packed, "", "", *cache, ctx["cos"], ctx["sin"]], do_rotary=1,
-                       rotary_interleaved=0, **gqa)[0]
+            out = g.op("GroupQueryAttention", [packed, "", "", *cache, cos, sin], do_rotary=1, rotary_interleaved=0,
+                       **gqa)[0]
         else:
             q, k, v = self.project_qkv(g, weights, prefix, x)
-            q = g.rotary(q, ctx["position_ids"], ctx["cos"], ctx["sin"], a.num_attention_heads, f"{prefix}.q_rotary")
-            k = g.rotary(k, ctx["position_ids"], ctx["cos"], ctx["sin"], a.num_key_value_heads, f"{prefix}.k_rotary")
+            q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary")
+            k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary")
             out = g.op("GroupQueryAttention", [q, k, v, *cache], **gqa)[0]
         return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
 
     def attention_scale(self) -> float:
         return float(self.args.head_dim ** -0.5)
+
+    def rotary_tables(self, i: int, ctx: dict) -> tuple[str, str]:
+        """The cos/sin tables layer i rotates with (Gemma 3 gives sliding and full layers different bases)."""
+        return ctx["cos"], ctx["sin"]
+
+    def attention_options(self, i: int) -> dict:
+        """Extra GroupQueryAttention attributes for layer i (a local window, soft-capping)."""
+        return {}
 
     def check_supported(self, seq_length: int) -> None:
         w = self.args.sliding_window
