@@ -59,7 +59,7 @@ def image(picture, s: dict) -> Media:
 
 def video(clip, s: dict, frames: int | None = None) -> Media:
     """`frames` pictures (default: the bundle's video_frames) at segment midpoints, one tile each."""
-    pictures, _ = read_frames(clip, lambda total, fps: segment_midpoints(total, frames or s["video_frames"]))
+    pictures, _, _ = read_frames(clip, lambda total, fps: segment_midpoints(total, frames or s["video_frames"]))
     pixels = np.concatenate([tiles(p, s, max_tiles=1) for p in pictures])
     return Media.of("video", pixels, pixels.shape[0] * s["tokens_per_tile"])
 

@@ -42,15 +42,20 @@ def patchify(frames: np.ndarray, s: dict) -> tuple[np.ndarray, tuple[int, int, i
     return np.ascontiguousarray(x.reshape(t * h * w, c * tp * p * p)), (t, h, w)
 
 
-def resized(picture, s: dict, min_pixels: int, max_pixels: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    factor = s["patch_size"] * s["merge_size"]
-    height, width = size or smart_resize(picture.height, picture.width, factor, min_pixels, max_pixels)
+def fitted_size(picture, s: dict, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    return smart_resize(picture.height, picture.width, s["patch_size"] * s["merge_size"], min_pixels, max_pixels)
+
+
+def resized(picture, s: dict, size: tuple[int, int]) -> np.ndarray:
+    """[3, height, width] float32, resized to `size` (height, width) and normalised."""
+    height, width = size
     return normalize(picture.resize((width, height), s["resample"]), s["rescale_factor"], s["image_mean"],
                      s["image_std"])
 
 
 def image(picture, s: dict) -> Media:
-    pixels, grid = patchify(resized(load_image(picture), s, s["min_pixels"], s["max_pixels"])[None], s)
+    picture = load_image(picture)
+    pixels, grid = patchify(resized(picture, s, fitted_size(picture, s, s["min_pixels"], s["max_pixels"]))[None], s)
     return Media.of("image", pixels, grid[0] * grid[1] * grid[2] // s["merge_size"] ** 2, grid=grid)
 
 
@@ -69,18 +74,10 @@ def video(clip, s: dict, frames: int | None = None) -> Media:
     cap = frames or s["video_frames"]
     if cap < 1:
         raise EdgeLLMError("--frames must be at least 1")
-    rate = {}
-
-    def choose(total: int, fps: float) -> list[int]:
-        rate["fps"], rate["total"] = fps, total
-        return sample_indices(total, fps, s, cap)
-
-    pictures, _ = read_frames(clip, choose)
-    first = pictures[0]
-    size = smart_resize(first.height, first.width, s["patch_size"] * s["merge_size"], s["video_min_pixels"],
-                        s["video_max_pixels"])
-    pixels, grid = patchify(np.stack([resized(p, s, 0, 0, size) for p in pictures]), s)
-    sampled_fps = len(pictures) / rate["total"] * rate["fps"]
+    pictures, fps, total = read_frames(clip, lambda total, fps: sample_indices(total, fps, s, cap))
+    size = fitted_size(pictures[0], s, s["video_min_pixels"], s["video_max_pixels"])
+    pixels, grid = patchify(np.stack([resized(p, s, size) for p in pictures]), s)
+    sampled_fps = len(pictures) / total * fps
     return Media.of("video", pixels, grid[0] * grid[1] * grid[2] // s["merge_size"] ** 2, grid=grid,
                     seconds_per_grid=s["temporal_patch_size"] / sampled_fps)
 
@@ -106,12 +103,8 @@ def expand_prompt(text: str, items: list, s: dict) -> str:
 
     pads = {"image": s["image_token"], "video": s["video_token"]}
     pattern = re.compile("|".join(re.escape(t) for t in pads.values()))
-    queue = iter(items)
-    return pattern.sub(lambda m: m.group(0) * (next(queue, None) or _NoItem).tokens, text)
-
-
-class _NoItem:  # a placeholder without an image stays as it is; Model.prepare reports the mismatch
-    tokens = 1
+    counts = iter([item.tokens for item in items])  # a placeholder beyond the items stays one token;
+    return pattern.sub(lambda m: m.group(0) * next(counts, 1), text)  # Model.prepare reports the mismatch
 
 
 def positions(length: int, spans: list[np.ndarray], items: list, s: dict) -> np.ndarray:

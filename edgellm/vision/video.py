@@ -17,8 +17,8 @@ def segment_midpoints(total: int, frames: int) -> list[int]:
     return [int(segment / 2 + round(segment * i)) for i in range(frames)]
 
 
-def read_frames(video, choose: Callable[[int, float], list[int]]) -> tuple[list, float]:
-    """(RGB PIL frames at the indices choose(total frames, frame rate) picks, the clip's frame rate)."""
+def read_frames(video, choose: Callable[[int, float], list[int]]) -> tuple[list, float, int]:
+    """(RGB PIL frames at the indices choose(total frames, frame rate) picks, the clip's frame rate, its frames)."""
     try:
         import av
     except ImportError as e:
@@ -48,4 +48,4 @@ def read_frames(video, choose: Callable[[int, float], list[int]]) -> tuple[list,
         raise EdgeLLMError(f"{video}: not a readable video ({e})") from e
     if len(pictures) < len(set(wanted)):
         raise EdgeLLMError(f"{video}: only {len(pictures)} of the frames it announces could be decoded")
-    return [pictures[i] for i in wanted], rate
+    return [pictures[i] for i in wanted], rate, total
