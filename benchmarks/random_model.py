@@ -4,6 +4,8 @@ downloads (the weights are noise, so the text is too; the timings are those of t
     .venv/bin/python benchmarks/random_model.py qwen2.5-0.5b OUT_FOLDER
     .venv/bin/python benchmarks/random_model.py internvl3-1b OUT_FOLDER
     .venv/bin/python benchmarks/random_model.py qwen2-vl-2b OUT_FOLDER
+    .venv/bin/python benchmarks/random_model.py gemma3-1b OUT_FOLDER     (text only)
+    .venv/bin/python benchmarks/random_model.py gemma3-4b OUT_FOLDER     (SigLIP + Gemma 3 4B: 8.6 GB)
 
 Needs the test dependencies (torch, transformers). The tokenizer is the small one of the tests, so prompts are
 made of random ids rather than text.
@@ -21,6 +23,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_tokenizer  # noqa: E402
 from test_internvl import INTERNVL_TEMPLATE  # noqa: E402
+from test_gemma3_vl import GEMMA_TEMPLATE  # noqa: E402
+from test_gemma3_vl import MARKERS as GEMMA_MARKERS  # noqa: E402
 from test_qwen2_vl import MARKERS, QWEN_VL_TEMPLATE  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -31,6 +35,16 @@ QWEN2_VL_2B_TEXT = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8
                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
 QWEN2_VL_VIT = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2)
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+               "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
+GEMMA3_1B = dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                 num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                 query_pre_attn_scalar=256, max_position_embeddings=32768, rope_parameters=GEMMA3_ROPE)
+GEMMA3_4B = dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
+                 query_pre_attn_scalar=256, max_position_embeddings=131072, rope_parameters=GEMMA3_ROPE)
+SIGLIP_400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                   image_size=896, patch_size=14, vision_use_head=False)
 INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                       image_size=[448, 448], patch_size=[14, 14], attention_bias=True)
 
@@ -68,9 +82,29 @@ def qwen2_vl(out: Path) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
 
 
+def gemma3_1b(out: Path) -> None:
+    write_tokenizer(out)
+    config = transformers.Gemma3TextConfig(**GEMMA3_1B, eos_token_id=2)
+    transformers.Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+
+
+def gemma3_4b(out: Path) -> None:
+    write_tokenizer(out, GEMMA_MARKERS, GEMMA_TEMPLATE)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    config = transformers.Gemma3Config(
+        text_config={**GEMMA3_4B, "eos_token_id": ids["<end_of_turn>"]}, vision_config=SIGLIP_400M,
+        mm_tokens_per_image=256, image_token_index=ids["<image_soft_token>"],
+        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"])
+    transformers.Gemma3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"height": 896, "width": 896}, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+
+
 if __name__ == "__main__":
     shape, folder = sys.argv[1], Path(sys.argv[2])
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl, "qwen2-vl-2b": qwen2_vl}[shape](folder)
+    {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl, "qwen2-vl-2b": qwen2_vl, "gemma3-1b": gemma3_1b,
+     "gemma3-4b": gemma3_4b}[shape](folder)
     print(f"wrote {folder}")

@@ -77,6 +77,21 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=base, domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
+    def branch(self) -> "GraphBuilder":
+        """A builder for an If branch: it may read this graph's values, and its names stay unique in the model."""
+        sub = GraphBuilder(self.policy)
+        sub._count = self._count
+        return sub
+
+    def if_then_else(self, condition: str, then: tuple["GraphBuilder", str], otherwise: tuple["GraphBuilder", str],
+                     name: str) -> str:
+        """One float tensor: the `then` branch's value when `condition` (a bool scalar) holds, else `otherwise`'s."""
+        graphs = []
+        for kind, (sub, value) in (("then", then), ("else", otherwise)):
+            out = helper.make_tensor_value_info(value, TensorProto.FLOAT, None)
+            graphs.append(helper.make_graph(sub.nodes, f"{name}/{kind}", [], [out], sub.initializers))
+        return self.op("If", [condition], name=name, then_branch=graphs[0], else_branch=graphs[1])
+
     def to_model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "edgellm", self.inputs, self.outputs, self.initializers)
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]

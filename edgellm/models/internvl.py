@@ -15,6 +15,7 @@ from ..convert.graph import GraphBuilder
 from ..convert.source import ModelSource, PrefixRename, RenamedSource
 from ..errors import EdgeLLMError
 from .llama import activation
+from .siglip import patch_embedding
 
 ARCHITECTURES = ["InternVLForConditionalGeneration", "InternVLChatModel"]
 IMAGE_NET_MEAN, IMAGE_NET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -167,12 +168,8 @@ class VisionModel:
 
     def embeddings(self, g: GraphBuilder, weights, pixels: str) -> str:
         a, prefix = self.args, "vision_tower.embeddings"
-        conv = f"{prefix}.patch_embeddings.projection"
-        x = g.op("Conv", [pixels, g.const(weights.tensor(f"{conv}.weight"), f"{conv}.weight"),
-                          g.const(weights.tensor(f"{conv}.bias"), f"{conv}.bias")], name=conv,
-                 kernel_shape=[a.patch_size] * 2, strides=[a.patch_size] * 2)
-        x = g.op("Transpose", [g.reshape(x, [0, a.hidden_size, -1], f"{prefix}/flatten")], name=f"{prefix}/nlc",
-                 perm=[0, 2, 1])
+        x = patch_embedding(g, weights, pixels, f"{prefix}.patch_embeddings.projection", a.patch_size,
+                            a.hidden_size)
         tiles = g.op("Slice", [g.op("Shape", [pixels], name=f"{prefix}/shape"), g.ints([0], "zero"),
                                g.ints([1], "one")], name=f"{prefix}/tiles")
         cls_shape = g.op("Concat", [tiles, g.ints([1, a.hidden_size], f"{prefix}/cls_dims")],

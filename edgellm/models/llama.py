@@ -114,7 +114,7 @@ class Model:
             q, k, v = self.project_qkv(g, weights, prefix, x)
             q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary")
             k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary")
-            out = g.op("GroupQueryAttention", [q, k, v, *cache], **gqa)[0]
+            out = self.attention_output(g, i, g.op("GroupQueryAttention", [q, k, v, *cache], **gqa)[0], q, ctx)
         return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
 
     def attention_scale(self) -> float:
@@ -127,6 +127,11 @@ class Model:
     def attention_options(self, i: int) -> dict:
         """Extra GroupQueryAttention attributes for layer i (a local window, soft-capping)."""
         return {}
+
+    def attention_output(self, g: GraphBuilder, i: int, out: str, q: str, ctx: dict) -> str:
+        """Layer i's attention output, given GroupQueryAttention's and the rotated queries: a family whose mask is
+        not causal for some tokens (Gemma 3's image blocks) computes those chunks another way."""
+        return out
 
     def check_supported(self, seq_length: int) -> None:
         w = self.args.sliding_window

@@ -82,6 +82,9 @@ class Engine:
         # index: each slot's positions are kept, and decoding continues from the largest one + 1.
         self.mrope = bool(m.get("mrope_section"))
         self.positions = np.zeros((3, self.seq_length), np.int64)
+        # Gemma 3's decoder takes, per token, the image block it belongs to (-1: text): tokens of one block attend
+        # to each other both ways, so a block is never split between two prefill chunks.
+        self.image_blocks = "token_groups" in {i.name for i in self.session.get_inputs()}
 
     @property
     def length(self) -> int:
@@ -111,7 +114,7 @@ class Engine:
         return np.repeat(np.arange(after, after + s, dtype=np.int64)[None], 3, axis=0)
 
     def forward(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids=None,
-                position_ids: np.ndarray | None = None) -> np.ndarray:
+                position_ids: np.ndarray | None = None, groups: np.ndarray | None = None) -> np.ndarray:
         """Run `embeds` [S, hidden] in the next S cache slots, at `position_ids` ([rows, S]; by default those that
         follow the cache); returns logits [len(logits_index), vocab]."""
         s, start = embeds.shape[0], self.length
@@ -127,6 +130,9 @@ class Engine:
         b.bind_cpu_input("seqlens_k", np.array([start + s - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(start + s, np.int32))
         b.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, np.int64))
+        if self.image_blocks:
+            b.bind_cpu_input("token_groups", np.full(s, -1, np.int64) if groups is None
+                             else np.ascontiguousarray(groups, np.int64))
         single = len(logits_index) == 1
         if single:
             b.bind_ortvalue_output("logits", self.step_logits_value)
@@ -155,14 +161,19 @@ class Engine:
         if self.mrope and positions is None:
             positions = np.repeat(np.arange(len(keys), dtype=np.int64)[None], 3, axis=0)
         self.reused = 0 if all_logits else self.reuse_prefix(keys, positions)
+        # (reuse never stops inside an image block: all its slots hold the same key)
+        groups = image_blocks([slots for slots, _, _ in media or ()], len(keys)) if self.image_blocks else None
         start = self.length
         if len(keys) > self.seq_length:
             raise EdgeLLMError(f"prompt is {len(token_ids)} tokens but this bundle holds at most "
                                f"{self.seq_length} (its --seq-length); shorten the prompt or reconvert with a "
                                "larger --seq-length")
         outputs, todo = [], len(keys) - start
-        for begin in range(start, len(keys), self.chunk_length):
+        begin = start
+        while begin < len(keys):
             end = min(begin + self.chunk_length, len(keys))
+            while groups is not None and end < len(keys) and groups[end] >= 0 and groups[end] == groups[end - 1]:
+                end += 1  # the chunk takes the rest of the image block it has started
             embeds = self.embed(token_ids[begin:end])
             for slots, _, rows in media or ():
                 inside = (slots >= begin) & (slots < end)
@@ -170,10 +181,22 @@ class Engine:
                     embeds[slots[inside] - begin] = rows()[inside]
             index = np.arange(end - begin) if all_logits else np.array([end - begin - 1])
             rotary = positions[:, begin:end] if positions is not None else None
-            outputs.append(self.forward(embeds, index, keys[begin:end], rotary))
+            outputs.append(self.forward(embeds, index, keys[begin:end], rotary,
+                                        groups[begin:end] if groups is not None else None))
             if on_chunk:
                 on_chunk(end - start, todo)
+            begin = end
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]
 
     def decode(self, token_id: int) -> np.ndarray:
         return self.forward(self.embed([token_id]), np.zeros(1, np.int64), [token_id])[0]
+
+
+def image_blocks(spans: list[np.ndarray], length: int) -> np.ndarray:
+    """Per prompt position, the index of the run of consecutive image positions it belongs to, or -1 (as
+    transformers' Gemma 3 numbers its bidirectional blocks)."""
+    is_image = np.zeros(length, bool)
+    for slots in spans:
+        is_image[slots] = True
+    starts = is_image & ~np.concatenate([[False], is_image[:-1]])
+    return np.where(is_image, np.cumsum(starts) - 1, -1)

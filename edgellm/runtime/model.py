@@ -128,15 +128,16 @@ class Model:
         check_messages(p)
         if self.chat_template is None:
             raise EdgeLLMError("this bundle has no chat template; pass a plain string prompt (raw text) instead")
-        text = self.chat_template.render(list(p))
         wanted = {kind: sum(1 for m in p if not isinstance(m["content"], str)
                             for part in m["content"] if part.get("type") == kind) for kind in ("image", "video")}
         if wanted["image"] != len(images) or wanted["video"] != len(videos):
             raise EdgeLLMError(f"the messages hold {wanted['image']} image and {wanted['video']} video part(s), "
                                f"but {len(images)} image(s) and {len(videos)} video(s) were given")
         if not images and not videos:
-            return Prompt(self.tokenizer.encode(text, add_special_tokens=False), [])
+            return Prompt(self.tokenizer.encode(self.chat_template.render(list(p)), add_special_tokens=False), [])
         items = self._media_in_order(p, images, videos, frames)
+        parts = getattr(self.vision.processor, "template_parts", None)
+        text = self.chat_template.render(_rewrite_parts(p, items, parts) if parts else list(p))
         ids = self.tokenizer.encode(self.vision.processor.expand_prompt(text, items, self.vision.settings),
                                     add_special_tokens=False)
         tokens = self.manifest["tokens"]
@@ -293,3 +294,18 @@ def _held_back(text: str, stops: list[str]) -> int:
                 longest = n
                 break
     return longest
+
+
+def _rewrite_parts(messages: list, items: list, parts) -> list:
+    """The messages with each image/video part replaced by the parts `parts(item)` says the chat template should
+    see for it (Gemma 3's template knows no video: a clip becomes its frames' image parts)."""
+    queue, out = iter(items), []
+    for m in messages:
+        if isinstance(m["content"], str):
+            out.append(m)
+            continue
+        content = []
+        for part in m["content"]:
+            content.extend(parts(next(queue)) if part.get("type") in ("image", "video") else [part])
+        out.append({**m, "content": content})
+    return out
