@@ -96,7 +96,8 @@ def gemma3_4b(out: Path) -> None:
         text_config={**GEMMA3_4B, "eos_token_id": ids["<end_of_turn>"]}, vision_config=SIGLIP_400M,
         mm_tokens_per_image=256, image_token_index=ids["<image_soft_token>"],
         boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"])
-    transformers.Gemma3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: 8.6 GB rather than 17 GB in float32
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps({
         "size": {"height": 896, "width": 896}, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
 

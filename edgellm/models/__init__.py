@@ -7,9 +7,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import EdgeLLMError
-from . import gemma3, gemma3_vl, internvl, llama, qwen2, qwen2_vl, qwen3
+from . import gemma3, gemma3_vl, internvl, llama, qwen2, qwen2_vl, qwen3, qwen3_vl
 
-FAMILIES: list[ModuleType] = [llama, qwen2, qwen3, gemma3, internvl, qwen2_vl, gemma3_vl]
+FAMILIES: list[ModuleType] = [llama, qwen2, qwen3, gemma3, internvl, qwen2_vl, qwen3_vl, gemma3_vl]
 
 
 def family_for(architecture: str) -> ModuleType:

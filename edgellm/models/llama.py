@@ -35,6 +35,8 @@ class ModelArgs:
     hidden_act: str = "silu"
     sliding_window: int | None = None
     mrope_section: list[int] | None = None  # M-RoPE (Qwen2-VL): rotary frequencies split over t, h, w positions
+    mrope_interleaved: bool = False  # Qwen3-VL: the axes take turns over the frequencies instead of bands
+    deepstack_layers: int = 0  # Qwen3-VL: vision features added to the image positions after the first N layers
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
@@ -55,6 +57,8 @@ class ModelArgs:
             hidden_act=config.get("hidden_act", "silu"),
             sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
             mrope_section=rope_parameters(config).get("mrope_section"),
+            mrope_interleaved=bool(rope_parameters(config).get("mrope_interleaved")),
+            deepstack_layers=int(config.get("deepstack_layers", 0)),
         )
 
 
@@ -144,7 +148,7 @@ class Model:
         self.check_supported(seq_length)
         ctx = declare_decoder_io(g, a, seq_length)
         if a.mrope_section:
-            mrope_tables(g, ctx, inv_freq(a.rope, a.head_dim), a.mrope_section)
+            mrope_tables(g, ctx, inv_freq(a.rope, a.head_dim), a.mrope_section, a.mrope_interleaved)
         else:
             cos, sin = cos_sin_cache(inv_freq(a.rope, a.head_dim), seq_length)
             ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
@@ -161,6 +165,9 @@ class Model:
             x, residual = g.add_rms_norm(attn, residual, weights.tensor(f"{prefix}.post_attention_layernorm.weight"),
                                          a.rms_norm_eps, f"{prefix}.post_attention_layernorm")
             hidden = self.mlp(g, weights, f"{prefix}.mlp", x)
+            if i < a.deepstack_layers:  # zero except at image positions; joins the residual with the next norm
+                hidden = g.add(hidden, g.op("Gather", [ctx["deepstack_embeds"], g.ints(i, f"deepstack/{i}")],
+                                            name=f"deepstack/layer{i}", axis=0), f"{prefix}/deepstack")
 
         # Only the requested positions go through the final norm and the (large) lm_head.
         pick = lambda t: g.op("Gather", [t, ctx["logits_index"]], name="gather_logits_rows", axis=1)  # noqa: E731
@@ -182,13 +189,18 @@ def activation(g: GraphBuilder, x: str, kind: str, name: str) -> str:
     raise ValueError(f"unsupported activation {kind!r}")
 
 
-def mrope_tables(g: GraphBuilder, ctx: dict, freqs: np.ndarray, sections: list[int]) -> None:
+def mrope_tables(g: GraphBuilder, ctx: dict, freqs: np.ndarray, sections: list[int], interleaved: bool = False) -> None:
     """M-RoPE: each token has (t, h, w) positions and each band of frequencies turns with one of them (section i
-    with axis i % 3). The angles are computed per token in the graph, so rotary then reads row i for token i."""
+    with axis i % 3); interleaved (Qwen3-VL), frequency j turns with axis j % 3 while that axis's section lasts,
+    else with time. The angles are computed per token in the graph, so rotary then reads row i for token i."""
     half = len(freqs)
     if sum(sections) != half:
         raise EdgeLLMError(f"mrope_section {sections} does not cover the {half} rotary frequencies")
-    axis = np.concatenate([np.full(n, i % 3) for i, n in enumerate(sections)])
+    if interleaved:
+        j = np.arange(half)
+        axis = np.where((j % 3 == 1) & (j < 3 * sections[1]), 1, np.where((j % 3 == 2) & (j < 3 * sections[2]), 2, 0))
+    else:
+        axis = np.concatenate([np.full(n, i % 3) for i, n in enumerate(sections)])
     pick = (axis[None, :] == np.arange(3)[:, None]).astype(np.float32)[:, None, :]  # [3, 1, half]
     positions = g.op("Cast", [ctx["position_ids"]], name="rope/positions", to=TensorProto.FLOAT)
     angles = g.mul(g.op("Unsqueeze", [positions, g.ints([2], "rope/axis2")], name="rope/unsqueeze"),
@@ -217,6 +229,9 @@ def declare_decoder_io(g: GraphBuilder, a, seq_length: int) -> dict:
         "total_sequence_length": g.input("total_sequence_length", np.int32, []),
         "logits_index": g.input("logits_index", np.int64, ["n_logits"]),
     }
+    if getattr(a, "deepstack_layers", 0):
+        ctx["deepstack_embeds"] = g.input("deepstack_embeds", np.float32, [a.deepstack_layers, "sequence",
+                                                                            a.hidden_size])
     kv_shape = [1, a.num_key_value_heads, seq_length, a.head_dim]
     for i in range(a.num_hidden_layers):
         for kind in ("key", "value"):

@@ -20,7 +20,7 @@ from .llama import activation
 ARCHITECTURES = ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 # Edge defaults: an image of at most 512 merged tokens (about 630x630), video frames of 128 tokens, 16 frames.
-DEFAULT_MAX_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MAX_FRAMES = 512 * 28 * 28, 128 * 28 * 28, 16
+DEFAULT_MAX_TOKENS, VIDEO_TOKENS, VIDEO_MAX_FRAMES = 512, 128, 16
 
 
 @dataclass
@@ -87,8 +87,8 @@ def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: in
     size = p.get("size") or {}
     min_px = int(p.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
     max_px = int(p.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
-    max_px = int(max_pixels) if max_pixels else min(max_px, DEFAULT_MAX_PIXELS)
     factor = args.patch_size * args.spatial_merge_size
+    max_px = int(max_pixels) if max_pixels else min(max_px, DEFAULT_MAX_TOKENS * factor * factor)
     if max_px < factor * factor:
         raise EdgeLLMError(f"--max-pixels {max_px} is below one {factor}x{factor} merged patch")
     return {
@@ -98,8 +98,8 @@ def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: in
         "rescale_factor": float(p.get("rescale_factor", 1 / 255)),
         "image_mean": list(p.get("image_mean", CLIP_MEAN)), "image_std": list(p.get("image_std", CLIP_STD)),
         "video_fps": 2.0, "video_min_frames": 4, "video_frames": VIDEO_MAX_FRAMES,
-        "video_min_pixels": min(128 * 28 * 28, max_px) if not max_pixels else min(min_px, max_px),
-        "video_max_pixels": min(VIDEO_MAX_PIXELS, max_px) if not max_pixels else max_px,
+        "video_min_pixels": min(VIDEO_TOKENS * factor * factor, max_px) if not max_pixels else min(min_px, max_px),
+        "video_max_pixels": min(VIDEO_TOKENS * factor * factor, max_px) if not max_pixels else max_px,
         # 2.5 spaces video frames' temporal positions by time: tokens_per_second x seconds per temporal patch
         "tokens_per_second": config["vision_config"].get("tokens_per_second") if args.version == "2.5" else None,
         "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",

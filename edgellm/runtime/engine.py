@@ -84,7 +84,11 @@ class Engine:
         self.positions = np.zeros((3, self.seq_length), np.int64)
         # Gemma 3's decoder takes, per token, the image block it belongs to (-1: text): tokens of one block attend
         # to each other both ways, so a block is never split between two prefill chunks.
-        self.image_blocks = "token_groups" in {i.name for i in self.session.get_inputs()}
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.image_blocks = "token_groups" in inputs
+        # Qwen3-VL's decoder adds vision features of K ViT depths after its first K layers (DeepStack): image rows
+        # carry them after the embedding, and the engine spreads them over a [K, S, hidden] input.
+        self.deepstack = int(inputs["deepstack_embeds"].shape[0]) if "deepstack_embeds" in inputs else 0
 
     @property
     def length(self) -> int:
@@ -114,7 +118,8 @@ class Engine:
         return np.repeat(np.arange(after, after + s, dtype=np.int64)[None], 3, axis=0)
 
     def forward(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids=None,
-                position_ids: np.ndarray | None = None, groups: np.ndarray | None = None) -> np.ndarray:
+                position_ids: np.ndarray | None = None, groups: np.ndarray | None = None,
+                deepstack: np.ndarray | None = None) -> np.ndarray:
         """Run `embeds` [S, hidden] in the next S cache slots, at `position_ids` ([rows, S]; by default those that
         follow the cache); returns logits [len(logits_index), vocab]."""
         s, start = embeds.shape[0], self.length
@@ -130,6 +135,9 @@ class Engine:
         b.bind_cpu_input("seqlens_k", np.array([start + s - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(start + s, np.int32))
         b.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, np.int64))
+        if self.deepstack:
+            b.bind_cpu_input("deepstack_embeds", np.zeros((self.deepstack, s, self.hidden_size), np.float32)
+                             if deepstack is None else deepstack)
         if self.image_blocks:
             b.bind_cpu_input("token_groups", np.full(s, -1, np.int64) if groups is None
                              else np.ascontiguousarray(groups, np.int64))
@@ -175,14 +183,20 @@ class Engine:
             while groups is not None and end < len(keys) and groups[end] >= 0 and groups[end] == groups[end - 1]:
                 end += 1  # the chunk takes the rest of the image block it has started
             embeds = self.embed(token_ids[begin:end])
+            deepstack = np.zeros((self.deepstack, end - begin, self.hidden_size), np.float32) if self.deepstack \
+                else None
             for slots, _, rows in media or ():
                 inside = (slots >= begin) & (slots < end)
                 if inside.any():
-                    embeds[slots[inside] - begin] = rows()[inside]
+                    values, at = rows()[inside], slots[inside] - begin
+                    embeds[at] = values[:, :self.hidden_size]
+                    if self.deepstack:
+                        deepstack[:, at] = values[:, self.hidden_size:].reshape(len(at), self.deepstack, -1) \
+                            .transpose(1, 0, 2)
             index = np.arange(end - begin) if all_logits else np.array([end - begin - 1])
             rotary = positions[:, begin:end] if positions is not None else None
             outputs.append(self.forward(embeds, index, keys[begin:end], rotary,
-                                        groups[begin:end] if groups is not None else None))
+                                        groups[begin:end] if groups is not None else None, deepstack))
             if on_chunk:
                 on_chunk(end - start, todo)
             begin = end

@@ -43,10 +43,20 @@ class VisionEncoder:
             self.cache.move_to_end(media.key)
             return hit
         started = time.perf_counter()
-        outs = [self.session.run(None, feed)[0] for feed in self.processor.runs(media, self.settings)]
+        rows = np.concatenate([self._rows(self.session.run(None, feed))
+                               for feed in self.processor.runs(media, self.settings)])
         self.encode_s += time.perf_counter() - started
-        rows = np.concatenate([out.reshape(-1, out.shape[-1]) for out in outs])
         self.cache[media.key] = rows
         while len(self.cache) > self.cache_items:
             self.cache.popitem(last=False)
         return rows
+
+    @staticmethod
+    def _rows(outputs: list[np.ndarray]) -> np.ndarray:
+        """[tokens, hidden] from image_embeds; a DeepStack graph's deepstack_embeds [K, tokens, hidden] follow on
+        each row, as [tokens, (1 + K) * hidden]."""
+        rows = outputs[0].reshape(-1, outputs[0].shape[-1])
+        if len(outputs) == 1:
+            return rows
+        deep = outputs[1]
+        return np.concatenate([rows, deep.transpose(1, 0, 2).reshape(len(rows), -1)], axis=1)

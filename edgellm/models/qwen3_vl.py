@@ -1,0 +1,124 @@
+"""Qwen3-VL: the Qwen2-VL recipe with a learned position table (resampled bilinearly to each image's patch grid),
+16px patches, a GELU MLP in the ViT, a Qwen3 decoder whose M-RoPE axes interleave over the frequencies, and
+DeepStack: mergers at some ViT depths whose features are added to the image positions after the decoder's first
+layers. Names are the checkpoint's (model.visual.blocks.N.attn.qkv, model.language_model.layers.N ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..convert.graph import GraphBuilder
+from ..convert.source import ModelSource, PrefixRename, RenamedSource
+from ..errors import EdgeLLMError
+from . import qwen2_vl
+from .llama import activation
+
+ARCHITECTURES = ["Qwen3VLForConditionalGeneration"]
+
+
+@dataclass
+class VisionArgs(qwen2_vl.VisionArgs):
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
+
+    @property
+    def grid_per_side(self) -> int:  # the learned position table is a square grid
+        return int(round(self.num_position_embeddings ** 0.5))
+
+    @classmethod
+    def from_config(cls, config: dict, text_config: dict) -> "VisionArgs":
+        v = config["vision_config"]
+        return cls(version="3", hidden_size=v["hidden_size"], depth=v["depth"], num_heads=v["num_heads"],
+                   intermediate_size=v["intermediate_size"], hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+                   patch_size=v.get("patch_size", 16), temporal_patch_size=v.get("temporal_patch_size", 2),
+                   spatial_merge_size=v.get("spatial_merge_size", 2),
+                   rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                   text_hidden_size=v.get("out_hidden_size", text_config["hidden_size"]),
+                   num_position_embeddings=v["num_position_embeddings"],
+                   deepstack_visual_indexes=tuple(v.get("deepstack_visual_indexes", ())))
+
+
+def split(source: ModelSource, max_pixels: int | None = None):
+    """(text decoder source, vision model, its weights, runtime settings) of a Qwen3-VL checkpoint."""
+    config, names = source.config, set(source.names())
+    args = VisionArgs.from_config(config, config["text_config"])
+    text_config = dict(config["text_config"])
+    text_config["architectures"] = ["Qwen3ForCausalLM"]
+    text_config["deepstack_layers"] = len(args.deepstack_visual_indexes)
+    text_config.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+    if not (text_config.get("rope_parameters") or text_config.get("rope_scaling") or {}).get("mrope_section"):
+        raise EdgeLLMError("this Qwen3-VL config names no mrope_section for its rotary positions")
+    # every Qwen3-VL decoder interleaves its M-RoPE axes (transformers hard-codes it)
+    rope = dict(text_config.get("rope_parameters") or text_config.get("rope_scaling"))
+    text_config["rope_parameters"] = {**rope, "mrope_interleaved": True}
+    hf5 = any(n.startswith("model.language_model.") for n in names)
+    text = RenamedSource(source, text_config, PrefixRename({"model.": "model.language_model." if hf5 else "model.",
+                                                            "lm_head.": "lm_head."}))
+    vision = RenamedSource(source, config, PrefixRename({"visual.": "model.visual."})) \
+        if any(n.startswith("model.visual.") for n in names) else source
+    found = qwen2_vl.settings(source, args, config, max_pixels)
+    found.update(family="qwen3_vl", grid_per_side=args.grid_per_side)
+    return text, VisionModel(args), vision, found
+
+
+class VisionModel(qwen2_vl.VisionModel):
+    """pixel_values [patches, 3 x 2 x 16 x 16], patch_positions [patches, 2] and the bilinear taps into the
+    position table (position_indices, position_weights [patches, 4]) of one image or temporal slice ->
+    image_embeds [patches / 4, text hidden] and deepstack_embeds [K, patches / 4, text hidden]."""
+
+    def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
+        h = activation(g, self.linear(g, weights, x, f"{prefix}.linear_fc1"), self.args.hidden_act, f"{prefix}.act")
+        return self.linear(g, weights, h, f"{prefix}.linear_fc2")
+
+    def merger(self, g: GraphBuilder, weights, x: str, prefix: str, norm_after_grouping: bool) -> str:
+        """2x2 patch groups (consecutive in the preprocessor's order) -> LayerNorm, GELU MLP -> text width; the
+        DeepStack mergers normalise the grouped vector, the final one each patch before grouping."""
+        width = self.args.hidden_size * self.args.spatial_merge_size ** 2
+        if not norm_after_grouping:
+            x = self.norm(g, weights, x, f"{prefix}.norm")
+        x = g.reshape(x, [-1, width], f"{prefix}/group")
+        if norm_after_grouping:
+            x = self.norm(g, weights, x, f"{prefix}.norm")
+        x = activation(g, self.linear(g, weights, x, f"{prefix}.linear_fc1"), "gelu", f"{prefix}.act")
+        return self.linear(g, weights, x, f"{prefix}.linear_fc2")
+
+    def build(self, g: GraphBuilder, weights) -> None:
+        a = self.args
+        patch_dim = 3 * a.temporal_patch_size * a.patch_size ** 2
+        pixels = g.input("pixel_values", np.float32, ["patches", patch_dim])
+        positions = g.input("patch_positions", np.int64, ["patches", 2])
+        taps = g.input("position_indices", np.int64, ["patches", 4])
+        tap_weights = g.input("position_weights", np.float32, ["patches", 4])
+        kernel = weights.tensor("visual.patch_embed.proj.weight").reshape(a.hidden_size, patch_dim)
+        x = g.linear(pixels, kernel, "visual.patch_embed.proj", weights.tensor("visual.patch_embed.proj.bias"))
+        table = g.const(weights.tensor("visual.pos_embed.weight"), "visual.pos_embed.weight")
+        picked = g.op("Gather", [table, taps], name="visual.pos_embed/taps", axis=0)  # [patches, 4, hidden]
+        weighted = g.mul(picked, g.op("Unsqueeze", [tap_weights, g.ints([2], "visual.pos_embed/axis")],
+                                      name="visual.pos_embed/weights"), "visual.pos_embed/weighted")
+        x = g.add(x, g.op("ReduceSum", [weighted, g.ints([1], "visual.pos_embed/sum_axis")],
+                          name="visual.pos_embed/bilinear", keepdims=0), "visual.pos_embed/add")
+        cos, sin = self.rotary_tables(g, positions)
+        count = g.op("Gather", [g.op("Shape", [pixels], name="patches/shape"), g.ints(0, "patches/dim0")],
+                     name="patches/count", axis=0)
+        steps = g.op("Range", [g.ints(0, "patches/zero"), count, g.ints(1, "patches/one")], name="patches/steps")
+        rope = {"cos": cos, "sin": sin,
+                "steps": g.op("Unsqueeze", [steps, g.ints([0], "patches/ax0")], name="patches/positions")}
+        deep = []
+        for i in range(a.depth):
+            prefix = f"visual.blocks.{i}"
+            h = self.attention(g, weights, f"{prefix}.attn", self.norm(g, weights, x, f"{prefix}.norm1"), rope, None)
+            x = g.add(x, h, f"{prefix}/res1")
+            x = g.add(x, self.mlp(g, weights, f"{prefix}.mlp", self.norm(g, weights, x, f"{prefix}.norm2")),
+                      f"{prefix}/res2")
+            if i in a.deepstack_visual_indexes:
+                k = a.deepstack_visual_indexes.index(i)
+                merged = self.merger(g, weights, x, f"visual.deepstack_merger_list.{k}", norm_after_grouping=True)
+                deep.append(g.op("Unsqueeze", [merged, g.ints([0], f"deepstack/{k}/axis")], name=f"deepstack/{k}"))
+        x = self.merger(g, weights, x, "visual.merger", norm_after_grouping=False)
+        g.output("image_embeds", np.float32, ["tokens", a.text_hidden_size], value=x)
+        if deep:
+            g.output("deepstack_embeds", np.float32, [len(deep), "tokens", a.text_hidden_size],
+                     value=g.op("Concat", deep, name="deepstack/stack", axis=0))

@@ -1,0 +1,171 @@
+"""Qwen3-VL against transformers: a tiny random model with DeepStack mergers after ViT blocks 0 and 1, a learned
+position table resampled to each grid, and interleaved M-RoPE in a Qwen3 decoder. Patches, position taps, image
+features, prompt ids, two-image logits, greedy generation with an image, chat reuse and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edgellm
+from conftest import IMAGE_QUESTION, check_image_greedy, check_image_logits, torch, transformers, write_tokenizer
+from test_internvl import picture
+from test_qwen2_vl import MARKERS, QWEN_VL_TEMPLATE, TWO_IMAGES, hf_text
+
+PREPROCESSOR = {"min_pixels": 32 * 32, "max_pixels": 32 * 32 * 24, "patch_size": 16, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3,
+                "rescale_factor": 1 / 255}
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl(tmp_path_factory):
+    """(transformers model, HF folder, f32 bundle)."""
+    folder = tmp_path_factory.mktemp("hf-qwen3-vl")
+    vocab = write_tokenizer(folder, MARKERS, QWEN_VL_TEMPLATE)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = {name: tok.token_to_id(t) for name, t in zip(("vision_start", "vision_end", "image", "video"), MARKERS)}
+    eos = tok.token_to_id("<|im_end|>")
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_id=eos,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
+                                 "mrope_interleaved": True})
+    # a 4x4 position table, resampled to grids of other sizes; DeepStack features from blocks 0 and 1
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    config = transformers.Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["image"], video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"], eos_token_id=eos)
+    torch.manual_seed(17)
+    model = transformers.Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.3)
+            else:
+                p.normal_(0, 0.25 if "visual" in name else 0.12)
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    bundle = edgellm.convert(folder, tmp_path_factory.mktemp("b") / "qwen3-vl-f32", quantize="f32", seq_length=320,
+                             chunk_length=16, progress=False)
+    return model, folder, bundle
+
+
+def hf_processor():
+    from transformers import Qwen2VLImageProcessorPil  # Qwen3-VL's image processor, with 16px patches
+
+    return Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR.items() if k != "rescale_factor"})
+
+
+def hf_inputs(model_hf, folder, messages, images):
+    tok, text = hf_text(folder, messages)
+    pixels = hf_processor()(images, return_tensors="pt")
+    for t, h, w in pixels["image_grid_thw"].tolist():
+        text = text.replace("<|image_pad|>", "\0" * (t * h * w // 4), 1)
+    ids = tok(text.replace("\0", "<|image_pad|>"), return_tensors="pt")["input_ids"]
+    return {"input_ids": ids, "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
+            "mm_token_type_ids": (ids == model_hf.config.image_token_id).int()}
+
+
+@pytest.mark.parametrize("size", [(64, 64), (150, 70), (33, 200), (224, 224)])
+def test_patches_equal_the_hf_image_processor(qwen3_vl, size):
+    settings = edgellm.load(qwen3_vl[2]).vision.settings
+    from edgellm.vision import qwen3_vl as processing
+
+    image = picture(*size)
+    ours = processing.image(image, settings)
+    ref = hf_processor()([image], return_tensors="np")
+    assert ours.grid == tuple(ref["image_grid_thw"][0])
+    np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grid", [(1, 4, 10), (1, 10, 8), (1, 2, 2), (2, 4, 4)])
+def test_position_taps_equal_transformers(grid):
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    from edgellm.vision.qwen3_vl import patch_positions, position_taps
+
+    want_i, want_w = get_vision_interpolation_indices_and_weights(
+        torch.tensor([grid]), num_grid_per_side=4, mode="bilinear", align_corners=True, spatial_merge_size=2)
+    _, h, w = grid
+    got_i, got_w = position_taps(patch_positions(h, w, 2), h, w, 4)
+    per_slice = h * w
+    np.testing.assert_array_equal(got_i, want_i[:per_slice].numpy())
+    np.testing.assert_allclose(got_w, want_w[:per_slice].numpy(), atol=1e-7)
+
+
+def test_image_features_and_deepstack_match_transformers(qwen3_vl):
+    model_hf, _, bundle = qwen3_vl
+    model = edgellm.load(bundle)
+    images = [picture(150, 70, 1), picture(112, 168, 2)]
+    px = hf_processor()(images, return_tensors="pt")
+    with torch.no_grad():
+        out = model_hf.model.get_image_features(px["pixel_values"], px["image_grid_thw"])
+    want = [torch.cat(list(out.pooler_output)).numpy()] + [torch.cat(list(d)).numpy() for d in out.deepstack_features]
+    got = np.concatenate([model.vision.embeddings(model.vision.image(i)) for i in images])
+    for k, w in enumerate(want):  # image embeddings, then one block per DeepStack merger
+        np.testing.assert_allclose(got[:, 64 * k:64 * (k + 1)], w, atol=1e-5 * np.abs(w).max(), rtol=0)
+
+
+def test_text_only_logits_match_transformers(qwen3_vl):
+    model_hf, _, bundle = qwen3_vl
+    ids = list(range(5, 60))
+    with torch.no_grad():
+        want = model_hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(edgellm.load(bundle).logits(ids), want, atol=1e-4 * max(1, np.abs(want).max()), rtol=0)
+
+
+def test_two_image_prompt_ids_and_logits_match_transformers(qwen3_vl):
+    model_hf, folder, bundle = qwen3_vl
+    images = [picture(150, 70, 1), picture(112, 168, 2)]
+    ref = hf_inputs(model_hf, folder, TWO_IMAGES, images)
+    model = edgellm.load(bundle)
+    assert model.prompt_ids(TWO_IMAGES, images=images) == ref["input_ids"][0].tolist()
+    check_image_logits(model, model_hf, ref, TWO_IMAGES, images, picture(150, 70, 3))
+
+
+def test_greedy_generation_with_an_image_matches_transformers(qwen3_vl):
+    model_hf, folder, bundle = qwen3_vl
+    image = picture(168, 112, 4)
+    check_image_greedy(model_hf, bundle, hf_inputs(model_hf, folder, IMAGE_QUESTION, [image]), image)
+
+
+def test_chat_reuses_images_across_turns(qwen3_vl):
+    bundle = qwen3_vl[2]
+    model = edgellm.load(bundle)
+    chat = model.chat(max_new_tokens=5)
+    image = picture(112, 112, 8)
+    chat.send("Look at this.", images=[image])
+    first = chat.last_result
+    chat.send("And now?")
+    second = chat.last_result
+    assert second.images == 1 and second.vision_s == 0 and second.reused_tokens >= first.prompt_tokens
+    fresh = edgellm.load(bundle).generate(chat._history()[:-1], images=[image], max_new_tokens=5)
+    assert fresh.token_ids == second.token_ids
+
+
+def test_cli_converts_quantized_and_answers_about_an_image(qwen3_vl, tmp_path, capsys):
+    from edgellm.cli import main
+
+    model_hf, folder, _ = qwen3_vl
+    out = tmp_path / "w8"
+    assert main(["convert", "-m", str(folder), "-o", str(out), "-q", "w8", "-g", "32", "-s", "256",
+                 "--vision-quantize", "w8"]) == 0
+    image = tmp_path / "a.png"
+    picture(200, 120).save(image)
+    capsys.readouterr()
+    assert main(["run", str(out), "-p", "Describe.", "-i", str(image), "-n", "4"]) == 0
+    assert "1 image(s) encoded" in capsys.readouterr().err
+    model = edgellm.load(out)
+    images = [picture(150, 70, 1), picture(112, 168, 2)]
+    ref = hf_inputs(model_hf, folder, TWO_IMAGES, images)
+    with torch.no_grad():
+        want = model_hf(**ref).logits[0].numpy()
+    assert np.abs(model.logits(TWO_IMAGES, images=images) - want).max() <= 0.05 * np.abs(want).max()
