@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--vision-quantize", default=None, choices=["f32", "f16", "w8", "w4"],
                    help="vision graph weights of a vision-language model (default f16; f32 with -q f32)")
     c.add_argument("--max-pixels", type=pixel_budget, default=None, metavar="W,H|PIXELS",
-                   help="largest image a vision-language bundle takes, as W,H or a pixel count (Qwen2-VL: the "
-                        "resize budget, default 512 tokens' worth; InternVL: caps the number of 448px tiles)")
+                   help="largest image a vision-language bundle takes, as W,H or a pixel count (Qwen2-VL, Qwen3-VL: "
+                        "the resize budget, default 512 tokens' worth; InternVL: caps the number of 448px tiles)")
     c.add_argument("-f", "--force", action="store_true", help="replace the output folder if it exists")
     c.set_defaults(func=cmd_convert)
 

@@ -163,9 +163,52 @@ def test_cli_converts_quantized_and_answers_about_an_image(qwen3_vl, tmp_path, c
     capsys.readouterr()
     assert main(["run", str(out), "-p", "Describe.", "-i", str(image), "-n", "4"]) == 0
     assert "1 image(s) encoded" in capsys.readouterr().err
+    assert main(["bench", str(out), "--prompt-lengths", "8", "--decode-tokens", "2", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "1 image" in table and "4 images" in table and "video" in table
     model = edgellm.load(out)
     images = [picture(150, 70, 1), picture(112, 168, 2)]
     ref = hf_inputs(model_hf, folder, TWO_IMAGES, images)
     with torch.no_grad():
         want = model_hf(**ref).logits[0].numpy()
     assert np.abs(model.logits(TWO_IMAGES, images=images) - want).max() <= 0.05 * np.abs(want).max()
+
+
+def test_video_prompt_matches_transformers_on_the_same_frames(qwen3_vl, tmp_path):
+    """20 frames at 10 fps, sampled at 2 fps: frames 0, 6, 13, 19 (evenly spread), two temporal patches written
+    as "<0.3 seconds>" and "<1.6 seconds>" blocks, each placed like an image."""
+    import av
+
+    from test_internvl import write_clip
+    from test_qwen2_vl import hf_processor as qwen2_processor
+
+    model_hf, folder, bundle = qwen3_vl
+    clip = tmp_path / "clip.mkv"
+    write_clip(clip)
+    with av.open(str(clip)) as c:
+        decoded = [f.to_image() for f in c.decode(video=0)]
+    picked = [decoded[i] for i in (0, 6, 13, 19)]
+    model = edgellm.load(bundle)
+    s = model.vision.settings
+    per_frame = qwen2_processor(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                min_pixels=s["video_min_pixels"], max_pixels=s["video_max_pixels"])(
+        picked, return_tensors="np")
+    grid = per_frame["image_grid_thw"][0]
+    patches = per_frame["pixel_values"].reshape(4, -1, 3, 2, 16, 16)[:, :, :, 0]  # each frame, one copy
+    video = np.stack([patches[0::2], patches[1::2]], axis=3).reshape(2 * grid[1] * grid[2], -1)
+    per = grid[1] * grid[2] // 4
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    tok, text = hf_text(folder, messages)
+    stamps = transformers.Qwen3VLProcessor._calculate_timestamps(None, [0, 6, 13, 19], 10.0, 2)
+    blocks = "".join(f"<{t:.1f} seconds><|vision_start|>{'<|video_pad|>' * per}<|vision_end|>" for t in stamps)
+    ids = tok(text.replace("<|video_pad|>", blocks), return_tensors="pt")["input_ids"]
+    inputs = {"input_ids": ids, "pixel_values_videos": torch.from_numpy(video),
+              "video_grid_thw": torch.tensor([[2, grid[1], grid[2]]]),
+              "mm_token_type_ids": 2 * (ids == model_hf.config.video_token_id).int()}
+    with torch.no_grad():
+        want = model_hf.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                 pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert [round(t, 2) for t in stamps] == [0.3, 1.6]
+    assert model.prompt_ids(messages, videos=[clip]) == ids[0].tolist()
+    result = model.generate(messages, videos=[clip], max_new_tokens=16, ignore_eos=True)
+    assert result.token_ids == want and result.images == 1

@@ -60,7 +60,8 @@ def split(source: ModelSource, max_pixels: int | None = None):
     vision = RenamedSource(source, config, PrefixRename({"visual.": "model.visual."})) \
         if any(n.startswith("model.visual.") for n in names) else source
     found = qwen2_vl.settings(source, args, config, max_pixels)
-    found.update(family="qwen3_vl", grid_per_side=args.grid_per_side)
+    found.update(family="qwen3_vl", grid_per_side=args.grid_per_side, image_start="<|vision_start|>",
+                 image_end="<|vision_end|>", tokens_per_second=None)
     return text, VisionModel(args), vision, found
 
 

@@ -1,13 +1,20 @@
 """Qwen3-VL preprocessing: Qwen2-VL's smart resize and patch order (16px patches, 32px merged units), plus, per
 patch, the four bilinear taps into the ViT's learned position table (align_corners, as transformers resamples it
-for each grid)."""
+for each grid). A video is sampled evenly at 2 frames per second and written into the prompt as one block per
+temporal patch, each after its time ("<1.6 seconds>"), as Qwen3VLProcessor does."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import numpy as np
 
+from ..errors import EdgeLLMError
+from . import qwen2_vl
 from .media import Media
-from .qwen2_vl import expand_prompt, image, patch_positions, positions  # noqa: F401  (the same rules)
+from .qwen2_vl import fitted_size, image, patch_positions, patchify, resized  # noqa: F401  (images: the same)
+from .video import read_frames
 
 
 def axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +43,61 @@ def runs(media: Media, s: dict):
                "position_indices": taps, "position_weights": weights}
 
 
-def video(clip, s: dict, frames: int | None = None) -> Media:
-    from ..errors import EdgeLLMError
+def sample_indices(total: int, video_fps: float, s: dict, max_frames: int) -> list[int]:
+    """Evenly spread frames at the bundle's rate, at least video_min_frames, at most max_frames
+    (Qwen3VLVideoProcessor.sample_frames)."""
+    n = min(max(int(total / video_fps * s["video_fps"]), s["video_min_frames"]), max_frames, total)
+    return np.linspace(0, total - 1, n).round().astype(int).tolist()
 
-    raise EdgeLLMError("Qwen3-VL video input is not supported yet; give frames as images")
+
+def video(clip, s: dict, frames: int | None = None) -> Media:
+    """`frames` caps the frame count (default: the bundle's video_frames); each frame is resized within the
+    bundle's per-frame video pixel budget."""
+    cap = frames or s["video_frames"]
+    if cap < 1:
+        raise EdgeLLMError("--frames must be at least 1")
+    pictures, fps, total = read_frames(clip, lambda total, rate: sample_indices(total, rate, s, cap))
+    chosen = sample_indices(total, fps, s, cap)
+    size = fitted_size(pictures[0], s, s["video_min_pixels"], s["video_max_pixels"])
+    pixels, grid = patchify(np.stack([qwen2_vl.resized(p, s, size) for p in pictures]), s)
+    tp = s["temporal_patch_size"]
+    times = [i / fps for i in chosen + [chosen[-1]] * (-len(chosen) % tp)]
+    stamps = tuple((times[i] + times[i + tp - 1]) / 2 for i in range(0, len(times), tp))
+    return Media.of("video", pixels, grid[0] * grid[1] * grid[2] // s["merge_size"] ** 2, grid=grid,
+                    timestamps=stamps)
+
+
+def expand_prompt(text: str, items: list, s: dict) -> str:
+    """An image's <|image_pad|> becomes as many pads as it has rows; a video's <|video_pad|> becomes, per temporal
+    patch, "<t seconds>" + <|vision_start|> + pads + <|vision_end|>."""
+    pattern = re.compile(f"{re.escape(s['image_token'])}|{re.escape(s['video_token'])}")
+    queue = iter(items)
+
+    def expand(m):
+        item = next(queue, None)
+        if item is None:  # Model.prepare reports the mismatch
+            return m.group(0)
+        if item.kind == "image":
+            return m.group(0) * item.tokens
+        per_frame = item.tokens // len(item.timestamps)
+        return "".join(f"<{t:.1f} seconds>{s['image_start']}{s['video_token'] * per_frame}{s['image_end']}"
+                       for t in item.timestamps)
+
+    return pattern.sub(expand, text)
+
+
+def positions(length: int, spans: list[np.ndarray], items: list, s: dict) -> np.ndarray:
+    """M-RoPE positions as Qwen2-VL's for images; each temporal patch of a video is placed like an image of its
+    own (the timestamps between them are text)."""
+    split_spans, split_items = [], []
+    for span, item in zip(spans, items):
+        if item.kind != "video":
+            split_spans.append(span)
+            split_items.append(item)
+            continue
+        t, h, w = item.grid
+        per = len(span) // t
+        for i in range(t):
+            split_spans.append(span[i * per:(i + 1) * per])
+            split_items.append(dataclasses.replace(item, kind="image", grid=(1, h, w), tokens=per))
+    return qwen2_vl.positions(length, split_spans, split_items, s)
