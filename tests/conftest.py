@@ -140,3 +140,18 @@ def check_image_greedy(model_hf, bundle, ref: dict, image) -> None:
     assert len(set(want)) > 2  # a varied continuation, not one repeated token
     assert result.images == 1 and result.vision_s > 0
     assert model.prompt_ids("What is this?", images=[image]) == ref["input_ids"][0].tolist()
+
+
+def check_chat_keeps_an_image(bundle, image) -> None:
+    """An image sent in a chat's first turn is neither encoded nor prefilled again on the next turn, whose answer
+    equals a fresh run of the same conversation."""
+    model = edgellm.load(bundle)
+    chat = model.chat(max_new_tokens=5)
+    chat.send("Look at this.", images=[image])
+    first = chat.last_result
+    assert first.images == 1 and first.vision_s > 0
+    chat.send("And now?")
+    second = chat.last_result
+    assert second.images == 1 and second.vision_s == 0 and second.reused_tokens >= first.prompt_tokens
+    fresh = edgellm.load(bundle).generate(chat._history()[:-1], images=[image], max_new_tokens=5)
+    assert fresh.token_ids == second.token_ids

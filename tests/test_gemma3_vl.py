@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import edgellm
-from conftest import IMAGE_QUESTION, check_image_greedy, check_image_logits, torch, transformers, write_tokenizer
+from conftest import (IMAGE_QUESTION, check_chat_keeps_an_image, check_image_greedy, check_image_logits, torch,
+                      transformers, write_tokenizer)
 from test_internvl import picture, write_clip
 
 GEMMA_TEMPLATE = (
@@ -158,17 +159,7 @@ def test_video_goes_in_as_its_frames(gemma_vl, tmp_path):
 
 
 def test_chat_reuses_images_across_turns(gemma_vl):
-    bundle = gemma_vl[2]
-    model = edgellm.load(bundle)
-    chat = model.chat(max_new_tokens=5)
-    image = picture(112, 112, 8)
-    chat.send("Look at this.", images=[image])
-    first = chat.last_result
-    chat.send("And now?")
-    second = chat.last_result
-    assert second.images == 1 and second.vision_s == 0 and second.reused_tokens >= first.prompt_tokens
-    fresh = edgellm.load(bundle).generate(chat._history()[:-1], images=[image], max_new_tokens=5)
-    assert fresh.token_ids == second.token_ids
+    check_chat_keeps_an_image(gemma_vl[2], picture(112, 112, 8))
 
 
 def test_cli_converts_quantized_and_answers_about_images_and_video(gemma_vl, tmp_path, capsys):

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import edgellm
-from conftest import IMAGE_QUESTION, check_image_greedy, check_image_logits, torch, transformers, write_tokenizer
+from conftest import (IMAGE_QUESTION, check_chat_keeps_an_image, check_image_greedy, check_image_logits, torch,
+                      transformers, write_tokenizer)
 
 INTERNVL_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
@@ -311,16 +312,4 @@ def test_original_remote_code_layout_converts_to_the_same_model(internvl, tmp_pa
 
 
 def test_chat_keeps_an_image_of_an_earlier_turn(internvl):
-    model = edgellm.load(internvl[2])
-    chat = model.chat(max_new_tokens=4)
-    image = picture(90, 50, 8)
-    chat.send("Look at this.", images=[image])
-    first = chat.last_result
-    assert first.images == 1 and first.vision_s > 0
-    chat.send("And now?")
-    second = chat.last_result
-    assert second.images == 1 and second.vision_s == 0  # still in the prompt, neither encoded nor prefilled again
-    assert second.reused_tokens >= first.prompt_tokens
-    before_answer = chat._history()[:-1]
-    fresh = edgellm.load(internvl[2]).generate(before_answer, images=[image], max_new_tokens=4)
-    assert fresh.token_ids == second.token_ids
+    check_chat_keeps_an_image(internvl[2], picture(90, 50, 8))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import edgellm
-from conftest import IMAGE_QUESTION, check_image_greedy, check_image_logits, torch, transformers, write_tokenizer
+from conftest import (IMAGE_QUESTION, check_chat_keeps_an_image, check_image_greedy, check_image_logits, torch,
+                      transformers, write_tokenizer)
 from test_internvl import picture, write_clip
 
 QWEN_VL_TEMPLATE = (
@@ -87,10 +88,11 @@ def hf_text(folder, messages):
     return tok, tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def hf_inputs(model_hf, folder, messages, images):
-    """What Qwen2VLProcessor produces (built by hand: the processor needs torchvision)."""
+def hf_inputs(model_hf, folder, messages, images, processor=None):
+    """What Qwen2VLProcessor (or Qwen3VLProcessor, given its image processor) produces (built by hand: the
+    processor needs torchvision)."""
     tok, text = hf_text(folder, messages)
-    pixels = hf_processor()(images, return_tensors="pt")
+    pixels = (processor or hf_processor())(images, return_tensors="pt")
     for t, h, w in pixels["image_grid_thw"].tolist():
         text = text.replace("<|image_pad|>", "\0" * (t * h * w // 4), 1)
     ids = tok(text.replace("\0", "<|image_pad|>"), return_tensors="pt")["input_ids"]
@@ -176,17 +178,7 @@ def test_video_prompt_matches_transformers_on_the_same_frames(qwen_vl, tmp_path)
 
 
 def test_chat_reuses_images_and_positions_across_turns(qwen_vl):
-    bundle = qwen_vl[2]
-    model = edgellm.load(bundle)
-    chat = model.chat(max_new_tokens=5)
-    image = picture(112, 112, 8)
-    chat.send("Look at this.", images=[image])
-    first = chat.last_result
-    chat.send("And now?")
-    second = chat.last_result
-    assert second.images == 1 and second.vision_s == 0 and second.reused_tokens >= first.prompt_tokens
-    fresh = edgellm.load(bundle).generate(chat._history()[:-1], images=[image], max_new_tokens=5)
-    assert fresh.token_ids == second.token_ids
+    check_chat_keeps_an_image(qwen_vl[2], picture(112, 112, 8))
 
 
 def test_max_pixels_bounds_the_image_tokens(qwen_vl, tmp_path):

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import edgellm
-from conftest import IMAGE_QUESTION, check_image_greedy, check_image_logits, torch, transformers, write_tokenizer
+from conftest import (IMAGE_QUESTION, check_chat_keeps_an_image, check_image_greedy, check_image_logits, torch,
+                      transformers, write_tokenizer)
 from test_internvl import picture
 from test_qwen2_vl import MARKERS, QWEN_VL_TEMPLATE, TWO_IMAGES, hf_text
+from test_qwen2_vl import hf_inputs as qwen2_inputs
 
 PREPROCESSOR = {"min_pixels": 32 * 32, "max_pixels": 32 * 32 * 24, "patch_size": 16, "temporal_patch_size": 2,
                 "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3,
@@ -65,13 +67,7 @@ def hf_processor():
 
 
 def hf_inputs(model_hf, folder, messages, images):
-    tok, text = hf_text(folder, messages)
-    pixels = hf_processor()(images, return_tensors="pt")
-    for t, h, w in pixels["image_grid_thw"].tolist():
-        text = text.replace("<|image_pad|>", "\0" * (t * h * w // 4), 1)
-    ids = tok(text.replace("\0", "<|image_pad|>"), return_tensors="pt")["input_ids"]
-    return {"input_ids": ids, "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
-            "mm_token_type_ids": (ids == model_hf.config.image_token_id).int()}
+    return qwen2_inputs(model_hf, folder, messages, images, hf_processor())
 
 
 @pytest.mark.parametrize("size", [(64, 64), (150, 70), (33, 200), (224, 224)])
@@ -138,17 +134,7 @@ def test_greedy_generation_with_an_image_matches_transformers(qwen3_vl):
 
 
 def test_chat_reuses_images_across_turns(qwen3_vl):
-    bundle = qwen3_vl[2]
-    model = edgellm.load(bundle)
-    chat = model.chat(max_new_tokens=5)
-    image = picture(112, 112, 8)
-    chat.send("Look at this.", images=[image])
-    first = chat.last_result
-    chat.send("And now?")
-    second = chat.last_result
-    assert second.images == 1 and second.vision_s == 0 and second.reused_tokens >= first.prompt_tokens
-    fresh = edgellm.load(bundle).generate(chat._history()[:-1], images=[image], max_new_tokens=5)
-    assert fresh.token_ids == second.token_ids
+    check_chat_keeps_an_image(qwen3_vl[2], picture(112, 112, 8))
 
 
 def test_cli_converts_quantized_and_answers_about_an_image(qwen3_vl, tmp_path, capsys):

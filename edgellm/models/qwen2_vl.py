@@ -132,6 +132,15 @@ class VisionModel:
         angles = g.reshape(angles, [0, 2 * quarter], "rotary/rows_then_columns")
         return g.op("Cos", [angles], name="rotary/cos"), g.op("Sin", [angles], name="rotary/sin")
 
+    def rope(self, g: GraphBuilder, pixels: str, positions: str) -> dict:
+        """The rotary tables of the patches, and the steps 0..N-1 by which RotaryEmbedding reads row i for patch i."""
+        cos, sin = self.rotary_tables(g, positions)
+        count = g.op("Gather", [g.op("Shape", [pixels], name="patches/shape"), g.ints(0, "patches/dim0")],
+                     name="patches/count", axis=0)
+        steps = g.op("Range", [g.ints(0, "patches/zero"), count, g.ints(1, "patches/one")], name="patches/steps")
+        return {"cos": cos, "sin": sin,
+                "steps": g.op("Unsqueeze", [steps, g.ints([0], "patches/ax0")], name="patches/positions")}
+
     def window_bias(self, g: GraphBuilder, positions: str) -> str:
         """[1, 1, patches, patches]: 0 where two patches share a window, a large negative number elsewhere."""
         window = g.op("Div", [positions, g.ints(self.args.window_patches, "window/side")], name="window/index")
@@ -175,12 +184,7 @@ class VisionModel:
         # The 3-D convolution over non-overlapping patches is a matmul with the flattened kernel.
         kernel = weights.tensor("visual.patch_embed.proj.weight").reshape(a.hidden_size, patch_dim)
         x = g.linear(pixels, kernel, "visual.patch_embed.proj")
-        cos, sin = self.rotary_tables(g, positions)
-        count = g.op("Gather", [g.op("Shape", [pixels], name="patches/shape"), g.ints(0, "patches/dim0")],
-                     name="patches/count", axis=0)
-        steps = g.op("Range", [g.ints(0, "patches/zero"), count, g.ints(1, "patches/one")], name="patches/steps")
-        rope = {"cos": cos, "sin": sin,
-                "steps": g.op("Unsqueeze", [steps, g.ints([0], "patches/ax0")], name="patches/positions")}
+        rope = self.rope(g, pixels, positions)
         windowed = self.window_bias(g, positions) if a.window_size else None
         for i in range(a.depth):
             prefix = f"visual.blocks.{i}"

@@ -101,12 +101,7 @@ class VisionModel(qwen2_vl.VisionModel):
                                       name="visual.pos_embed/weights"), "visual.pos_embed/weighted")
         x = g.add(x, g.op("ReduceSum", [weighted, g.ints([1], "visual.pos_embed/sum_axis")],
                           name="visual.pos_embed/bilinear", keepdims=0), "visual.pos_embed/add")
-        cos, sin = self.rotary_tables(g, positions)
-        count = g.op("Gather", [g.op("Shape", [pixels], name="patches/shape"), g.ints(0, "patches/dim0")],
-                     name="patches/count", axis=0)
-        steps = g.op("Range", [g.ints(0, "patches/zero"), count, g.ints(1, "patches/one")], name="patches/steps")
-        rope = {"cos": cos, "sin": sin,
-                "steps": g.op("Unsqueeze", [steps, g.ints([0], "patches/ax0")], name="patches/positions")}
+        rope = self.rope(g, pixels, positions)
         deep = []
         for i in range(a.depth):
             prefix = f"visual.blocks.{i}"

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..convert.graph import MS, GraphBuilder
 from ..errors import EdgeLLMError
 from .llama import activation
