@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from .errors import EdgeLLMError
+
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -63,11 +65,15 @@ def bench_vision(model, decode_tokens: int = 32, repeats: int = 3) -> str:
             lines.append("(no video row: PyAV is not installed)")
         for label, media in cases:
             runs = []
-            for _ in range(repeats):
-                model.engine.reset()
-                model.vision.cache.clear()
-                runs.append(model.generate("Describe what you see.", max_new_tokens=decode_tokens, ignore_eos=True,
-                                           **media))
+            try:
+                for _ in range(repeats):
+                    model.engine.reset()
+                    model.vision.cache.clear()
+                    runs.append(model.generate("Describe what you see.", max_new_tokens=decode_tokens,
+                                               ignore_eos=True, **media))
+            except EdgeLLMError as e:  # e.g. a long video in a short bundle: say so, keep the other rows
+                lines.append(f"{label:<16} {str(e)}")
+                continue
             med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
             prefill = med(lambda r: r.prompt_tokens / max(r.ttft_s - r.vision_s, 1e-9))
             lines.append(f"{label:<16} {runs[0].prompt_tokens:>7} {med(lambda r: r.vision_s) * 1000:>10.0f} "

@@ -167,7 +167,7 @@ def test_cli_converts_quantized_and_answers_about_images_and_video(gemma_vl, tmp
 
     model_hf, folder, _ = gemma_vl
     out = tmp_path / "w8"
-    assert main(["convert", "-m", str(folder), "-o", str(out), "-q", "w8", "-g", "32", "-s", "256",
+    assert main(["convert", "-m", str(folder), "-o", str(out), "-q", "w8", "-g", "32", "-s", "128",
                  "--vision-quantize", "w8"]) == 0
     image, clip = tmp_path / "a.png", tmp_path / "clip.mkv"
     picture(200, 120).save(image)
@@ -176,12 +176,15 @@ def test_cli_converts_quantized_and_answers_about_images_and_video(gemma_vl, tmp
     assert main(["run", str(out), "-p", "Describe.", "-i", str(image), "--video", str(clip), "--frames", "2",
                  "-n", "4"]) == 0
     assert "2 image(s) encoded" in capsys.readouterr().err
+    assert main(["bench", str(out), "--prompt-lengths", "8", "--decode-tokens", "2", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out  # 8 frames of 16 tokens do not fit 128 positions: that row says so
+    assert "1 image" in table and "4 images" in table and "holds at most 128" in table.split("video")[1]
     model = edgellm.load(out)
     images = [picture(150, 70, 1), picture(60, 100, 2)]
     with torch.no_grad():
         want = model_hf(**hf_inputs(model_hf, folder, TWO_IMAGES, images)).logits[0].numpy()
     assert np.abs(model.logits(TWO_IMAGES, images=images) - want).max() <= 0.05 * np.abs(want).max()
-    with pytest.raises(edgellm.EdgeLLMError, match="holds at most 256"):
-        model.generate("Many.", images=[picture(40, 40, i) for i in range(16)], max_new_tokens=2)
+    with pytest.raises(edgellm.EdgeLLMError, match="holds at most 128"):
+        model.generate("Many.", images=[picture(40, 40, i) for i in range(8)], max_new_tokens=2)
     assert main(["convert", "-m", str(folder), "-o", str(tmp_path / "x"), "--max-pixels", "100,100"]) == 2
     assert "does not apply to Gemma 3" in capsys.readouterr().err and not (tmp_path / "x").exists()
