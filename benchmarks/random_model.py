@@ -4,6 +4,7 @@ downloads (the weights are noise, so the text is too; the timings are those of t
     .venv/bin/python benchmarks/random_model.py qwen2.5-0.5b OUT_FOLDER
     .venv/bin/python benchmarks/random_model.py internvl3-1b OUT_FOLDER
     .venv/bin/python benchmarks/random_model.py qwen2-vl-2b OUT_FOLDER
+    .venv/bin/python benchmarks/random_model.py qwen3-vl-2b OUT_FOLDER
     .venv/bin/python benchmarks/random_model.py gemma3-1b OUT_FOLDER     (text only)
     .venv/bin/python benchmarks/random_model.py gemma3-4b OUT_FOLDER     (SigLIP + Gemma 3 4B: 8.6 GB)
 
@@ -35,6 +36,13 @@ QWEN2_VL_2B_TEXT = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8
                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
 QWEN2_VL_VIT = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2)
+QWEN3_VL_2B_TEXT = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                        rope_parameters={"rope_type": "default", "mrope_section": [24, 20, 20], "rope_theta": 5e6,
+                                         "mrope_interleaved": True})
+QWEN3_VL_VIT = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[5, 11, 17])
 GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
 GEMMA3_1B = dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
@@ -82,6 +90,22 @@ def qwen2_vl(out: Path) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
 
 
+def qwen3_vl(out: Path) -> None:
+    write_tokenizer(out, MARKERS, QWEN_VL_TEMPLATE)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    config = transformers.Qwen3VLConfig(
+        text_config={**QWEN3_VL_2B_TEXT, "eos_token_id": ids["<|im_end|>"]}, vision_config=QWEN3_VL_VIT,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.set_default_dtype(torch.bfloat16)
+    transformers.Qwen3VLForConditionalGeneration(config).save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": 32 * 32, "max_pixels": 16777216, "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+        "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+
+
 def gemma3_1b(out: Path) -> None:
     write_tokenizer(out)
     config = transformers.Gemma3TextConfig(**GEMMA3_1B, eos_token_id=2)
@@ -106,6 +130,6 @@ if __name__ == "__main__":
     shape, folder = sys.argv[1], Path(sys.argv[2])
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl, "qwen2-vl-2b": qwen2_vl, "gemma3-1b": gemma3_1b,
-     "gemma3-4b": gemma3_4b}[shape](folder)
+    {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl, "qwen2-vl-2b": qwen2_vl, "qwen3-vl-2b": qwen3_vl,
+     "gemma3-1b": gemma3_1b, "gemma3-4b": gemma3_4b}[shape](folder)
     print(f"wrote {folder}")

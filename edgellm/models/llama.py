@@ -229,7 +229,7 @@ def declare_decoder_io(g: GraphBuilder, a, seq_length: int) -> dict:
         "total_sequence_length": g.input("total_sequence_length", np.int32, []),
         "logits_index": g.input("logits_index", np.int64, ["n_logits"]),
     }
-    if getattr(a, "deepstack_layers", 0):
+    if a.deepstack_layers:
         ctx["deepstack_embeds"] = g.input("deepstack_embeds", np.float32, [a.deepstack_layers, "sequence",
                                                                             a.hidden_size])
     kv_shape = [1, a.num_key_value_heads, seq_length, a.head_dim]
