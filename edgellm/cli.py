@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-pixels", type=pixel_budget, default=None, metavar="W,H|PIXELS",
                    help="largest image a vision-language bundle takes, as W,H or a pixel count (Qwen2-VL, Qwen3-VL: "
                         "the resize budget, default 512 tokens' worth; InternVL: caps the number of 448px tiles)")
+    c.add_argument("--static-vit", action="store_true",
+                   help="Qwen2/3-VL: a vision graph of fixed input size (--max-pixels W,H, or the largest square "
+                        "within the budget); every image and video frame is resized to it (for fixed-shape "
+                        "accelerators; on CPU the dynamic graph is as fast and keeps aspect ratios)")
     c.add_argument("-f", "--force", action="store_true", help="replace the output folder if it exists")
     c.set_defaults(func=cmd_convert)
 
@@ -124,15 +128,15 @@ def _print_stream(pieces) -> None:
     sys.stdout.write("\n")
 
 
-def pixel_budget(text: str) -> int:
-    """--max-pixels: "W,H" or a pixel count."""
+def pixel_budget(text: str) -> int | tuple[int, int]:
+    """--max-pixels: "W,H" (kept as a pair: --static-vit uses it as the size) or a pixel count."""
     try:
         parts = [int(p) for p in text.replace("x", ",").split(",")]
     except ValueError:
         parts = []
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected W,H or a pixel count, got {text!r}")
-    return parts[0] * (parts[1] if len(parts) == 2 else 1)
+    return (parts[0], parts[1]) if len(parts) == 2 else parts[0]
 
 
 def cmd_convert(args) -> None:
@@ -141,7 +145,7 @@ def cmd_convert(args) -> None:
     convert(args.model, args.output, quantize=args.quantize, group_size=args.group_size, seq_length=args.seq_length,
             chunk_length=args.chunk_length, symmetric=args.symmetric, quantize_lm_head=args.quantize_lm_head,
             accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,
-            max_pixels=args.max_pixels)
+            max_pixels=args.max_pixels, static_vit=args.static_vit)
 
 
 def cmd_run(args) -> None:

@@ -188,3 +188,5 @@ def test_cli_converts_quantized_and_answers_about_images_and_video(gemma_vl, tmp
         model.generate("Many.", images=[picture(40, 40, i) for i in range(8)], max_new_tokens=2)
     assert main(["convert", "-m", str(folder), "-o", str(tmp_path / "x"), "--max-pixels", "100,100"]) == 2
     assert "does not apply to Gemma 3" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["convert", "-m", str(folder), "-o", str(tmp_path / "x"), "--static-vit"]) == 2
+    assert "--static-vit applies to Qwen2-VL" in capsys.readouterr().err and not (tmp_path / "x").exists()

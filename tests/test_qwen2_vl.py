@@ -242,3 +242,27 @@ def test_quantized_vision_graph_stays_close(qwen_vl, tmp_path):
         want = model_hf(**hf_inputs(model_hf, folder, TWO_IMAGES, images)).logits[0].numpy()
     got = model.logits(TWO_IMAGES, images=images)
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
+def test_static_vit_fixes_the_vision_graph_input_size(qwen_vl, tmp_path):
+    """--static-vit --max-pixels 112,56: the vision graph takes exactly 8 x 4 patches, every image is resized to
+    112x56, and the logits equal transformers' for the image resized so."""
+    import onnx
+
+    from edgellm.cli import main
+
+    model_hf, folder, _, _ = qwen_vl
+    out = tmp_path / "static"
+    assert main(["convert", "-m", str(folder), "-o", str(out), "-q", "f32", "-s", "256", "--max-pixels", "112,56",
+                 "--static-vit"]) == 0
+    graph = onnx.load(str(out / "vision.onnx"), load_external_data=False).graph
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["pixel_values"][0] == 32 and dims["patch_positions"] == [32, 2]
+    model = edgellm.load(out)
+    image = picture(60, 150, 5)  # portrait, yet resized to the fixed landscape size
+    assert model.prompt_ids("Describe.", images=[image]).count(model.manifest["tokens"]["image_token_id"]) == 8
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    ref = hf_inputs(model_hf, folder, messages, [image.resize((112, 56), 3)])
+    with torch.no_grad():
+        want = model_hf(**ref).logits[0].numpy()
+    assert np.abs(model.logits(messages, images=[image]) - want).max() <= 1e-4 * np.abs(want).max()

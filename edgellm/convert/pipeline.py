@@ -68,10 +68,13 @@ class _Progress(ModelSource):
 def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: int = 64,
             seq_length: int | None = None, chunk_length: int = 128, symmetric: bool = True,
             quantize_lm_head: bool = True, accuracy_level: int = 4, force: bool = False,
-            progress: bool = True, vision_quantize: str | None = None, max_pixels: int | None = None) -> Path:
+            progress: bool = True, vision_quantize: str | None = None,
+            max_pixels: int | tuple[int, int] | None = None, static_vit: bool = False) -> Path:
     """Convert a Hugging Face folder or a GGUF file into a bundle folder at `out`; returns `out`.
     A vision-language model also gets a vision graph, whose weights default to f16 (f32 when quantize is f32);
-    max_pixels bounds the pixels of one image (Qwen2-VL: the resize budget, InternVL: the number of tiles)."""
+    max_pixels, a pixel count or (width, height), bounds the pixels of one image (Qwen2/3-VL: the resize budget,
+    InternVL: the number of tiles). static_vit (Qwen2/3-VL) fixes the vision graph's input to one image size
+    (max_pixels' width and height, or the largest square within its count): every image is resized to it."""
     if quantize not in QUANT_MODES:
         raise EdgeLLMError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
     vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
@@ -88,8 +91,13 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
     vision_model = None
     if max_pixels is not None and not hasattr(family, "split"):
         raise EdgeLLMError("--max-pixels applies to vision-language models only")
+    if static_vit and not getattr(family, "STATIC_VIT", False):
+        raise EdgeLLMError("--static-vit applies to Qwen2-VL, Qwen2.5-VL and Qwen3-VL (the other vision graphs take "
+                           "fixed-size tiles already)")
     if hasattr(family, "split"):  # a vision-language model: its text decoder is built by its own family
-        source, vision_model, vision_weights, vision_settings = family.split(checkpoint, max_pixels=max_pixels)
+        options = {"static_size": max_pixels if isinstance(max_pixels, tuple) else True} if static_vit else {}
+        count = max_pixels[0] * max_pixels[1] if isinstance(max_pixels, tuple) else max_pixels
+        source, vision_model, vision_weights, vision_settings = family.split(checkpoint, max_pixels=count, **options)
         family = family_for(source.config["architectures"][0])
     config = source.config
     args = family.ModelArgs.from_config(config)

@@ -18,6 +18,7 @@ from ..errors import EdgeLLMError
 from .llama import activation
 
 ARCHITECTURES = ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
+STATIC_VIT = True  # convert(static_vit=True) fixes the vision graph's patch count
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 # Edge defaults: an image of at most 512 merged tokens (about 630x630), video frames of 128 tokens, 16 frames.
 DEFAULT_MAX_TOKENS, VIDEO_TOKENS, VIDEO_MAX_FRAMES = 512, 128, 16
@@ -63,8 +64,9 @@ class VisionArgs:
             fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())) if v25 else ())
 
 
-def split(source: ModelSource, max_pixels: int | None = None):
-    """(text decoder source, vision model, its weights, runtime settings) of a Qwen2-VL / Qwen2.5-VL checkpoint."""
+def split(source: ModelSource, max_pixels: int | None = None, static_size: tuple[int, int] | bool = False):
+    """(text decoder source, vision model, its weights, runtime settings) of a Qwen2-VL / Qwen2.5-VL checkpoint;
+    static_size: (width, height), or True for the largest square within max_pixels, fixes the image size."""
     config = source.config
     names = set(source.names())
     text_config = dict(config.get("text_config") or {k: v for k, v in config.items() if k != "vision_config"})
@@ -78,10 +80,12 @@ def split(source: ModelSource, max_pixels: int | None = None):
     vision = RenamedSource(source, config, PrefixRename({"visual.": "model.visual."})) \
         if any(n.startswith("model.visual.") for n in names) else source
     args = VisionArgs.from_config(config, text_config)
-    return text, VisionModel(args), vision, settings(source, args, config, max_pixels)
+    found = settings(source, args, config, max_pixels, static_size)
+    return text, VisionModel(args, static_patches(found)), vision, found
 
 
-def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: int | None) -> dict:
+def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: int | None,
+             static_size: tuple[int, int] | bool = False) -> dict:
     """The processor's rules (smart resize bounds, normalisation, video sampling) and the prompt's tokens."""
     p = source.preprocessor_config()
     size = p.get("size") or {}
@@ -91,8 +95,11 @@ def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: in
     max_px = int(max_pixels) if max_pixels else min(max_px, DEFAULT_MAX_TOKENS * factor * factor)
     if max_px < factor * factor:
         raise EdgeLLMError(f"--max-pixels {max_px} is below one {factor}x{factor} merged patch")
+    if static_size:  # one size for every image and frame, in whole merged patches
+        w, h = static_size if isinstance(static_size, tuple) else (int(max_px ** 0.5),) * 2
+        static_size = [max(factor, h // factor * factor), max(factor, w // factor * factor)]
     return {
-        "family": "qwen2_vl", "version": args.version, "patch_size": args.patch_size,
+        "family": "qwen2_vl", "version": args.version, "static_size": static_size or None, "patch_size": args.patch_size,
         "temporal_patch_size": args.temporal_patch_size, "merge_size": args.spatial_merge_size,
         "min_pixels": min(min_px, max_px), "max_pixels": max_px, "resample": int(p.get("resample", 3)),
         "rescale_factor": float(p.get("rescale_factor", 1 / 255)),
@@ -106,12 +113,19 @@ def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: in
     }
 
 
+def static_patches(settings: dict) -> int | None:
+    """The vision graph's fixed patch count under --static-vit, else None (any count)."""
+    size, p = settings.get("static_size"), settings["patch_size"]
+    return size[0] // p * (size[1] // p) if size else None
+
+
 class VisionModel:
     """pixel_values [patches, 3 x temporal x 14 x 14] + patch_positions [patches, 2] (row, column) of one image or
-    one temporal slice of a video -> image_embeds [patches / 4, text hidden size]."""
+    one temporal slice of a video -> image_embeds [patches / 4, text hidden size]. `patches` fixes the count."""
 
-    def __init__(self, args: VisionArgs):
+    def __init__(self, args: VisionArgs, patches: int | None = None):
         self.args = args
+        self.patches = patches or "patches"
 
     def norm(self, g: GraphBuilder, weights, x: str, name: str) -> str:
         if self.args.version == "2.5":
@@ -179,8 +193,8 @@ class VisionModel:
     def build(self, g: GraphBuilder, weights) -> None:
         a = self.args
         patch_dim = 3 * a.temporal_patch_size * a.patch_size ** 2
-        pixels = g.input("pixel_values", np.float32, ["patches", patch_dim])
-        positions = g.input("patch_positions", np.int64, ["patches", 2])
+        pixels = g.input("pixel_values", np.float32, [self.patches, patch_dim])
+        positions = g.input("patch_positions", np.int64, [self.patches, 2])
         # The 3-D convolution over non-overlapping patches is a matmul with the flattened kernel.
         kernel = weights.tensor("visual.patch_embed.proj.weight").reshape(a.hidden_size, patch_dim)
         x = g.linear(pixels, kernel, "visual.patch_embed.proj")

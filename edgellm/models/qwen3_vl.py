@@ -17,6 +17,7 @@ from . import qwen2_vl
 from .llama import activation
 
 ARCHITECTURES = ["Qwen3VLForConditionalGeneration"]
+STATIC_VIT = True
 
 
 @dataclass
@@ -41,7 +42,7 @@ class VisionArgs(qwen2_vl.VisionArgs):
                    deepstack_visual_indexes=tuple(v.get("deepstack_visual_indexes", ())))
 
 
-def split(source: ModelSource, max_pixels: int | None = None):
+def split(source: ModelSource, max_pixels: int | None = None, static_size: tuple[int, int] | bool = False):
     """(text decoder source, vision model, its weights, runtime settings) of a Qwen3-VL checkpoint."""
     config, names = source.config, set(source.names())
     args = VisionArgs.from_config(config, config["text_config"])
@@ -59,10 +60,10 @@ def split(source: ModelSource, max_pixels: int | None = None):
                                                             "lm_head.": "lm_head."}))
     vision = RenamedSource(source, config, PrefixRename({"visual.": "model.visual."})) \
         if any(n.startswith("model.visual.") for n in names) else source
-    found = qwen2_vl.settings(source, args, config, max_pixels)
+    found = qwen2_vl.settings(source, args, config, max_pixels, static_size)
     found.update(family="qwen3_vl", grid_per_side=args.grid_per_side, image_start="<|vision_start|>",
                  image_end="<|vision_end|>", tokens_per_second=None)
-    return text, VisionModel(args), vision, found
+    return text, VisionModel(args, qwen2_vl.static_patches(found)), vision, found
 
 
 class VisionModel(qwen2_vl.VisionModel):
@@ -89,10 +90,10 @@ class VisionModel(qwen2_vl.VisionModel):
     def build(self, g: GraphBuilder, weights) -> None:
         a = self.args
         patch_dim = 3 * a.temporal_patch_size * a.patch_size ** 2
-        pixels = g.input("pixel_values", np.float32, ["patches", patch_dim])
-        positions = g.input("patch_positions", np.int64, ["patches", 2])
-        taps = g.input("position_indices", np.int64, ["patches", 4])
-        tap_weights = g.input("position_weights", np.float32, ["patches", 4])
+        pixels = g.input("pixel_values", np.float32, [self.patches, patch_dim])
+        positions = g.input("patch_positions", np.int64, [self.patches, 2])
+        taps = g.input("position_indices", np.int64, [self.patches, 4])
+        tap_weights = g.input("position_weights", np.float32, [self.patches, 4])
         kernel = weights.tensor("visual.patch_embed.proj.weight").reshape(a.hidden_size, patch_dim)
         x = g.linear(pixels, kernel, "visual.patch_embed.proj", weights.tensor("visual.patch_embed.proj.bias"))
         table = g.const(weights.tensor("visual.pos_embed.weight"), "visual.pos_embed.weight")

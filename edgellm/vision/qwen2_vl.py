@@ -43,6 +43,9 @@ def patchify(frames: np.ndarray, s: dict) -> tuple[np.ndarray, tuple[int, int, i
 
 
 def fitted_size(picture, s: dict, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) to resize `picture` to: the bundle's fixed size under --static-vit, else smart resize."""
+    if s.get("static_size"):
+        return tuple(s["static_size"])
     return smart_resize(picture.height, picture.width, s["patch_size"] * s["merge_size"], min_pixels, max_pixels)
 
 
