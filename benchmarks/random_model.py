@@ -77,33 +77,25 @@ def internvl(out: Path) -> None:
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}))
 
 
-def qwen2_vl(out: Path) -> None:
+def qwen_vl(out: Path, version: str) -> None:
+    """Qwen2-VL-2B or Qwen3-VL-2B: the same tokens and layout, other configs."""
     write_tokenizer(out, MARKERS, QWEN_VL_TEMPLATE)
     tok = json.loads((out / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    config = transformers.Qwen2VLConfig(
-        text_config={**QWEN2_VL_2B_TEXT, "eos_token_id": ids["<|im_end|>"]}, vision_config=QWEN2_VL_VIT,
+    text, vit, names = {"2": (QWEN2_VL_2B_TEXT, QWEN2_VL_VIT, "Qwen2VL"),
+                        "3": (QWEN3_VL_2B_TEXT, QWEN3_VL_VIT, "Qwen3VL")}[version]
+    config = getattr(transformers, f"{names}Config")(
+        text_config={**text, "eos_token_id": ids["<|im_end|>"]}, vision_config=vit,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
-    transformers.Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
-
-
-def qwen3_vl(out: Path) -> None:
-    write_tokenizer(out, MARKERS, QWEN_VL_TEMPLATE)
-    tok = json.loads((out / "tokenizer.json").read_text())
-    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    config = transformers.Qwen3VLConfig(
-        text_config={**QWEN3_VL_2B_TEXT, "eos_token_id": ids["<|im_end|>"]}, vision_config=QWEN3_VL_VIT,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    torch.set_default_dtype(torch.bfloat16)
-    transformers.Qwen3VLForConditionalGeneration(config).save_pretrained(out)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly, half the memory of float32
+    getattr(transformers, f"{names}ForConditionalGeneration")(config).save_pretrained(out)
+    factor = {"2": 28, "3": 32}[version]
     (out / "preprocessor_config.json").write_text(json.dumps({
-        "min_pixels": 32 * 32, "max_pixels": 16777216, "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
-        "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+        "min_pixels": 4 * factor * factor, "max_pixels": 16384 * factor * factor, "patch_size": factor // 2,
+        "merge_size": 2, "temporal_patch_size": 2, **({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+                                                      if version == "3" else {})}))
 
 
 def gemma3_1b(out: Path) -> None:
@@ -130,6 +122,7 @@ if __name__ == "__main__":
     shape, folder = sys.argv[1], Path(sys.argv[2])
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl, "qwen2-vl-2b": qwen2_vl, "qwen3-vl-2b": qwen3_vl,
+    {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl, "qwen2-vl-2b": lambda out: qwen_vl(out, "2"),
+     "qwen3-vl-2b": lambda out: qwen_vl(out, "3"),
      "gemma3-1b": gemma3_1b, "gemma3-4b": gemma3_4b}[shape](folder)
     print(f"wrote {folder}")
