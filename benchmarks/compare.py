@@ -128,6 +128,25 @@ class LlamaCpp:
         return np.array([self.last_choice([t]) for t in ids])
 
 
+# onnxruntime-genai's model builder, run with transformers 5's per-layer-type rotary config (Gemma 3) flattened
+# into the keys the builder reads (rope_parameters["rope_type"], rope_local_base_freq).
+ORT_GENAI_BUILDER = """
+import runpy, sys, transformers
+load = transformers.AutoConfig.from_pretrained
+def flat_rope(*args, **kwargs):
+    config = load(*args, **kwargs)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "full_attention" in rope:
+        for key, value in rope["full_attention"].items():
+            rope.setdefault(key, value)
+        config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+    return config
+transformers.AutoConfig.from_pretrained = flat_rope
+sys.argv[0] = "builder"
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
+
 class OrtGenAI:
     """onnxruntime-genai's own int4 export (its model builder, CPU, last-token logits), run by its generator."""
 
@@ -138,19 +157,23 @@ class OrtGenAI:
 
         self.og = og
         out = Path(tempfile.mkdtemp())
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source.hf),
-                        "-o", str(out / "m"), "-p", "int4", "-e", "cpu", "-c", str(out / "cache"),
-                        "--extra_options", "prune_lm_head=true"], check=True, capture_output=True)
+        built = subprocess.run([sys.executable, "-c", ORT_GENAI_BUILDER, "-i", str(source.hf),
+                                "-o", str(out / "m"), "-p", "int4", "-e", "cpu", "-c", str(out / "cache"),
+                                "--extra_options", "prune_lm_head=true"], capture_output=True, text=True)
+        if built.returncode:
+            raise RuntimeError(f"its model builder failed: {built.stderr.strip().splitlines()[-1]}")
         config_path = out / "m" / "genai_config.json"
         config = json.loads(config_path.read_text())
         config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
         config["search"]["max_length"] = seq_length
         config_path.write_text(json.dumps(config, indent=2))
         self.model = og.Model(str(out / "m"))
+        self.seq_length = seq_length
 
     def generator(self, length: int):
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=length)
+        # its sliding-window layers (Gemma 3) want a cache at least as long as the window: take the full length
+        params.set_search_options(do_sample=False, max_length=max(length, self.seq_length))
         return self.og.Generator(self.model, params)
 
     def run(self, ids: list[int], decode: int) -> tuple[float, float]:
@@ -241,7 +264,7 @@ def main() -> None:
     for peer in (LlamaCpp, OrtGenAI, Transformers):  # whichever of the peers is installed
         try:
             engines.append(peer(source, args.threads, seq))
-        except ImportError as e:
+        except (ImportError, RuntimeError) as e:
             print(f"skipping {peer.__name__}: {e} (see the setup in this file's header)")
 
     top1 = {}

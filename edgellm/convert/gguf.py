@@ -16,7 +16,8 @@ from ..errors import EdgeLLMError
 from .quantize import QuantizedWeight
 from .source import ModelSource
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma3": "Gemma3ForCausalLM"}
 
 # GGUF tensor name -> Hugging Face name ({i} is the layer)
 _LAYER_NAMES = {
@@ -30,16 +31,25 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3 norms both sides of attention and of the MLP; llama.cpp's "ffn_norm" is the one before the MLP
+_GEMMA3_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                       "post_attention_norm.weight": "post_attention_layernorm.weight",
+                       "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs.weight"}
 
 
-def hf_name(gguf_name: str) -> str | None:
+def layer_names(arch: str) -> dict[str, str]:
+    return _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
+
+
+def hf_name(gguf_name: str, arch: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    names = layer_names(arch)
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
 
 
@@ -62,7 +72,7 @@ class GGUFSource(ModelSource):
                                f"{', '.join(ARCHITECTURES)}")
         self._tensors = {}
         for t in self.reader.tensors:
-            name = hf_name(t.name)
+            name = hf_name(t.name, self.arch)
             if name is not None:
                 self._tensors[name] = t
         self.config = self._hf_config()
@@ -93,7 +103,26 @@ class GGUFSource(ModelSource):
         if "rope_freqs.weight" in self._tensors:  # Llama 3.x: per-frequency divisors stored as a tensor
             config["rope_scaling"] = {"rope_type": "freq_factors",
                                       "factors": self.tensor("rope_freqs.weight").tolist()}
+        if a == "gemma3":
+            config.update(self._gemma3_config(config))
         return config
+
+    def _gemma3_config(self, config: dict) -> dict:
+        """What llama.cpp's Gemma 3 support takes as given rather than storing: every 6th layer global, a local
+        rotary base of 10,000, and the query scale of 1/sqrt(head_dim) (27B, the 62-layer one: hidden/heads)."""
+        m = self.meta
+        layers = config["num_hidden_layers"]
+        extra = {"sliding_window": m.get("gemma3.attention.sliding_window"), "rope_local_base_freq": 10000.0,
+                 "query_pre_attn_scalar": (config["hidden_size"] // config["num_attention_heads"] if layers == 62
+                                           else config["head_dim"]),
+                 "attn_logit_softcapping": m.get("gemma3.attn_logit_softcapping"),
+                 "final_logit_softcapping": m.get("gemma3.final_logit_softcapping")}
+        pattern = m.get("gemma3.attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # one flag per layer: sliding or not
+            extra["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+        else:
+            extra["sliding_window_pattern"] = int(pattern)
+        return extra
 
     # --- weights -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -108,7 +137,10 @@ class GGUFSource(ModelSource):
         return self._tensors[name]
 
     def raw(self, name: str) -> np.ndarray:
-        return _unpermute(self, name, _dequantize(self._get(name)))
+        w = _unpermute(self, name, _dequantize(self._get(name)))
+        if self.arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added
+        return w
 
     def linear(self, name: str) -> np.ndarray | QuantizedWeight:
         t = self._get(name)
@@ -201,12 +233,39 @@ def _q4_0(rows, k):
     return QuantizedWeight(4, 32, k, _split_nibbles(b[..., 2:]), _f16(b[..., 0:2]))
 
 
+def _q5_0(rows, k):
+    b = _blocks(rows, k, 22, 32)
+    q = _split_nibbles(b[..., 6:]) | (_high_bits(b[..., 2:6], 32) << 4)
+    return _symmetric(5, 32, k, q.astype(np.int16) - 16, _f16(b[..., 0:2]))
+
+
+def _q5_1(rows, k):
+    b = _blocks(rows, k, 24, 32)
+    q = _split_nibbles(b[..., 8:]) | (_high_bits(b[..., 4:8], 32) << 4)
+    return _centered(5, 32, k, q, _f16(b[..., 0:2]), _f16(b[..., 2:4]))
+
+
 def _centered(bits, block, k, codes, scales, mins) -> QuantizedWeight:
     """w = s*q + m, rewritten as s*(q - mid) + (m + mid*s): the same weight, but the integer part is centred like a
     symmetric block. With int8 activations (accuracy_level 4) an uncentred s*q term is large and the float min term
     cancels most of it, which left the rounding error of the large term behind (top-1 fell from 97% to 81%)."""
     mid = 1 << (bits - 1)
-    return QuantizedWeight(bits, block, k, codes, scales, None, mins + mid * scales)
+    weight = _symmetric(bits, block, k, codes.astype(np.int16) - mid, scales)
+    weight.mins = mins + mid * scales
+    return weight
+
+
+def _symmetric(bits, block, k, signed_codes, scales) -> QuantizedWeight:
+    """w = s*q with q centred on 0. MatMulNBits holds 4- or 8-bit codes around their midpoint (the default zero
+    point); 5- and 6-bit codes widen to 8 bits, exactly."""
+    store = 4 if bits <= 4 else 8
+    codes = (signed_codes.astype(np.int16) + (1 << (store - 1))).astype(np.uint8)
+    return QuantizedWeight(store, block, k, codes, scales)
+
+
+def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:
+    """Bit e of the little-endian bit field `qh` (bytes on the last axis) for e < count, as 0/1 bytes."""
+    return np.unpackbits(np.ascontiguousarray(qh), axis=-1, bitorder="little")[..., :count]
 
 
 def _q4_1(rows, k):
@@ -216,8 +275,7 @@ def _q4_1(rows, k):
 
 def _q8_0(rows, k):
     b = _blocks(rows, k, 34, 32)
-    codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return QuantizedWeight(8, 32, k, codes, _f16(b[..., 0:2]))
+    return _symmetric(8, 32, k, b[..., 2:].view(np.int8), _f16(b[..., 0:2]))
 
 
 def _k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -232,15 +290,30 @@ def _k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
-def _q4_k(rows, k):
-    b = _blocks(rows, k, 144, 256)
+def _k_quant(b, k, qs, qh=None):
+    """Q4_K / Q5_K super-blocks of 256: 8 sub-blocks of 32 with 6-bit scales and mins; `qs` holds 4 chunks of 64
+    elements (low nibbles, then high nibbles), `qh` (Q5_K) bit s of byte l is the fifth bit of sub-block s, row l."""
     d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
     sc, mn = _k_scales_mins(b[..., 4:16])
-    qs = b[..., 16:].reshape(*b.shape[:2], 4, 32)  # 4 chunks of 64 elements: low nibbles then high nibbles
-    codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(b.shape[0], -1, 32)  # sub-blocks of 32
+    qs = qs.reshape(*b.shape[:2], 4, 32)
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(*b.shape[:2], 8, 32)
+    bits = 4
+    if qh is not None:
+        codes = codes | (np.unpackbits(qh[..., None], axis=-1, bitorder="little").swapaxes(-1, -2) << 4)
+        bits = 5
     scales = (d[..., None] * sc).reshape(b.shape[0], -1)
     mins = (-dmin[..., None] * mn).reshape(b.shape[0], -1)
-    return _centered(4, 32, k, codes, scales, mins)
+    return _centered(bits, 32, k, codes.reshape(b.shape[0], -1, 32), scales, mins)
+
+
+def _q4_k(rows, k):
+    b = _blocks(rows, k, 144, 256)
+    return _k_quant(b, k, b[..., 16:])
+
+
+def _q5_k(rows, k):
+    b = _blocks(rows, k, 176, 256)
+    return _k_quant(b, k, b[..., 48:], b[..., 16:48])
 
 
 def _q6_k(rows, k):
@@ -250,13 +323,13 @@ def _q6_k(rows, k):
     d = _f16(b[..., 208:210])
     lo = np.concatenate([ql[..., :32] & 0x0F, ql[..., 32:] & 0x0F, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-1)
     hi = np.concatenate([qh & 3, (qh >> 2) & 3, (qh >> 4) & 3, (qh >> 6) & 3], axis=-1)
-    q = (lo | (hi << 4)).astype(np.int16)  # [N, superblocks, 2, 128], values 0..63, offset 32
-    codes = (q + 96).astype(np.uint8).reshape(b.shape[0], -1, 16)  # 8-bit codes with the default zero point 128
+    q = (lo | (hi << 4)).astype(np.int16) - 32  # [N, superblocks, 2, 128], values -32..31
     scales = (d[..., None] * sc).reshape(b.shape[0], -1)
-    return QuantizedWeight(8, 16, k, codes, scales)
+    return _symmetric(6, 16, k, q.reshape(b.shape[0], -1, 16), scales)
 
 
-_BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
+_BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0, "Q4_K": _q4_k,
+                   "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -273,7 +346,8 @@ def _byte_level_pre_tokenizer(pre: str | None) -> dict:
         return byte_level
     if pre == "smollm":
         return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    split = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+    split = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+             "deepseek-r1-qwen": _QWEN2_SPLIT}
     if pre not in split:
         raise EdgeLLMError(f"GGUF pre-tokenizer {pre!r} is not supported yet")
     return {"type": "Sequence", "pretokenizers": [
@@ -282,16 +356,27 @@ def _byte_level_pre_tokenizer(pre: str | None) -> dict:
 
 
 def gguf_tokenizer(reader, meta: dict) -> dict:
-    """A tokenizer.json equivalent to the GGUF's byte-level BPE vocabulary."""
+    """A tokenizer.json equivalent to the GGUF's vocabulary: byte-level BPE ("gpt2") or Gemma's sentencepiece BPE."""
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise EdgeLLMError(f"GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 byte-level BPE)")
     tokens_field = reader.fields["tokenizer.ggml.tokens"]
     tokens = [_token_text(tokens_field, i) for i in range(len(tokens_field.data))]
-    merges_field = reader.fields["tokenizer.ggml.merges"]
-    merges = [_token_text(merges_field, i) for i in range(len(merges_field.data))]
     types_field = reader.fields.get("tokenizer.ggml.token_type")
     types = [int(types_field.parts[i][0]) for i in types_field.data] if types_field else [1] * len(tokens)
+    if model == "gpt2":
+        merges_field = reader.fields["tokenizer.ggml.merges"]
+        merges = [_token_text(merges_field, i).split(" ", 1) for i in range(len(merges_field.data))]
+        parts = _byte_level_parts(meta.get("tokenizer.ggml.pre"))
+    elif model == "llama" and meta.get("general.architecture") == "gemma3":
+        # runs of spaces are stored as spaces but looked up as U+2581 runs, as ordinary vocabulary, not added tokens
+        spaces = [bool(t) and not t.strip(" ") for t in tokens]
+        tokens = [SPM_SPACE * len(t) if space else t for t, space in zip(tokens, spaces)]
+        types = [1 if space else kind for kind, space in zip(types, spaces)]
+        merges = implied_merges(tokens)
+        parts = _GEMMA_PARTS
+    else:
+        raise EdgeLLMError(f"GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 byte-level BPE, "
+                           "and Gemma 3's sentencepiece vocabulary)")
+    # llama.cpp's CONTROL tokens (3) are special; USER_DEFINED ones (4, e.g. "\n\n" in Gemma) always match whole
     added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": kind == 3}
              for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)]
@@ -304,13 +389,38 @@ def gguf_tokenizer(reader, meta: dict) -> dict:
                 "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                          {"Sequence": {"id": "B", "type_id": 1}}],
                 "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre")),
-        "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {tok: i for i, tok in enumerate(tokens)},
-                  "merges": [m.split(" ", 1) for m in merges]},
-    }
+    bpe = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+           "vocab": {tok: i for i, tok in enumerate(tokens)}, "merges": merges}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": None, "post_processor": post, **parts, "model": {**bpe, **parts.get("model", {})}}
+
+
+def _byte_level_parts(pre: str | None) -> dict:
+    return {"pre_tokenizer": _byte_level_pre_tokenizer(pre),
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}}
+
+
+SPM_SPACE = "\u2581"
+# Gemma's tokenizer: spaces written as U+2581, no prefix space, BPE with unknown bytes spelled <0xNN>
+_GEMMA_PARTS = {
+    "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE},
+    "pre_tokenizer": None,
+    "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": SPM_SPACE}, "content": " "},
+                                                 {"type": "ByteFallback"}, {"type": "Fuse"}]},
+    "model": {"unk_token": "<unk>", "fuse_unk": True, "byte_fallback": True},
+}
+
+
+def implied_merges(tokens: list[str]) -> list[list[str]]:
+    """A sentencepiece BPE vocabulary stores no merges: every token that splits into two tokens is one, ranked by
+    the merged token's place in the vocabulary (Gemma's scores do not follow the merge order; its token order
+    does), and, for one merged token, the split with the longer left part first (transformers' rule)."""
+    index = {tok: i for i, tok in enumerate(tokens)}
+    merges = []
+    for rank, tok in sorted((i, t) for t, i in index.items()):
+        for cut in range(len(tok) - 1, 0, -1):
+            left, right = tok[:cut], tok[cut:]
+            if left in index and right in index:
+                merges.append([left, right])
+    return merges

@@ -6,20 +6,19 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 from tqdm import tqdm
 
 from .. import __version__
 from ..errors import EdgeLLMError
 from ..models import family_for
+from ..runtime.embeddings import save_table
 from .bundle import MANIFEST, check_output, staging_folder, write_manifest
 from .graph import GraphBuilder, WeightPolicy
 from .source import ModelSource
 
 QUANT_MODES = ("f32", "f16", "w8", "w4")
 DECODER_FILE = "decoder.onnx"
-EMBEDDINGS_FILE = "embed_tokens.npy"
 VISION_FILE = "vision.onnx"
 
 
@@ -130,7 +129,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         if progress:
             tqdm.write("writing graph ...")
         save_graph(g, stage / DECODER_FILE)
-        np.save(stage / EMBEDDINGS_FILE, embeddings.astype(np.float32 if quantize == "f32" else np.float16))
+        embeddings_entry = save_table(stage, embeddings, quantize)
         (stage / "tokenizer.json").write_text(tokenizer_json)
         template = source.chat_template()
         if template:
@@ -155,7 +154,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
                              "accuracy_level": accuracy_level, "matmuls": g.matmul_formats},
             "tokens": tokens,
             "graphs": graphs,
-            "embeddings": EMBEDDINGS_FILE,
+            "embeddings": embeddings_entry,
         }
         if vision_model:
             manifest["vision"] = {**vision_settings, "quantization": vision_quantize}

@@ -44,6 +44,11 @@ class QuantizedWeight:
             w = w + self.mins[..., None]
         return w.reshape(self.n, -1)[:, : self.k]
 
+    def scaled(self, factor: np.float32) -> "QuantizedWeight":
+        """The same codes decoding to factor * w."""
+        return QuantizedWeight(self.bits, self.block_size, self.k, self.codes, self.scales * factor,
+                               self.zero_points, None if self.mins is None else self.mins * factor)
+
     def take_rows(self, rows: np.ndarray) -> "QuantizedWeight":
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return QuantizedWeight(self.bits, self.block_size, self.k, self.codes[rows], self.scales[rows],

@@ -12,6 +12,7 @@ import numpy as np
 from onnx import TensorProto
 
 from ..convert.graph import GraphBuilder
+from ..convert.quantize import QuantizedWeight
 from ..errors import EdgeLLMError
 from .rope import cos_sin_cache, inv_freq, rope_parameters
 
@@ -69,8 +70,9 @@ class Model:
         self.args = args
 
     # --- pieces a neighbouring family overrides ------------------------------------------------
-    def embedding_table(self, weights) -> np.ndarray:
-        return weights.tensor("model.embed_tokens.weight")
+    def embedding_table(self, weights) -> np.ndarray | QuantizedWeight:
+        """Float rows, or a GGUF's own blocks (kept as they are in a quantized bundle)."""
+        return weights.linear("model.embed_tokens.weight")
 
     def lm_head_weight(self, weights):
         if "lm_head.weight" in weights and not self.args.tie_word_embeddings:

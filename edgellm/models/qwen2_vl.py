@@ -100,7 +100,8 @@ def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: in
         static_size = [max(factor, h // factor * factor), max(factor, w // factor * factor)]
     return {
         "family": "qwen2_vl", "version": args.version, "static_size": static_size or None,
-        "patch_size": args.patch_size, "temporal_patch_size": args.temporal_patch_size, "merge_size": args.spatial_merge_size,
+        "patch_size": args.patch_size, "temporal_patch_size": args.temporal_patch_size,
+        "merge_size": args.spatial_merge_size,
         "min_pixels": min(min_px, max_px), "max_pixels": max_px, "resample": int(p.get("resample", 3)),
         "rescale_factor": float(p.get("rescale_factor", 1 / 255)),
         "image_mean": list(p.get("image_mean", CLIP_MEAN)), "image_std": list(p.get("image_std", CLIP_STD)),

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from ..errors import EdgeLLMError
 from .bundle import Bundle
+from .embeddings import EmbeddingTable
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -64,7 +65,7 @@ class Engine:
                                                 providers=PROVIDERS[device])
         except Exception as e:  # ORT raises its own exception types for unreadable graphs
             raise EdgeLLMError(f"{decoder}: ONNX Runtime could not load the graph ({e})") from e
-        self.embeddings = np.load(bundle.file(bundle.manifest["embeddings"]), mmap_mode="r")
+        self.embeddings = EmbeddingTable(bundle)
         layers = m["num_hidden_layers"]
         self.kv = np.zeros((layers, 2, 1, m["num_key_value_heads"], self.seq_length, m["head_dim"]), np.float32)
         self.binding = self.session.io_binding()
@@ -98,7 +99,7 @@ class Engine:
         self.tokens = []
 
     def embed(self, token_ids) -> np.ndarray:
-        return np.asarray(self.embeddings[np.asarray(token_ids, np.int64)], np.float32)
+        return self.embeddings[token_ids]
 
     def reuse_prefix(self, token_ids: list[int], positions: np.ndarray | None = None) -> int:
         """Keep the cached slots that hold the start of `token_ids` (at the same rotary positions, for M-RoPE);

@@ -61,11 +61,12 @@ class Model:
                  spinning: bool = True, profile_prefix: str | None = None):
         started = time.perf_counter()
         self.bundle = open_bundle(path, verify=False)
-        # Hashing the files overlaps with building the session (hashlib releases the GIL on large reads).
-        hashing = ThreadPoolExecutor(1)
+        # Hashing the files and parsing the tokenizer (1.5 s for Gemma's 262k-token vocabulary) overlap with
+        # building the session, which releases the GIL (as hashlib does on large reads).
+        hashing = ThreadPoolExecutor(2)
         verified = hashing.submit(self.bundle.verify_hashes) if verify else None
+        tokenizer = hashing.submit(Tokenizer, self.bundle.file("tokenizer.json"))
         self.manifest = self.bundle.manifest
-        self.tokenizer = Tokenizer(self.bundle.file("tokenizer.json"))
         tokens = self.manifest["tokens"]
         self.eos_token_ids = set(tokens["eos_token_ids"])
         template = self.bundle.file("chat_template.jinja")
@@ -88,6 +89,7 @@ class Model:
             hashing.shutdown(wait=True)
         if verified:
             verified.result()
+        self.tokenizer = tokenizer.result()
         self.load_s = time.perf_counter() - started
         self.last_result: GenerationResult | None = None
 
