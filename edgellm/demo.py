@@ -60,8 +60,10 @@ class PackagedModel:
 
 
 MODELS = {
+    # Not France: there the file's Q4_1 weights with int8 activations (llama.cpp too) open "L'Étoile, ..." over a
+    # near-tie that the float model breaks towards "The capital of France is Paris."
     "smollm2": PackagedModel("SmolLM2-135M-Instruct", "smollm2-135m-instruct-w4", smollm2_gguf,
-                             "What is the capital of France?"),
+                             "What is the capital of Germany?"),
     "gemma3": PackagedModel("Gemma 3 270M (base model: completes text)", "gemma3-270m-w4", gemma3_270m_gguf,
                             "The three largest cities in France are"),
 }
