@@ -105,3 +105,14 @@ def test_w4_completes_text(bundles):
     assert "Paris" in result.text and "Lyon" in result.text, result.text
     assert result.ttft_s > 0 and result.decode_tokens_per_s > 0
     assert bundles["w4"].prompt_ids(PROMPTS[0])[0] == 2  # <bos>, as the GGUF asks
+
+
+def test_demo_converts_once_and_completes(tmp_path, monkeypatch, capsys):
+    from edgellm.cli import main
+
+    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
+    assert main(["demo", "-m", "gemma3", "-n", "8"]) == 0
+    out = capsys.readouterr()
+    assert "Paris" in out.out and "converting" in out.err and "TTFT" in out.err
+    assert main(["demo", "-m", "gemma3", "-n", "4", "-p", "Water boils at"]) == 0  # the cached bundle
+    assert "converting" not in capsys.readouterr().err
