@@ -250,17 +250,15 @@ def _centered(bits, block, k, codes, scales, mins) -> QuantizedWeight:
     symmetric block. With int8 activations (accuracy_level 4) an uncentred s*q term is large and the float min term
     cancels most of it, which left the rounding error of the large term behind (top-1 fell from 97% to 81%)."""
     mid = 1 << (bits - 1)
-    weight = _symmetric(bits, block, k, codes.astype(np.int16) - mid, scales)
-    weight.mins = mins + mid * scales
-    return weight
+    return _symmetric(bits, block, k, codes.astype(np.int16) - mid, scales, mins + mid * scales)
 
 
-def _symmetric(bits, block, k, signed_codes, scales) -> QuantizedWeight:
-    """w = s*q with q centred on 0. MatMulNBits holds 4- or 8-bit codes around their midpoint (the default zero
-    point); 5- and 6-bit codes widen to 8 bits, exactly."""
+def _symmetric(bits, block, k, signed_codes, scales, mins=None) -> QuantizedWeight:
+    """w = s*q (+ m) with q centred on 0. MatMulNBits holds 4- or 8-bit codes around their midpoint (the default
+    zero point); 5- and 6-bit codes widen to 8 bits, exactly."""
     store = 4 if bits <= 4 else 8
     codes = (signed_codes.astype(np.int16) + (1 << (store - 1))).astype(np.uint8)
-    return QuantizedWeight(store, block, k, codes, scales)
+    return QuantizedWeight(store, block, k, codes, scales, None, mins)
 
 
 def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:

@@ -39,9 +39,9 @@ class EmbeddingTable:
 
     def __init__(self, bundle):
         entry = bundle.manifest["embeddings"]
-        if isinstance(entry, str):
-            self.codes, self.parts = np.load(bundle.file(entry), mmap_mode="r"), None
-            self.shape = self.codes.shape
+        if isinstance(entry, str):  # float rows
+            self.values, self.parts = np.load(bundle.file(entry), mmap_mode="r"), None
+            self.shape = self.values.shape
             return
         self.codes = np.load(bundle.file(entry["codes"]), mmap_mode="r")
         self.parts = {p: np.load(bundle.file(entry[p]), mmap_mode="r") for p in _PARTS if p in entry}
@@ -52,7 +52,7 @@ class EmbeddingTable:
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
         if self.parts is None:
-            return np.asarray(self.codes[ids], np.float32)
+            return np.asarray(self.values[ids], np.float32)
         codes = self.codes[ids].astype(np.float32)  # [n, blocks, block]
         zero = (self.parts["zero_points"][ids].astype(np.float32)[..., None] if "zero_points" in self.parts
                 else self.midpoint)

@@ -61,11 +61,11 @@ class Model:
                  spinning: bool = True, profile_prefix: str | None = None):
         started = time.perf_counter()
         self.bundle = open_bundle(path, verify=False)
-        # Hashing the files and parsing the tokenizer (1.5 s for Gemma's 262k-token vocabulary) overlap with
-        # building the session, which releases the GIL (as hashlib does on large reads).
-        hashing = ThreadPoolExecutor(2)
-        verified = hashing.submit(self.bundle.verify_hashes) if verify else None
-        tokenizer = hashing.submit(Tokenizer, self.bundle.file("tokenizer.json"))
+        # Hashing the files and parsing the tokenizer run beside building the session, which releases the GIL (as
+        # hashlib does on large reads); the tokenizer mostly holds it, so this saves ~0.3 s of Gemma 3's 1.5 s parse.
+        background = ThreadPoolExecutor(2)
+        verified = background.submit(self.bundle.verify_hashes) if verify else None
+        tokenizer = background.submit(Tokenizer, self.bundle.file("tokenizer.json"))
         self.manifest = self.bundle.manifest
         tokens = self.manifest["tokens"]
         self.eos_token_ids = set(tokens["eos_token_ids"])
@@ -86,7 +86,7 @@ class Model:
                 verified.result()  # a corrupt file explains a failed load better than ONNX Runtime's message
             raise
         finally:
-            hashing.shutdown(wait=True)
+            background.shutdown(wait=True)
         if verified:
             verified.result()
         self.tokenizer = tokenizer.result()
