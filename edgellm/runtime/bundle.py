@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..convert.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ..convert.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_checksums
 from ..errors import EdgeLLMError
 
 
@@ -23,11 +23,13 @@ class Bundle:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def verify_hashes(self) -> None:
-        """SHA-256 of every file against the manifest (sizes were checked when the bundle was opened)."""
+        """Every file's CRC-32 against the manifest (SHA-256 for bundles written before it recorded CRC-32);
+        sizes were checked when the bundle was opened."""
         for name, info in self.manifest["files"].items():
-            if sha256_file(self.path / name) != info["sha256"]:
-                raise EdgeLLMError(f"{self.path / name}: SHA-256 does not match the manifest (corrupt file); "
-                                   "reconvert the model")
+            kind = "crc32" if "crc32" in info else "sha256"
+            if file_checksums(self.path / name, (kind,))[kind] != info[kind]:
+                raise EdgeLLMError(f"{self.path / name}: {kind.upper()} checksum does not match the manifest "
+                                   "(corrupt file); reconvert the model")
 
     @property
     def seq_length(self) -> int:
@@ -39,7 +41,7 @@ class Bundle:
 
 
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Checks the manifest and file sizes; with verify, also every file's SHA-256 (see Bundle.verify_hashes)."""
+    """Checks the manifest and file sizes; with verify, also every file's checksum (see Bundle.verify_hashes)."""
     path = Path(path)
     if not path.is_dir():
         raise EdgeLLMError(f"{path}: no such bundle folder (make one with `edgellm convert -m MODEL -o {path}`)")
