@@ -79,6 +79,11 @@ def hf_folder_from_gguf(gguf: Path) -> Path:
     return out
 
 
+def last_line(stderr: str) -> str:
+    """What a failed peer tool said last (its error, usually)."""
+    return (stderr.strip().splitlines() or ["(no output)"])[-1]
+
+
 def timed_greedy(prefill, step, ids: list[int], decode: int) -> tuple[float, float]:
     """Prefill tok/s and decode tok/s of prefill(ids) -> first token, then decode-1 calls of step(token)."""
     started = time.perf_counter()
@@ -167,7 +172,7 @@ class OrtGenAI:
                                 "-o", str(out / "m"), "-p", "int4", "-e", "cpu", "-c", str(out / "cache"),
                                 "--extra_options", "prune_lm_head=true"], capture_output=True, text=True)
         if built.returncode:
-            raise RuntimeError(f"its model builder failed: {built.stderr.strip().splitlines()[-1]}")
+            raise RuntimeError(f"its model builder failed: {last_line(built.stderr)}")
         config_path = out / "m" / "genai_config.json"
         config = json.loads(config_path.read_text())
         config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
@@ -216,8 +221,8 @@ class OpenVINO:
         built = subprocess.run([cli, "export", "openvino", "-m", str(source.hf), "--task", "text-generation-with-past",
                                 "--weight-format", "int4", "--group-size", "64", "--sym", "--all-layers", str(out)],
                                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if not (out / "openvino_model.xml").exists():
-            raise RuntimeError(f"its export failed: {(built.stderr.strip().splitlines() or ['?'])[-1]}")
+        if not (out / "openvino_model.xml").exists():  # judged by its output: it also logs errors it survives
+            raise RuntimeError(f"its export failed: {last_line(built.stderr)}")
         self.ov, self.og = ov, og
         scheduler = og.SchedulerConfig()
         scheduler.enable_prefix_caching = False  # it would serve repeated prompts from its cache

@@ -19,8 +19,8 @@ MANIFEST = "manifest.json"
 
 
 def file_checksums(path: Path, kinds=("sha256", "crc32"), chunk: int = 1 << 22) -> dict:
-    """A file's SHA-256 (its identity) and CRC-32 (what loading checks: 7x faster here and as sure to catch a
-    damaged file). Both release the GIL, so loading checks the files beside building the session."""
+    """A file's SHA-256 (its identity) and CRC-32 (what loading checks: 7x faster here, and made to catch
+    accidental damage). hashlib and zlib release the GIL, so loading checks the files beside building the session."""
     sha, crc = hashlib.sha256() if "sha256" in kinds else None, 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -28,7 +28,12 @@ def file_checksums(path: Path, kinds=("sha256", "crc32"), chunk: int = 1 << 22) 
                 sha.update(block)
             if "crc32" in kinds:
                 crc = zlib.crc32(block, crc)
-    return {**({"sha256": sha.hexdigest()} if sha else {}), **({"crc32": f"{crc:08x}"} if "crc32" in kinds else {})}
+    sums = {}
+    if sha:
+        sums["sha256"] = sha.hexdigest()
+    if "crc32" in kinds:
+        sums["crc32"] = f"{crc:08x}"
+    return sums
 
 
 def check_output(out: Path, overwrite: bool) -> None:
