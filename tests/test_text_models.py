@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -143,3 +145,25 @@ def test_scaled_rope_matches_transformers(tmp_path, rope):
                                          chunk_length=16, progress=False))
     ids = corpus_ids(model, 100)
     assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4
+
+
+def test_bundle_tokenizer_holds_merges_as_strings(tiny, tmp_path):
+    """Merges written as "left right" strings load in about half the memory; the tokenizer stays the same one, and
+    merges whose tokens hold a space keep their [left, right] form."""
+    from tokenizers import Tokenizer
+
+    from edgellm.convert.pipeline import compact_merges
+
+    _, folder = tiny("llama")
+    source = json.loads((folder / "tokenizer.json").read_text())
+    assert isinstance(source["model"]["merges"][0], list)  # what the tokenizers library writes
+    bundle = edgellm.convert(folder, tmp_path / "bundle", quantize="f32", seq_length=64, progress=False)
+    written = json.loads((bundle / "tokenizer.json").read_text(encoding="utf-8"))
+    assert written["model"]["merges"] == [" ".join(m) for m in source["model"]["merges"]]
+    assert {k: v for k, v in written["model"].items() if k != "merges"} == \
+        {k: v for k, v in source["model"].items() if k != "merges"}
+    text = CORPUS.read_text()
+    assert edgellm.load(bundle).tokenizer.encode(text) == \
+        Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+    spaced = json.dumps(dict(source, model=dict(source["model"], merges=[["a b", "c"], *source["model"]["merges"]])))
+    assert compact_merges(spaced) == spaced

@@ -105,7 +105,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
     seq_length = int(seq_length or min(2048, max_positions))
     if seq_length < 2:
         raise EdgeLLMError("--seq-length must be at least 2")
-    tokenizer_json = source.tokenizer_json()
+    tokenizer_json = compact_merges(source.tokenizer_json())
     tokens = special_tokens(source, tokenizer_json)
     if vision_model:
         tokens.update(media_tokens(vision_settings, tokenizer_json))
@@ -130,7 +130,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             tqdm.write("writing graph ...")
         save_graph(g, stage / DECODER_FILE)
         embeddings_entry = save_table(stage, embeddings, quantize)
-        (stage / "tokenizer.json").write_text(tokenizer_json)
+        (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         template = source.chat_template()
         if template:
             (stage / "chat_template.jinja").write_text(template)
@@ -171,6 +171,21 @@ def save_graph(g: GraphBuilder, path: Path) -> None:
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.chmod(0o644)  # onnx creates it owner-only; bundles are shared
+
+
+def compact_merges(tokenizer_json: str) -> str:
+    """The same tokenizer with its BPE merges written as "left right" strings instead of [left, right] pairs, where
+    no token of a merge holds a space (what makes pairs necessary). The tokenizers library reads both, but builds
+    pairs at about twice the memory and time: Gemma 3's 515k merges hold 337 MiB resident and take 2.5 s to load
+    as pairs, 144 MiB and 1.95 s as strings."""
+    data = json.loads(tokenizer_json)
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or not all(
+            isinstance(m, list) and len(m) == 2 and " " not in m[0] and " " not in m[1] for m in merges):
+        return tokenizer_json
+    model["merges"] = [f"{left} {right}" for left, right in merges]
+    return json.dumps(data)
 
 
 def media_tokens(settings: dict, tokenizer_json: str) -> dict:
