@@ -3,6 +3,8 @@ the same file, dequantized to float32: the oracle for tokenizer, weights, logits
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -124,3 +126,27 @@ def test_w4_answers_factual_questions(bundles):
         result = bundles["w4"].generate(question, max_new_tokens=32)
         assert answer in result.text, (question, result.text)
         assert result.ttft_s > 0 and result.decode_tokens_per_s > 0
+
+
+def resident_fraction(array: np.ndarray) -> float:
+    """The share of the array's memory pages that are resident (Linux's /proc/self/pagemap, bit 63)."""
+    page = 4096
+    first = array.__array_interface__["data"][0] // page
+    last = (array.__array_interface__["data"][0] + array.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), np.uint64)
+    return float(((entries >> np.uint64(63)) & np.uint64(1)).mean())
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads Linux's page map")
+def test_kv_cache_memory_follows_the_conversation(bundles):
+    """The KV cache is preallocated to the bundle's length but becomes resident as positions are written: a short
+    prompt costs a short cache (huge pages made one token per head commit all 47 MiB of it)."""
+    model = edgellm.load(bundles["w4"].bundle.path)  # a fresh cache: the module's bundles have run long texts
+    assert resident_fraction(model.engine.kv) < 0.05
+    model.generate("What is the capital of Germany?", max_new_tokens=8)
+    assert resident_fraction(model.engine.kv) < 0.1
+    model.engine.reset()
+    model.engine.prefill(model.tokenizer.encode(CORPUS.read_text())[:900])
+    assert resident_fraction(model.engine.kv) > 0.8  # and the whole length is there when it is used

@@ -8,6 +8,7 @@ The engine remembers which token sits at each cached position, so a new prompt t
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Callable
 
@@ -30,6 +31,18 @@ def default_threads() -> int:
     except OSError:
         per_core = 1
     return max(1, available // max(1, per_core))
+
+
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed float32 array whose memory becomes resident page by page as it is written: the KV cache costs
+    what the conversation fills, not the bundle's whole length. (numpy asks for transparent huge pages on large
+    arrays; their first write commits 2 MiB, so one token written into every head's slice made all of it resident.)"""
+    size = max(1, int(np.prod(shape)) * 4)
+    private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
+    buffer = mmap.mmap(-1, size, **private)  # anonymous: zeroed, committed on first write
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, np.float32, count=int(np.prod(shape))).reshape(shape)
 
 
 def session_options(threads: int | None, spinning: bool, profile_prefix: str | None = None) -> ort.SessionOptions:
@@ -67,7 +80,7 @@ class Engine:
             raise EdgeLLMError(f"{decoder}: ONNX Runtime could not load the graph ({e})") from e
         self.embeddings = EmbeddingTable(bundle)
         layers = m["num_hidden_layers"]
-        self.kv = np.zeros((layers, 2, 1, m["num_key_value_heads"], self.seq_length, m["head_dim"]), np.float32)
+        self.kv = lazy_zeros((layers, 2, 1, m["num_key_value_heads"], self.seq_length, m["head_dim"]))
         self.binding = self.session.io_binding()
         for i in range(layers):
             for j, kind in enumerate(("key", "value")):
