@@ -37,12 +37,12 @@ def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     """A zeroed float32 array whose memory becomes resident page by page as it is written: the KV cache costs
     what the conversation fills, not the bundle's whole length. (numpy asks for transparent huge pages on large
     arrays; their first write commits 2 MiB, so one token written into every head's slice made all of it resident.)"""
-    size = max(1, int(np.prod(shape)) * 4)
+    count = int(np.prod(shape))
     private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
-    buffer = mmap.mmap(-1, size, **private)  # anonymous: zeroed, committed on first write
+    buffer = mmap.mmap(-1, max(1, count * 4), **private)  # anonymous: zeroed, committed on first write
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buffer.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buffer, np.float32, count=int(np.prod(shape))).reshape(shape)
+    return np.frombuffer(buffer, np.float32, count=count).reshape(shape)
 
 
 def session_options(threads: int | None, spinning: bool, profile_prefix: str | None = None) -> ort.SessionOptions:
