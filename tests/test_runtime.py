@@ -150,6 +150,26 @@ def test_corrupt_or_truncated_bundle_is_refused(bundle, tmp_path):
         edgellm.load(copy)
 
 
+def test_embedding_rows_are_read_as_asked(tmp_path):
+    """RowFile reads .npy rows with pread: the same values as numpy's own reading, in the shape of the ids."""
+    from edgellm.runtime.embeddings import RowFile
+
+    rng = np.random.default_rng(0)
+    for name, table in [("f16", rng.standard_normal((50, 12)).astype(np.float16)),
+                        ("codes", rng.integers(0, 255, (50, 3, 32), dtype=np.uint8))]:
+        np.save(tmp_path / f"{name}.npy", table)
+        rows = RowFile(tmp_path / f"{name}.npy")
+        ids = np.array([[7, 0, 49], [7, 7, 3]])
+        np.testing.assert_array_equal(rows[ids], table[ids])
+        np.testing.assert_array_equal(rows[np.array([], np.int64)], table[:0])
+        for bad in (-1, 50):
+            with pytest.raises(IndexError, match="out of range"):
+                rows[np.array([1, bad])]
+    (tmp_path / "short.npy").write_bytes((tmp_path / "f16.npy").read_bytes()[:-10])
+    with pytest.raises(EdgeLLMError, match="shorter than"):
+        RowFile(tmp_path / "short.npy")
+
+
 def test_bad_messages_are_refused(bundle):
     model = edgellm.load(bundle("llama", "f32"))
     with pytest.raises(EdgeLLMError, match="'role' and 'content'"):
