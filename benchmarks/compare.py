@@ -267,7 +267,7 @@ class Transformers:
 
         torch.set_num_threads(threads)
         self.torch = torch
-        where = dict(pretrained_model_name_or_path=source.hf) if source.given_hf or not source.gguf \
+        where = dict(pretrained_model_name_or_path=source.hf) if source.given_hf \
             else dict(pretrained_model_name_or_path=source.gguf.parent, gguf_file=source.gguf.name)
         self.model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
 
