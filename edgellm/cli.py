@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_args(ch)
     ch.set_defaults(func=cmd_chat)
 
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions) with a chat page")
+    runtime_args(sv, prompt=False)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--name", default=None, help="model id the API reports (default: the bundle folder's name)")
+    sv.set_defaults(func=cmd_serve)
+
     b = sub.add_parser("bench", help="time prefill and decode for several prompt lengths")
     runtime_args(b, prompt=False)
     b.add_argument("--prompt-lengths", default="16,128,512", help="comma-separated prompt lengths in tokens")
@@ -162,6 +169,17 @@ def cmd_run(args) -> None:
     _print_stream(model.stream(prompt, args.max_new_tokens, raw=args.raw, progress=True, images=args.image,
                                videos=args.video, frames=args.frames, **_sampling(model, args)))
     print(model.last_result.timing_line(), file=sys.stderr)
+
+
+def cmd_serve(args) -> None:
+    from pathlib import Path
+
+    from .server import serve
+
+    model = _load(args)
+    name = args.name or Path(args.bundle).resolve().name
+    print(f"serving {name} on http://{args.host}:{args.port}/ (chat page) and /v1 (OpenAI API)", file=sys.stderr)
+    serve(model, name, args.host, args.port)
 
 
 def cmd_chat(args) -> None:

@@ -313,3 +313,25 @@ def test_original_remote_code_layout_converts_to_the_same_model(internvl, tmp_pa
 
 def test_chat_keeps_an_image_of_an_earlier_turn(internvl):
     check_chat_keeps_an_image(internvl[2], picture(90, 50, 8))
+
+
+def test_server_takes_images_as_data_urls(internvl):
+    """`edgellm serve` with a vision-language bundle: an OpenAI image_url part (base64 data URL) gives the answer the
+    Python API gives for the same image bytes."""
+    import base64
+
+    from starlette.testclient import TestClient
+
+    from edgellm.server import create_app
+
+    out = io.BytesIO()
+    picture(120, 80, 4).save(out, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    client = TestClient(create_app(edgellm.load(internvl[2]), "internvl"))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is this?"}]}]
+    body = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0}).json()
+    want = edgellm.load(internvl[2]).generate(IMAGE_QUESTION, images=[out.getvalue()], max_new_tokens=8)
+    assert body["choices"][0]["message"]["content"] == want.text
+    assert body["usage"]["prompt_tokens"] == want.prompt_tokens and body["timings"]["images"] == 1
+    assert client.get("/v1/models").json()["data"][0]["vision"] is True

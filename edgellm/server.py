@@ -1,0 +1,306 @@
+"""An OpenAI-compatible HTTP server for one bundle, with a chat page: `edgellm serve BUNDLE`.
+
+POST /v1/chat/completions and /v1/completions (server-sent events when "stream" is true), GET /v1/models,
+GET /health, and GET / (the page). One request generates at a time: a generation keeps every core busy anyway,
+and the engine's KV cache still holds the last conversation, so a client that resends the history with a new turn
+prefills only that turn. Requests are checked before anything runs; a bad one gets a 400 with an OpenAI-style
+error body that names the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgeLLMError
+
+PAGE = Path(__file__).with_name("server_page.html")
+
+# OpenAI fields that would change the answer but that edgellm does not implement: refused rather than ignored.
+UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "logprobs": "log-probabilities",
+               "top_logprobs": "log-probabilities", "suffix": "suffix", "echo": "echo", "best_of": "best_of",
+               "logit_bias": "logit_bias"}
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+@dataclass
+class Job:
+    """A checked request: what to prefill and how to sample."""
+
+    prompt: object  # a runtime.model.Prompt
+    max_tokens: int
+    sampling: dict
+    stream: bool
+    include_usage: bool
+    chat: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+
+
+def _number(body: dict, name: str, low: float, high: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if not low <= value <= high:
+        raise BadRequest(f"'{name}' must be between {low} and {high}, got {value}", name)
+    return value
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be true or false, got {value!r}", name)
+    return value
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest("'stop' must be a string or a list of non-empty strings", "stop")
+    return stops
+
+
+def _image_bytes(part: dict, where: str) -> bytes:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise BadRequest(f"{where}: an image_url part needs {{'image_url': {{'url': 'data:image/...;base64,...'}}}}",
+                         "messages")
+    if not url.startswith("data:"):
+        raise BadRequest(f"{where}: only data: URLs (base64) are accepted; this server fetches nothing from the "
+                         "network", "messages")
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise BadRequest(f"{where}: the image data URL must be base64-encoded", "messages")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{where}: the image data URL is not valid base64", "messages") from None
+
+
+def _messages(body: dict) -> tuple[list[dict], list[bytes]]:
+    """OpenAI messages -> edgellm messages (image parts as {'type': 'image'}) and the images' bytes, in order."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {'role': ..., 'content': ...}", "messages")
+    out, images = [], []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"{where} must be an object with a 'role' string and a 'content'", "messages")
+        role, content = m["role"], m.get("content")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise BadRequest(f"{where}: role {role!r} is not supported (system, user or assistant)", "messages")
+        role = "system" if role == "developer" else role
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise BadRequest(f"{where}: 'content' must be a string or a list of parts", "messages")
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                images.append(_image_bytes(part, f"{where}.content[{j}]"))
+                parts.append({"type": "image"})
+            else:
+                raise BadRequest(f"{where}.content[{j}]: parts must be {{'type': 'text', 'text': ...}} or "
+                                 f"{{'type': 'image_url', ...}}, got {str(part)[:80]}", "messages")
+        if all(p["type"] == "text" for p in parts):  # plain text: chat templates that expect strings stay happy
+            parts = "".join(p["text"] for p in parts)
+        out.append({"role": role, "content": parts})
+    return out, images
+
+
+def parse(model, body, chat: bool) -> Job:
+    """Check an OpenAI request body against the model; raises BadRequest (or EdgeLLMError from the prompt)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    for name, what in UNSUPPORTED.items():
+        if body.get(name) not in (None, False, [], {}):
+            raise BadRequest(f"'{name}' is not supported: edgellm does not implement {what}", name)
+    if body.get("n", 1) != 1:
+        raise BadRequest("'n' must be 1: one answer per request", "n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise BadRequest(f"'{name}' is not supported; use 'repetition_penalty' (1.0 = off)", name)
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise BadRequest("'response_format' is not supported: answers are plain text", "response_format")
+    if chat:
+        if model.chat_template is None:
+            raise BadRequest("this bundle has no chat template (a base model): use /v1/completions", "messages")
+        messages, images = _messages(body)
+        prompt = model.prepare(messages, images=images or None)
+    else:
+        text = body.get("prompt")
+        if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):
+            text = text[0]
+        if not isinstance(text, str) or not text:
+            raise BadRequest("'prompt' must be a non-empty string", "prompt")
+        prompt = model.prepare(text, raw=True)
+    model.check_length(len(prompt.ids))
+    room = model.seq_length - len(prompt.ids)
+    limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    asked = _number(body, limit, 1, 1 << 31, integer=True)
+    if room < 1:
+        raise BadRequest(f"the prompt is {len(prompt.ids)} tokens and fills the bundle's {model.seq_length}: no room "
+                         "for an answer; shorten the conversation", "messages" if chat else "prompt")
+    # No limit given: a chat answer may fill the context, a completion takes OpenAI's default of 16 tokens.
+    max_tokens = min(asked or (room if chat else 16), room)
+    sampling = model.sampling_defaults()
+    for name, low, high, integer in (("temperature", 0, 2, False), ("top_p", 0, 1, False), ("top_k", 0, 1 << 20, True),
+                                     ("min_p", 0, 1, False), ("repetition_penalty", 0.01, 10, False),
+                                     ("seed", 0, (1 << 63) - 1, True)):
+        value = _number(body, name, low, high, integer)
+        if value is not None:
+            sampling[name] = value
+    if sampling.get("top_p") == 0:
+        raise BadRequest("'top_p' must be above 0", "top_p")
+    sampling["stop"] = _stops(body)
+    sampling["ignore_eos"] = _flag(body, "ignore_eos")  # llama.cpp's extension: fixed-length answers
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
+    return Job(prompt, max_tokens, sampling, _flag(body, "stream"), _flag(stream_options, "include_usage"), chat)
+
+
+def usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
+            "total_tokens": result.prompt_tokens + len(result.token_ids),
+            "prompt_tokens_details": {"cached_tokens": result.reused_tokens}}
+
+
+def timings(result) -> dict:
+    """What the CLI's timing line says, as numbers (llama.cpp's server reports the same under 'timings')."""
+    return {"prompt_tokens": result.prompt_tokens, "cached_tokens": result.reused_tokens,
+            "ttft_ms": round(result.ttft_s * 1000, 1), "prefill_tokens_per_s": round(result.prefill_tokens_per_s, 1),
+            "decode_tokens_per_s": round(result.decode_tokens_per_s, 1), "images": result.images,
+            "vision_ms": round(result.vision_s * 1000, 1)}
+
+
+def create_app(model, name: str):
+    """The ASGI application serving `model` under the id `name`."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    lock = asyncio.Lock()  # one generation at a time; waiting requests queue here, not in threads
+
+    def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+    def envelope(job: Job, piece: bool, **fields) -> dict:
+        kind = ("chat.completion" + (".chunk" if piece else "")) if job.chat else "text_completion"
+        return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id, "object": kind, "created": job.created,
+                "model": name, **fields}
+
+    def choice(job: Job, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if not job.chat:
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        if not job.stream:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                    "logprobs": None}
+        delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+    def event(job: Job, **fields) -> str:
+        return f"data: {json.dumps(envelope(job, True, **fields), ensure_ascii=False)}\n\n"
+
+    async def checked(request: Request, chat: bool) -> Job:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("the request body is not valid JSON") from None
+        async with lock:  # preparing reads the tokenizer and the vision processor beside no generation
+            return await run_in_threadpool(parse, model, body, chat)
+
+    async def complete(request: Request, chat: bool):
+        try:
+            job = await checked(request, chat)
+        except BadRequest as e:
+            return error(str(e), e.status, e.param)
+        except EdgeLLMError as e:
+            return error(str(e), 400, "messages" if chat else "prompt")
+        options = dict(max_new_tokens=job.max_tokens, **job.sampling)
+        if not job.stream:
+            async with lock:
+                result = await run_in_threadpool(model.generate, job.prompt, **options)
+            return JSONResponse(envelope(job, False, choices=[choice(job, result.text, result.finish_reason)],
+                                         usage=usage(result), timings=timings(result)))
+
+        async def events():
+            async with lock:
+                pieces = model.stream(job.prompt, **options)
+                try:
+                    if job.chat:
+                        yield event(job, choices=[choice(job, None, None, first=True)])
+                    async for piece in iterate_in_threadpool(pieces):
+                        yield event(job, choices=[choice(job, piece, None)])
+                    result = model.last_result
+                except EdgeLLMError as e:  # after the 200 has gone out, an error can only be an event
+                    yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+                    return
+                finally:
+                    pieces.close()  # a client that went away stops the generation at the next token
+            yield event(job, choices=[choice(job, None, result.finish_reason)], timings=timings(result))
+            if job.include_usage:
+                yield event(job, choices=[], usage=usage(result))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{
+            "id": name, "object": "model", "created": int(model.bundle.path.stat().st_mtime), "owned_by": "edgellm",
+            "context_length": model.seq_length, "vision": model.vision is not None,
+            "chat_template": model.chat_template is not None}]})
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "model": name})
+
+    async def page(request: Request):
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    async def http_error(request: Request, exc: HTTPException):
+        return error(f"{request.method} {request.url.path}: {exc.detail}", exc.status_code,
+                     kind="not_found_error" if exc.status_code == 404 else "invalid_request_error")
+
+    routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def serve(model, name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(model, name), host=host, port=port, log_level="info")
