@@ -22,7 +22,7 @@ DTYPES = {np.float32: TensorProto.FLOAT, np.int64: TensorProto.INT64, np.int32: 
 
 @dataclass
 class WeightPolicy:
-    """How float weights are stored. Pre-quantized blocks (GGUF, AWQ) are kept whenever the mode is w4/w8."""
+    """How float weights are stored. Pre-quantized blocks (from a GGUF) are kept whenever the mode is w4/w8."""
 
     mode: str = "w4"  # f32 | f16 | w8 | w4
     group_size: int = 64
