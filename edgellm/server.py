@@ -29,9 +29,9 @@ UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "logprobs":
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param = param
 
 
 @dataclass
@@ -207,6 +207,7 @@ def create_app(model, name: str):
     from starlette.routing import Route
 
     lock = asyncio.Lock()  # one generation at a time; waiting requests queue here, not in threads
+    html = PAGE.read_text(encoding="utf-8")
 
     def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
         return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
@@ -240,9 +241,9 @@ def create_app(model, name: str):
         try:
             job = await checked(request, chat)
         except BadRequest as e:
-            return error(str(e), e.status, e.param)
+            return error(str(e), param=e.param)
         except EdgeLLMError as e:
-            return error(str(e), 400, "messages" if chat else "prompt")
+            return error(str(e), param="messages" if chat else "prompt")
         options = dict(max_new_tokens=job.max_tokens, **job.sampling)
         if not job.stream:
             async with lock:
@@ -288,7 +289,7 @@ def create_app(model, name: str):
         return JSONResponse({"status": "ok", "model": name})
 
     async def page(request: Request):
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(html)
 
     async def http_error(request: Request, exc: HTTPException):
         return error(f"{request.method} {request.url.path}: {exc.detail}", exc.status_code,
