@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric blocks (default)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="blocks with zero points")
-    c.add_argument("--no-quantize-lm-head", dest="quantize_lm_head", action="store_false",
-                   help="keep the output projection in float16")
+    c.add_argument("--lm-head", default=None, choices=["f32", "f16", "w8", "w4"],
+                   help="output projection's precision (default: w8 with -q w4, else as -q); a GGUF's blocks are kept")
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
     c.add_argument("--vision-quantize", default=None, choices=["f32", "f16", "w8", "w4"],
@@ -153,7 +153,7 @@ def cmd_convert(args) -> None:
     from . import convert
 
     convert(args.model, args.output, quantize=args.quantize, group_size=args.group_size, seq_length=args.seq_length,
-            chunk_length=args.chunk_length, symmetric=args.symmetric, quantize_lm_head=args.quantize_lm_head,
+            chunk_length=args.chunk_length, symmetric=args.symmetric, lm_head=args.lm_head,
             accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,
             max_pixels=args.max_pixels, static_vit=args.static_vit)
 

@@ -42,20 +42,26 @@ def test_logits_match_transformers(tiny, bundle, arch, quant):
     assert err < BOUNDS[quant], f"{arch} {quant}: relative max-abs logit error {err:.2e}"
 
 
-def dequantized_copy(model, bits: int, group: int):
-    """The transformers model with every projection rounded exactly as the converter rounds it."""
+def dequantized_copy(model, bits: int, group: int, lm_head: str):
+    """The transformers model with every projection rounded exactly as the converter rounds it; the lm_head at its
+    own precision (w8, w4 or f16)."""
     import copy
 
     import torch
 
     from edgellm.convert.quantize import quantize
 
+    def rounded(w, mode):
+        if mode == "f16":
+            return w.astype(np.float16).astype(np.float32)
+        return quantize(w, int(mode[1]), group).dequantize()
+
     clone = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in clone.named_modules():
             if isinstance(module, torch.nn.Linear):
-                w = module.weight.numpy()
-                module.weight.copy_(torch.from_numpy(quantize(w, bits, group).dequantize()))
+                mode = lm_head if name == "lm_head" else f"w{bits}"
+                module.weight.copy_(torch.from_numpy(rounded(module.weight.numpy(), mode)))
         emb = clone.model.embed_tokens.weight
         emb.copy_(emb.half().float())  # quantized bundles store a float embedding table in float16
     return clone
@@ -66,10 +72,23 @@ def dequantized_copy(model, bits: int, group: int):
 def test_quantized_bundle_matches_its_dequantized_weights(tiny, bundle, arch, quant):
     ref_model, _ = tiny(arch)
     model = edgellm.load(bundle(arch, quant))
+    assert model.manifest["quantization"]["lm_head"] == "w8"  # w4 keeps the output projection at 8 bits
     ids = corpus_ids(model, 40)
-    ref = reference_logits(dequantized_copy(ref_model, int(quant[1]), 64), ids)
+    ref = reference_logits(dequantized_copy(ref_model, int(quant[1]), 64, "w8"), ids)
     err = relative_error(model.logits(ids), ref)
     assert err < DEQUANTIZED_BOUND, f"{arch} {quant}: {err:.2e} against its own dequantized weights"
+
+
+@pytest.mark.parametrize("lm_head", ["w4", "f16"])
+def test_lm_head_precision_can_be_chosen(tiny, bundle, lm_head):
+    ref_model, _ = tiny("qwen2")
+    model = edgellm.load(bundle("qwen2", "w4", lm_head=lm_head))
+    formats = model.manifest["quantization"]["matmuls"]
+    assert formats == ({"4-bit/64": 4 * 2 + 1} if lm_head == "w4" else {"4-bit/64": 4 * 2})
+    ids = corpus_ids(model, 40)
+    ref = reference_logits(dequantized_copy(ref_model, 4, 64, lm_head), ids)
+    err = relative_error(model.logits(ids), ref)
+    assert err < DEQUANTIZED_BOUND, f"lm_head {lm_head}: {err:.2e} against its own dequantized weights"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -66,19 +66,24 @@ class _Progress(ModelSource):
 
 def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: int = 64,
             seq_length: int | None = None, chunk_length: int = 128, symmetric: bool = True,
-            quantize_lm_head: bool = True, accuracy_level: int = 4, force: bool = False,
+            lm_head: str | None = None, accuracy_level: int = 4, force: bool = False,
             progress: bool = True, vision_quantize: str | None = None,
             max_pixels: int | tuple[int, int] | None = None, static_vit: bool = False) -> Path:
     """Convert a Hugging Face folder or a GGUF file into a bundle folder at `out`; returns `out`.
     A vision-language model also gets a vision graph, whose weights default to f16 (f32 when quantize is f32);
     max_pixels, a pixel count or (width, height), bounds the pixels of one image (Qwen2/3-VL: the resize budget,
     InternVL: the number of tiles). static_vit (Qwen2/3-VL) fixes the vision graph's input to one image size
-    (max_pixels' width and height, or the largest square within its count): every image is resized to it."""
+    (max_pixels' width and height, or the largest square within its count): every image is resized to it.
+    lm_head is the output projection's precision for float weights (default: w8 with w4, as llama.cpp keeps its
+    output tensor at 6-8 bits; otherwise the same as quantize); a GGUF's own blocks are kept."""
     if quantize not in QUANT_MODES:
         raise EdgeLLMError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
     vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
     if vision_quantize not in QUANT_MODES:
         raise EdgeLLMError(f"unknown vision quantization {vision_quantize!r}; choose one of {', '.join(QUANT_MODES)}")
+    lm_head = lm_head or ("w8" if quantize == "w4" else quantize)
+    if lm_head not in QUANT_MODES:
+        raise EdgeLLMError(f"unknown lm_head precision {lm_head!r}; choose one of {', '.join(QUANT_MODES)}")
     if chunk_length < 1:
         raise EdgeLLMError("--chunk-length must be at least 1")
     started = time.perf_counter()
@@ -112,8 +117,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
 
     policy = WeightPolicy(quantize, group_size, symmetric, accuracy_level)
     g = GraphBuilder(policy)
-    if not quantize_lm_head and policy.bits is not None:
-        g.lm_head_policy = WeightPolicy("f16", group_size, symmetric, accuracy_level)
+    g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level)
     graphs = {"decoder": DECODER_FILE}
     with staging_folder(out, overwrite=force) as stage:
         with tqdm(total=len(checkpoint.names()), desc="reading weights", unit="tensor", disable=not progress) as bar:
@@ -150,7 +154,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             "seq_length": seq_length,
             "chunk_length": chunk_length,
             "quantization": {"mode": quantize, "group_size": group_size, "symmetric": symmetric,
-                             "lm_head": quantize if quantize_lm_head or policy.bits is None else "f16",
+                             "lm_head": lm_head,
                              "accuracy_level": accuracy_level, "matmuls": g.matmul_formats},
             "tokens": tokens,
             "graphs": graphs,
