@@ -8,6 +8,9 @@ import sys
 
 from .errors import EdgeLLMError
 
+# convert.pipeline.QUANT_MODES, spelled out so that parsing arguments does not import the converter (onnx)
+WEIGHT_MODES = ["f32", "f16", "w8", "w4"]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -28,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file into a bundle")
     c.add_argument("-m", "--model", required=True, help="Hugging Face model folder or .gguf file")
     c.add_argument("-o", "--output", required=True, help="bundle folder to write")
-    c.add_argument("-q", "--quantize", default="w4", choices=["f32", "f16", "w8", "w4"],
+    c.add_argument("-q", "--quantize", default="w4", choices=WEIGHT_MODES,
                    help="weight precision (default w4; GGUF blocks that map exactly are kept as they are)")
     c.add_argument("-g", "--group-size", type=int, default=64, help="quantization block size (default 64)")
     c.add_argument("-s", "--seq-length", type=int, default=None,
@@ -37,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric blocks (default)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="blocks with zero points")
-    c.add_argument("--lm-head", default=None, choices=["f32", "f16", "w8", "w4"],
+    c.add_argument("--lm-head", default=None, choices=WEIGHT_MODES,
                    help="output projection's precision (default: w8 with -q w4, else as -q); a GGUF's blocks are kept")
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
-    c.add_argument("--vision-quantize", default=None, choices=["f32", "f16", "w8", "w4"],
+    c.add_argument("--vision-quantize", default=None, choices=WEIGHT_MODES,
                    help="vision graph weights of a vision-language model (default f16; f32 with -q f32)")
     c.add_argument("--max-pixels", type=pixel_budget, default=None, metavar="W,H|PIXELS",
                    help="largest image a vision-language bundle takes, as W,H or a pixel count (Qwen2-VL, Qwen3-VL: "

@@ -178,6 +178,19 @@ def test_bad_messages_are_refused(bundle):
         model.generate("", raw=True)
 
 
+def test_unknown_precisions_are_refused_before_any_work(tiny, tmp_path):
+    from edgellm.cli import WEIGHT_MODES
+    from edgellm.convert.pipeline import QUANT_MODES
+
+    assert WEIGHT_MODES == list(QUANT_MODES)  # the CLI's choices are the converter's modes
+    _, folder = tiny("llama")
+    for option, what in (("quantize", "quantization"), ("vision_quantize", "vision quantization"),
+                         ("lm_head", "lm_head precision")):
+        with pytest.raises(EdgeLLMError, match=f"unknown {what} 'w3'; choose one of f32, f16, w8, w4"):
+            edgellm.convert(folder, tmp_path / "out", progress=False, **{option: "w3"})
+        assert not (tmp_path / "out").exists()
+
+
 # --- command line ------------------------------------------------------------------------------------
 def test_cli_convert_run_and_bench(tiny, tmp_path, capsys):
     _, folder = tiny("qwen3")

@@ -42,9 +42,9 @@ def test_logits_match_transformers(tiny, bundle, arch, quant):
     assert err < BOUNDS[quant], f"{arch} {quant}: relative max-abs logit error {err:.2e}"
 
 
-def dequantized_copy(model, bits: int, group: int, lm_head: str):
-    """The transformers model with every projection rounded exactly as the converter rounds it; the lm_head at its
-    own precision (w8, w4 or f16)."""
+def dequantized_copy(model, quant: str, group: int, lm_head: str):
+    """The transformers model with every projection rounded exactly as the converter rounds it at `quant` (w8, w4);
+    the lm_head at its own precision (w8, w4 or f16)."""
     import copy
 
     import torch
@@ -60,7 +60,7 @@ def dequantized_copy(model, bits: int, group: int, lm_head: str):
     with torch.no_grad():
         for name, module in clone.named_modules():
             if isinstance(module, torch.nn.Linear):
-                mode = lm_head if name == "lm_head" else f"w{bits}"
+                mode = lm_head if name == "lm_head" else quant
                 module.weight.copy_(torch.from_numpy(rounded(module.weight.numpy(), mode)))
         emb = clone.model.embed_tokens.weight
         emb.copy_(emb.half().float())  # quantized bundles store a float embedding table in float16
@@ -74,7 +74,7 @@ def test_quantized_bundle_matches_its_dequantized_weights(tiny, bundle, arch, qu
     model = edgellm.load(bundle(arch, quant))
     assert model.manifest["quantization"]["lm_head"] == "w8"  # w4 keeps the output projection at 8 bits
     ids = corpus_ids(model, 40)
-    ref = reference_logits(dequantized_copy(ref_model, int(quant[1]), 64, "w8"), ids)
+    ref = reference_logits(dequantized_copy(ref_model, quant, 64, "w8"), ids)
     err = relative_error(model.logits(ids), ref)
     assert err < DEQUANTIZED_BOUND, f"{arch} {quant}: {err:.2e} against its own dequantized weights"
 
@@ -86,7 +86,7 @@ def test_lm_head_precision_can_be_chosen(tiny, bundle, lm_head):
     formats = model.manifest["quantization"]["matmuls"]
     assert formats == ({"4-bit/64": 4 * 2 + 1} if lm_head == "w4" else {"4-bit/64": 4 * 2})
     ids = corpus_ids(model, 40)
-    ref = reference_logits(dequantized_copy(ref_model, 4, 64, lm_head), ids)
+    ref = reference_logits(dequantized_copy(ref_model, "w4", 64, lm_head), ids)
     err = relative_error(model.logits(ids), ref)
     assert err < DEQUANTIZED_BOUND, f"lm_head {lm_head}: {err:.2e} against its own dequantized weights"
 

@@ -76,14 +76,12 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
     (max_pixels' width and height, or the largest square within its count): every image is resized to it.
     lm_head is the output projection's precision for float weights (default: w8 with w4, as llama.cpp keeps its
     output tensor at 6-8 bits; otherwise the same as quantize); a GGUF's own blocks are kept."""
-    if quantize not in QUANT_MODES:
-        raise EdgeLLMError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
     vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
-    if vision_quantize not in QUANT_MODES:
-        raise EdgeLLMError(f"unknown vision quantization {vision_quantize!r}; choose one of {', '.join(QUANT_MODES)}")
     lm_head = lm_head or ("w8" if quantize == "w4" else quantize)
-    if lm_head not in QUANT_MODES:
-        raise EdgeLLMError(f"unknown lm_head precision {lm_head!r}; choose one of {', '.join(QUANT_MODES)}")
+    for what, mode in (("quantization", quantize), ("vision quantization", vision_quantize),
+                       ("lm_head precision", lm_head)):
+        if mode not in QUANT_MODES:
+            raise EdgeLLMError(f"unknown {what} {mode!r}; choose one of {', '.join(QUANT_MODES)}")
     if chunk_length < 1:
         raise EdgeLLMError("--chunk-length must be at least 1")
     started = time.perf_counter()
