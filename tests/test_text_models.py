@@ -8,19 +8,13 @@ import numpy as np
 import pytest
 
 import edgellm
-from conftest import CORPUS, reference_greedy, reference_logits
+from conftest import CORPUS, DEQUANTIZED_BOUND, reference_greedy, reference_logits
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
 # Max-abs logit error relative to the reference's logit scale (max |logit|), per precision. f32 is the issue's
 # bound. Against the float model, the others are what rounding random weights costs (measured: f16 ~1e-3,
 # w8 <= 3.4e-2, w4 <= 0.37 on these tiny random models, which amplify weight noise far more than trained ones).
 BOUNDS = {"f32": 1e-4, "f16": 5e-3, "w8": 6e-2, "w4": 0.6}
-# Against a transformers model holding the very same rounded weights, what remains is the runtime's own error.
-# With float activations (accuracy_level 0) that is summation order alone: the packing must be exact (measured
-# <= 1e-6). The default, accuracy_level 4, rounds activations to int8 per block, which the CPU's kernel does its own
-# way: measured <= 2.2e-2 with AVX-512 VNNI, 1.4e-2 to 3.1e-2 with AVX2 (AMD EPYC) on these models; a weight
-# rounded at the wrong precision (a 4-bit lm_head read as 8-bit) shows as 0.12.
-DEQUANTIZED_BOUND = {0: 1e-4, 4: 5e-2}
 
 
 def corpus_ids(model, n: int) -> list[int]:
