@@ -24,6 +24,11 @@ CORPUS = (Path(__file__).parent / "data" / "english.txt")
 # a weight rounded at the wrong precision (a 4-bit lm_head read as 8-bit) shows as 0.12.
 DEQUANTIZED_BOUND = {0: 1e-4, 4: 5e-2}
 
+
+def relative_error(got, ref) -> float:
+    """Max-abs error relative to the reference's largest magnitude: the measure every logits bound here uses."""
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.08)
 ARCHS = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgellm
-from conftest import CORPUS, gguf_reference, torch
+from conftest import CORPUS, gguf_reference, relative_error, torch
 from edgellm.demo import smollm2_gguf
 
 QUESTIONS = {"What is the capital of Germany?": "Berlin", "What is the capital of Japan?": "Tokyo",
@@ -77,7 +77,7 @@ def test_f32_bundle_matches_the_dequantized_reference(bundles, reference):
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0].numpy()
     got = bundles["f32"].logits(ids)
-    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    assert relative_error(got, ref) < 1e-4
 
 
 def test_w4_bundle_keeps_the_reference_top1(bundles, reference):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import edgellm
-from conftest import CORPUS, DEQUANTIZED_BOUND, reference_greedy, reference_logits
+from conftest import CORPUS, DEQUANTIZED_BOUND, reference_greedy, reference_logits, relative_error
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
 # Max-abs logit error relative to the reference's logit scale (max |logit|), per precision. f32 is the issue's
@@ -19,10 +19,6 @@ BOUNDS = {"f32": 1e-4, "f16": 5e-3, "w8": 6e-2, "w4": 0.6}
 
 def corpus_ids(model, n: int) -> list[int]:
     return model.tokenizer.encode(CORPUS.read_text())[:n]
-
-
-def relative_error(got, ref) -> float:
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
