@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgellm.convert import gguf as gguf_reader
-from edgellm.convert.quantize import concat_rows, quantize
+from edgellm.convert.quantize import MIN_DIGITS, block_sums_matrix, concat_rows, fold_mins, quantize
 
 import gguf  # noqa: E402
 
@@ -79,3 +79,79 @@ def test_min_format_matmul_is_exact():
     expected = x @ weight.dequantize().T
     scale = np.abs(expected).max()  # ~100: float32 sums in another order differ by ~1e-6 of that
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=0, atol=2e-6 * scale)
+
+
+MIN_FORMATS = ["Q4_1", "Q5_1", "Q4_K", "Q5_K"]  # 4-bit codes with mins, and 5-bit ones widened to 8 bits
+
+
+def min_format_weight(kind: str, n: int, k: int, seed: int):
+    if kind in ("Q4_1", "Q5_1"):  # quantized from a Gaussian matrix, as llama.cpp would: realistic mins
+        raw = gguf.quants.quantize(np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32),
+                                   getattr(gguf.GGMLQuantizationType, kind))
+    else:  # the gguf package cannot quantize K formats: random super-blocks (their mins are rarely near a step)
+        raw = random_blocks(kind, n, k, seed)
+    weight = gguf_reader._BLOCK_DECODERS[kind](raw, k)
+    assert weight.mins is not None
+    return weight
+
+
+def digits_bound(weight, folded) -> np.ndarray:
+    """Per output column: what the digits may leave of a min, max|rest| / 196 for 4-bit codes (two digits of 1/14
+    each) and / 254 for 8-bit ones (one digit), where rest is the part of the min the new zero point did not take."""
+    shift = weight.zero_points_or_default().astype(np.float64) - folded.zero_points[:, :weight.k_blocks]
+    rest = weight.mins - weight.scales.astype(np.float64) * shift
+    return np.abs(rest).max(axis=1) / {4: 196, 8: 254}[weight.bits], rest, shift
+
+
+@pytest.mark.parametrize("kind", MIN_FORMATS)
+def test_folded_mins_keep_the_weight_to_their_digits(kind):
+    """fold_mins: the zero points take the integer part of each min (exactly), and the digits rows over the block
+    sums take the rest to 1/196 of its largest value in the column (4-bit codes, two digits; 8-bit: one, 1/254)."""
+    k, n = 512, 40
+    weight = min_format_weight(kind, n, k, seed=5)
+    folded = fold_mins(weight)
+    assert folded.mins is None and folded.k > k and folded.k % weight.block_size == 0
+    widen = np.concatenate([np.eye(k), block_sums_matrix(k, weight.block_size, MIN_DIGITS[weight.bits],
+                                                         pad_to=weight.block_size)], axis=1)  # x @ widen = [x, sums]
+    effective = folded.dequantize().astype(np.float64) @ widen.T  # what the folded matmul applies to x
+    bound, rest, shift = digits_bound(weight, folded)
+    error = np.abs(effective - weight.dequantize())
+    assert (error <= bound[:, None] + 1e-6 * np.abs(weight.dequantize()).max()).all(), (error / bound[:, None]).max()
+    assert (bound > 0).any()
+    top = (1 << weight.bits) - 1
+    zero_points = folded.zero_points[:, :weight.k_blocks]
+    inside = (zero_points > 0) & (zero_points < top) & (weight.scales != 0)  # (a zero scale leaves the min whole)
+    assert inside.any() and (np.abs(rest) <= np.abs(weight.scales) / 2 + 1e-7)[inside].all()
+    if kind in ("Q4_1", "Q5_1"):  # real mins lie within the zero point's reach: what is left is at most half a step
+        assert inside.all() and (shift != 0).any()
+
+
+@pytest.mark.parametrize("kind", MIN_FORMATS)
+def test_min_format_matmul_at_int8_activations(kind):
+    """At accuracy level 4 the graph runs one MatMulNBits over [x, block sums of x] with the folded weight, no
+    separate mins product. Read at accuracy level 0 the same graph computes x @ W.T to the digits' bound, so its
+    wiring and packing are right; at level 4 what differs is the int8 rounding of the activations."""
+    import onnxruntime as ort
+
+    from edgellm.convert.graph import GraphBuilder, WeightPolicy
+
+    k, n = 512, 40
+    weight = min_format_weight(kind, n, k, seed=6)
+    g = GraphBuilder(WeightPolicy("w4", accuracy_level=4))
+    y = g.linear(g.input("x", np.float32, [1, "s", k]), weight, "proj")
+    g.output("y", np.float32, [1, "s", n], value=y)
+    model = g.to_model()
+    ops = sorted(node.op_type for node in model.graph.node)
+    assert ops == ["Concat", "Identity", "MatMul", "MatMulNBits"], ops
+    x = np.random.default_rng(7).standard_normal((1, 9, k)).astype(np.float32)
+    expected = x.astype(np.float64) @ weight.dequantize().T.astype(np.float64)
+    scale = np.abs(expected).max()
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"x": x})[0]
+    int8_error = np.abs(run(model) - expected).max() / scale
+    assert int8_error < 2e-2, int8_error  # int8 activations per block of 32
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            next(a for a in node.attribute if a.name == "accuracy_level").i = 0
+    bound = np.abs(x).sum(-1)[..., None] * digits_bound(weight, fold_mins(weight))[0]
+    assert (np.abs(run(model) - expected) <= bound + 2e-6 * scale).all()

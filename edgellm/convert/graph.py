@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .quantize import QuantizedWeight, concat_rows, quantize
+from .quantize import MIN_DIGITS, QuantizedWeight, block_sums_matrix, concat_rows, fold_mins, quantize
 
 MS = "com.microsoft"
 OPSET = 17
@@ -43,8 +43,8 @@ class GraphBuilder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count: dict[str, int] = {}
-        self._block_sums: dict[tuple[str, int], str] = {}
-        self._block_indicators: dict[tuple[int, int], str] = {}
+        self._block_sums: dict[tuple, str] = {}  # per input and layout: the tensor of its block sums
+        self._block_sums_matrices: dict[tuple, str] = {}
         self.matmul_formats: dict[str, int] = {}  # e.g. {"4-bit/32 +mins": 120}: what the bundle really holds
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -178,6 +178,9 @@ class GraphBuilder:
     def _matmul_nbits(self, x: str, w: QuantizedWeight, name: str, accuracy_level: int) -> str:
         kind = f"{w.bits}-bit/{w.block_size}" + (" +mins" if w.mins is not None else "")
         self.matmul_formats[kind] = self.matmul_formats.get(kind, 0) + 1
+        mins = w.mins
+        if mins is not None and accuracy_level == 4:  # int8 activations: the mins become rows of the matmul itself
+            x, w, mins = self._widened(x, w, name), fold_mins(w), None
         inputs = [x, self.const(w.packed_codes(), f"{name}.qweight"),
                   self.const(w.scales.reshape(-1).astype(np.float32), f"{name}.scales")]
         zero_points = w.packed_zero_points()
@@ -185,16 +188,29 @@ class GraphBuilder:
             inputs.append(self.const(zero_points, f"{name}.zero_points"))
         y = self.op("MatMulNBits", inputs, name=name, domain=MS, K=w.k, N=w.n, bits=w.bits,
                     block_size=w.block_size, accuracy_level=accuracy_level)
-        if w.mins is None:
+        if mins is None:
             return y
-        # GGUF min formats: sum_k x_k * (s q_k + m) = MatMulNBits(x) + sum_blocks(x) @ mins, exact.
-        assert w.k % w.block_size == 0, "min formats come from GGUF, whose rows are whole blocks"
-        key = (x, w.block_size)
-        if key not in self._block_sums:  # one MatMul with a 0/1 block indicator: fewer ops than Reshape + ReduceSum
-            shape = (w.k, w.block_size)
-            if shape not in self._block_indicators:
-                indicator = np.arange(w.k)[:, None] // w.block_size == np.arange(w.k_blocks)[None, :]
-                self._block_indicators[shape] = self.const(indicator.astype(np.float32), f"block_indicator_{w.k}")
-            self._block_sums[key] = self.op("MatMul", [x, self._block_indicators[shape]], name=f"{name}/block_sums")
-        mins = self.const(np.ascontiguousarray(w.mins.T.astype(np.float32)), f"{name}.mins")
-        return self.add(y, self.op("MatMul", [self._block_sums[key], mins], name=f"{name}/mins"), name=f"{name}/sum")
+        # Float activations: sum_k x_k * (s q_k + m) = MatMulNBits(x) + block_sums(x) @ mins, exact.
+        sums = self._block_sums_of(x, w.k, w.block_size, name=name)
+        mins = self.const(np.ascontiguousarray(mins.T.astype(np.float32)), f"{name}.mins")
+        return self.add(y, self.op("MatMul", [sums, mins], name=f"{name}/mins"), name=f"{name}/sum")
+
+    def _block_sums_of(self, x: str, k: int, block_size: int, copies: int = 1, pad_to: int = 1,
+                       name: str = "") -> str:
+        """x @ block_sums_matrix(...), built once per input (a fused QKV or gate/up shares it)."""
+        layout = (k, block_size, copies, pad_to)
+        if (x, layout) not in self._block_sums:
+            if layout not in self._block_sums_matrices:
+                self._block_sums_matrices[layout] = self.const(block_sums_matrix(*layout), f"block_sums_{k}")
+            self._block_sums[x, layout] = self.op("MatMul", [x, self._block_sums_matrices[layout]],
+                                                  name=f"{name}/block_sums")
+        return self._block_sums[x, layout]
+
+    def _widened(self, x: str, w: QuantizedWeight, name: str) -> str:
+        """[x, block_sums(x) once per digit], the input that `fold_mins(w)` multiplies; once per input."""
+        copies = MIN_DIGITS[w.bits]
+        key = (x, "widened", w.k, w.block_size, copies)
+        if key not in self._block_sums:
+            sums = self._block_sums_of(x, w.k, w.block_size, copies, pad_to=w.block_size, name=name)
+            self._block_sums[key] = self.op("Concat", [x, sums], name=f"{name}/widen", axis=-1)
+        return self._block_sums[key]
