@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgellm.convert import gguf as gguf_reader
-from edgellm.convert.quantize import MIN_DIGITS, block_sums_matrix, concat_rows, fold_mins, quantize
+from edgellm.convert.quantize import block_sums_matrix, concat_rows, fold_mins, folded_sums_layout, quantize
 
 import gguf  # noqa: E402
 
@@ -62,25 +62,6 @@ def test_concat_rows_unifies_zero_points_and_mins():
     assert concat_rows([a, quantize(rng.standard_normal((4, 64)), 8, 32)]) is None
 
 
-def test_min_format_matmul_is_exact():
-    """GGUF min formats run as MatMulNBits plus block_sums(x) @ mins; with float activations that is exact."""
-    import onnxruntime as ort
-
-    from edgellm.convert.graph import GraphBuilder, WeightPolicy
-
-    k, n = 256, 48
-    weight = gguf_reader._BLOCK_DECODERS["Q4_K"](random_blocks("Q4_K", n, k, seed=3), k)
-    assert weight.mins is not None
-    g = GraphBuilder(WeightPolicy("w4", accuracy_level=0))
-    y = g.linear(g.input("x", np.float32, [1, "s", k]), weight, "proj")
-    g.output("y", np.float32, [1, "s", n], value=y)
-    session = ort.InferenceSession(g.to_model().SerializeToString(), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(4).standard_normal((1, 7, k)).astype(np.float32)
-    expected = x @ weight.dequantize().T
-    scale = np.abs(expected).max()  # ~100: float32 sums in another order differ by ~1e-6 of that
-    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=0, atol=2e-6 * scale)
-
-
 MIN_FORMATS = ["Q4_1", "Q5_1", "Q4_K", "Q5_K"]  # 4-bit codes with mins, and 5-bit ones widened to 8 bits
 
 
@@ -93,6 +74,24 @@ def min_format_weight(kind: str, n: int, k: int, seed: int):
     weight = gguf_reader._BLOCK_DECODERS[kind](raw, k)
     assert weight.mins is not None
     return weight
+
+
+def test_min_format_matmul_is_exact():
+    """GGUF min formats run as MatMulNBits plus block_sums(x) @ mins; with float activations that is exact."""
+    import onnxruntime as ort
+
+    from edgellm.convert.graph import GraphBuilder, WeightPolicy
+
+    k, n = 256, 48
+    weight = min_format_weight("Q4_K", n, k, seed=3)
+    g = GraphBuilder(WeightPolicy("w4", accuracy_level=0))
+    y = g.linear(g.input("x", np.float32, [1, "s", k]), weight, "proj")
+    g.output("y", np.float32, [1, "s", n], value=y)
+    session = ort.InferenceSession(g.to_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(4).standard_normal((1, 7, k)).astype(np.float32)
+    expected = x @ weight.dequantize().T
+    scale = np.abs(expected).max()  # ~100: float32 sums in another order differ by ~1e-6 of that
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=0, atol=2e-6 * scale)
 
 
 def digits_bound(weight, folded) -> np.ndarray:
@@ -111,8 +110,7 @@ def test_folded_mins_keep_the_weight_to_their_digits(kind):
     weight = min_format_weight(kind, n, k, seed=5)
     folded = fold_mins(weight)
     assert folded.mins is None and folded.k > k and folded.k % weight.block_size == 0
-    widen = np.concatenate([np.eye(k), block_sums_matrix(k, weight.block_size, MIN_DIGITS[weight.bits],
-                                                         pad_to=weight.block_size)], axis=1)  # x @ widen = [x, sums]
+    widen = np.concatenate([np.eye(k), block_sums_matrix(*folded_sums_layout(weight))], axis=1)  # x @ it: [x, sums]
     effective = folded.dequantize().astype(np.float64) @ widen.T  # what the folded matmul applies to x
     bound, rest, shift = digits_bound(weight, folded)
     error = np.abs(effective - weight.dequantize())

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .quantize import MIN_DIGITS, QuantizedWeight, block_sums_matrix, concat_rows, fold_mins, quantize
+from .quantize import QuantizedWeight, block_sums_matrix, concat_rows, fold_mins, folded_sums_layout, quantize
 
 MS = "com.microsoft"
 OPSET = 17
@@ -43,7 +43,7 @@ class GraphBuilder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count: dict[str, int] = {}
-        self._block_sums: dict[tuple, str] = {}  # per input and layout: the tensor of its block sums
+        self._block_sums: dict[tuple, str] = {}  # per input and layout: its block sums, or it widened by them
         self._block_sums_matrices: dict[tuple, str] = {}
         self.matmul_formats: dict[str, int] = {}  # e.g. {"4-bit/32 +mins": 120}: what the bundle really holds
 
@@ -208,9 +208,9 @@ class GraphBuilder:
 
     def _widened(self, x: str, w: QuantizedWeight, name: str) -> str:
         """[x, block_sums(x) once per digit], the input that `fold_mins(w)` multiplies; once per input."""
-        copies = MIN_DIGITS[w.bits]
-        key = (x, "widened", w.k, w.block_size, copies)
+        layout = folded_sums_layout(w)
+        key = (x, "widened", layout)
         if key not in self._block_sums:
-            sums = self._block_sums_of(x, w.k, w.block_size, copies, pad_to=w.block_size, name=name)
+            sums = self._block_sums_of(x, *layout, name=name)
             self._block_sums[key] = self.op("Concat", [x, sums], name=f"{name}/widen", axis=-1)
         return self._block_sums[key]

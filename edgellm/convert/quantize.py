@@ -108,6 +108,12 @@ def fold_mins(w: QuantizedWeight) -> QuantizedWeight:
                            np.concatenate(scales, axis=1), np.concatenate(zps, axis=1))
 
 
+def folded_sums_layout(w: QuantizedWeight) -> tuple[int, int, int, int]:
+    """The `block_sums_matrix` arguments of the block sums that `fold_mins(w)` multiplies, appended to x: one copy
+    per digit, each padded to whole blocks."""
+    return w.k, w.block_size, MIN_DIGITS[w.bits], w.block_size
+
+
 def block_sums_matrix(k: int, block_size: int, copies: int = 1, pad_to: int = 1) -> np.ndarray:
     """0/1 [k, copies * width]: x @ it is block_sums(x), `copies` times, each padded with zeros to a multiple of
     `pad_to` (one MatMul: fewer ops than Reshape + ReduceSum)."""
