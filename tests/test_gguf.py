@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import edgellm
-from conftest import CORPUS, DEQUANTIZED_BOUND, reference_logits, relative_error, torch
+from conftest import CORPUS, DEQUANTIZED_BOUND, make_tiny_model, reference_logits, relative_error, torch
 from edgellm.convert.gguf import _GLOBAL_NAMES, layer_names
 
 import gguf  # noqa: E402
@@ -68,6 +68,8 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
     w.add_add_bos_token(False)
     w.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
     for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:  # llama.cpp writes a tied head once, as token_embd
+            continue
         data = tensor.float().numpy()
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
@@ -84,6 +86,45 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
     w.close()
 
 
+def dequantized_copy(model, qtype):
+    """The model holding its 2-D weights as the GGUF type `qtype` rounds them: what a GGUF of it decodes to."""
+    copied = type(model)(model.config).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if v.ndim == 2:
+            rounded = gguf.quants.dequantize(gguf.quants.quantize(v.numpy(), qtype), qtype).reshape(v.shape)
+            state[k] = torch.from_numpy(np.ascontiguousarray(rounded, np.float32))
+    copied.load_state_dict(state)
+    return copied
+
+
+@pytest.mark.parametrize("arch, qtype, shared", [("llama", "Q4_0", True), ("gemma3", "Q8_0", True),
+                                                 ("qwen2", "Q4_1", False)])
+def test_tied_embedding_is_stored_once(tmp_path, arch, qtype, shared):
+    """A tied GGUF embedding kept in its own blocks is also the lm_head's MatMulNBits weight: the bundle stores it
+    once, in the graph's data file, and the table reads its rows from there (4-bit codes two per byte; Gemma's
+    sqrt(hidden) applied to the scales at run time). A min format (Q4_1) is reshaped for the matmul
+    (quantize.fold_mins), so its table keeps files of its own. Rows and logits as transformers has them."""
+    ref_model = make_tiny_model(arch, tmp_path / "hf", tie=True)
+    qtype = getattr(gguf.GGMLQuantizationType, qtype)
+    write_gguf(ref_model, tmp_path / "hf", tmp_path / "tied.gguf", arch, qtype)
+    out = edgellm.convert(tmp_path / "tied.gguf", tmp_path / "bundle", quantize="w4", seq_length=64, progress=False)
+    entry = json.loads((out / "manifest.json").read_text())["embeddings"]
+    assert (not any(out.glob("embed_tokens*"))) == shared
+    assert (entry["codes"] == {"file": "decoder.onnx.data", "offset": entry["codes"]["offset"], "dtype": "uint8",
+                               "shape": [ref_model.config.vocab_size, 2, 16 if qtype.name == "Q4_0" else 32]}
+            if shared else entry["codes"] == "embed_tokens.npy")
+    model = edgellm.load(out)
+    dequantized = dequantized_copy(ref_model, qtype)
+    scale = np.float32(ref_model.config.hidden_size ** 0.5) if arch == "gemma3" else np.float32(1)
+    table = dequantized.model.embed_tokens.weight.detach().numpy() * scale
+    ids = np.arange(ref_model.config.vocab_size)
+    np.testing.assert_allclose(model.engine.embed(ids), table, rtol=1e-6, atol=1e-6)
+    if arch != "gemma3":  # a GGUF cannot carry the tiny Gemma's query scale (its graph: the test below)
+        ids = model.tokenizer.encode(CORPUS.read_text()[:400])[:40]
+        assert relative_error(model.logits(ids), reference_logits(dequantized, ids)) < DEQUANTIZED_BOUND[4]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     ref_model, folder = tiny(arch)
@@ -97,13 +138,7 @@ def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     q8 = gguf.GGMLQuantizationType.Q8_0
     write_gguf(ref_model, folder, path, arch, q8)
 
-    dequantized = type(ref_model)(ref_model.config).eval()  # the reference, holding the Q8_0-rounded weights
-    state = {k: v.clone() for k, v in ref_model.state_dict().items()}
-    for k, v in state.items():
-        if v.ndim == 2:
-            rounded = gguf.quants.dequantize(gguf.quants.quantize(v.numpy(), q8), q8).reshape(v.shape)
-            state[k] = torch.from_numpy(np.ascontiguousarray(rounded, np.float32))
-    dequantized.load_state_dict(state)
+    dequantized = dequantized_copy(ref_model, q8)  # the reference, holding the Q8_0-rounded weights
 
     model = edgellm.load(edgellm.convert(path, tmp_path / "bundle", quantize="f32", seq_length=256, progress=False))
     hf_tokens = edgellm.load(edgellm.convert(folder, tmp_path / "hf", quantize="f32", seq_length=256,

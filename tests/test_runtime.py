@@ -127,6 +127,22 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, tiny):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
+def test_bundle_format_versions(bundle, tmp_path):
+    """Bundles of format version 1 (each with its own embedding table) still open; a newer version is refused with
+    what to do, not read wrongly."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundle("llama", "f32"), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    for version, opens in [(1, True), (3, False)]:
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+        if opens:
+            assert edgellm.load(copy).engine.embed([1, 2]).shape == (2, manifest["model"]["hidden_size"])
+        else:
+            with pytest.raises(EdgeLLMError, match=r"v3 is not edgellm-bundle v1/2; reconvert the model"):
+                edgellm.load(copy)
+
+
 def test_corrupt_or_truncated_bundle_is_refused(bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(bundle("llama", "f32"), copy)

@@ -14,7 +14,8 @@ from pathlib import Path
 from ..errors import EdgeLLMError
 
 FORMAT = "edgellm-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the embedding table may be a tied lm_head's blocks inside the graph's data file
+READABLE_VERSIONS = (1, 2)  # what the runtime opens: version 1 differs only in always writing its own table
 MANIFEST = "manifest.json"
 
 

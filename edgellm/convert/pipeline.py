@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
@@ -131,7 +132,9 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         if progress:
             tqdm.write("writing graph ...")
         save_graph(g, stage / DECODER_FILE)
-        embeddings_entry = save_table(stage, embeddings, quantize)
+        # a tied lm_head that keeps the table's blocks holds them for both (save_table compares them bit for bit)
+        embeddings_entry = save_table(stage, embeddings, quantize, lm_head_blocks(stage / DECODER_FILE),
+                                      model.embedding_multiplier)
         (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         template = source.chat_template()
         if template:
@@ -173,6 +176,30 @@ def save_graph(g: GraphBuilder, path: Path) -> None:
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.chmod(0o644)  # onnx creates it owner-only; bundles are shared
+
+
+def lm_head_blocks(graph: Path) -> dict | None:
+    """Where the graph's data file holds the lm_head's MatMulNBits blocks (codes, scales, zero points), each as
+    ({"file", "offset", "dtype", "shape" [N, ...]}, its bytes memory-mapped); None when the lm_head is no
+    MatMulNBits (float, or a GGUF min format that the graph reshapes)."""
+    model = onnx.load(graph, load_external_data=False)
+    node = next((n for n in model.graph.node if n.name == "lm_head" and n.op_type == "MatMulNBits"), None)
+    if node is None:
+        return None
+    attrs = {a.name: a.i for a in node.attribute}
+    initializers = {t.name: t for t in model.graph.initializer}
+    parts = {}
+    for part, name in zip(("codes", "scales", "zero_points"), node.input[1:4]):
+        tensor = initializers.get(name)
+        if tensor is None or tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return None
+        info = {e.key: e.value for e in tensor.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        size = int(np.prod(tensor.dims))
+        shape = [attrs["N"], *tensor.dims[1:]] if len(tensor.dims) > 1 else [attrs["N"], size // attrs["N"]]
+        where = {"file": info["location"], "offset": int(info.get("offset", 0)), "dtype": dtype.name, "shape": shape}
+        parts[part] = (where, np.memmap(graph.parent / info["location"], dtype, "r", where["offset"], (size,)))
+    return {"bits": attrs["bits"], "block_size": attrs["block_size"], "k": attrs["K"], "parts": parts}
 
 
 def compact_merges(tokenizer_json: str) -> str:

@@ -14,7 +14,6 @@ import numpy as np
 from onnx import TensorProto
 
 from ..convert.graph import GraphBuilder
-from ..convert.quantize import QuantizedWeight
 from ..errors import EdgeLLMError
 from . import llama
 from .qwen3 import head_norm
@@ -59,10 +58,9 @@ class ModelArgs(llama.ModelArgs):
 class Model(llama.Model):
     packed_qkv = False  # q/k norms sit between projection and rotary
 
-    def embedding_table(self, weights) -> np.ndarray | QuantizedWeight:
-        # Gemma multiplies embeddings by sqrt(hidden); for GGUF blocks the scales (and mins) carry the factor.
-        table, factor = super().embedding_table(weights), np.float32(self.args.hidden_size ** 0.5)
-        return table.scaled(factor) if isinstance(table, QuantizedWeight) else table * factor
+    @property
+    def embedding_multiplier(self) -> np.float32:
+        return np.float32(self.args.hidden_size ** 0.5)
 
     def norm_weight(self, weights, name: str) -> np.ndarray:
         return weights.tensor(name) + np.float32(1.0)

@@ -70,9 +70,15 @@ class Model:
         self.args = args
 
     # --- pieces a neighbouring family overrides ------------------------------------------------
+    embedding_multiplier: np.float32 | None = None  # embeddings times a constant (Gemma: sqrt(hidden))
+
     def embedding_table(self, weights) -> np.ndarray | QuantizedWeight:
-        """Float rows, or a GGUF's own blocks (kept as they are in a quantized bundle)."""
-        return weights.linear("model.embed_tokens.weight")
+        """Float rows, or a GGUF's own blocks (kept as they are in a quantized bundle), times embedding_multiplier
+        (for blocks, their scales carry it)."""
+        table, factor = weights.linear("model.embed_tokens.weight"), self.embedding_multiplier
+        if factor is None:
+            return table
+        return table.scaled(factor) if isinstance(table, QuantizedWeight) else table * factor
 
     def lm_head_weight(self, weights):
         if "lm_head.weight" in weights and not self.args.tie_word_embeddings:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..convert.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_checksums
+from ..convert.bundle import FORMAT, MANIFEST, READABLE_VERSIONS, file_checksums
 from ..errors import EdgeLLMError
 
 
@@ -52,9 +52,10 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise EdgeLLMError(f"{path}: not an edgellm bundle (no {MANIFEST})") from None
     except ValueError as e:
         raise EdgeLLMError(f"{manifest_path}: corrupt manifest ({e}); reconvert the model") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         raise EdgeLLMError(f"{path}: bundle format {manifest.get('format')!r} v{manifest.get('format_version')} is "
-                           f"not {FORMAT} v{FORMAT_VERSION}; reconvert the model with this edgellm")
+                           f"not {FORMAT} v{'/'.join(map(str, READABLE_VERSIONS))}; reconvert the model with this "
+                           "edgellm")
     for name, info in manifest["files"].items():
         file = path / name
         if not file.is_file():

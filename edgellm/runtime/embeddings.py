@@ -2,8 +2,11 @@
 
 Usually one float16 (float32 for -q f32) array. A quantized bundle from a GGUF whose embedding is itself in blocks
 keeps them: integer codes with per-block scales (and zero points or mins), exact and a fraction of float16's size;
-with a large vocabulary (Gemma 3: 262,144 rows) the table is otherwise the biggest file of the bundle. A float
-table stays float16: rounding it to 8 bits moves every token's input, measurably on small models.
+with a large vocabulary (Gemma 3: 262,144 rows) the table is otherwise the biggest file of the bundle. When the
+lm_head is that same table (tied embeddings) and the graph holds its blocks as they are, the bundle stores them
+once: the rows are read from the lm_head's initializers in the graph's data file (4-bit codes two per byte, as
+MatMulNBits packs them). A float table stays float16: rounding it to 8 bits moves every token's input, measurably
+on small models.
 """
 
 from __future__ import annotations
@@ -20,12 +23,20 @@ FILE = "embed_tokens.npy"
 _PARTS = ("scales", "zero_points", "mins")
 
 
-def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str) -> str | dict:
-    """Write the table for a bundle of quantization `mode`; returns the manifest's "embeddings" entry."""
+def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str, lm_head: dict | None = None,
+               multiplier: np.float32 | None = None) -> str | dict:
+    """Write the table for a bundle of quantization `mode`; returns the manifest's "embeddings" entry. `lm_head`
+    (from the converter's `lm_head_blocks`) says where the graph's data file holds the lm_head's blocks: when they
+    are this table's own (before `multiplier`, which the table carries), nothing is written and the entry points
+    at them."""
     if mode in ("f32", "f16") or not isinstance(table, QuantizedWeight):
         table = table.dequantize() if isinstance(table, QuantizedWeight) else table
         np.save(folder / FILE, table.astype(np.float32 if mode == "f32" else np.float16))
         return FILE
+    if lm_head is not None and _same_blocks(table, lm_head, multiplier):
+        entry = {"bits": table.bits, "k": table.k, "packed": table.bits == 4,
+                 **({"multiplier": float(multiplier)} if multiplier is not None else {})}
+        return {**entry, **{part: where for part, (where, _) in lm_head["parts"].items()}}
     np.save(folder / FILE, table.codes)
     entry = {"codes": FILE, "bits": table.bits, "k": table.k}
     for part in _PARTS:
@@ -36,17 +47,39 @@ def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str) -> 
     return entry
 
 
-class RowFile:
-    """A .npy array whose rows are read with pread as they are asked for: the process holds only those rows.
-    (A memory map serves the same bytes, but the kernel maps the 64 KiB around every row touched from the page
-    cache: a few hundred tokens made SmolLM2's whole 27 MiB table resident, and most of Gemma 3's 180 MiB.)"""
+def _same_blocks(table: QuantizedWeight, lm_head: dict, multiplier: np.float32 | None) -> bool:
+    """Whether the lm_head's stored codes and scales (times `multiplier`) are the table's, bit for bit. (GGUF blocks,
+    the only quantized tables, come without zero points: the codes are centred on the midpoint.)"""
+    if table.mins is not None or table.zero_points is not None or (
+            lm_head["bits"], lm_head["block_size"], lm_head["k"]) != (table.bits, table.block_size, table.k):
+        return False
+    stored = {part: array for part, (_, array) in lm_head["parts"].items()}
+    if multiplier is not None and "scales" in stored:
+        stored["scales"] = stored["scales"] * np.float32(multiplier)
+    mine = {"codes": table.packed_codes(), "scales": table.scales}
+    return stored.keys() == mine.keys() and all(
+        stored[p].dtype == mine[p].dtype and stored[p].size == mine[p].size
+        and np.array_equal(stored[p].reshape(-1).view(np.uint8), mine[p].reshape(-1).view(np.uint8)) for p in mine)
 
-    def __init__(self, path: Path):
+
+class RowFile:
+    """An array (a .npy file, or one at an offset of another file) whose rows are read with pread as they are asked
+    for: the process holds only those rows. (A memory map serves the same bytes, but the kernel maps the 64 KiB
+    around every row touched from the page cache: a few hundred tokens made SmolLM2's whole 27 MiB table resident,
+    and most of Gemma 3's 180 MiB.)"""
+
+    def __init__(self, path: Path, where: dict | None = None):
+        """`where`: {"offset", "dtype", "shape"} of an array inside a raw file; None for a .npy file."""
         self.file = open(path, "rb")  # stays open; closed with the object
-        version = np.lib.format.read_magic(self.file)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        self.shape, fortran_order, self.dtype = read_header(self.file)
-        self.offset = self.file.tell()
+        fortran_order = False
+        if where is None:
+            version = np.lib.format.read_magic(self.file)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            self.shape, fortran_order, self.dtype = read_header(self.file)
+            self.offset = self.file.tell()
+        else:
+            self.shape, self.dtype, self.offset = tuple(where["shape"]), np.dtype(where["dtype"]), int(where["offset"])
         self.row_shape = tuple(self.shape[1:])
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape))
         if fortran_order or os.fstat(self.file.fileno()).st_size < self.offset + self.shape[0] * self.row_bytes:
@@ -65,9 +98,21 @@ class RowFile:
         return rows.reshape(*ids.shape, *self.row_shape)
 
 
-def _rows(path: Path):
-    """Row reader for `path`; a memory map where the platform has no pread (Windows)."""
-    return RowFile(path) if hasattr(os, "preadv") else np.load(path, mmap_mode="r")
+def _rows(bundle, part: str | dict):
+    """Row reader for a part of the table: a .npy file's name, or {"file", "offset", "dtype", "shape"} of an array
+    inside another file (the lm_head's blocks); a memory map where the platform has no pread (Windows)."""
+    if isinstance(part, str):
+        path = bundle.file(part)
+        return RowFile(path) if hasattr(os, "preadv") else np.load(path, mmap_mode="r")
+    path = bundle.file(part["file"])
+    if hasattr(os, "preadv"):
+        return RowFile(path, part)
+    return np.memmap(path, np.dtype(part["dtype"]), "r", int(part["offset"]), tuple(part["shape"]))
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., m] holding two 4-bit values per byte, low nibble first (MatMulNBits) -> [..., 2m]."""
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
 class EmbeddingTable:
@@ -76,23 +121,29 @@ class EmbeddingTable:
     def __init__(self, bundle):
         entry = bundle.manifest["embeddings"]
         if isinstance(entry, str):  # float rows
-            self.values, self.parts = _rows(bundle.file(entry)), None
+            self.values, self.parts = _rows(bundle, entry), None
             self.shape = self.values.shape
             return
-        self.codes = _rows(bundle.file(entry["codes"]))
-        self.parts = {p: _rows(bundle.file(entry[p])) for p in _PARTS if p in entry}
+        self.codes = _rows(bundle, entry["codes"])
+        self.parts = {p: _rows(bundle, entry[p]) for p in _PARTS if p in entry}
         self.k = int(entry["k"])
         self.midpoint = np.float32(1 << (int(entry["bits"]) - 1))  # the zero point when none is stored
+        self.packed = bool(entry.get("packed"))  # 4-bit codes two per byte
+        self.multiplier = np.float32(entry["multiplier"]) if "multiplier" in entry else None
         self.shape = (self.codes.shape[0], self.k)
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
         if self.parts is None:
             return np.asarray(self.values[ids], np.float32)
-        codes = self.codes[ids].astype(np.float32)  # [n, blocks, block]
+        codes = self.codes[ids]
+        codes = (unpack_nibbles(codes) if self.packed else codes).astype(np.float32)  # [n, blocks, block]
         zero = (self.parts["zero_points"][ids].astype(np.float32)[..., None] if "zero_points" in self.parts
                 else self.midpoint)
-        rows = (codes - zero) * self.parts["scales"][ids][..., None]
+        scales = self.parts["scales"][ids]
+        if self.multiplier is not None:
+            scales = scales * self.multiplier
+        rows = (codes - zero) * scales[..., None]
         if "mins" in self.parts:
             rows += self.parts["mins"][ids][..., None]
         return rows.reshape(len(ids), -1)[:, : self.k]
