@@ -7,6 +7,7 @@ import copy
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 import edgellm
@@ -98,28 +99,44 @@ def dequantized_copy(model, qtype):
     return copied
 
 
-@pytest.mark.parametrize("arch, qtype, shared", [("llama", "Q4_0", True), ("gemma3", "Q8_0", True),
-                                                 ("qwen2", "Q4_1", False)])
-def test_tied_embedding_is_stored_once(tmp_path, arch, qtype, shared):
+@pytest.mark.parametrize("arch, qtype, shared, pieces", [("llama", "Q4_0", True, 3), ("gemma3", "Q8_0", True, 1),
+                                                         ("qwen2", "Q4_1", False, 1)])
+def test_tied_embedding_is_stored_once(tmp_path, monkeypatch, arch, qtype, shared, pieces):
     """A tied GGUF embedding kept in its own blocks is also the lm_head's MatMulNBits weight: the bundle stores it
     once, in the graph's data file, and the table reads its rows from there (4-bit codes two per byte; Gemma's
-    sqrt(hidden) applied to the scales at run time). A min format (Q4_1) is reshaped for the matmul
-    (quantize.fold_mins), so its table keeps files of its own. Rows and logits as transformers has them."""
+    sqrt(hidden) applied to the scales at run time; across the row pieces of an lm_head larger than
+    LM_HEAD_PIECE_BYTES, here made small). A min format (Q4_1) is reshaped for the matmul (quantize.fold_mins),
+    so its table keeps files of its own. Rows and logits as transformers has them."""
     ref_model = make_tiny_model(arch, tmp_path / "hf", tie=True)
     qtype = getattr(gguf.GGMLQuantizationType, qtype)
     write_gguf(ref_model, tmp_path / "hf", tmp_path / "tied.gguf", arch, qtype)
+    vocab, hidden = ref_model.config.vocab_size, ref_model.config.hidden_size
+    row_bytes = hidden // 2 if qtype.name == "Q4_0" else hidden
+    if pieces > 1:
+        from edgellm.convert import pipeline
+
+        monkeypatch.setattr(pipeline, "LM_HEAD_PIECE_BYTES", vocab * row_bytes // pieces + row_bytes)
     out = edgellm.convert(tmp_path / "tied.gguf", tmp_path / "bundle", quantize="w4", seq_length=64, progress=False)
+    graph = onnx.load(out / "decoder.onnx", load_external_data=False).graph
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")]
+    assert len(heads) == pieces
     entry = json.loads((out / "manifest.json").read_text())["embeddings"]
     assert (not any(out.glob("embed_tokens*"))) == shared
-    assert (entry["codes"] == {"file": "decoder.onnx.data", "offset": entry["codes"]["offset"], "dtype": "uint8",
-                               "shape": [ref_model.config.vocab_size, 2, 16 if qtype.name == "Q4_0" else 32]}
-            if shared else entry["codes"] == "embed_tokens.npy")
+    if shared:
+        rows = [next(a.i for a in n.attribute if a.name == "N") for n in heads]
+        assert sum(rows) == vocab and [c["shape"] for c in entry["codes"]] == [[r, hidden // 32, row_bytes // (
+            hidden // 32)] for r in rows] and {c["file"] for c in entry["codes"]} == {"decoder.onnx.data"}
+    else:
+        assert entry["codes"] == "embed_tokens.npy"
     model = edgellm.load(out)
     dequantized = dequantized_copy(ref_model, qtype)
     scale = np.float32(ref_model.config.hidden_size ** 0.5) if arch == "gemma3" else np.float32(1)
     table = dequantized.model.embed_tokens.weight.detach().numpy() * scale
     ids = np.arange(ref_model.config.vocab_size)
     np.testing.assert_allclose(model.engine.embed(ids), table, rtol=1e-6, atol=1e-6)
+    for outside in (-1, vocab):
+        with pytest.raises(IndexError):
+            model.engine.embeddings[np.array([0, outside])]
     if arch != "gemma3":  # a GGUF cannot carry the tiny Gemma's query scale (its graph: the test below)
         ids = model.tokenizer.encode(CORPUS.read_text()[:400])[:40]
         assert relative_error(model.logits(ids), reference_logits(dequantized, ids)) < DEQUANTIZED_BOUND[4]

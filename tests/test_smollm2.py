@@ -185,12 +185,12 @@ def test_embedding_table_is_not_held_in_memory(bundles):
     model = bundles["w4"]
     entry = model.bundle.manifest["embeddings"]
     assert not any(name.startswith("embed_tokens") for name in model.bundle.manifest["files"])  # stored once
-    path = model.bundle.file(entry["codes"]["file"]).resolve()
-    codes = (entry["codes"]["offset"], entry["codes"]["offset"] + int(np.prod(entry["codes"]["shape"])))
-    scales = (entry["scales"]["offset"], entry["scales"]["offset"] + 4 * int(np.prod(entry["scales"]["shape"])))
-    held = resident_kib(path, [scales])
+    path = model.bundle.file(entry["codes"][0]["file"]).resolve()
+    codes, scales = ([(p["offset"], p["offset"] + np.dtype(p["dtype"]).itemsize * int(np.prod(p["shape"])))
+                      for p in entry[part]] for part in ("codes", "scales"))
+    held = resident_kib(path, scales)
     model.engine.reset()
     model.engine.prefill(model.tokenizer.encode(CORPUS.read_text())[:900])
     model.generate("What is the capital of Germany?", max_new_tokens=8)
-    assert resident_kib(path, [codes]) == 0 and resident_kib(path, [scales]) == held
+    assert resident_kib(path, codes) == 0 and resident_kib(path, scales) == held
     assert resident_kib(path, [(0, path.stat().st_size)]) > 0  # (the measure sees ONNX Runtime's mapping)

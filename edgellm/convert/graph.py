@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .quantize import QuantizedWeight, block_sums_matrix, concat_rows, fold_mins, folded_sums_layout, quantize
+from .quantize import (QuantizedWeight, block_sums_matrix, concat_rows, fold_mins, folded_sums_layout, quantize,
+                       row_pieces)
 
 MS = "com.microsoft"
 OPSET = 17
@@ -28,6 +29,10 @@ class WeightPolicy:
     group_size: int = 64
     symmetric: bool = True
     accuracy_level: int = 4  # MatMulNBits: int8 activations (VNNI/AMX path); 0 keeps float activations
+    # MatMulNBits blocks over this many bytes of codes are stored as row pieces, one node each (+ Concat): ONNX
+    # Runtime holds a weight's mapped bytes and its packed copy at once while it packs it, so one large lm_head
+    # raised the load's peak by its whole size (Gemma 3's 160 MiB of codes: 694 MiB peak, 551 in 32 MiB pieces)
+    max_piece_bytes: int | None = None
 
     @property
     def bits(self) -> int | None:
@@ -46,6 +51,8 @@ class GraphBuilder:
         self._block_sums: dict[tuple, str] = {}  # per input and layout: its block sums, or it widened by them
         self._block_sums_matrices: dict[tuple, str] = {}
         self.matmul_formats: dict[str, int] = {}  # e.g. {"4-bit/32 +mins": 120}: what the bundle really holds
+        # per MatMulNBits weight: its format and, per row piece, its initializers' names (codes, scales[, zeros])
+        self.nbits_weights: dict[str, dict] = {}
 
     # --- plumbing ------------------------------------------------------------------------------
     def _fresh(self, base: str) -> str:
@@ -140,7 +147,7 @@ class GraphBuilder:
         if isinstance(weight, np.ndarray) and policy.bits is not None:
             weight = quantize(weight, policy.bits, policy.group_size, policy.symmetric)
         if isinstance(weight, QuantizedWeight):
-            y = self._matmul_nbits(x, weight, name, policy.accuracy_level)
+            y = self._matmul_nbits(x, weight, name, policy.accuracy_level, policy.max_piece_bytes)
         else:
             w_t = np.ascontiguousarray(weight.T)
             if policy.mode == "f16":
@@ -175,19 +182,27 @@ class GraphBuilder:
         return self.op("Split", [y, self.ints(sizes, f"{name}/sizes")], name=f"{name}/split", outputs=len(sizes),
                        axis=-1)
 
-    def _matmul_nbits(self, x: str, w: QuantizedWeight, name: str, accuracy_level: int) -> str:
+    def _matmul_nbits(self, x: str, w: QuantizedWeight, name: str, accuracy_level: int,
+                      max_piece_bytes: int | None = None) -> str:
         kind = f"{w.bits}-bit/{w.block_size}" + (" +mins" if w.mins is not None else "")
         self.matmul_formats[kind] = self.matmul_formats.get(kind, 0) + 1
         mins = w.mins
         if mins is not None and accuracy_level == 4:  # int8 activations: the mins become rows of the matmul itself
             x, w, mins = self._widened(x, w, name), fold_mins(w), None
-        inputs = [x, self.const(w.packed_codes(), f"{name}.qweight"),
-                  self.const(w.scales.reshape(-1).astype(np.float32), f"{name}.scales")]
-        zero_points = w.packed_zero_points()
-        if zero_points is not None:
-            inputs.append(self.const(zero_points, f"{name}.zero_points"))
-        y = self.op("MatMulNBits", inputs, name=name, domain=MS, K=w.k, N=w.n, bits=w.bits,
-                    block_size=w.block_size, accuracy_level=accuracy_level)
+        pieces = row_pieces(w, max_piece_bytes)
+        record = self.nbits_weights[name] = {"bits": w.bits, "block_size": w.block_size, "k": w.k, "pieces": []}
+        outputs = []
+        for i, piece in enumerate(pieces):
+            part = name if len(pieces) == 1 else f"{name}.{i}"
+            inputs = [x, self.const(piece.packed_codes(), f"{part}.qweight"),
+                      self.const(piece.scales.reshape(-1).astype(np.float32), f"{part}.scales")]
+            zero_points = piece.packed_zero_points()
+            if zero_points is not None:
+                inputs.append(self.const(zero_points, f"{part}.zero_points"))
+            record["pieces"].append(inputs[1:])
+            outputs.append(self.op("MatMulNBits", inputs, name=part, domain=MS, K=w.k, N=piece.n, bits=w.bits,
+                                   block_size=w.block_size, accuracy_level=accuracy_level))
+        y = outputs[0] if len(outputs) == 1 else self.op("Concat", outputs, name=f"{name}/concat", axis=-1)
         if mins is None:
             return y
         # Float activations: sum_k x_k * (s q_k + m) = MatMulNBits(x) + block_sums(x) @ mins, exact.

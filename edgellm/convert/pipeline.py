@@ -20,6 +20,7 @@ from .source import ModelSource
 
 QUANT_MODES = ("f32", "f16", "w8", "w4")
 DECODER_FILE = "decoder.onnx"
+LM_HEAD_PIECE_BYTES = 32 << 20  # a larger quantized lm_head is stored in row pieces (see WeightPolicy)
 VISION_FILE = "vision.onnx"
 
 
@@ -116,7 +117,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
 
     policy = WeightPolicy(quantize, group_size, symmetric, accuracy_level)
     g = GraphBuilder(policy)
-    g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level)
+    g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
     graphs = {"decoder": DECODER_FILE}
     with staging_folder(out, overwrite=force) as stage:
         with tqdm(total=len(checkpoint.names()), desc="reading weights", unit="tensor", disable=not progress) as bar:
@@ -133,7 +134,8 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             tqdm.write("writing graph ...")
         save_graph(g, stage / DECODER_FILE)
         # a tied lm_head that keeps the table's blocks holds them for both (save_table compares them bit for bit)
-        embeddings_entry = save_table(stage, embeddings, quantize, lm_head_blocks(stage / DECODER_FILE),
+        embeddings_entry = save_table(stage, embeddings, quantize,
+                                      stored_blocks(stage / DECODER_FILE, g.nbits_weights.get("lm_head")),
                                       model.embedding_multiplier)
         (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         template = source.chat_template()
@@ -178,28 +180,28 @@ def save_graph(g: GraphBuilder, path: Path) -> None:
         data.chmod(0o644)  # onnx creates it owner-only; bundles are shared
 
 
-def lm_head_blocks(graph: Path) -> dict | None:
-    """Where the graph's data file holds the lm_head's MatMulNBits blocks (codes, scales, zero points), each as
-    ({"file", "offset", "dtype", "shape" [N, ...]}, its bytes memory-mapped); None when the lm_head is no
-    MatMulNBits (float, or a GGUF min format that the graph reshapes)."""
-    model = onnx.load(graph, load_external_data=False)
-    node = next((n for n in model.graph.node if n.name == "lm_head" and n.op_type == "MatMulNBits"), None)
-    if node is None:
+def stored_blocks(graph: Path, weight: dict | None) -> dict | None:
+    """Where the graph's data file holds a MatMulNBits weight (an entry of GraphBuilder.nbits_weights): its format
+    and, per part (codes, scales, zero points), a list over its row pieces of ({"file", "offset", "dtype",
+    "shape" [rows, ...]}, those bytes memory-mapped)."""
+    if weight is None:
         return None
-    attrs = {a.name: a.i for a in node.attribute}
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = {t.name: t for t in onnx.load(graph, load_external_data=False).graph.initializer}
     parts = {}
-    for part, name in zip(("codes", "scales", "zero_points"), node.input[1:4]):
-        tensor = initializers.get(name)
-        if tensor is None or tensor.data_location != onnx.TensorProto.EXTERNAL:
-            return None
-        info = {e.key: e.value for e in tensor.external_data}
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        size = int(np.prod(tensor.dims))
-        shape = [attrs["N"], *tensor.dims[1:]] if len(tensor.dims) > 1 else [attrs["N"], size // attrs["N"]]
-        where = {"file": info["location"], "offset": int(info.get("offset", 0)), "dtype": dtype.name, "shape": shape}
-        parts[part] = (where, np.memmap(graph.parent / info["location"], dtype, "r", where["offset"], (size,)))
-    return {"bits": attrs["bits"], "block_size": attrs["block_size"], "k": attrs["K"], "parts": parts}
+    for names in weight["pieces"]:
+        rows = initializers[names[0]].dims[0]  # codes: [rows, k_blocks, block bytes]; the rest flat
+        for part, name in zip(("codes", "scales", "zero_points"), names):
+            tensor = initializers[name]
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                return None
+            info = {e.key: e.value for e in tensor.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            size = int(np.prod(tensor.dims))
+            where = {"file": info["location"], "offset": int(info.get("offset", 0)), "dtype": dtype.name,
+                     "shape": [rows, *tensor.dims[1:]] if len(tensor.dims) > 1 else [rows, size // rows]}
+            mapped = np.memmap(graph.parent / info["location"], dtype, "r", where["offset"], (size,))
+            parts.setdefault(part, []).append((where, mapped))
+    return {**{key: weight[key] for key in ("bits", "block_size", "k")}, "parts": parts}
 
 
 def compact_merges(tokenizer_json: str) -> str:

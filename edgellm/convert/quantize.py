@@ -49,7 +49,7 @@ class QuantizedWeight:
         return QuantizedWeight(self.bits, self.block_size, self.k, self.codes, self.scales * factor,
                                self.zero_points, None if self.mins is None else self.mins * factor)
 
-    def take_rows(self, rows: np.ndarray) -> "QuantizedWeight":
+    def take_rows(self, rows: np.ndarray | slice) -> "QuantizedWeight":
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return QuantizedWeight(self.bits, self.block_size, self.k, self.codes[rows], self.scales[rows],
                                pick(self.zero_points), pick(self.mins))
@@ -71,6 +71,16 @@ class QuantizedWeight:
         if zp.shape[1] % 2:
             zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
         return np.ascontiguousarray((zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1))
+
+
+def row_pieces(w: QuantizedWeight, max_bytes: int | None) -> list[QuantizedWeight]:
+    """w as consecutive row ranges of about equal size whose packed codes take at most max_bytes each."""
+    row_bytes = w.k_blocks * w.block_size * w.bits // 8
+    if max_bytes is None or w.n * row_bytes <= max_bytes:
+        return [w]
+    count = -(-w.n * row_bytes // max_bytes)
+    rows = -(-w.n // count)
+    return [w.take_rows(slice(start, start + rows)) for start in range(0, w.n, rows)]
 
 
 # Digits per min in `fold_mins`, by code width: each 4-bit digit keeps 1/14 of what is left, each 8-bit one 1/254.

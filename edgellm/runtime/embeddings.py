@@ -36,7 +36,7 @@ def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str, lm_
     if lm_head is not None and _same_blocks(table, lm_head, multiplier):
         entry = {"bits": table.bits, "k": table.k, "packed": table.bits == 4,
                  **({"multiplier": float(multiplier)} if multiplier is not None else {})}
-        return {**entry, **{part: where for part, (where, _) in lm_head["parts"].items()}}
+        return {**entry, **{part: [where for where, _ in pieces] for part, pieces in lm_head["parts"].items()}}
     np.save(folder / FILE, table.codes)
     entry = {"codes": FILE, "bits": table.bits, "k": table.k}
     for part in _PARTS:
@@ -53,7 +53,7 @@ def _same_blocks(table: QuantizedWeight, lm_head: dict, multiplier: np.float32 |
     if table.mins is not None or table.zero_points is not None or (
             lm_head["bits"], lm_head["block_size"], lm_head["k"]) != (table.bits, table.block_size, table.k):
         return False
-    stored = {part: array for part, (_, array) in lm_head["parts"].items()}
+    stored = {part: np.concatenate([array for _, array in pieces]) for part, pieces in lm_head["parts"].items()}
     if multiplier is not None and "scales" in stored:
         stored["scales"] = stored["scales"] * np.float32(multiplier)
     mine = {"codes": table.packed_codes(), "scales": table.scales}
@@ -98,9 +98,32 @@ class RowFile:
         return rows.reshape(*ids.shape, *self.row_shape)
 
 
-def _rows(bundle, part: str | dict):
+class RowPieces:
+    """Rows held by consecutive arrays (a weight stored as row pieces): rows[ids] from whichever holds each."""
+
+    def __init__(self, pieces: list):
+        self.pieces = pieces
+        self.starts = np.cumsum([0] + [p.shape[0] for p in pieces])
+        self.shape = (int(self.starts[-1]), *pieces[0].shape[1:])
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        flat = np.asarray(ids, np.int64).reshape(-1)
+        if flat.size and not (0 <= flat.min() and flat.max() < self.shape[0]):
+            raise IndexError(f"token id out of range [0, {self.shape[0]})")
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        rows = np.empty((flat.size, *self.shape[1:]), self.pieces[0].dtype)
+        for i, piece in enumerate(self.pieces):
+            if (here := which == i).any():
+                rows[here] = piece[flat[here] - self.starts[i]]
+        return rows.reshape(*np.shape(ids), *self.shape[1:])
+
+
+def _rows(bundle, part: str | dict | list):
     """Row reader for a part of the table: a .npy file's name, or {"file", "offset", "dtype", "shape"} of an array
-    inside another file (the lm_head's blocks); a memory map where the platform has no pread (Windows)."""
+    inside another file (the lm_head's blocks), or a list of those (its row pieces); a memory map where the
+    platform has no pread (Windows)."""
+    if isinstance(part, list):
+        return _rows(bundle, part[0]) if len(part) == 1 else RowPieces([_rows(bundle, p) for p in part])
     if isinstance(part, str):
         path = bundle.file(part)
         return RowFile(path) if hasattr(os, "preadv") else np.load(path, mmap_mode="r")
