@@ -26,7 +26,7 @@ _PARTS = ("scales", "zero_points", "mins")
 def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str, lm_head: dict | None = None,
                multiplier: np.float32 | None = None) -> str | dict:
     """Write the table for a bundle of quantization `mode`; returns the manifest's "embeddings" entry. `lm_head`
-    (from the converter's `lm_head_blocks`) says where the graph's data file holds the lm_head's blocks: when they
+    (from the converter's `stored_blocks`) says where the graph's data file holds the lm_head's blocks: when they
     are this table's own (before `multiplier`, which the table carries), nothing is written and the entry points
     at them."""
     if mode in ("f32", "f16") or not isinstance(table, QuantizedWeight):
