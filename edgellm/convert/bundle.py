@@ -15,7 +15,7 @@ from ..errors import EdgeLLMError
 
 FORMAT = "edgellm-bundle"
 FORMAT_VERSION = 2  # 2: the embedding table may be a tied lm_head's blocks inside the graph's data file
-READABLE_VERSIONS = (1, 2)  # what the runtime opens: version 1 differs only in always writing its own table
+READABLE_VERSIONS = (1, FORMAT_VERSION)  # what the runtime opens: 1 differs only in always writing its own table
 MANIFEST = "manifest.json"
 
 

@@ -73,6 +73,12 @@ class QuantizedWeight:
         return np.ascontiguousarray((zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1))
 
 
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The inverse of packed_codes' 4-bit packing: uint8 [..., m], two values per byte, low nibble first ->
+    [..., 2m]."""
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
 def row_pieces(w: QuantizedWeight, max_bytes: int | None) -> list[QuantizedWeight]:
     """w as consecutive row ranges of about equal size whose packed codes take at most max_bytes each."""
     row_bytes = w.k_blocks * w.block_size * w.bits // 8

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..convert.quantize import QuantizedWeight
+from ..convert.quantize import QuantizedWeight, unpack_nibbles
 from ..errors import EdgeLLMError
 
 FILE = "embed_tokens.npy"
@@ -124,18 +124,13 @@ def _rows(bundle, part: str | dict | list):
     platform has no pread (Windows)."""
     if isinstance(part, list):
         return _rows(bundle, part[0]) if len(part) == 1 else RowPieces([_rows(bundle, p) for p in part])
-    if isinstance(part, str):
-        path = bundle.file(part)
-        return RowFile(path) if hasattr(os, "preadv") else np.load(path, mmap_mode="r")
-    path = bundle.file(part["file"])
+    where = None if isinstance(part, str) else part
+    path = bundle.file(part if where is None else where["file"])
     if hasattr(os, "preadv"):
-        return RowFile(path, part)
-    return np.memmap(path, np.dtype(part["dtype"]), "r", int(part["offset"]), tuple(part["shape"]))
-
-
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """uint8 [..., m] holding two 4-bit values per byte, low nibble first (MatMulNBits) -> [..., 2m]."""
-    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+        return RowFile(path, where)
+    if where is None:
+        return np.load(path, mmap_mode="r")
+    return np.memmap(path, np.dtype(where["dtype"]), "r", int(where["offset"]), tuple(where["shape"]))
 
 
 class EmbeddingTable:
