@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgellm.convert import gguf as gguf_reader
-from edgellm.convert.quantize import block_sums_matrix, concat_rows, fold_mins, folded_sums_layout, quantize
+from edgellm.convert.quantize import concat_rows, fold_mins, folded_sums_copies, quantize
 
 import gguf  # noqa: E402
 
@@ -102,15 +102,19 @@ def digits_bound(weight, folded) -> np.ndarray:
     return np.abs(rest).max(axis=1) / {4: 196, 8: 254}[weight.bits], rest, shift
 
 
+@pytest.mark.parametrize("k", [512, 1280])  # 16 block sums, or 40: a digit's rows spanning two blocks
 @pytest.mark.parametrize("kind", MIN_FORMATS)
-def test_folded_mins_keep_the_weight_to_their_digits(kind):
+def test_folded_mins_keep_the_weight_to_their_digits(kind, k):
     """fold_mins: the zero points take the integer part of each min (exactly), and the digits rows over the block
     sums take the rest to 1/196 of its largest value in the column (4-bit codes, two digits; 8-bit: one, 1/254)."""
-    k, n = 512, 40
+    n = 40
     weight = min_format_weight(kind, n, k, seed=5)
     folded = fold_mins(weight)
-    assert folded.mins is None and folded.k > k and folded.k % weight.block_size == 0
-    widen = np.concatenate([np.eye(k), block_sums_matrix(*folded_sums_layout(weight))], axis=1)  # x @ it: [x, sums]
+    copies = folded_sums_copies(weight)
+    assert folded.mins is None and folded.k == k + copies * weight.k_blocks
+    sums = np.zeros((k, weight.k_blocks))
+    sums[np.arange(k), np.arange(k) // weight.block_size] = 1  # x @ sums: the block sums of x
+    widen = np.concatenate([np.eye(k)] + [sums] * copies, axis=1)  # x @ it: [x, sums, sums, ...]
     effective = folded.dequantize().astype(np.float64) @ widen.T  # what the folded matmul applies to x
     bound, rest, shift = digits_bound(weight, folded)
     error = np.abs(effective - weight.dequantize())
@@ -140,7 +144,7 @@ def test_min_format_matmul_at_int8_activations(kind):
     g.output("y", np.float32, [1, "s", n], value=y)
     model = g.to_model()
     ops = sorted(node.op_type for node in model.graph.node)
-    assert ops == ["Concat", "Identity", "MatMul", "MatMulNBits"], ops
+    assert ops == ["Concat", "Identity", "MatMulNBits", "ReduceSum", "Reshape"], ops
     x = np.random.default_rng(7).standard_normal((1, 9, k)).astype(np.float32)
     expected = x.astype(np.float64) @ weight.dequantize().T.astype(np.float64)
     scale = np.abs(expected).max()

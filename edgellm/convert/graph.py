@@ -12,8 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .quantize import (QuantizedWeight, block_sums_matrix, concat_rows, fold_mins, folded_sums_layout, quantize,
-                       row_pieces)
+from .quantize import QuantizedWeight, concat_rows, fold_mins, folded_sums_copies, quantize, row_pieces
 
 MS = "com.microsoft"
 OPSET = 17
@@ -49,7 +48,6 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count: dict[str, int] = {}
         self._block_sums: dict[tuple, str] = {}  # per input and layout: its block sums, or it widened by them
-        self._block_sums_matrices: dict[tuple, str] = {}
         self.matmul_formats: dict[str, int] = {}  # e.g. {"4-bit/32 +mins": 120}: what the bundle really holds
         # per MatMulNBits weight: its format and, per row piece, its initializers' names (codes, scales[, zeros])
         self.nbits_weights: dict[str, dict] = {}
@@ -210,22 +208,22 @@ class GraphBuilder:
         mins = self.const(np.ascontiguousarray(mins.T.astype(np.float32)), f"{name}.mins")
         return self.add(y, self.op("MatMul", [sums, mins], name=f"{name}/mins"), name=f"{name}/sum")
 
-    def _block_sums_of(self, x: str, k: int, block_size: int, copies: int = 1, pad_to: int = 1,
-                       name: str = "") -> str:
-        """x @ block_sums_matrix(...), built once per input (a fused QKV or gate/up shares it)."""
-        layout = (k, block_size, copies, pad_to)
-        if (x, layout) not in self._block_sums:
-            if layout not in self._block_sums_matrices:
-                self._block_sums_matrices[layout] = self.const(block_sums_matrix(*layout), f"block_sums_{k}")
-            self._block_sums[x, layout] = self.op("MatMul", [x, self._block_sums_matrices[layout]],
-                                                  name=f"{name}/block_sums")
-        return self._block_sums[x, layout]
+    def _block_sums_of(self, x: str, k: int, block_size: int, name: str) -> str:
+        """block_sums(x) [1, S, k / block_size] of x [1, S, k] (the decoder's activations; min formats come from
+        GGUF decoders only): a Reshape, which copies nothing, and a ReduceSum. Once per input (a fused QKV or
+        gate/up shares it)."""
+        key = (x, "sums", block_size)
+        if key not in self._block_sums:
+            blocks = self.reshape(x, [0, 0, k // block_size, block_size], name=f"{name}/blocks")
+            self._block_sums[key] = self.op("ReduceSum", [blocks, self.ints([-1], f"{name}/axes")],
+                                            name=f"{name}/block_sums", keepdims=0)
+        return self._block_sums[key]
 
     def _widened(self, x: str, w: QuantizedWeight, name: str) -> str:
-        """[x, block_sums(x) once per digit], the input that `fold_mins(w)` multiplies; once per input."""
-        layout = folded_sums_layout(w)
-        key = (x, "widened", layout)
+        """[x, block_sums(x), block_sums(x), ...], the input that `fold_mins(w)` multiplies; once per input."""
+        copies = folded_sums_copies(w)
+        key = (x, "widened", w.block_size, copies)
         if key not in self._block_sums:
-            sums = self._block_sums_of(x, *layout, name=name)
-            self._block_sums[key] = self.op("Concat", [x, sums], name=f"{name}/widen", axis=-1)
+            sums = self._block_sums_of(x, w.k, w.block_size, name=name)
+            self._block_sums[key] = self.op("Concat", [x] + [sums] * copies, name=f"{name}/widen", axis=-1)
         return self._block_sums[key]

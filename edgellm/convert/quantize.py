@@ -94,13 +94,14 @@ MIN_DIGITS = {4: 2, 8: 1}
 
 
 def fold_mins(w: QuantizedWeight) -> QuantizedWeight:
-    """A min-format weight (``s * (q - zp) + m`` per block) as a plain one over the input widened by its block sums,
-    ``[x, block_sums(x), block_sums(x), ...]`` (`block_sums_matrix`): one MatMulNBits where the exact form takes
-    three nodes (MatMulNBits, block_sums(x) @ mins, Add); SmolLM2's Q4_1 decodes about 1.1x faster. The integer part
-    of m / s moves into the zero point, exactly; the rest r (|r| <= s/2 where the zero point reaches) becomes extra
-    rows of codes, one block of rows per digit of r, each digit block with its own per-column scale. Two 4-bit
-    digits (one 8-bit) keep r to max|r| / 196 (/ 254) of its column: far below the rounding of int8 activations,
-    the only place the graph uses this form (accuracy level 4; with float activations the mins stay exact)."""
+    """A min-format weight (``s * (q - zp) + m`` per block) as a plain one over the input widened by copies of its
+    block sums, ``[x, block_sums(x), block_sums(x), ...]`` (`folded_sums_copies`): one MatMulNBits where the exact
+    form takes three nodes (MatMulNBits, block_sums(x) @ mins, Add); SmolLM2's Q4_1 decodes 1.1-1.2x faster. The
+    integer part of m / s moves into the zero point, exactly; the rest r (|r| <= s/2 where the zero point reaches)
+    becomes extra rows of codes, one run of rows per digit of r, each digit's blocks with their own per-column
+    scale. Two 4-bit digits (one 8-bit) keep r to max|r| / 196 (/ 254) of its column: far below the rounding of
+    int8 activations, the only place the graph uses this form (accuracy level 4; with float activations the mins
+    stay exact)."""
     assert w.mins is not None and w.k % w.block_size == 0, "min formats come from GGUF, whose rows are whole blocks"
     n, k_blocks = w.scales.shape
     top, mid, half = (1 << w.bits) - 1, 1 << (w.bits - 1), (1 << (w.bits - 1)) - 1
@@ -108,39 +109,39 @@ def fold_mins(w: QuantizedWeight) -> QuantizedWeight:
     # s * (q - (zp - shift)) = s * (q - zp) + s * shift, so the zero point zp - shift absorbs shift steps of the min
     shift = np.clip(np.rint(w.mins / np.where(w.scales == 0, np.inf, w.scales)), zero_points - top, zero_points)
     rest = w.mins.astype(np.float64) - w.scales * shift
-    width = w.block_size * -(-k_blocks // w.block_size)  # one digit's rows: the block sums, padded to whole blocks
-    codes, scales, zps = [w.codes], [w.scales], [(zero_points - shift).astype(np.uint8)]
-    for _ in range(MIN_DIGITS[w.bits]):
+    extra = folded_sums_copies(w) * k_blocks
+    blocks = -(-extra // w.block_size)
+    # Rows the digits leave alone hold the zero point's code: they add nothing, whatever their sum and scale.
+    rows = np.full((n, blocks * w.block_size), mid, np.uint8)
+    row_scales = np.ones((n, blocks), np.float32)
+    for d in range(MIN_DIGITS[w.bits]):
         step = (np.abs(rest).max(axis=1) / half).astype(np.float32)
         step[step == 0] = 1
         digit = np.rint(rest / step[:, None])
         rest -= digit * step[:, None]
-        rows = np.full((n, width), mid, np.uint8)
-        rows[:, :k_blocks] = digit + mid
-        codes.append(rows.reshape(n, -1, w.block_size))
-        scales.append(np.repeat(step[:, None], width // w.block_size, axis=1))
-        zps.append(np.full((n, width // w.block_size), mid, np.uint8))
-    return QuantizedWeight(w.bits, w.block_size, w.k + MIN_DIGITS[w.bits] * width, np.concatenate(codes, axis=1),
-                           np.concatenate(scales, axis=1), np.concatenate(zps, axis=1))
+        at = d * _digit_stride(w) + np.arange(k_blocks)  # position p of the copies holds block sum p % k_blocks
+        rows[:, at] = digit[:, at % k_blocks] + mid
+        first = at[0] // w.block_size
+        row_scales[:, first:first + -(-k_blocks // w.block_size)] = step[:, None]
+    return QuantizedWeight(w.bits, w.block_size, w.k + extra,
+                           np.concatenate([w.codes, rows.reshape(n, blocks, w.block_size)], axis=1),
+                           np.concatenate([w.scales, row_scales], axis=1),
+                           np.concatenate([(zero_points - shift).astype(np.uint8), np.full((n, blocks), mid, np.uint8)],
+                                          axis=1))
 
 
-def folded_sums_layout(w: QuantizedWeight) -> tuple[int, int, int, int]:
-    """The `block_sums_matrix` arguments of the block sums that `fold_mins(w)` multiplies, appended to x: one copy
-    per digit, each padded to whole blocks."""
-    return w.k, w.block_size, MIN_DIGITS[w.bits], w.block_size
+def _digit_stride(w: QuantizedWeight) -> int:
+    """Where each digit's run of rows starts in the widened part, one after the other: at block boundaries, since
+    each digit's rows take their own scales."""
+    return w.block_size * -(-w.k_blocks // w.block_size)
 
 
-def block_sums_matrix(k: int, block_size: int, copies: int = 1, pad_to: int = 1) -> np.ndarray:
-    """0/1 [k, copies * width]: x @ it is block_sums(x), `copies` times, each padded with zeros to a multiple of
-    `pad_to` (one MatMul: fewer ops than Reshape + ReduceSum)."""
-    assert k % block_size == 0, "min formats come from GGUF, whose rows are whole blocks"
-    k_blocks = k // block_size
-    width = pad_to * -(-k_blocks // pad_to)
-    matrix = np.zeros((k, copies * width), np.float32)
-    rows = np.arange(k)
-    for c in range(copies):
-        matrix[rows, c * width + rows // block_size] = 1
-    return matrix
+def folded_sums_copies(w: QuantizedWeight) -> int:
+    """How many copies of block_sums(x) follow x in the input that `fold_mins(w)` multiplies (one Concat, no
+    padding; the last block may be partial). Any k_blocks consecutive positions of the copies hold each sum once,
+    so every digit's run finds them all."""
+    runs_end = (MIN_DIGITS[w.bits] - 1) * _digit_stride(w) + w.k_blocks
+    return -(-runs_end // w.k_blocks)
 
 
 def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
