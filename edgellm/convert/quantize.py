@@ -131,8 +131,8 @@ def fold_mins(w: QuantizedWeight) -> QuantizedWeight:
 
 
 def _digit_stride(w: QuantizedWeight) -> int:
-    """Where each digit's run of rows starts in the widened part, one after the other: at block boundaries, since
-    each digit's rows take their own scales."""
+    """How far apart the digits' runs of rows lie in the widened part: the block sums rounded up to whole blocks,
+    so that each run starts at a block boundary (each digit's rows take their own scales)."""
     return w.block_size * -(-w.k_blocks // w.block_size)
 
 
