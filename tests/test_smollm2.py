@@ -131,15 +131,21 @@ def test_w4_answers_factual_questions(bundles):
         assert result.ttft_s > 0 and result.decode_tokens_per_s > 0
 
 
-def resident_fraction(array: np.ndarray) -> float:
-    """The share of the array's memory pages that are resident (Linux's /proc/self/pagemap, bit 63)."""
-    page = 4096
-    first = array.__array_interface__["data"][0] // page
-    last = (array.__array_interface__["data"][0] + array.nbytes - 1) // page
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def present_pages(first: int, last: int) -> np.ndarray:
+    """Whether each virtual memory page first..last-1 of this process is resident (/proc/self/pagemap, bit 63)."""
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(first * 8)
-        entries = np.frombuffer(f.read((last - first + 1) * 8), np.uint64)
-    return float(((entries >> np.uint64(63)) & np.uint64(1)).mean())
+        entries = np.frombuffer(f.read((last - first) * 8), np.uint64)
+    return (entries >> np.uint64(63)).astype(bool)
+
+
+def resident_fraction(array: np.ndarray) -> float:
+    """The share of the array's memory pages that are resident."""
+    start = array.__array_interface__["data"][0]
+    return float(present_pages(start // PAGE, (start + array.nbytes - 1) // PAGE + 1).mean())
 
 
 @pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads Linux's page map")
@@ -155,28 +161,25 @@ def test_kv_cache_memory_follows_the_conversation(bundles):
     assert resident_fraction(model.engine.kv) > 0.8  # and the whole length is there when it is used
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's memory map")
 def resident_kib(path: Path, ranges: list[tuple[int, int]]) -> int:
-    """KiB of whole pages within the byte ranges of the file that this process has mapped and resident (the present
-    bit of /proc/self/pagemap), over all its mappings of the file."""
-    page, total = os.sysconf("SC_PAGE_SIZE"), 0
-    with open("/proc/self/pagemap", "rb") as pagemap:
-        for line in open("/proc/self/maps"):
-            fields = line.split()
-            if len(fields) < 6 or fields[5] != str(path):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            offset = int(fields[2], 16)
-            for lo, hi in ranges:
-                lo, hi = max(lo, offset), min(hi, offset + end - start)  # the range's bytes in this mapping
-                first, last = -(-(start + lo - offset) // page), (start + hi - offset) // page
-                if first < last:
-                    pagemap.seek(first * 8)
-                    entries = np.frombuffer(pagemap.read((last - first) * 8), np.uint64)
-                    total += int((entries >> np.uint64(63)).sum()) * page // 1024
+    """KiB of whole pages within the byte ranges of the file that this process has mapped and resident, over all
+    its mappings of the file."""
+    total = 0
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) < 6 or fields[5] != str(path):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        offset = int(fields[2], 16)
+        for lo, hi in ranges:
+            lo, hi = max(lo, offset), min(hi, offset + end - start)  # the range's bytes in this mapping
+            first, last = -(-(start + lo - offset) // PAGE), (start + hi - offset) // PAGE
+            if first < last:
+                total += int(present_pages(first, last).sum()) * PAGE // 1024
     return total
 
 
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads Linux's page map")
 def test_embedding_table_is_not_held_in_memory(bundles):
     """Token rows are read from the table's bytes as they are needed, so the process holds none of its codes:
     mapped, every row touched brought the 64 KiB around it from the page cache, and the whole 27 MiB table
