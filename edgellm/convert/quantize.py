@@ -109,7 +109,7 @@ def fold_mins(w: QuantizedWeight) -> QuantizedWeight:
     # s * (q - (zp - shift)) = s * (q - zp) + s * shift, so the zero point zp - shift absorbs shift steps of the min
     shift = np.clip(np.rint(w.mins / np.where(w.scales == 0, np.inf, w.scales)), zero_points - top, zero_points)
     rest = w.mins.astype(np.float64) - w.scales * shift
-    extra = folded_sums_copies(w) * k_blocks
+    extra, stride = folded_sums_copies(w) * k_blocks, _digit_stride(w)
     blocks = -(-extra // w.block_size)
     # Rows the digits leave alone hold the zero point's code: they add nothing, whatever their sum and scale.
     rows = np.full((n, blocks * w.block_size), mid, np.uint8)
@@ -119,10 +119,9 @@ def fold_mins(w: QuantizedWeight) -> QuantizedWeight:
         step[step == 0] = 1
         digit = np.rint(rest / step[:, None])
         rest -= digit * step[:, None]
-        at = d * _digit_stride(w) + np.arange(k_blocks)  # position p of the copies holds block sum p % k_blocks
+        at = d * stride + np.arange(k_blocks)  # position p of the copies holds block sum p % k_blocks
         rows[:, at] = digit[:, at % k_blocks] + mid
-        first = at[0] // w.block_size
-        row_scales[:, first:first + -(-k_blocks // w.block_size)] = step[:, None]
+        row_scales[:, d * stride // w.block_size:(d + 1) * stride // w.block_size] = step[:, None]
     return QuantizedWeight(w.bits, w.block_size, w.k + extra,
                            np.concatenate([w.codes, rows.reshape(n, blocks, w.block_size)], axis=1),
                            np.concatenate([w.scales, row_scales], axis=1),
