@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="answer one prompt")
     runtime_args(r)
-    r.add_argument("-p", "--prompt", required=True)
+    r.add_argument("text", nargs="?", default=None, metavar="PROMPT",
+                   help="the prompt (- reads standard input); put it before -i/--video, which take several files")
+    r.add_argument("-p", "--prompt", default=None, help="the prompt, as a flag (same as PROMPT)")
     r.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     r.set_defaults(func=cmd_run)
 
@@ -161,7 +163,20 @@ def cmd_convert(args) -> None:
             max_pixels=args.max_pixels, static_vit=args.static_vit)
 
 
+def _prompt_of(args) -> str:
+    if (args.text is None) == (args.prompt is None):
+        raise EdgeLLMError('give the prompt once: edgellm run BUNDLE "question" (or -p "question", or - to read '
+                           "standard input)")
+    text = args.prompt if args.prompt is not None else args.text
+    if text == "-":
+        text = sys.stdin.read().rstrip("\n")  # as $(...) does: `echo question |` adds a newline
+    if not text.strip():
+        raise EdgeLLMError("the prompt is empty")
+    return text
+
+
 def cmd_run(args) -> None:
+    args.prompt = _prompt_of(args)
     model = _load(args)
     prompt = args.prompt
     if args.system and not args.raw:

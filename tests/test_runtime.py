@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -208,7 +210,7 @@ def test_unknown_precisions_are_refused_before_any_work(tiny, tmp_path):
 
 
 # --- command line ------------------------------------------------------------------------------------
-def test_cli_convert_run_and_bench(tiny, tmp_path, capsys):
+def test_cli_convert_run_and_bench(tiny, tmp_path, capsys, monkeypatch):
     _, folder = tiny("qwen3")
     out = tmp_path / "cli-bundle"
     assert main(["convert", "-m", str(folder), "-o", str(out), "-q", "w8", "-g", "32", "-s", "256"]) == 0
@@ -221,6 +223,23 @@ def test_cli_convert_run_and_bench(tiny, tmp_path, capsys):
     assert main(["run", str(out), "-p", "Liberty", "-n", "5"]) == 0
     captured = capsys.readouterr()
     assert "TTFT" in captured.err and "decode" in captured.err
+    greedy = ["-n", "5", "--temperature", "0"]
+    assert main(["run", str(out), "-p", "Liberty", *greedy]) == 0
+    answer = capsys.readouterr()
+    prompt_size = re.search(r"prompt \d+ tok", answer.err).group()
+    assert main(["run", str(out), "Liberty", *greedy]) == 0  # the prompt as a positional argument
+    again = capsys.readouterr()
+    assert again.out == answer.out and prompt_size in again.err
+    monkeypatch.setattr("sys.stdin", io.StringIO("Liberty\n"))
+    assert main(["run", str(out), "-", *greedy]) == 0  # - reads standard input, without echo's newline
+    again = capsys.readouterr()
+    assert again.out == answer.out and prompt_size in again.err
+    for twice_or_never in (["Liberty", "-p", "Liberty"], []):
+        assert main(["run", str(out), *twice_or_never]) == 2
+        assert "give the prompt once" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(" \n"))
+    assert main(["run", str(out), "-"]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
     assert main(["bench", str(out), "--prompt-lengths", "8,32", "--decode-tokens", "4", "--repeats", "1"]) == 0
     table = capsys.readouterr().out
     assert "prefill tok/s" in table and "peak RSS" in table and len(table.strip().splitlines()) == 4
