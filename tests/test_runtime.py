@@ -113,6 +113,12 @@ def test_missing_and_unknown_models(tmp_path, tiny):
     (odd / "config.json").write_text(json.dumps(config))
     with pytest.raises(EdgeLLMError, match="unknown architecture 'FancyNewForCausalLM'"):
         edgellm.convert(odd, tmp_path / "out")
+    (odd / "model.safetensors").unlink()  # the architecture is named before the missing weights
+    with pytest.raises(EdgeLLMError, match="unknown architecture 'FancyNewForCausalLM'"):
+        edgellm.convert(odd, tmp_path / "out")
+    shutil.copy(folder / "config.json", odd / "config.json")
+    with pytest.raises(EdgeLLMError, match="no \\*.safetensors weights found"):
+        edgellm.convert(odd, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(EdgeLLMError, match="no such bundle folder"):
         edgellm.load(tmp_path / "missing-bundle")

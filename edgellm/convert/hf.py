@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -55,18 +56,18 @@ class HFSource(ModelSource):
             raise EdgeLLMError(f"{folder}: no config.json; expected a Hugging Face model folder or a .gguf file")
         self.config = json.loads(config_path.read_text())
         self._files: dict[str, SafetensorsFile] = {}
-        self._where: dict[str, str] = {}
-        index = folder / "model.safetensors.index.json"
+
+    @cached_property
+    def _where(self) -> dict[str, str]:
+        """Tensor name -> shard file; read on first use, so that an unknown architecture is named first."""
+        index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            self._where = json.loads(index.read_text())["weight_map"]
-        else:
-            shards = sorted(folder.glob("*.safetensors"))
-            if not shards:
-                raise EdgeLLMError(f"{folder}: no *.safetensors weights found (PyTorch .bin files are not read; "
-                                   "re-save the model with safe_serialization=True)")
-            for shard in shards:
-                for name in self._open(shard.name).names():
-                    self._where[name] = shard.name
+            return json.loads(index.read_text())["weight_map"]
+        shards = sorted(self.folder.glob("*.safetensors"))
+        if not shards:
+            raise EdgeLLMError(f"{self.folder}: no *.safetensors weights found (PyTorch .bin files are not read; "
+                               "re-save the model with safe_serialization=True)")
+        return {name: shard.name for shard in shards for name in self._open(shard.name).names()}
 
     def _open(self, file_name: str) -> SafetensorsFile:
         if file_name not in self._files:
