@@ -7,6 +7,7 @@ import os
 import sys
 
 from .errors import EdgeLLMError
+from .runtime.sampling import SamplingParams
 
 # convert.pipeline.QUANT_MODES, spelled out so that parsing arguments does not import the converter (onnx)
 WEIGHT_MODES = ["f32", "f16", "w8", "w4"]
@@ -133,6 +134,7 @@ def _sampling(model, args) -> dict:
         if value is not None:
             chosen[key] = value
     chosen["seed"] = args.seed
+    SamplingParams(**chosen)  # refuses an out-of-range value now, not at chat's first turn
     return chosen
 
 

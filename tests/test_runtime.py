@@ -54,6 +54,21 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert penalised(logits, [0]) == 1
 
 
+@pytest.mark.parametrize("bad", [dict(temperature=-0.5), dict(temperature=float("nan")), dict(top_k=-1),
+                                 dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=2.0),
+                                 dict(repetition_penalty=0.0)])
+def test_out_of_range_sampling_is_refused(bad, bundle):
+    name = next(iter(bad))
+    with pytest.raises(EdgeLLMError, match=f"^{name} must be"):
+        SamplingParams(**bad)
+    model = edgellm.load(bundle("qwen2", "f32"))
+    with pytest.raises(EdgeLLMError, match=f"^{name} must be"):
+        model.generate("Liberty", max_new_tokens=4, **bad)
+    with pytest.raises(EdgeLLMError, match="max_new_tokens must be 0 or more"):
+        model.generate("Liberty", max_new_tokens=-1)
+    assert model.generate("Liberty", max_new_tokens=0).token_ids == []
+
+
 def test_sampled_generation_is_reproducible_with_a_seed(bundle):
     model = edgellm.load(bundle("qwen2", "f32"))
     a = model.generate("Liberty", max_new_tokens=16, temperature=0.9, top_p=0.95, seed=3, ignore_eos=True)
@@ -240,6 +255,8 @@ def test_cli_convert_run_and_bench(tiny, tmp_path, capsys, monkeypatch):
     assert main(["run", str(out), "-", *greedy]) == 0  # - reads standard input, without echo's newline
     again = capsys.readouterr()
     assert again.out == answer.out and prompt_size in again.err
+    assert main(["chat", str(out), "--top-p", "1.5"]) == 2
+    assert "top_p must be above 0 and at most 1, got 1.5" in capsys.readouterr().err
     for twice_or_never in (["Liberty", "-p", "Liberty"], []):
         assert main(["run", str(out), *twice_or_never]) == 2
         assert "give the prompt once" in capsys.readouterr().err

@@ -205,9 +205,11 @@ class Model:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
         progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled."""
         started = time.perf_counter()
+        if max_new_tokens < 0:
+            raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         ids, media, positions = self.prepare(prompt_or_messages, raw, images, videos, frames)
         self.check_length(len(ids))
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         result = GenerationResult(prompt_tokens=len(ids), images=len(media))
         self.last_result = result

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import EdgeLLMError
+
 
 @dataclass
 class SamplingParams:
@@ -15,6 +17,16 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self):
+        checks = (("temperature", self.temperature >= 0, "0 (greedy) or more"),
+                  ("top_k", self.top_k >= 0, "0 (off) or more"),
+                  ("top_p", 0 < self.top_p <= 1, "above 0 and at most 1"),
+                  ("min_p", 0 <= self.min_p <= 1, "from 0 to 1"),
+                  ("repetition_penalty", self.repetition_penalty > 0, "above 0"))
+        for name, ok, allowed in checks:  # NaN fails every comparison, so it is refused too
+            if not ok:
+                raise EdgeLLMError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
 
 class Sampler:
