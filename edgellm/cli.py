@@ -167,8 +167,9 @@ def cmd_convert(args) -> None:
 
 def _prompt_of(args) -> str:
     if (args.text is None) == (args.prompt is None):
+        hint = "; -i/--video take every file after them, so put the prompt first" if args.image or args.video else ""
         raise EdgeLLMError('give the prompt once: edgellm run BUNDLE "question" (or -p "question", or - to read '
-                           "standard input)")
+                           f"standard input){hint}")
     text = args.prompt if args.prompt is not None else args.text
     if text == "-":
         text = sys.stdin.read().rstrip("\n")  # as $(...) does: `echo question |` adds a newline

@@ -260,6 +260,8 @@ def test_cli_convert_run_and_bench(tiny, tmp_path, capsys, monkeypatch):
     for twice_or_never in (["Liberty", "-p", "Liberty"], []):
         assert main(["run", str(out), *twice_or_never]) == 2
         assert "give the prompt once" in capsys.readouterr().err
+    assert main(["run", str(out), "-i", "a.png", "Liberty"]) == 2  # the prompt was taken as an image
+    assert "put the prompt first" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO(" \n"))
     assert main(["run", str(out), "-"]) == 2
     assert "the prompt is empty" in capsys.readouterr().err
