@@ -64,6 +64,8 @@ def test_out_of_range_sampling_is_refused(bad, bundle):
     model = edgellm.load(bundle("qwen2", "f32"))
     with pytest.raises(EdgeLLMError, match=f"^{name} must be"):
         model.generate("Liberty", max_new_tokens=4, **bad)
+    with pytest.raises(EdgeLLMError, match=f"^{name} must be"):
+        model.chat(**bad)  # when the conversation starts, not at its first answer
     with pytest.raises(EdgeLLMError, match="max_new_tokens must be 0 or more"):
         model.generate("Liberty", max_new_tokens=-1)
     assert model.generate("Liberty", max_new_tokens=0).token_ids == []

@@ -5,10 +5,12 @@ prefilled again."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Iterator
 
 from ..errors import EdgeLLMError
 from .chat import user_content
+from .sampling import SamplingParams
 
 
 class Conversation:
@@ -18,6 +20,8 @@ class Conversation:
         self.max_new_tokens = max_new_tokens
         self.frames = sampling.pop("frames", None)  # per video, when the conversation holds videos
         self.sampling = sampling
+        # an out-of-range setting is refused now, not at the first answer
+        SamplingParams(**{f.name: sampling[f.name] for f in fields(SamplingParams) if f.name in sampling})
         self.messages: list[dict] = []
         self.media: list[tuple[list, list]] = []  # (images, videos) of each message
         self.last_result = None
