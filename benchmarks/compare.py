@@ -107,7 +107,7 @@ class EdgeLLM:
         out = Path(tempfile.mkdtemp()) / "bundle"
         edgellm.convert(source.gguf or source.hf, out, quantize="w4", seq_length=seq_length, progress=False)
         self.model = edgellm.load(out, threads=threads)
-        group = self.model.manifest["quantization"]["group_size"]
+        group = self.model.manifest.quantization.group_size
         self.name = "edgellm w4 GGUF blocks" if source.gguf else f"edgellm w4 g{group}"
 
     def run(self, ids: list[int], decode: int) -> tuple[float, float]:

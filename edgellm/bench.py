@@ -53,7 +53,7 @@ def bench_vision(model, decode_tokens: int = 32, repeats: int = 3) -> str:
 
     from PIL import Image
 
-    size = model.vision.settings.get("tile_size", 448)
+    size = 448
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(4)]
     cases = [("1 image", {"images": pictures[:1]}), ("4 images", {"images": pictures})]
@@ -102,11 +102,11 @@ def write_test_clip(path: str, size: int, frames: int) -> str:
 
 def format_table(model, rows: list[dict]) -> str:
     m = model.manifest
-    q = m["quantization"]
-    size = sum(f["bytes"] for f in m["files"].values()) / 2**20
-    formats = ", ".join(f"{n}x {kind}" for kind, n in q.get("matmuls", {}).items()) or f"group {q['group_size']}"
+    q = m.quantization
+    size = m.size_bytes / 2**20
+    formats = ", ".join(f"{n}x {kind}" for kind, n in q.matmuls.items()) or f"group {q.group_size}"
     threads = model.engine.session.get_session_options().intra_op_num_threads
-    lines = [f"{m['architecture']} {q['mode']} ({formats}), bundle {size:.0f} MiB, "
+    lines = [f"{m.architecture} {q.mode} ({formats}), bundle {size:.0f} MiB, "
              f"{threads} threads, load {model.load_s * 1000:.0f} ms",
              f"{'prompt':>7} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MiB':>13}"]
     for r in rows:

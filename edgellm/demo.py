@@ -72,7 +72,7 @@ MODELS = {
 def demo_bundle(name: str = "smollm2") -> Path:
     """The cached bundle, (re)converted when missing, stale or damaged."""
     from . import convert
-    from .runtime.bundle import open_bundle
+    from .format import open_bundle
 
     bundle = cache_dir() / MODELS[name].bundle_name
     try:

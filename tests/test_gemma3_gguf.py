@@ -47,7 +47,7 @@ def test_tokenizer_matches_transformers(bundles, reference):
 def test_gguf_blocks_are_kept_exactly(gguf, reference):
     """Each block type of the file decodes to the very floats transformers dequantizes."""
     from edgellm.convert.gguf import GGUFSource
-    from edgellm.convert.quantize import QuantizedWeight
+    from edgellm.format import QuantizedWeight
 
     source = GGUFSource(gguf)
     state = reference[1].state_dict()
@@ -67,7 +67,7 @@ def test_gguf_blocks_are_kept_exactly(gguf, reference):
 
 def test_w4_bundle_holds_the_files_own_blocks(bundles):
     """Q4_K stays 4-bit with its mins; Q5_0 and Q8_0 become 8-bit blocks of 32, Q6_K 8-bit blocks of its 16."""
-    assert bundles["w4"].manifest["quantization"]["matmuls"] == {"8-bit/32": 37, "4-bit/32 +mins": 27,
+    assert bundles["w4"].manifest.quantization.matmuls == {"8-bit/32": 37, "4-bit/32 +mins": 27,
                                                                  "8-bit/16": 9}
 
 

@@ -104,7 +104,7 @@ def test_image_embeddings_match_transformers(gemma_vl):
     pixels = hf_inputs(model_hf, folder, TWO_IMAGES, images)["pixel_values"]
     with torch.no_grad():
         want = model_hf.get_image_features(pixels).pooler_output.numpy()
-    got = np.stack([model.vision.embeddings(model.vision.image(i)) for i in images])
+    got = np.stack([model.vision.features(model.vision.image(i))["image_embeds"] for i in images])
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
@@ -123,7 +123,7 @@ def test_two_image_prompt_ids_and_logits_match_transformers(gemma_vl):
 
 
 def test_image_blocks_are_whole_within_a_chunk():
-    from edgellm.runtime.engine import image_blocks
+    from edgellm.models.gemma3_vl.processing import image_blocks
 
     got = image_blocks([np.arange(2, 5), np.arange(5, 7), np.arange(9, 10)], 11)
     np.testing.assert_array_equal(got, [-1, -1, 0, 0, 0, 0, 0, -1, -1, 1, -1])  # adjacent runs merge, as in HF

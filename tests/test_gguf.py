@@ -12,13 +12,14 @@ import pytest
 
 import edgellm
 from conftest import CORPUS, DEQUANTIZED_BOUND, make_tiny_model, reference_logits, relative_error, torch
-from edgellm.convert.gguf import _GLOBAL_NAMES, layer_names
+from edgellm.convert.gguf import _GLOBAL_NAMES
+from edgellm.models import text_family
 
 import gguf  # noqa: E402
 
 
 def gguf_name(hf: str, arch: str) -> str:
-    to_gguf = {**{v: k for k, v in _GLOBAL_NAMES.items()}, **{v: k for k, v in layer_names(arch).items()}}
+    to_gguf = {**{v: k for k, v in _GLOBAL_NAMES.items()}, **{v: k for k, v in text_family(arch).gguf.layers.items()}}
     if hf in to_gguf:
         return to_gguf[hf]
     _, _, layer, rest = hf.split(".", 3)

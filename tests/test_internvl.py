@@ -96,7 +96,7 @@ TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "
 
 @pytest.mark.parametrize("size", [(56, 56), (150, 70), (60, 100), (300, 40), (33, 200), (224, 224)])
 def test_tiles_equal_the_hf_image_processor(internvl, size):
-    from edgellm.vision import internvl as tiling
+    from edgellm.models.internvl import processing as tiling
 
     settings = edgellm.load(internvl[2]).vision.settings
     image = picture(*size)
@@ -107,7 +107,7 @@ def test_tiles_equal_the_hf_image_processor(internvl, size):
 
 
 def test_transparent_and_grey_images_become_rgb_like_hf(internvl):
-    from edgellm.vision import internvl as tiling
+    from edgellm.models.internvl import processing as tiling
     from edgellm.vision import load_image
 
     settings = edgellm.load(internvl[2]).vision.settings
@@ -126,7 +126,7 @@ def test_two_image_prompt_ids_and_logits_match_transformers(internvl):
     ids = model.prompt_ids(TWO_IMAGES, images=images)
     assert ids == ref["input_ids"][0].tolist()
     tiles = ref["pixel_values"].shape[0]
-    assert tiles > 4 and ids.count(model.manifest["tokens"]["image_token_id"]) == PER_TILE * tiles  # tiles+thumbnails
+    assert tiles > 4 and ids.count(model.manifest.tokens.image_token_id) == PER_TILE * tiles  # tiles+thumbnails
     check_image_logits(model, model_hf, ref, TWO_IMAGES, images, picture(150, 70, 3))
 
 
@@ -198,7 +198,7 @@ def test_w8_bundle_with_f16_vision_stays_close(internvl, tmp_path):
     model_hf, folder, _ = internvl
     out = edgellm.convert(folder, tmp_path / "w8", quantize="w8", group_size=32, seq_length=128, progress=False)
     model = edgellm.load(out)
-    assert model.manifest["vision"]["quantization"] == "f16"  # the default for the vision graph
+    assert model.manifest.vision.quantization == "f16"  # the default for the vision graph
     images = [picture(150, 70, 1), picture(60, 100, 2)]
     with torch.no_grad():
         want = model_hf(**hf_inputs(folder, TWO_IMAGES, images)).logits[0].numpy()

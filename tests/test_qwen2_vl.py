@@ -106,11 +106,9 @@ TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "
 
 @pytest.mark.parametrize("size", [(56, 56), (150, 70), (60, 100), (300, 40), (33, 200), (224, 224), (20, 20)])
 def test_patches_equal_the_hf_image_processor(qwen_vl, size):
-    from edgellm.vision import qwen2_vl as processing
-
-    settings = edgellm.load(qwen_vl[2]).vision.settings
+    processor = edgellm.load(qwen_vl[2]).vision.processor
     image = picture(*size)
-    ours = processing.image(image, settings)
+    ours = processor.image(image)
     ref = hf_processor()([image], return_tensors="np")
     assert ours.grid == tuple(ref["image_grid_thw"][0])
     np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"], atol=1e-5, rtol=0)
@@ -154,7 +152,7 @@ def test_video_prompt_matches_transformers_on_the_same_frames(qwen_vl, tmp_path)
     model = edgellm.load(bundle)
     s = model.vision.settings
     # transformers' image processor resizes and normalises each frame; pairs of frames fill the temporal patches
-    per_frame = hf_processor(min_pixels=s["video_min_pixels"], max_pixels=s["video_max_pixels"])(
+    per_frame = hf_processor(min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels)(
         picked, return_tensors="np")
     grid = per_frame["image_grid_thw"][0]
     patches = per_frame["pixel_values"].reshape(4, -1, 3, 2, 14, 14)[:, :, :, 0]  # each frame, one copy
@@ -187,16 +185,18 @@ def test_max_pixels_bounds_the_image_tokens(qwen_vl, tmp_path):
                             progress=False)
     model = edgellm.load(small)
     ids = model.prompt_ids("Describe.", images=[picture(300, 200)])
-    assert ids.count(model.manifest["tokens"]["image_token_id"]) <= 4
+    assert ids.count(model.manifest.tokens.image_token_id) <= 4
     with pytest.raises(edgellm.EdgeLLMError, match="holds at most 128"):
         model.generate("Many.", images=[picture(200, 200, i) for i in range(40)], max_new_tokens=2)
 
 
 def test_mrope_positions_follow_the_image_grid():
-    from edgellm.vision.media import Media
-    from edgellm.vision.qwen2_vl import positions
+    from types import SimpleNamespace
 
-    s = {"merge_size": 2, "tokens_per_second": 2}
+    from edgellm.models.qwen2_vl.processing import mrope_positions as positions
+    from edgellm.vision.media import Media
+
+    s = SimpleNamespace(merge_size=2, tokens_per_second=2)
     image = Media("image", np.zeros(1), 6, 0, grid=(1, 4, 6))  # 2 x 3 merged tokens
     got = positions(10, [np.arange(2, 8)], [image], s)
     want = np.array([[0, 1, 2, 2, 2, 2, 2, 2, 5, 6],
@@ -213,7 +213,7 @@ def test_cli_converts_with_a_pixel_budget_and_answers_about_images_and_video(qwe
     assert main(["convert", "-m", str(folder), "-o", str(out), "-q", "w4", "-g", "32", "-s", "256",
                  "--max-pixels", "112,112"]) == 0
     settings = edgellm.load(out).vision.settings
-    assert settings["max_pixels"] == 112 * 112 and settings["version"] == version
+    assert settings.max_pixels == 112 * 112 and settings.version == version
     image, clip = tmp_path / "a.png", tmp_path / "clip.mkv"
     picture(200, 120).save(image)
     write_clip(clip)
@@ -260,7 +260,7 @@ def test_static_vit_fixes_the_vision_graph_input_size(qwen_vl, tmp_path):
     assert dims["pixel_values"][0] == 32 and dims["patch_positions"] == [32, 2]
     model = edgellm.load(out)
     image = picture(60, 150, 5)  # portrait, yet resized to the fixed landscape size
-    assert model.prompt_ids("Describe.", images=[image]).count(model.manifest["tokens"]["image_token_id"]) == 8
+    assert model.prompt_ids("Describe.", images=[image]).count(model.manifest.tokens.image_token_id) == 8
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
     ref = hf_inputs(model_hf, folder, messages, [image.resize((112, 56), 3)])
     with torch.no_grad():

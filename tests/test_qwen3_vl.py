@@ -72,11 +72,9 @@ def hf_inputs(model_hf, folder, messages, images):
 
 @pytest.mark.parametrize("size", [(64, 64), (150, 70), (33, 200), (224, 224)])
 def test_patches_equal_the_hf_image_processor(qwen3_vl, size):
-    settings = edgellm.load(qwen3_vl[2]).vision.settings
-    from edgellm.vision import qwen3_vl as processing
-
+    processor = edgellm.load(qwen3_vl[2]).vision.processor
     image = picture(*size)
-    ours = processing.image(image, settings)
+    ours = processor.image(image)
     ref = hf_processor()([image], return_tensors="np")
     assert ours.grid == tuple(ref["image_grid_thw"][0])
     np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"], atol=1e-5, rtol=0)
@@ -86,7 +84,7 @@ def test_patches_equal_the_hf_image_processor(qwen3_vl, size):
 def test_position_taps_equal_transformers(grid):
     from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-    from edgellm.vision.qwen3_vl import patch_positions, position_taps
+    from edgellm.models.qwen3_vl.processing import patch_positions, position_taps
 
     want_i, want_w = get_vision_interpolation_indices_and_weights(
         torch.tensor([grid]), num_grid_per_side=4, mode="bilinear", align_corners=True, spatial_merge_size=2)
@@ -105,7 +103,9 @@ def test_image_features_and_deepstack_match_transformers(qwen3_vl):
     with torch.no_grad():
         out = model_hf.model.get_image_features(px["pixel_values"], px["image_grid_thw"])
     want = [torch.cat(list(out.pooler_output)).numpy()] + [torch.cat(list(d)).numpy() for d in out.deepstack_features]
-    got = np.concatenate([model.vision.embeddings(model.vision.image(i)) for i in images])
+    features = [model.vision.features(model.vision.image(i)) for i in images]  # DeepStack rows: [tokens, K, hidden]
+    got = np.concatenate([np.concatenate([f["image_embeds"], f["deepstack_embeds"].reshape(len(f["image_embeds"]), -1)],
+                                         axis=1) for f in features])
     for k, w in enumerate(want):  # image embeddings, then one block per DeepStack merger
         np.testing.assert_allclose(got[:, 64 * k:64 * (k + 1)], w, atol=1e-5 * np.abs(w).max(), rtol=0)
 
@@ -177,7 +177,7 @@ def test_video_prompt_matches_transformers_on_the_same_frames(qwen3_vl, tmp_path
     model = edgellm.load(bundle)
     s = model.vision.settings
     per_frame = qwen2_processor(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                min_pixels=s["video_min_pixels"], max_pixels=s["video_max_pixels"])(
+                                min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels)(
         picked, return_tensors="np")
     grid = per_frame["image_grid_thw"][0]
     patches = per_frame["pixel_values"].reshape(4, -1, 3, 2, 16, 16)[:, :, :, 0]  # each frame, one copy

@@ -193,7 +193,7 @@ def test_corrupt_or_truncated_bundle_is_refused(bundle, tmp_path):
 
 def test_embedding_rows_are_read_as_asked(tmp_path):
     """RowFile reads .npy rows with pread: the same values as numpy's own reading, in the shape of the ids."""
-    from edgellm.runtime.embeddings import RowFile
+    from edgellm.format.embeddings import RowFile
 
     rng = np.random.default_rng(0)
     for name, table in [("f16", rng.standard_normal((50, 12)).astype(np.float16)),

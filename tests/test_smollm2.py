@@ -56,7 +56,7 @@ def test_tokenizer_and_chat_template_match_transformers(bundles, reference):
 def test_gguf_blocks_are_kept_exactly(gguf, reference):
     """Q4_1 and Q8_0 blocks become MatMulNBits codes/scales/mins that decode to the very same floats."""
     from edgellm.convert.gguf import GGUFSource
-    from edgellm.convert.quantize import QuantizedWeight
+    from edgellm.format import QuantizedWeight
 
     source = GGUFSource(gguf)
     state = reference[1].state_dict()
@@ -69,7 +69,7 @@ def test_gguf_blocks_are_kept_exactly(gguf, reference):
 
 def test_w4_bundle_holds_the_files_own_blocks(bundles):
     """30 layers x (qkv, o, gate_up, down) stay Q4_1 (4-bit blocks of 32 with mins); the Q8_0 lm_head stays 8-bit."""
-    assert bundles["w4"].manifest["quantization"]["matmuls"] == {"4-bit/32 +mins": 120, "8-bit/32": 1}
+    assert bundles["w4"].manifest.quantization.matmuls == {"4-bit/32 +mins": 120, "8-bit/32": 1}
 
 
 def test_f32_bundle_matches_the_dequantized_reference(bundles, reference):
@@ -186,11 +186,11 @@ def test_embedding_table_is_not_held_in_memory(bundles):
     became resident after a few hundred tokens. The table is the tied Q8_0 lm_head's own blocks in the graph's
     data file, whose mapping ONNX Runtime keeps (with the lm_head's scales resident beside its packed copy)."""
     model = bundles["w4"]
-    entry = model.bundle.manifest["embeddings"]
-    assert not any(name.startswith("embed_tokens") for name in model.bundle.manifest["files"])  # stored once
-    path = model.bundle.file(entry["codes"][0]["file"]).resolve()
-    codes, scales = ([(p["offset"], p["offset"] + np.dtype(p["dtype"]).itemsize * int(np.prod(p["shape"])))
-                      for p in entry[part]] for part in ("codes", "scales"))
+    entry = model.bundle.manifest.embeddings
+    assert not any(name.startswith("embed_tokens") for name in model.bundle.manifest.files)  # stored once
+    path = model.bundle.file(entry.codes[0].file).resolve()
+    codes, scales = ([(p.offset, p.offset + np.dtype(p.dtype).itemsize * int(np.prod(p.shape)))
+                      for p in part] for part in (entry.codes, entry.scales))
     held = resident_kib(path, scales)
     model.engine.reset()
     model.engine.prefill(model.tokenizer.encode(CORPUS.read_text())[:900])

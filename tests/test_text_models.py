@@ -27,7 +27,7 @@ def test_logits_match_transformers(tiny, bundle, arch, quant):
     ref_model, _ = tiny(arch)
     model = edgellm.load(bundle(arch, quant))
     ids = corpus_ids(model, 40)  # chunk length 16: three chunks, the last one partial
-    assert len(ids) > 2 * model.manifest["chunk_length"]
+    assert len(ids) > 2 * model.manifest.chunk_length
     got, ref = model.logits(ids), reference_logits(ref_model, ids)
     assert got.shape == ref.shape == (len(ids), ref_model.config.vocab_size)
     assert got.dtype == np.float32
@@ -67,8 +67,8 @@ def test_quantized_bundle_matches_its_dequantized_weights(tiny, bundle, arch, qu
     ref_model, _ = tiny(arch)
     options = {} if accuracy_level == 4 else {"accuracy_level": accuracy_level}  # 4: the default bundle
     model = edgellm.load(bundle(arch, quant, **options))
-    assert model.manifest["quantization"]["lm_head"] == "w8"  # w4 keeps the output projection at 8 bits
-    assert model.manifest["quantization"]["accuracy_level"] == accuracy_level
+    assert model.manifest.quantization.lm_head == "w8"  # w4 keeps the output projection at 8 bits
+    assert model.manifest.quantization.accuracy_level == accuracy_level
     ids = corpus_ids(model, 40)
     ref = reference_logits(dequantized_copy(ref_model, quant, 64, "w8"), ids)
     err = relative_error(model.logits(ids), ref)
@@ -79,7 +79,7 @@ def test_quantized_bundle_matches_its_dequantized_weights(tiny, bundle, arch, qu
 def test_lm_head_precision_can_be_chosen(tiny, bundle, lm_head):
     ref_model, _ = tiny("qwen2")
     model = edgellm.load(bundle("qwen2", "w4", lm_head=lm_head, accuracy_level=0))  # float activations: exact
-    formats = model.manifest["quantization"]["matmuls"]
+    formats = model.manifest.quantization.matmuls
     assert formats == ({"4-bit/64": 4 * 2 + 1} if lm_head == "w4" else {"4-bit/64": 4 * 2})
     ids = corpus_ids(model, 40)
     ref = reference_logits(dequantized_copy(ref_model, "w4", 64, lm_head), ids)

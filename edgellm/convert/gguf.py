@@ -13,41 +13,21 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeLLMError
-from .quantize import QuantizedWeight
+from ..format import QuantizedWeight
+from ..models import gguf_family
 from .source import ModelSource
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "gemma3": "Gemma3ForCausalLM"}
+# Tensors outside the layers, named alike by every family (the layers' names are each family's GGUFNames)
 
-# GGUF tensor name -> Hugging Face name ({i} is the layer)
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-# Gemma 3 norms both sides of attention and of the MLP; llama.cpp's "ffn_norm" is the one before the MLP
-_GEMMA3_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-                       "post_attention_norm.weight": "post_attention_layernorm.weight",
-                       "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs.weight"}
 
 
-def layer_names(arch: str) -> dict[str, str]:
-    return _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
-
-
-def hf_name(gguf_name: str, arch: str) -> str | None:
+def hf_name(gguf_name: str, names: dict[str, str]) -> str | None:
+    """The Hugging Face name of a GGUF tensor, given a family's layer names; None for tensors edgellm skips."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    names = layer_names(arch)
     if m and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
@@ -67,12 +47,14 @@ class GGUFSource(ModelSource):
         self.meta = {name: _field_value(field) for name, field in self.reader.fields.items()
                      if not name.startswith("tokenizer.ggml.") or name in _SMALL_TOKENIZER_FIELDS}
         self.arch = self.meta.get("general.architecture")
-        if self.arch not in ARCHITECTURES:
-            raise EdgeLLMError(f"{path}: unknown GGUF architecture {self.arch!r}; edgellm reads: "
-                               f"{', '.join(ARCHITECTURES)}")
+        try:
+            self.family = gguf_family(self.arch)
+        except EdgeLLMError as e:
+            raise EdgeLLMError(f"{path}: {e}") from None
+        self.names_in_file = self.family.gguf
         self._tensors = {}
         for t in self.reader.tensors:
-            name = hf_name(t.name, self.arch)
+            name = hf_name(t.name, self.names_in_file.layers)
             if name is not None:
                 self._tensors[name] = t
         self.config = self._hf_config()
@@ -82,7 +64,7 @@ class GGUFSource(ModelSource):
         a, m = self.arch, self.meta
         heads = m[f"{a}.attention.head_count"]
         config = {
-            "architectures": [ARCHITECTURES[a]],
+            "architectures": [self.family.architectures[0]],
             "hidden_size": m[f"{a}.embedding_length"],
             "num_hidden_layers": m[f"{a}.block_count"],
             "intermediate_size": m[f"{a}.feed_forward_length"],
@@ -103,26 +85,8 @@ class GGUFSource(ModelSource):
         if "rope_freqs.weight" in self._tensors:  # Llama 3.x: per-frequency divisors stored as a tensor
             config["rope_scaling"] = {"rope_type": "freq_factors",
                                       "factors": self.tensor("rope_freqs.weight").tolist()}
-        if a == "gemma3":
-            config.update(self._gemma3_config(config))
+        config.update(self.names_in_file.config(m, config))
         return config
-
-    def _gemma3_config(self, config: dict) -> dict:
-        """What llama.cpp's Gemma 3 support takes as given rather than storing: every 6th layer global, a local
-        rotary base of 10,000, and the query scale of 1/sqrt(head_dim) (27B, the 62-layer one: hidden/heads)."""
-        m = self.meta
-        layers = config["num_hidden_layers"]
-        extra = {"sliding_window": m.get("gemma3.attention.sliding_window"), "rope_local_base_freq": 10000.0,
-                 "query_pre_attn_scalar": (config["hidden_size"] // config["num_attention_heads"] if layers == 62
-                                           else config["head_dim"]),
-                 "attn_logit_softcapping": m.get("gemma3.attn_logit_softcapping"),
-                 "final_logit_softcapping": m.get("gemma3.final_logit_softcapping")}
-        pattern = m.get("gemma3.attention.sliding_window_pattern", 6)
-        if isinstance(pattern, list):  # one flag per layer: sliding or not
-            extra["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
-        else:
-            extra["sliding_window_pattern"] = int(pattern)
-        return extra
 
     # --- weights -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -137,10 +101,7 @@ class GGUFSource(ModelSource):
         return self._tensors[name]
 
     def raw(self, name: str) -> np.ndarray:
-        w = _unpermute(self, name, _dequantize(self._get(name)))
-        if self.arch == "gemma3" and name.endswith("norm.weight"):
-            w = w - np.float32(1.0)  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added
-        return w
+        return self.names_in_file.tensor(name, _dequantize(self._get(name)), self.config)
 
     def linear(self, name: str) -> np.ndarray | QuantizedWeight:
         t = self._get(name)
@@ -148,11 +109,11 @@ class GGUFSource(ModelSource):
         if decode is None:
             return self.tensor(name)
         rows = np.asarray(t.data).reshape(int(t.shape[1]), -1)
-        return _unpermute(self, name, decode(rows, int(t.shape[0])))
+        return self.names_in_file.tensor(name, decode(rows, int(t.shape[0])), self.config)
 
     # --- tokenizer and templates ---------------------------------------------------------------
     def tokenizer_json(self) -> str:
-        return json.dumps(gguf_tokenizer(self.reader, self.meta))
+        return json.dumps(gguf_tokenizer(self.reader, self.meta, self.names_in_file.merges_by_rank))
 
     def tokenizer_config(self) -> dict:
         tokens = self.reader.fields["tokenizer.ggml.tokens"]
@@ -188,18 +149,6 @@ def _field_value(field):
 
 def _token_text(tokens_field, index: int) -> str:
     return bytes(tokens_field.parts[tokens_field.data[index]]).decode("utf-8", errors="replace")
-
-
-def _unpermute(source: GGUFSource, name: str, w):
-    """llama.cpp interleaves the rows of Llama's q/k projections for its rotary layout; undo it (rows only, so
-    quantized blocks along K move intact)."""
-    if source.arch != "llama" or not re.search(r"self_attn\.[qk]_proj\.weight$", name):
-        return w
-    heads = source.config["num_attention_heads" if ".q_proj" in name else "num_key_value_heads"]
-    n = w.shape[0] if isinstance(w, np.ndarray) else w.n
-    forward = np.arange(n).reshape(heads, 2, n // heads // 2).swapaxes(1, 2).reshape(-1)
-    rows = np.argsort(forward)
-    return w[rows] if isinstance(w, np.ndarray) else w.take_rows(rows)
 
 
 def _dequantize(t) -> np.ndarray:
@@ -353,7 +302,7 @@ def _byte_level_pre_tokenizer(pre: str | None) -> dict:
         dict(byte_level, use_regex=False)]}
 
 
-def gguf_tokenizer(reader, meta: dict) -> dict:
+def gguf_tokenizer(reader, meta: dict, merges_by_rank: bool = False) -> dict:
     """A tokenizer.json equivalent to the GGUF's vocabulary: byte-level BPE ("gpt2") or Gemma's sentencepiece BPE."""
     model = meta.get("tokenizer.ggml.model")
     tokens_field = reader.fields["tokenizer.ggml.tokens"]
@@ -364,7 +313,7 @@ def gguf_tokenizer(reader, meta: dict) -> dict:
         merges_field = reader.fields["tokenizer.ggml.merges"]
         merges = [_token_text(merges_field, i).split(" ", 1) for i in range(len(merges_field.data))]
         parts = _byte_level_parts(meta.get("tokenizer.ggml.pre"))
-    elif model == "llama" and meta.get("general.architecture") == "gemma3":
+    elif model == "llama" and merges_by_rank:
         # runs of spaces are stored as spaces but looked up as U+2581 runs, as ordinary vocabulary, not added tokens
         spaces = [bool(t) and not t.strip(" ") for t in tokens]
         tokens = [SPM_SPACE * len(t) if space else t for t, space in zip(tokens, spaces)]
@@ -373,7 +322,7 @@ def gguf_tokenizer(reader, meta: dict) -> dict:
         parts = _GEMMA_PARTS
     else:
         raise EdgeLLMError(f"GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 byte-level BPE, "
-                           "and Gemma 3's sentencepiece vocabulary)")
+                           "and sentencepiece vocabularies whose merges follow the token order, as Gemma 3's)")
     # llama.cpp's CONTROL tokens (3) are special; USER_DEFINED ones (4, e.g. "\n\n" in Gemma) always match whole
     added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": kind == 3}

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .quantize import QuantizedWeight, concat_rows, fold_mins, folded_sums_copies, quantize, row_pieces
-
-MS = "com.microsoft"
+from ..format import QuantizedWeight
+from ..modeling.layers import MS
+from .quantize import concat_rows, fold_mins, folded_sums_copies, quantize, row_pieces
 OPSET = 17
 IR_VERSION = 10  # onnx 1.23 writes IR 12 by default, which ONNX Runtime 1.31 refuses
 DTYPES = {np.float32: TensorProto.FLOAT, np.int64: TensorProto.INT64, np.int32: TensorProto.INT32}

@@ -12,9 +12,11 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import EdgeLLMError
-from ..models import family_for
-from ..runtime.embeddings import save_table
-from .bundle import MANIFEST, check_output, staging_folder, write_manifest
+from ..format import (DECODER_GRAPH, MANIFEST, VISION_GRAPH, Manifest, Quantization, Tokens, VisionSection,
+                      check_output, save_table, staging_folder, write_manifest)
+from ..modeling.family import TextFamily, VisionOptions
+from ..models import families, family_for
+from ..vision.processor import MediaTokens
 from .graph import GraphBuilder, WeightPolicy
 from .source import ModelSource
 
@@ -92,43 +94,43 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
     checkpoint = source = open_source(src)
     architecture = (source.config.get("architectures") or ["<missing>"])[0]
     family = family_for(architecture)
-    vision_model = None
-    if max_pixels is not None and not hasattr(family, "split"):
-        raise EdgeLLMError("--max-pixels applies to vision-language models only")
-    if static_vit and not getattr(family, "STATIC_VIT", False):
-        raise EdgeLLMError("--static-vit applies to Qwen2-VL, Qwen2.5-VL and Qwen3-VL (the other vision graphs take "
-                           "fixed-size tiles already)")
-    if hasattr(family, "split"):  # a vision-language model: its text decoder is built by its own family
-        options = {"static_size": max_pixels if isinstance(max_pixels, tuple) else True} if static_vit else {}
+    parts = None
+    if static_vit and (isinstance(family, TextFamily) or not family.static_vit):
+        vit = ", ".join(f.title for f in families() if not isinstance(f, TextFamily) and f.static_vit)
+        raise EdgeLLMError(f"--static-vit applies to {vit} (the other vision graphs take fixed-size tiles already)")
+    if isinstance(family, TextFamily):
+        if max_pixels is not None:
+            raise EdgeLLMError("--max-pixels applies to vision-language models only")
+        model, text_family = family.decoder(source.config), family.name
+    else:  # a vision-language model: a decoder with the family's extensions, and a vision graph
         count = max_pixels[0] * max_pixels[1] if isinstance(max_pixels, tuple) else max_pixels
-        source, vision_model, vision_weights, vision_settings = family.split(checkpoint, max_pixels=count, **options)
-        family = family_for(source.config["architectures"][0])
+        static_size = (max_pixels if isinstance(max_pixels, tuple) else True) if static_vit else False
+        parts = family.split(checkpoint, VisionOptions(count, static_size))
+        source, model, text_family = parts.text, parts.decoder, parts.text_family
     config = source.config
-    args = family.ModelArgs.from_config(config)
-    model = family.Model(args)
     max_positions = int(config.get("max_position_embeddings") or 2048)
     seq_length = int(seq_length or min(2048, max_positions))
     if seq_length < 2:
         raise EdgeLLMError("--seq-length must be at least 2")
     tokenizer_json = compact_merges(source.tokenizer_json())
     tokens = special_tokens(source, tokenizer_json)
-    if vision_model:
-        tokens.update(media_tokens(vision_settings, tokenizer_json))
+    if parts:
+        tokens.update(media_tokens(parts.settings, tokenizer_json))
 
     policy = WeightPolicy(quantize, group_size, symmetric, accuracy_level)
     g = GraphBuilder(policy)
     g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
-    graphs = {"decoder": DECODER_FILE}
+    graphs = {DECODER_GRAPH: DECODER_FILE}
     with staging_folder(out, overwrite=force) as stage:
         with tqdm(total=len(checkpoint.names()), desc="reading weights", unit="tensor", disable=not progress) as bar:
             weights = _Progress(source, bar)
             model.build(g, weights, seq_length)
             embeddings = model.embedding_table(weights)
-            if vision_model:
+            if parts:
                 vg = GraphBuilder(WeightPolicy(vision_quantize, group_size, symmetric, accuracy_level))
-                vision_model.build(vg, _Progress(vision_weights, bar))
+                parts.vision.build(vg, _Progress(parts.vision_weights, bar))
                 save_graph(vg, stage / VISION_FILE)
-                graphs["vision"] = VISION_FILE
+                graphs[VISION_GRAPH] = VISION_FILE
             bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
         if progress:
             tqdm.write("writing graph ...")
@@ -144,27 +146,13 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         generation = dict(source.generation_config())
         generation.setdefault("eos_token_id", tokens["eos_token_ids"])
         (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        manifest = {
-            "created_by": f"edgellm {__version__}",
-            "architecture": architecture,
-            "family": family.__name__.rsplit(".", 1)[-1],
-            "source": {"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf"},
-            "model": {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
-                      "num_attention_heads": args.num_attention_heads,
-                      "num_key_value_heads": args.num_key_value_heads, "head_dim": args.head_dim,
-                      "vocab_size": args.vocab_size,
-                      **({"mrope_section": args.mrope_section} if args.mrope_section else {})},
-            "seq_length": seq_length,
-            "chunk_length": chunk_length,
-            "quantization": {"mode": quantize, "group_size": group_size, "symmetric": symmetric,
-                             "lm_head": lm_head,
-                             "accuracy_level": accuracy_level, "matmuls": g.matmul_formats},
-            "tokens": tokens,
-            "graphs": graphs,
-            "embeddings": embeddings_entry,
-        }
-        if vision_model:
-            manifest["vision"] = {**vision_settings, "quantization": vision_quantize}
+        manifest = Manifest(
+            created_by=f"edgellm {__version__}", architecture=architecture, family=text_family,
+            source={"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf"},
+            model=model.shape(), seq_length=seq_length, chunk_length=chunk_length,
+            quantization=Quantization(quantize, group_size, symmetric, lm_head, accuracy_level, g.matmul_formats),
+            tokens=Tokens(**tokens), graphs=graphs, embeddings=embeddings_entry,
+            vision=VisionSection(family.name, parts.settings.to_json(), vision_quantize) if parts else None)
         write_manifest(stage, manifest)
     if progress:
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
@@ -219,14 +207,15 @@ def compact_merges(tokenizer_json: str) -> str:
     return json.dumps(data)
 
 
-def media_tokens(settings: dict, tokenizer_json: str) -> dict:
+def media_tokens(settings: MediaTokens, tokenizer_json: str) -> dict:
     """Ids of a VLM's image/video marker tokens; each must be one token of the tokenizer."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json)
     ids = {}
-    for key in ("image_token", "image_start", "image_end", "video_token"):
-        text = settings.get(key)
+    marks = {"image_token": settings.image_token, "image_start": settings.image_start,
+             "image_end": settings.image_end, "video_token": settings.video_token}
+    for key, text in marks.items():
         if text is None:
             continue
         ids[key + "_id"] = tok.token_to_id(text)

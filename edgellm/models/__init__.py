@@ -1,20 +1,67 @@
-"""Model families, one module each. A text family exposes ARCHITECTURES, ModelArgs.from_config and Model.build;
-a vision-language family exposes ARCHITECTURES and split(source) -> (text source, vision model, its weights,
-runtime settings), and its text decoder is built by the text family its config names."""
+"""The model families: one module per text family, one folder per vision-language family, each declaring itself
+with `FAMILY` (a modeling.family.TextFamily or VisionLanguageFamily). This registry lists them; adding a family is
+adding its module or folder here, and nothing else in edgellm changes."""
 
 from __future__ import annotations
 
-from types import ModuleType
+import importlib
+import pkgutil
+from functools import lru_cache
+from typing import Union
 
 from ..errors import EdgeLLMError
-from . import gemma3, gemma3_vl, internvl, llama, qwen2, qwen2_vl, qwen3, qwen3_vl
+from ..modeling.family import TextFamily, VisionLanguageFamily
 
-FAMILIES: list[ModuleType] = [llama, qwen2, qwen3, gemma3, internvl, qwen2_vl, qwen3_vl, gemma3_vl]
+Family = Union[TextFamily, VisionLanguageFamily]
 
 
-def family_for(architecture: str) -> ModuleType:
-    for module in FAMILIES:
-        if architecture in module.ARCHITECTURES:
-            return module
-    known = ", ".join(a for m in FAMILIES for a in m.ARCHITECTURES)
+def names() -> list[str]:
+    """Every family's name (its module's), without importing any."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__))
+
+
+@lru_cache(maxsize=None)
+def get(name: str) -> Family:
+    """The family called `name` (a module or folder of this package)."""
+    if name not in names():
+        raise EdgeLLMError(f"unknown model family {name!r} (this edgellm has: {', '.join(names())}); a bundle made "
+                           "by a newer edgellm needs that version")
+    family = importlib.import_module(f"{__name__}.{name}").FAMILY
+    if not isinstance(family, (TextFamily, VisionLanguageFamily)) or family.name != name:
+        raise TypeError(f"{__name__}.{name}.FAMILY must be a TextFamily or VisionLanguageFamily named {name!r}")
+    return family
+
+
+def families() -> list[Family]:
+    return [get(name) for name in names()]
+
+
+def text_family(name: str) -> TextFamily:
+    family = get(name)
+    if not isinstance(family, TextFamily):
+        raise EdgeLLMError(f"{name} is a vision-language family, not a text decoder")
+    return family
+
+
+def vision_family(name: str) -> VisionLanguageFamily:
+    family = get(name)
+    if not isinstance(family, VisionLanguageFamily):
+        raise EdgeLLMError(f"{name} is a text family: it has no image processor")
+    return family
+
+
+def family_for(architecture: str) -> Family:
+    """The family that converts checkpoints whose config names `architecture`."""
+    for family in families():
+        if architecture in family.architectures:
+            return family
+    known = ", ".join(a for f in families() for a in f.architectures)
     raise EdgeLLMError(f"unknown architecture {architecture!r}; edgellm converts: {known}")
+
+
+def gguf_family(architecture: str) -> TextFamily:
+    """The text family whose GGUF files have `general.architecture` == `architecture`."""
+    readable = {f.gguf.architecture: f for f in families() if isinstance(f, TextFamily) and f.gguf}
+    if architecture not in readable:
+        raise EdgeLLMError(f"unknown GGUF architecture {architecture!r}; edgellm reads: {', '.join(readable)}")
+    return readable[architecture]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from . import llama
+from ..modeling import decoder
+from ..modeling.family import GGUFNames, TextFamily
+from .llama import GGUF_LAYERS
 
-ARCHITECTURES = ["Qwen2ForCausalLM"]
 
-
-class ModelArgs(llama.ModelArgs):
+class ModelArgs(decoder.ModelArgs):
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
         args = super().from_config(config)
@@ -15,4 +15,8 @@ class ModelArgs(llama.ModelArgs):
         return args
 
 
-Model = llama.Model
+Model = decoder.Model
+
+FAMILY = TextFamily(name="qwen2", title="Qwen2, Qwen2.5", architectures=("Qwen2ForCausalLM",), model_args=ModelArgs,
+                    model=Model,
+                    gguf=GGUFNames("qwen2", GGUF_LAYERS))

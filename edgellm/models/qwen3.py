@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from . import llama
+from ..modeling import decoder
+from ..modeling.family import GGUFNames, TextFamily
+from ..modeling.layers import head_norm
+from .llama import GGUF_LAYERS
 
-ARCHITECTURES = ["Qwen3ForCausalLM"]
-ModelArgs = llama.ModelArgs
+ModelArgs = decoder.ModelArgs
 
 
-class Model(llama.Model):
+class Model(decoder.Model):
     packed_qkv = False  # the norms sit between projection and rotary
 
     def project_qkv(self, g, weights, prefix, x):
         q, k, v = super().project_qkv(g, weights, prefix, x)
         a = self.args
-        q = head_norm(g, q, weights.tensor(f"{prefix}.q_norm.weight"), a.num_attention_heads, a, f"{prefix}.q_norm")
-        k = head_norm(g, k, weights.tensor(f"{prefix}.k_norm.weight"), a.num_key_value_heads, a, f"{prefix}.k_norm")
+        q = head_norm(g, q, self.norm_weight(weights, f"{prefix}.q_norm.weight"), a.num_attention_heads, a.head_dim,
+                      a.rms_norm_eps, f"{prefix}.q_norm")
+        k = head_norm(g, k, self.norm_weight(weights, f"{prefix}.k_norm.weight"), a.num_key_value_heads, a.head_dim,
+                      a.rms_norm_eps, f"{prefix}.k_norm")
         return q, k, v
 
 
-def head_norm(g, x, weight, heads, a, name):
-    per_head = g.reshape(x, [0, 0, heads, a.head_dim], name=f"{name}/split_heads")
-    normed = g.rms_norm(per_head, weight, a.rms_norm_eps, name)
-    return g.reshape(normed, [0, 0, heads * a.head_dim], name=f"{name}/merge_heads")
+FAMILY = TextFamily(name="qwen3", title="Qwen3", architectures=("Qwen3ForCausalLM",), model_args=ModelArgs, model=Model,
+                    gguf=GGUFNames("qwen3", GGUF_LAYERS))

@@ -12,7 +12,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from ..errors import EdgeLLMError
-from .bundle import open_bundle
+from ..format import VISION_GRAPH, open_bundle
 from .chat import ChatTemplate, check_messages, user_content
 from .engine import PROVIDERS, Engine, session_options
 from .sampling import Sampler, SamplingParams
@@ -52,8 +52,8 @@ class Prompt(NamedTuple):
     """A prompt made ready for prefill by Model.prepare (generate/stream/logits accept it as it is)."""
 
     ids: list[int]
-    media: list  # (positions, key, rows) per image or video, as Engine.prefill takes them
-    positions: np.ndarray | None = None  # [3, len(ids)] for M-RoPE models with images; None: 0, 1, 2, ...
+    media: list  # (positions, key, features) per image or video, as Engine.prefill takes them
+    positions: np.ndarray | None = None  # [rows, len(ids)] where the family places media tokens; None: 0, 1, 2, ...
 
 
 class Model:
@@ -68,21 +68,23 @@ class Model:
         background = ThreadPoolExecutor(1)
         verified = background.submit(self.bundle.verify_hashes) if verify else None
         self.manifest = self.bundle.manifest
-        tokens = self.manifest["tokens"]
-        self.eos_token_ids = set(tokens["eos_token_ids"])
+        tokens = self.manifest.tokens
+        self.eos_token_ids = set(tokens.eos_token_ids)
         template = self.bundle.file("chat_template.jinja")
-        self.chat_template = (ChatTemplate(template.read_text(), tokens.get("bos_token"), tokens.get("eos_token"))
+        self.chat_template = (ChatTemplate(template.read_text(), tokens.bos_token, tokens.eos_token)
                               if template.is_file() else None)
         self.generation_config = self.bundle.json("generation_config.json")
         try:
             self.tokenizer = Tokenizer(self.bundle.file("tokenizer.json"))
-            self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning,
-                                 profile_prefix=profile_prefix)
-            self.vision = None
-            if "vision" in self.manifest["graphs"]:
-                from .vision import VisionEncoder
+            self.vision = processor = None
+            if VISION_GRAPH in self.manifest.graphs:
+                from .vision import VisionEncoder, processor_for
 
-                self.vision = VisionEncoder(self.bundle, session_options(threads, spinning), PROVIDERS[device])
+                processor = processor_for(self.bundle)
+                self.vision = VisionEncoder(self.bundle, processor, session_options(threads, spinning),
+                                            PROVIDERS[device])
+            self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning,
+                                 profile_prefix=profile_prefix, processor=processor)
         except Exception:
             if verified:
                 verified.result()  # a corrupt file explains a failed load better than its parser's message
@@ -139,22 +141,19 @@ class Model:
         if not images and not videos:
             return Prompt(self.tokenizer.encode(self.chat_template.render(list(p)), add_special_tokens=False), [])
         items = self._media_in_order(p, images, videos, frames)
-        parts = getattr(self.vision.processor, "template_parts", None)
-        text = self.chat_template.render(_rewrite_parts(p, items, parts) if parts else list(p))
-        ids = self.tokenizer.encode(self.vision.processor.expand_prompt(text, items, self.vision.settings),
-                                    add_special_tokens=False)
-        tokens = self.manifest["tokens"]
-        slots = np.flatnonzero(np.isin(ids, [tokens[k] for k in ("image_token_id", "video_token_id") if k in tokens]))
+        processor = self.vision.processor
+        text = self.chat_template.render(_rewrite_parts(p, items, processor.template_parts))
+        ids = self.tokenizer.encode(processor.expand_prompt(text, items), add_special_tokens=False)
+        slots = np.flatnonzero(np.isin(ids, self.manifest.tokens.media_ids))
         media, spans, used = [], [], 0
         for item in items:
             spans.append(slots[used:used + item.tokens])
-            media.append((spans[-1], item.key, lambda item=item: self.vision.embeddings(item)))
+            media.append((spans[-1], item.key, lambda item=item: self.vision.features(item)))
             used += item.tokens
         if used != len(slots):
             raise EdgeLLMError(f"the prompt text holds {len(slots) - used} image token(s) of its own; "
                                "use image parts, not the raw image token")
-        rope = getattr(self.vision.processor, "positions", None)
-        return Prompt(ids, media, rope(len(ids), spans, items, self.vision.settings) if rope else None)
+        return Prompt(ids, media, processor.positions(len(ids), spans, items))
 
     def _media_in_order(self, messages, images: list, videos: list, frames: int | None):
         """Preprocessed images and videos in the order their parts appear: the i-th image part takes images[i]."""
@@ -303,7 +302,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 def _rewrite_parts(messages: list, items: list, parts) -> list:
     """The messages with each image/video part replaced by the parts `parts(item)` says the chat template should
-    see for it (Gemma 3's template knows no video: a clip becomes its frames' image parts)."""
+    see for it (a template that knows no video sees a clip as its frames' image parts)."""
     queue, out = iter(items), []
     for m in messages:
         if isinstance(m["content"], str):

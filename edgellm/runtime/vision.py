@@ -1,12 +1,14 @@
-"""The vision graph's session: images and video frames in, embeddings in the decoder's hidden size out.
+"""The vision graph's session: images and video frames in, per-token features in the decoder's hidden size out.
 
-Embeddings are cached by the content of the preprocessed pixels, so an image that stays in a conversation is
-encoded once, however many turns follow (and the engine's prefix reuse usually skips it altogether).
+The family's processor (from the registry, by the manifest's vision family) prepares images and prompts. The graph
+outputs `image_embeds` (rows in prompt order, [..., hidden]) and may output more per-token features
+[K, tokens, hidden], which are handed to the family's decoder extension. Features are cached by the content of the
+preprocessed pixels, so an image that stays in a conversation is encoded once, however many turns follow (and the
+engine's prefix reuse usually skips it altogether).
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections import OrderedDict
 
@@ -14,49 +16,54 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import EdgeLLMError
+from ..format import VISION_GRAPH, Bundle
+from ..models import vision_family
 from ..vision.media import Media
+from ..vision.processor import Processor
+
+
+def processor_for(bundle: Bundle) -> Processor:
+    section = bundle.manifest.vision
+    return vision_family(section.family).processor(section.settings)
 
 
 class VisionEncoder:
-    def __init__(self, bundle, options: ort.SessionOptions, providers: list[str], cache_items: int = 16):
-        self.settings = bundle.manifest["vision"]
-        self.processor = importlib.import_module(f"edgellm.vision.{self.settings['family']}")
-        path = bundle.file(bundle.manifest["graphs"]["vision"])
+    def __init__(self, bundle: Bundle, processor: Processor, options: ort.SessionOptions, providers: list[str],
+                 cache_items: int = 16):
+        self.processor = processor
+        self.settings = processor.settings
+        path = bundle.file(bundle.manifest.graphs[VISION_GRAPH])
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:
             raise EdgeLLMError(f"{path}: ONNX Runtime could not load the graph ({e})") from e
-        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.cache_items = cache_items
         self.encode_s = 0.0  # total time spent in the vision graph (callers take differences)
 
     def image(self, image) -> Media:
-        return self.processor.image(image, self.settings)
+        return self.processor.image(image)
 
     def video(self, video, frames: int | None = None) -> Media:
-        return self.processor.video(video, self.settings, frames)
+        return self.processor.video(video, frames)
 
-    def embeddings(self, media: Media) -> np.ndarray:
-        """[tokens, hidden] for all tiles/frames of `media`, in prompt order."""
+    def features(self, media: Media) -> dict[str, np.ndarray]:
+        """{output: [tokens, ...]} for all tiles/frames of `media`, in prompt order: image_embeds [tokens, hidden],
+        any other output [tokens, K, hidden]."""
         hit = self.cache.get(media.key)
         if hit is not None:
             self.cache.move_to_end(media.key)
             return hit
         started = time.perf_counter()
-        rows = np.concatenate([self._rows(self.session.run(None, feed))
-                               for feed in self.processor.runs(media, self.settings)])
+        runs = [dict(zip(self.outputs, self.session.run(None, feed))) for feed in self.processor.runs(media)]
+        found = {}
+        for name in self.outputs:
+            values = [run[name] for run in runs]
+            found[name] = (np.concatenate([v.reshape(-1, v.shape[-1]) for v in values]) if name == "image_embeds"
+                           else np.concatenate([v.transpose(1, 0, 2) for v in values]))
         self.encode_s += time.perf_counter() - started
-        self.cache[media.key] = rows
+        self.cache[media.key] = found
         while len(self.cache) > self.cache_items:
             self.cache.popitem(last=False)
-        return rows
-
-    @staticmethod
-    def _rows(outputs: list[np.ndarray]) -> np.ndarray:
-        """[tokens, hidden] from image_embeds; a DeepStack graph's deepstack_embeds [K, tokens, hidden] follow on
-        each row, as [tokens, (1 + K) * hidden]."""
-        rows = outputs[0].reshape(-1, outputs[0].shape[-1])
-        if len(outputs) == 1:
-            return rows
-        deep = outputs[1]
-        return np.concatenate([rows, deep.transpose(1, 0, 2).reshape(len(rows), -1)], axis=1)
+        return found

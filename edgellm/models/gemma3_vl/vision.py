@@ -10,15 +10,21 @@ transformers 5, under model.*, and the tower without vision_model.); all are ren
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..convert.graph import GraphBuilder
-from ..convert.source import ModelSource, PrefixRename, RenamedSource
-from ..errors import EdgeLLMError
+from ...convert.source import ModelSource, PrefixRename, RenamedSource
+from ...errors import EdgeLLMError
+from ...modeling.family import VisionOptions, VisionParts
+from ..gemma3 import ModelArgs
+from .language import Model
+from .processing import Settings
 from .siglip import SiglipArgs, SiglipVisionTower
 
-ARCHITECTURES = ["Gemma3ForConditionalGeneration"]
+if TYPE_CHECKING:
+    from ...convert.graph import GraphBuilder
+
 TOWER = "vision_tower.vision_model."
 
 
@@ -50,14 +56,13 @@ def _prefix_of(names: set[str], candidates: list[str], probe: str) -> str:
     raise EdgeLLMError(f"this Gemma 3 checkpoint has no {probe} under any of {', '.join(candidates)}")
 
 
-def split(source: ModelSource, max_pixels: int | None = None):
-    """(text decoder source, vision model, its weights, runtime settings) of a Gemma 3 VLM checkpoint."""
-    if max_pixels is not None:
+def split(source: ModelSource, options: VisionOptions) -> VisionParts:
+    """A Gemma 3 VLM checkpoint as its decoder (with image blocks) and the vision graph."""
+    if options.max_pixels is not None:
         raise EdgeLLMError("--max-pixels does not apply to Gemma 3: every image is resized to the tower's size")
     config, names = source.config, set(source.names())
     text_config = dict(config["text_config"])
     text_config["architectures"] = ["Gemma3ForCausalLM"]
-    text_config["bidirectional_image_blocks"] = True
     text_config.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", True))
     text_prefix = _prefix_of(names, ["language_model.model.", "model.language_model."], "embed_tokens.weight")
     lm_head = "language_model.lm_head." if "language_model.lm_head.weight" in names else "lm_head."
@@ -68,10 +73,11 @@ def split(source: ModelSource, max_pixels: int | None = None):
                            "mm_input_projection_weight")
     vision = RenamedSource(source, config, PrefixRename({TOWER: tower, "multi_modal_projector.": projector}))
     args = VisionArgs.from_config(config, text_config)
-    return text, VisionModel(args), vision, settings(source, args)
+    return VisionParts(text, Model(ModelArgs.from_config(text_config)), "gemma3", VisionModel(args), vision,
+                       settings(source, args))
 
 
-def settings(source: ModelSource, args: VisionArgs) -> dict:
+def settings(source: ModelSource, args: VisionArgs) -> Settings:
     p = source.preprocessor_config()
     size = p.get("size") or {}
     side = int(size.get("height") or args.tower.image_size)
@@ -80,13 +86,12 @@ def settings(source: ModelSource, args: VisionArgs) -> dict:
                            f"{args.tower.image_size}px squares")
     if p.get("do_pan_and_scan"):
         raise EdgeLLMError("Gemma 3 pan-and-scan crops are not supported yet; set do_pan_and_scan to false")
-    return {
-        "family": "gemma3_vl", "image_size": side, "tokens_per_image": args.tokens_per_image,
-        "resample": int(p.get("resample", 2)), "rescale_factor": float(p.get("rescale_factor", 1 / 255)),
-        "image_mean": list(p.get("image_mean", [0.5] * 3)), "image_std": list(p.get("image_std", [0.5] * 3)),
-        "video_frames": 8,  # Gemma 3 has no video input: frames at segment midpoints go in as images
-        "image_token": "<image_soft_token>", "image_start": "<start_of_image>", "image_end": "<end_of_image>",
-    }
+    return Settings(
+        image_size=side, tokens_per_image=args.tokens_per_image, resample=int(p.get("resample", 2)),
+        rescale_factor=float(p.get("rescale_factor", 1 / 255)), image_mean=list(p.get("image_mean", [0.5] * 3)),
+        image_std=list(p.get("image_std", [0.5] * 3)),
+        video_frames=8,  # Gemma 3 has no video input: frames at segment midpoints go in as images
+        image_token="<image_soft_token>", image_start="<start_of_image>", image_end="<end_of_image>")
 
 
 class VisionModel:

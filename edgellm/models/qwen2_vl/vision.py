@@ -9,16 +9,22 @@ Qwen2.5-VL changes the vision tower: RMSNorm, a gated SiLU MLP, and attention wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..convert.graph import MS, GraphBuilder
-from ..convert.source import ModelSource, PrefixRename, RenamedSource
-from ..errors import EdgeLLMError
-from .llama import activation
+from ...convert.source import ModelSource, PrefixRename, RenamedSource
+from ...errors import EdgeLLMError
+from ...modeling import layers
+from ...modeling.family import VisionOptions, VisionParts
+from ...modeling.layers import FLOAT, MS, activation, rope_parameters, vit_block
+from ..qwen2 import ModelArgs
+from .language import Model
+from .processing import Settings
 
-ARCHITECTURES = ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
-STATIC_VIT = True  # convert(static_vit=True) fixes the vision graph's patch count
+if TYPE_CHECKING:
+    from ...convert.graph import GraphBuilder
+
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 # Edge defaults: an image of at most 512 merged tokens (about 630x630), video frames of 128 tokens, 16 frames.
 DEFAULT_MAX_TOKENS, VIDEO_TOKENS, VIDEO_MAX_FRAMES = 512, 128, 16
@@ -64,28 +70,37 @@ class VisionArgs:
             fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())) if v25 else ())
 
 
-def split(source: ModelSource, max_pixels: int | None = None, static_size: tuple[int, int] | bool = False):
-    """(text decoder source, vision model, its weights, runtime settings) of a Qwen2-VL / Qwen2.5-VL checkpoint;
-    static_size: (width, height), or True for the largest square within max_pixels, fixes the image size."""
-    config = source.config
-    names = set(source.names())
-    text_config = dict(config.get("text_config") or {k: v for k, v in config.items() if k != "vision_config"})
-    text_config["architectures"] = ["Qwen2ForCausalLM"]
+def text_part(source: ModelSource, text_config: dict) -> tuple[ModelSource, ModelSource, list[int]]:
+    """(the decoder's weights under Qwen text names, the vision tower's under visual.*, the M-RoPE sections) of a
+    Qwen-VL checkpoint in the original or the transformers-5 layout."""
+    config, names = source.config, set(source.names())
     text_config.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
-    if not (text_config.get("rope_parameters") or text_config.get("rope_scaling") or {}).get("mrope_section"):
-        raise EdgeLLMError("this Qwen2-VL config names no mrope_section for its rotary positions")
+    section = rope_parameters(text_config).get("mrope_section")
+    if not section:
+        raise EdgeLLMError(f"this {config['architectures'][0]} config names no mrope_section for its rotary positions")
     hf5 = any(n.startswith("model.language_model.") for n in names)
     text = RenamedSource(source, text_config, PrefixRename({"model.": "model.language_model." if hf5 else "model.",
                                                             "lm_head.": "lm_head."}))
     vision = RenamedSource(source, config, PrefixRename({"visual.": "model.visual."})) \
         if any(n.startswith("model.visual.") for n in names) else source
+    return text, vision, section
+
+
+def split(source: ModelSource, options: VisionOptions) -> VisionParts:
+    """A Qwen2-VL / Qwen2.5-VL checkpoint as its M-RoPE decoder and the vision graph; options.static_size:
+    (width, height), or True for the largest square within max_pixels, fixes the image size."""
+    config = source.config
+    text_config = dict(config.get("text_config") or {k: v for k, v in config.items() if k != "vision_config"})
+    text_config["architectures"] = ["Qwen2ForCausalLM"]
+    text, vision, section = text_part(source, text_config)
     args = VisionArgs.from_config(config, text_config)
-    found = settings(source, args, config, max_pixels, static_size)
-    return text, VisionModel(args, static_patches(found)), vision, found
+    found = settings(source, args, config, options.max_pixels, options.static_size)
+    return VisionParts(text, Model(ModelArgs.from_config(text_config), section), "qwen2",
+                       VisionModel(args, static_patches(found)), vision, found)
 
 
 def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: int | None,
-             static_size: tuple[int, int] | bool = False) -> dict:
+             static_size: tuple[int, int] | bool = False) -> Settings:
     """The processor's rules (smart resize bounds, normalisation, video sampling) and the prompt's tokens."""
     p = source.preprocessor_config()
     size = p.get("size") or {}
@@ -98,25 +113,23 @@ def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: in
     if static_size:  # one size for every image and frame, in whole merged patches
         w, h = static_size if isinstance(static_size, tuple) else (int(max_px ** 0.5),) * 2
         static_size = [max(factor, h // factor * factor), max(factor, w // factor * factor)]
-    return {
-        "family": "qwen2_vl", "version": args.version, "static_size": static_size or None,
-        "patch_size": args.patch_size, "temporal_patch_size": args.temporal_patch_size,
-        "merge_size": args.spatial_merge_size,
-        "min_pixels": min(min_px, max_px), "max_pixels": max_px, "resample": int(p.get("resample", 3)),
-        "rescale_factor": float(p.get("rescale_factor", 1 / 255)),
-        "image_mean": list(p.get("image_mean", CLIP_MEAN)), "image_std": list(p.get("image_std", CLIP_STD)),
-        "video_fps": 2.0, "video_min_frames": 4, "video_frames": VIDEO_MAX_FRAMES,
-        "video_min_pixels": min(VIDEO_TOKENS * factor * factor, max_px) if not max_pixels else min(min_px, max_px),
-        "video_max_pixels": min(VIDEO_TOKENS * factor * factor, max_px) if not max_pixels else max_px,
+    return Settings(
+        version=args.version, static_size=static_size or None, patch_size=args.patch_size,
+        temporal_patch_size=args.temporal_patch_size, merge_size=args.spatial_merge_size,
+        min_pixels=min(min_px, max_px), max_pixels=max_px, resample=int(p.get("resample", 3)),
+        rescale_factor=float(p.get("rescale_factor", 1 / 255)), image_mean=list(p.get("image_mean", CLIP_MEAN)),
+        image_std=list(p.get("image_std", CLIP_STD)), video_fps=2.0, video_min_frames=4,
+        video_frames=VIDEO_MAX_FRAMES,
+        video_min_pixels=min(VIDEO_TOKENS * factor * factor, max_px) if not max_pixels else min(min_px, max_px),
+        video_max_pixels=min(VIDEO_TOKENS * factor * factor, max_px) if not max_pixels else max_px,
         # 2.5 spaces video frames' temporal positions by time: tokens_per_second x seconds per temporal patch
-        "tokens_per_second": config["vision_config"].get("tokens_per_second") if args.version == "2.5" else None,
-        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-    }
+        tokens_per_second=config["vision_config"].get("tokens_per_second") if args.version == "2.5" else None,
+        image_token="<|image_pad|>", video_token="<|video_pad|>")
 
 
-def static_patches(settings: dict) -> int | None:
+def static_patches(settings: Settings) -> int | None:
     """The vision graph's fixed patch count under --static-vit, else None (any count)."""
-    size, p = settings.get("static_size"), settings["patch_size"]
+    size, p = settings.static_size, settings.patch_size
     return size[0] // p * (size[1] // p) if size else None
 
 
@@ -129,19 +142,14 @@ class VisionModel:
         self.patches = patches or "patches"
 
     def norm(self, g: GraphBuilder, weights, x: str, name: str) -> str:
-        if self.args.version == "2.5":
-            return g.rms_norm(x, weights.tensor(f"{name}.weight"), 1e-6, name)
-        return g.layer_norm(x, weights.tensor(f"{name}.weight"), weights.tensor(f"{name}.bias"), 1e-6, name)
-
-    def linear(self, g: GraphBuilder, weights, x: str, name: str) -> str:
-        return g.linear(x, weights.linear(f"{name}.weight"), name, weights.tensor(f"{name}.bias"))
+        return layers.norm(g, weights, x, name, 1e-6, "rms_norm" if self.args.version == "2.5" else "layer_norm")
 
     def rotary_tables(self, g: GraphBuilder, positions: str) -> tuple[str, str]:
         """cos/sin [patches, head_dim / 2]: the first half of the frequencies turn with the row, the rest with the
         column."""
         quarter = self.args.head_dim // 4
         freqs = 1.0 / self.args.rope_theta ** (np.arange(0, 2 * quarter, 2, dtype=np.float32) / (2 * quarter))
-        pos = g.op("Cast", [positions], name="rotary/float", to=1)
+        pos = g.op("Cast", [positions], name="rotary/float", to=FLOAT)
         angles = g.mul(g.op("Unsqueeze", [pos, g.ints([2], "rotary/axis")], name="rotary/unsqueeze"),
                        g.const(freqs.astype(np.float32).reshape(1, 1, quarter), "rotary.inv_freq"), "rotary/angles")
         angles = g.reshape(angles, [0, 2 * quarter], "rotary/rows_then_columns")
@@ -171,7 +179,7 @@ class VisionModel:
 
     def attention(self, g: GraphBuilder, weights, prefix: str, x: str, rope: dict, bias: str | None) -> str:
         a = self.args
-        qkv = self.linear(g, weights, x, f"{prefix}.qkv")
+        qkv = layers.linear(g, weights, x, f"{prefix}.qkv")
         q, k, v = g.op("Split", [qkv, g.ints([a.hidden_size] * 3, f"{prefix}/sizes")], name=f"{prefix}/split",
                        outputs=3, axis=-1)
         q, k, v = (g.op("Unsqueeze", [t, g.ints([0], f"{prefix}/batch")], name=f"{prefix}/{n}3d")
@@ -180,16 +188,23 @@ class VisionModel:
                      domain=MS, num_heads=a.num_heads, interleaved=0) for t, n in zip((q, k), "qk"))
         inputs = [q, k, v] + (["", "", bias] if bias else [])
         out = g.op("MultiHeadAttention", inputs, name=f"{prefix}/mha", domain=MS, num_heads=a.num_heads)
-        return self.linear(g, weights, g.reshape(out, [-1, a.hidden_size], f"{prefix}/2d"), f"{prefix}.proj")
+        return layers.linear(g, weights, g.reshape(out, [-1, a.hidden_size], f"{prefix}/2d"), f"{prefix}.proj")
 
     def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
         if self.args.version == "2.5":
-            gate = activation(g, self.linear(g, weights, x, f"{prefix}.gate_proj"), self.args.hidden_act,
+            gate = activation(g, layers.linear(g, weights, x, f"{prefix}.gate_proj"), self.args.hidden_act,
                               f"{prefix}.act")
-            return self.linear(g, weights, g.mul(gate, self.linear(g, weights, x, f"{prefix}.up_proj")),
+            return layers.linear(g, weights, g.mul(gate, layers.linear(g, weights, x, f"{prefix}.up_proj")),
                                f"{prefix}.down_proj")
-        return self.linear(g, weights, activation(g, self.linear(g, weights, x, f"{prefix}.fc1"), self.args.hidden_act,
-                                                  f"{prefix}.act"), f"{prefix}.fc2")
+        h = activation(g, layers.linear(g, weights, x, f"{prefix}.fc1"), self.args.hidden_act, f"{prefix}.act")
+        return layers.linear(g, weights, h, f"{prefix}.fc2")
+
+    def block(self, g: GraphBuilder, weights, i: int, x: str, rope: dict, bias: str | None) -> str:
+        prefix = f"visual.blocks.{i}"
+        return vit_block(g, x, prefix, lambda h: self.norm(g, weights, h, f"{prefix}.norm1"),
+                         lambda h: self.attention(g, weights, f"{prefix}.attn", h, rope, bias),
+                         lambda h: self.norm(g, weights, h, f"{prefix}.norm2"),
+                         lambda h: self.mlp(g, weights, f"{prefix}.mlp", h))
 
     def build(self, g: GraphBuilder, weights) -> None:
         a = self.args
@@ -202,15 +217,10 @@ class VisionModel:
         rope = self.rope(g, pixels, positions)
         windowed = self.window_bias(g, positions) if a.window_size else None
         for i in range(a.depth):
-            prefix = f"visual.blocks.{i}"
-            bias = None if i in a.fullatt_block_indexes else windowed
-            h = self.attention(g, weights, f"{prefix}.attn", self.norm(g, weights, x, f"{prefix}.norm1"), rope, bias)
-            x = g.add(x, h, f"{prefix}/res1")
-            x = g.add(x, self.mlp(g, weights, f"{prefix}.mlp", self.norm(g, weights, x, f"{prefix}.norm2")),
-                      f"{prefix}/res2")
+            x = self.block(g, weights, i, x, rope, None if i in a.fullatt_block_indexes else windowed)
         # Patches come in 2x2 groups (the preprocessor's order), so merging is a reshape.
         x = self.norm(g, weights, x, "visual.merger.ln_q")
         x = g.reshape(x, [-1, a.hidden_size * a.spatial_merge_size ** 2], "visual.merger/group")
-        x = self.linear(g, weights, x, "visual.merger.mlp.0")
-        x = self.linear(g, weights, activation(g, x, "gelu", "visual.merger.act"), "visual.merger.mlp.2")
+        x = layers.linear(g, weights, x, "visual.merger.mlp.0")
+        x = layers.linear(g, weights, activation(g, x, "gelu", "visual.merger.act"), "visual.merger.mlp.2")
         g.output("image_embeds", np.float32, ["tokens", a.text_hidden_size], value=x)

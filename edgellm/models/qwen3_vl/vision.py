@@ -6,18 +6,22 @@ layers. Names are the checkpoint's (model.visual.blocks.N.attn.qkv, model.langua
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..convert.graph import GraphBuilder
-from ..convert.source import ModelSource, PrefixRename, RenamedSource
-from ..errors import EdgeLLMError
-from . import qwen2_vl
-from .llama import activation
+from ...convert.source import ModelSource
+from ...modeling import layers
+from ...modeling.family import VisionOptions, VisionParts
+from ...modeling.layers import activation
+from ..qwen2_vl import vision as qwen2_vl
+from ..qwen3 import ModelArgs
+from .language import Model
+from .processing import Settings
 
-ARCHITECTURES = ["Qwen3VLForConditionalGeneration"]
-STATIC_VIT = True
+if TYPE_CHECKING:
+    from ...convert.graph import GraphBuilder
 
 
 @dataclass
@@ -42,28 +46,18 @@ class VisionArgs(qwen2_vl.VisionArgs):
                    deepstack_visual_indexes=tuple(v.get("deepstack_visual_indexes", ())))
 
 
-def split(source: ModelSource, max_pixels: int | None = None, static_size: tuple[int, int] | bool = False):
-    """(text decoder source, vision model, its weights, runtime settings) of a Qwen3-VL checkpoint."""
-    config, names = source.config, set(source.names())
+def split(source: ModelSource, options: VisionOptions) -> VisionParts:
+    """A Qwen3-VL checkpoint as its decoder (interleaved M-RoPE, DeepStack) and the vision graph."""
+    config = source.config
     args = VisionArgs.from_config(config, config["text_config"])
     text_config = dict(config["text_config"])
     text_config["architectures"] = ["Qwen3ForCausalLM"]
-    text_config["deepstack_layers"] = len(args.deepstack_visual_indexes)
-    text_config.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
-    if not (text_config.get("rope_parameters") or text_config.get("rope_scaling") or {}).get("mrope_section"):
-        raise EdgeLLMError("this Qwen3-VL config names no mrope_section for its rotary positions")
-    # every Qwen3-VL decoder interleaves its M-RoPE axes (transformers hard-codes it)
-    rope = dict(text_config.get("rope_parameters") or text_config.get("rope_scaling"))
-    text_config["rope_parameters"] = {**rope, "mrope_interleaved": True}
-    hf5 = any(n.startswith("model.language_model.") for n in names)
-    text = RenamedSource(source, text_config, PrefixRename({"model.": "model.language_model." if hf5 else "model.",
-                                                            "lm_head.": "lm_head."}))
-    vision = RenamedSource(source, config, PrefixRename({"visual.": "model.visual."})) \
-        if any(n.startswith("model.visual.") for n in names) else source
-    found = qwen2_vl.settings(source, args, config, max_pixels, static_size)
-    found.update(family="qwen3_vl", grid_per_side=args.grid_per_side, image_start="<|vision_start|>",
-                 image_end="<|vision_end|>", tokens_per_second=None)
-    return text, VisionModel(args, qwen2_vl.static_patches(found)), vision, found
+    text, vision, section = qwen2_vl.text_part(source, text_config)
+    found = qwen2_vl.settings(source, args, config, options.max_pixels, options.static_size)
+    found = Settings(**{**asdict(found), "grid_per_side": args.grid_per_side, "image_start": "<|vision_start|>",
+                        "image_end": "<|vision_end|>", "tokens_per_second": None})
+    decoder = Model(ModelArgs.from_config(text_config), section, len(args.deepstack_visual_indexes))
+    return VisionParts(text, decoder, "qwen3", VisionModel(args, qwen2_vl.static_patches(found)), vision, found)
 
 
 class VisionModel(qwen2_vl.VisionModel):
@@ -72,8 +66,8 @@ class VisionModel(qwen2_vl.VisionModel):
     image_embeds [patches / 4, text hidden] and deepstack_embeds [K, patches / 4, text hidden]."""
 
     def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
-        h = activation(g, self.linear(g, weights, x, f"{prefix}.linear_fc1"), self.args.hidden_act, f"{prefix}.act")
-        return self.linear(g, weights, h, f"{prefix}.linear_fc2")
+        h = activation(g, layers.linear(g, weights, x, f"{prefix}.linear_fc1"), self.args.hidden_act, f"{prefix}.act")
+        return layers.linear(g, weights, h, f"{prefix}.linear_fc2")
 
     def merger(self, g: GraphBuilder, weights, x: str, prefix: str, norm_after_grouping: bool) -> str:
         """2x2 patch groups (consecutive in the preprocessor's order) -> LayerNorm, GELU MLP -> text width; the
@@ -84,8 +78,8 @@ class VisionModel(qwen2_vl.VisionModel):
         x = g.reshape(x, [-1, width], f"{prefix}/group")
         if norm_after_grouping:
             x = self.norm(g, weights, x, f"{prefix}.norm")
-        x = activation(g, self.linear(g, weights, x, f"{prefix}.linear_fc1"), "gelu", f"{prefix}.act")
-        return self.linear(g, weights, x, f"{prefix}.linear_fc2")
+        x = activation(g, layers.linear(g, weights, x, f"{prefix}.linear_fc1"), "gelu", f"{prefix}.act")
+        return layers.linear(g, weights, x, f"{prefix}.linear_fc2")
 
     def build(self, g: GraphBuilder, weights) -> None:
         a = self.args
@@ -105,11 +99,7 @@ class VisionModel(qwen2_vl.VisionModel):
         rope = self.rope(g, pixels, positions)
         deep = []
         for i in range(a.depth):
-            prefix = f"visual.blocks.{i}"
-            h = self.attention(g, weights, f"{prefix}.attn", self.norm(g, weights, x, f"{prefix}.norm1"), rope, None)
-            x = g.add(x, h, f"{prefix}/res1")
-            x = g.add(x, self.mlp(g, weights, f"{prefix}.mlp", self.norm(g, weights, x, f"{prefix}.norm2")),
-                      f"{prefix}/res2")
+            x = self.block(g, weights, i, x, rope, None)
             if i in a.deepstack_visual_indexes:
                 k = a.deepstack_visual_indexes.index(i)
                 merged = self.merger(g, weights, x, f"visual.deepstack_merger_list.{k}", norm_after_grouping=True)

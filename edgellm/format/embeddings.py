@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..convert.quantize import QuantizedWeight, unpack_nibbles
 from ..errors import EdgeLLMError
+from .blocks import QuantizedWeight, unpack_nibbles
+from .manifest import ArrayRef, EmbeddingsEntry
 
 FILE = "embed_tokens.npy"
-_PARTS = ("scales", "zero_points", "mins")
+_PARTS = EmbeddingsEntry.BLOCK_PARTS
 
 
 def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str, lm_head: dict | None = None,
-               multiplier: np.float32 | None = None) -> str | dict:
+               multiplier: np.float32 | None = None) -> EmbeddingsEntry:
     """Write the table for a bundle of quantization `mode`; returns the manifest's "embeddings" entry. `lm_head`
     (from the converter's `stored_blocks`) says where the graph's data file holds the lm_head's blocks: when they
     are this table's own (before `multiplier`, which the table carries), nothing is written and the entry points
@@ -32,18 +33,18 @@ def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str, lm_
     if mode in ("f32", "f16") or not isinstance(table, QuantizedWeight):
         table = table.dequantize() if isinstance(table, QuantizedWeight) else table
         np.save(folder / FILE, table.astype(np.float32 if mode == "f32" else np.float16))
-        return FILE
+        return EmbeddingsEntry(values=FILE)
     if lm_head is not None and _same_blocks(table, lm_head, multiplier):
-        entry = {"bits": table.bits, "k": table.k, "packed": table.bits == 4,
-                 **({"multiplier": float(multiplier)} if multiplier is not None else {})}
-        return {**entry, **{part: [where for where, _ in pieces] for part, pieces in lm_head["parts"].items()}}
+        return EmbeddingsEntry(bits=table.bits, k=table.k, packed=table.bits == 4,
+                               multiplier=float(multiplier) if multiplier is not None else None,
+                               **{part: [ArrayRef(**where) for where, _ in pieces]
+                                  for part, pieces in lm_head["parts"].items()})
     np.save(folder / FILE, table.codes)
-    entry = {"codes": FILE, "bits": table.bits, "k": table.k}
+    entry = EmbeddingsEntry(codes=FILE, bits=table.bits, k=table.k)
     for part in _PARTS:
-        value = getattr(table, part)
-        if value is not None:
-            entry[part] = f"embed_tokens.{part}.npy"
-            np.save(folder / entry[part], value)
+        if getattr(table, part) is not None:
+            setattr(entry, part, f"embed_tokens.{part}.npy")
+            np.save(folder / getattr(entry, part), getattr(table, part))
     return entry
 
 
@@ -68,8 +69,8 @@ class RowFile:
     around every row touched from the page cache: a few hundred tokens made SmolLM2's whole 27 MiB table resident,
     and most of Gemma 3's 180 MiB.)"""
 
-    def __init__(self, path: Path, where: dict | None = None):
-        """`where`: {"offset", "dtype", "shape"} of an array inside a raw file; None for a .npy file."""
+    def __init__(self, path: Path, where: ArrayRef | None = None):
+        """`where`: the array inside a raw file; None for a .npy file."""
         self.file = open(path, "rb")  # stays open; closed with the object
         fortran_order = False
         if where is None:
@@ -79,7 +80,7 @@ class RowFile:
             self.shape, fortran_order, self.dtype = read_header(self.file)
             self.offset = self.file.tell()
         else:
-            self.shape, self.dtype, self.offset = tuple(where["shape"]), np.dtype(where["dtype"]), int(where["offset"])
+            self.shape, self.dtype, self.offset = tuple(where.shape), np.dtype(where.dtype), int(where.offset)
         self.row_shape = tuple(self.shape[1:])
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape))
         if fortran_order or os.fstat(self.file.fileno()).st_size < self.offset + self.shape[0] * self.row_bytes:
@@ -118,36 +119,37 @@ class RowPieces:
         return rows.reshape(*np.shape(ids), *self.shape[1:])
 
 
-def _rows(bundle, part: str | dict | list):
-    """Row reader for a part of the table: a .npy file's name, or {"file", "offset", "dtype", "shape"} of an array
-    inside another file (the lm_head's blocks), or a list of those (its row pieces); a memory map where the
-    platform has no pread (Windows)."""
+_PREAD = hasattr(os, "preadv")  # Windows has none: a memory map serves the rows there
+
+
+def _rows(folder: Path, part):
+    """Row reader for a part of the table (a TablePart: a .npy file's name, an array inside another file, or a
+    list of those, one per row piece)."""
     if isinstance(part, list):
-        return _rows(bundle, part[0]) if len(part) == 1 else RowPieces([_rows(bundle, p) for p in part])
+        return _rows(folder, part[0]) if len(part) == 1 else RowPieces([_rows(folder, p) for p in part])
     where = None if isinstance(part, str) else part
-    path = bundle.file(part if where is None else where["file"])
-    if hasattr(os, "preadv"):
+    path = folder / (part if where is None else where.file)
+    if _PREAD:
         return RowFile(path, where)
     if where is None:
         return np.load(path, mmap_mode="r")
-    return np.memmap(path, np.dtype(where["dtype"]), "r", int(where["offset"]), tuple(where["shape"]))
+    return np.memmap(path, np.dtype(where.dtype), "r", int(where.offset), tuple(where.shape))
 
 
 class EmbeddingTable:
-    """table[ids] -> float32 [len(ids), hidden]."""
+    """table[ids] -> float32 [len(ids), hidden], for the bundle folder `folder` whose manifest holds `entry`."""
 
-    def __init__(self, bundle):
-        entry = bundle.manifest["embeddings"]
-        if isinstance(entry, str):  # float rows
-            self.values, self.parts = _rows(bundle, entry), None
+    def __init__(self, folder: Path, entry: EmbeddingsEntry):
+        if entry.values is not None:  # float rows
+            self.values, self.parts = _rows(folder, entry.values), None
             self.shape = self.values.shape
             return
-        self.codes = _rows(bundle, entry["codes"])
-        self.parts = {p: _rows(bundle, entry[p]) for p in _PARTS if p in entry}
-        self.k = int(entry["k"])
-        self.midpoint = np.float32(1 << (int(entry["bits"]) - 1))  # the zero point when none is stored
-        self.packed = bool(entry.get("packed"))  # 4-bit codes two per byte
-        self.multiplier = np.float32(entry["multiplier"]) if "multiplier" in entry else None
+        self.codes = _rows(folder, entry.codes)
+        self.parts = {p: _rows(folder, getattr(entry, p)) for p in _PARTS if getattr(entry, p) is not None}
+        self.k = int(entry.k)
+        self.midpoint = np.float32(1 << (int(entry.bits) - 1))  # the zero point when none is stored
+        self.packed = entry.packed  # 4-bit codes two per byte
+        self.multiplier = np.float32(entry.multiplier) if entry.multiplier is not None else None
         self.shape = (self.codes.shape[0], self.k)
 
     def __getitem__(self, ids) -> np.ndarray:

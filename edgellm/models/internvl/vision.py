@@ -11,13 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..convert.graph import GraphBuilder
-from ..convert.source import ModelSource, PrefixRename, RenamedSource
-from ..errors import EdgeLLMError
-from .llama import activation
-from .siglip import patch_embedding
+from typing import TYPE_CHECKING
 
-ARCHITECTURES = ["InternVLForConditionalGeneration", "InternVLChatModel"]
+from ...convert.source import ModelSource, PrefixRename, RenamedSource
+from ...errors import EdgeLLMError
+from ...modeling import layers
+from ...modeling.family import VisionOptions, VisionParts
+from ...modeling.layers import MS, activation, patch_embedding, vit_block
+from .processing import Settings
+
+if TYPE_CHECKING:
+    from ...convert.graph import GraphBuilder
+
 IMAGE_NET_MEAN, IMAGE_NET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -104,9 +109,11 @@ class OriginalLayout(ModelSource):
     linear = tensor
 
 
-def split(source: ModelSource, max_pixels: int | None = None):
-    """(text decoder source, vision model, its weights, runtime settings) of an InternVL checkpoint; max_pixels
-    caps the number of tiles of an image."""
+def split(source: ModelSource, options: VisionOptions) -> VisionParts:
+    """An InternVL checkpoint as a decoder of the text family its config names and the vision graph;
+    options.max_pixels caps the number of tiles of an image."""
+    from .. import family_for
+
     config = source.config
     original = "llm_config" in config
     text_config = dict(config["llm_config"] if original else config["text_config"])
@@ -125,30 +132,28 @@ def split(source: ModelSource, max_pixels: int | None = None):
                                                                          "model.multi_modal_projector."}))
     args = VisionArgs.from_config(config, text_config)
     found = settings(source, args)
-    if max_pixels:
-        found["max_patches"] = max(1, min(found["max_patches"], int(max_pixels) // found["tile_size"] ** 2))
-    return text, VisionModel(args), vision_source, found
+    if options.max_pixels:
+        found.max_patches = max(1, min(found.max_patches, int(options.max_pixels) // found.tile_size ** 2))
+    family = family_for(text_config["architectures"][0])
+    return VisionParts(text, family.decoder(text_config), family.name, VisionModel(args), vision_source, found)
 
 
 _TEXT_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
-def settings(source: ModelSource, args: VisionArgs) -> dict:
+def settings(source: ModelSource, args: VisionArgs) -> Settings:
     """What the runtime needs to turn images into tiles and prompts (the checkpoint's processor settings)."""
     p = source.preprocessor_config()
     size = p.get("size") or {}
     tile = int(size.get("height") or size.get("shortest_edge") or args.image_size)
     if tile != args.image_size:
         raise EdgeLLMError(f"preprocessor_config.json sizes tiles at {tile}px, the vision tower at {args.image_size}")
-    return {
-        "family": "internvl", "tile_size": tile, "tokens_per_tile": args.tokens_per_tile,
-        "crop_to_patches": bool(p.get("crop_to_patches", True)), "min_patches": int(p.get("min_patches", 1)),
-        "max_patches": int(p.get("max_patches", 12)), "resample": int(p.get("resample", 3)),
-        "rescale_factor": float(p.get("rescale_factor", 1 / 255)),
-        "image_mean": list(p.get("image_mean", IMAGE_NET_MEAN)), "image_std": list(p.get("image_std", IMAGE_NET_STD)),
-        "video_frames": 8,
-        "image_token": "<IMG_CONTEXT>", "image_start": "<img>", "image_end": "</img>", "video_token": "<video>",
-    }
+    return Settings(
+        tile_size=tile, tokens_per_tile=args.tokens_per_tile, crop_to_patches=bool(p.get("crop_to_patches", True)),
+        min_patches=int(p.get("min_patches", 1)), max_patches=int(p.get("max_patches", 12)),
+        resample=int(p.get("resample", 3)), rescale_factor=float(p.get("rescale_factor", 1 / 255)),
+        image_mean=list(p.get("image_mean", IMAGE_NET_MEAN)), image_std=list(p.get("image_std", IMAGE_NET_STD)),
+        video_frames=8, image_token="<IMG_CONTEXT>", image_start="<img>", image_end="</img>", video_token="<video>")
 
 
 class VisionModel:
@@ -158,13 +163,7 @@ class VisionModel:
         self.args = args
 
     def norm(self, g: GraphBuilder, weights, x: str, name: str) -> str:
-        if self.args.norm_type == "rms_norm":
-            return g.rms_norm(x, weights.tensor(f"{name}.weight"), self.args.layer_norm_eps, name)
-        return g.layer_norm(x, weights.tensor(f"{name}.weight"), weights.tensor(f"{name}.bias"),
-                            self.args.layer_norm_eps, name)
-
-    def linear(self, g: GraphBuilder, weights, x: str, name: str, bias: bool = True) -> str:
-        return g.linear(x, weights.linear(f"{name}.weight"), name, weights.tensor(f"{name}.bias") if bias else None)
+        return layers.norm(g, weights, x, name, self.args.layer_norm_eps, self.args.norm_type)
 
     def embeddings(self, g: GraphBuilder, weights, pixels: str) -> str:
         a, prefix = self.args, "vision_tower.embeddings"
@@ -185,22 +184,27 @@ class VisionModel:
 
     def attention(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
         a = self.args
-        q, k, v = (self.linear(g, weights, x, f"{prefix}.{p}_proj", a.attention_bias) for p in "qkv")
+        q, k, v = (layers.linear(g, weights, x, f"{prefix}.{p}_proj", a.attention_bias) for p in "qkv")
         if a.use_qk_norm:  # RMSNorm over all heads together
             q = g.rms_norm(q, weights.tensor(f"{prefix}.q_norm.weight"), a.layer_norm_eps, f"{prefix}.q_norm")
             k = g.rms_norm(k, weights.tensor(f"{prefix}.k_norm.weight"), a.layer_norm_eps, f"{prefix}.k_norm")
-        out = g.op("MultiHeadAttention", [q, k, v], name=f"{prefix}.attn", domain="com.microsoft",
+        out = g.op("MultiHeadAttention", [q, k, v], name=f"{prefix}.attn", domain=MS,
                    num_heads=a.num_attention_heads)
-        return self.linear(g, weights, out, f"{prefix}.projection_layer")
+        return layers.linear(g, weights, out, f"{prefix}.projection_layer")
 
     def layer(self, g: GraphBuilder, weights, i: int, x: str) -> str:
         prefix = f"vision_tower.encoder.layer.{i}"
-        h = self.attention(g, weights, f"{prefix}.attention", self.norm(g, weights, x, f"{prefix}.layernorm_before"))
-        x = g.add(x, g.mul(h, g.const(weights.tensor(f"{prefix}.lambda_1"), f"{prefix}.lambda_1")), f"{prefix}/res1")
-        h = self.norm(g, weights, x, f"{prefix}.layernorm_after")
-        h = self.linear(g, weights, activation(g, self.linear(g, weights, h, f"{prefix}.mlp.fc1"), self.args.hidden_act,
-                                               f"{prefix}.mlp.act"), f"{prefix}.mlp.fc2")
-        return g.add(x, g.mul(h, g.const(weights.tensor(f"{prefix}.lambda_2"), f"{prefix}.lambda_2")), f"{prefix}/res2")
+        def mlp(h: str) -> str:
+            h = activation(g, layers.linear(g, weights, h, f"{prefix}.mlp.fc1"), self.args.hidden_act,
+                           f"{prefix}.mlp.act")
+            return layers.linear(g, weights, h, f"{prefix}.mlp.fc2")
+
+        def scale(i: int, h: str) -> str:
+            return g.mul(h, g.const(weights.tensor(f"{prefix}.lambda_{i}"), f"{prefix}.lambda_{i}"))
+
+        return vit_block(g, x, prefix, lambda h: self.norm(g, weights, h, f"{prefix}.layernorm_before"),
+                         lambda h: self.attention(g, weights, f"{prefix}.attention", h),
+                         lambda h: self.norm(g, weights, h, f"{prefix}.layernorm_after"), mlp, scale)
 
     def pixel_shuffle(self, g: GraphBuilder, x: str) -> str:
         """[tiles, grid*grid, C] -> [tiles, (grid/2)^2, 4C], the same element order as transformers' pixel_shuffle."""
@@ -225,8 +229,8 @@ class VisionModel:
         x = self.pixel_shuffle(g, x)
         p = "multi_modal_projector"
         x = self.norm_projector(g, weights, x)
-        x = self.linear(g, weights, x, f"{p}.linear_1")
-        x = self.linear(g, weights, activation(g, x, a.projector_hidden_act, f"{p}.act"), f"{p}.linear_2")
+        x = layers.linear(g, weights, x, f"{p}.linear_1")
+        x = layers.linear(g, weights, activation(g, x, a.projector_hidden_act, f"{p}.act"), f"{p}.linear_2")
         g.output("image_embeds", np.float32, ["tiles", a.tokens_per_tile, a.text_hidden_size], value=x)
 
     def norm_projector(self, g: GraphBuilder, weights, x: str) -> str:

@@ -6,10 +6,14 @@ the checkpoint's (vision_tower.vision_model.encoder.layers.N.self_attn.q_proj ..
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..convert.graph import MS, GraphBuilder
-from ..errors import EdgeLLMError
-from .llama import activation
+from ...errors import EdgeLLMError
+from ...modeling import layers
+from ...modeling.layers import MS, activation, patch_embedding, vit_block
+
+if TYPE_CHECKING:
+    from ...convert.graph import GraphBuilder
 
 
 @dataclass
@@ -44,12 +48,8 @@ class SiglipVisionTower:
     def __init__(self, args: SiglipArgs):
         self.args = args
 
-    def linear(self, g: GraphBuilder, weights, x: str, name: str) -> str:
-        return g.linear(x, weights.linear(f"{name}.weight"), name, weights.tensor(f"{name}.bias"))
-
     def norm(self, g: GraphBuilder, weights, x: str, name: str) -> str:
-        return g.layer_norm(x, weights.tensor(f"{name}.weight"), weights.tensor(f"{name}.bias"),
-                            self.args.layer_norm_eps, name)
+        return layers.norm(g, weights, x, name, self.args.layer_norm_eps)
 
     def embeddings(self, g: GraphBuilder, weights, pixels: str) -> str:
         a, prefix = self.args, f"{self.prefix}.embeddings"
@@ -62,14 +62,19 @@ class SiglipVisionTower:
 
     def layer(self, g: GraphBuilder, weights, i: int, x: str) -> str:
         a, prefix = self.args, f"{self.prefix}.encoder.layers.{i}"
-        h = self.norm(g, weights, x, f"{prefix}.layer_norm1")
-        q, k, v = (self.linear(g, weights, h, f"{prefix}.self_attn.{p}_proj") for p in "qkv")
-        h = g.op("MultiHeadAttention", [q, k, v], name=f"{prefix}.self_attn", domain=MS,
-                 num_heads=a.num_attention_heads)
-        x = g.add(x, self.linear(g, weights, h, f"{prefix}.self_attn.out_proj"), f"{prefix}/res1")
-        h = self.norm(g, weights, x, f"{prefix}.layer_norm2")
-        h = activation(g, self.linear(g, weights, h, f"{prefix}.mlp.fc1"), a.hidden_act, f"{prefix}.mlp.act")
-        return g.add(x, self.linear(g, weights, h, f"{prefix}.mlp.fc2"), f"{prefix}/res2")
+
+        def attention(h: str) -> str:
+            q, k, v = (layers.linear(g, weights, h, f"{prefix}.self_attn.{p}_proj") for p in "qkv")
+            h = g.op("MultiHeadAttention", [q, k, v], name=f"{prefix}.self_attn", domain=MS,
+                     num_heads=a.num_attention_heads)
+            return layers.linear(g, weights, h, f"{prefix}.self_attn.out_proj")
+
+        def mlp(h: str) -> str:
+            h = activation(g, layers.linear(g, weights, h, f"{prefix}.mlp.fc1"), a.hidden_act, f"{prefix}.mlp.act")
+            return layers.linear(g, weights, h, f"{prefix}.mlp.fc2")
+
+        return vit_block(g, x, prefix, lambda h: self.norm(g, weights, h, f"{prefix}.layer_norm1"), attention,
+                         lambda h: self.norm(g, weights, h, f"{prefix}.layer_norm2"), mlp)
 
     def build(self, g: GraphBuilder, weights, pixels: str) -> str:
         x = self.embeddings(g, weights, pixels)
@@ -77,10 +82,3 @@ class SiglipVisionTower:
             x = self.layer(g, weights, i, x)
         return self.norm(g, weights, x, f"{self.prefix}.post_layernorm")
 
-
-def patch_embedding(g: GraphBuilder, weights, pixels: str, name: str, patch: int, hidden: int) -> str:
-    """[images, 3, H, W] -> [images, patches, hidden]: a stride-`patch` convolution, patches in row-major order."""
-    x = g.op("Conv", [pixels, g.const(weights.tensor(f"{name}.weight"), f"{name}.weight"),
-                      g.const(weights.tensor(f"{name}.bias"), f"{name}.bias")], name=name,
-             kernel_shape=[patch] * 2, strides=[patch] * 2)
-    return g.op("Transpose", [g.reshape(x, [0, hidden, -1], f"{name}/flatten")], name=f"{name}/nlc", perm=[0, 2, 1])

@@ -1,0 +1,232 @@
+"""The shared decoder: the Llama-shaped transformer every text family builds, and the decoder contract the runtime
+relies on (inputs_embeds and explicit positions in, logits at chosen positions out, an in-place KV cache).
+
+A family subclasses `Model` and overrides the hooks it needs (norm weights, q/k projections, rotary tables, the MLP,
+extra inputs, what follows a layer); this module names no family. Parameter names are the Hugging Face
+checkpoint's (model.layers.N.self_attn.q_proj ...); GGUF files are mapped onto them by the reader, so a family
+never sees where a tensor came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from ..format import DecoderShape, QuantizedWeight
+from .layers import activation, cos_sin_cache, inv_freq, rope_parameters
+
+if TYPE_CHECKING:
+    from ..convert.graph import GraphBuilder
+
+
+@dataclass
+class ModelArgs:
+    architecture: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope: dict
+    tie_word_embeddings: bool
+    attention_bias: bool
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        heads = config["num_attention_heads"]
+        return cls(
+            architecture=config["architectures"][0],
+            hidden_size=config["hidden_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            intermediate_size=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope=rope_parameters(config),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            hidden_act=config.get("hidden_act", "silu"),
+            sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
+        )
+
+
+class Model:
+    """Builds the decoder graph: inputs_embeds + explicit positions in, logits at chosen positions out."""
+
+    def __init__(self, args: ModelArgs):
+        self.args = args
+
+    # --- pieces a family overrides ----------------------------------------------------------------
+    embedding_multiplier: np.float32 | None = None  # embeddings times a constant (Gemma: sqrt(hidden))
+
+    def embedding_table(self, weights) -> np.ndarray | QuantizedWeight:
+        """Float rows, or a GGUF's own blocks (kept as they are in a quantized bundle), times embedding_multiplier
+        (for blocks, their scales carry it)."""
+        table, factor = weights.linear("model.embed_tokens.weight"), self.embedding_multiplier
+        if factor is None:
+            return table
+        return table.scaled(factor) if isinstance(table, QuantizedWeight) else table * factor
+
+    def norm_weight(self, weights, name: str) -> np.ndarray:
+        """An RMSNorm's weight as the graph multiplies by it."""
+        return weights.tensor(name)
+
+    def final_logits(self, g: GraphBuilder, logits: str) -> str:
+        """The lm_head's output as the model returns it (Gemma caps it)."""
+        return logits
+
+    def lm_head_weight(self, weights):
+        if "lm_head.weight" in weights and not self.args.tie_word_embeddings:
+            return weights.linear("lm_head.weight")
+        return weights.linear("model.embed_tokens.weight")
+
+    # Projections feed rotary directly, so QKV can stay packed and GroupQueryAttention applies rotary itself (fewer
+    # ops per layer). Its positions are then past length + i, which is what text decoding uses; families that
+    # transform heads before rotary (Qwen3's q/k norm) or need other positions turn this off.
+    packed_qkv = True
+    position_rows = 1  # rows of position_ids: 1, or 3 for decoders whose positions have (t, h, w) axes
+
+    def qkv_weights(self, weights, prefix: str):
+        names = [f"{prefix}.{p}_proj" for p in "qkv"]
+        biases = [weights.tensor(f"{n}.bias") for n in names] if self.args.attention_bias else None
+        return [weights.linear(f"{n}.weight") for n in names], biases
+
+    def project_qkv(self, g: GraphBuilder, weights, prefix: str, x: str) -> list[str]:
+        ws, biases = self.qkv_weights(weights, prefix)
+        return g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases)
+
+    def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
+        gate, up = g.fused_linear(x, [weights.linear(f"{prefix}.gate_proj.weight"),
+                                      weights.linear(f"{prefix}.up_proj.weight")], f"{prefix}.gate_up_proj")
+        act = activation(g, gate, self.args.hidden_act, f"{prefix}.act")
+        return g.linear(g.mul(act, up, f"{prefix}.act_up"), weights.linear(f"{prefix}.down_proj.weight"),
+                        f"{prefix}.down_proj")
+
+    # --- the decoder ---------------------------------------------------------------------------
+    def attention(self, g: GraphBuilder, weights, i: int, x: str, ctx: dict) -> str:
+        a = self.args
+        prefix = f"model.layers.{i}.self_attn"
+        gqa = dict(name=f"{prefix}.attn", outputs=[f"{prefix}.attn", f"present_key.{i}", f"present_value.{i}"],
+                   domain="com.microsoft", num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads,
+                   scale=self.attention_scale(), **self.attention_options(i))
+        cache = [f"past_key.{i}", f"past_value.{i}", ctx["seqlens_k"], ctx["total_sequence_length"]]
+        cos, sin = self.rotary_tables(i, ctx)
+        packed = None
+        if self.packed_qkv:
+            ws, biases = self.qkv_weights(weights, prefix)
+            packed = g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, split=False)
+        if packed is not None:
+            out = g.op("GroupQueryAttention", [packed, "", "", *cache, cos, sin], do_rotary=1, rotary_interleaved=0,
+                       **gqa)[0]
+        else:
+            q, k, v = self.project_qkv(g, weights, prefix, x)
+            q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary")
+            k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary")
+            out = self.attention_output(g, i, g.op("GroupQueryAttention", [q, k, v, *cache], **gqa)[0], q, ctx)
+        return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
+
+    def attention_scale(self) -> float:
+        return float(self.args.head_dim ** -0.5)
+
+    def rotary_tables(self, i: int, ctx: dict) -> tuple[str, str]:
+        """The cos/sin tables layer i rotates with (Gemma 3 gives sliding and full layers different bases)."""
+        return ctx["cos"], ctx["sin"]
+
+    def attention_options(self, i: int) -> dict:
+        """Extra GroupQueryAttention attributes for layer i (a local window, soft-capping)."""
+        return {}
+
+    def attention_output(self, g: GraphBuilder, i: int, out: str, q: str, ctx: dict) -> str:
+        """Layer i's attention output, given GroupQueryAttention's and the rotated queries: a family whose mask is
+        not causal for some tokens (Gemma 3's image blocks) computes those chunks another way."""
+        return out
+
+    def extra_inputs(self, g: GraphBuilder, ctx: dict) -> None:
+        """Declare inputs beyond the decoder contract (into ctx); the runtime feeds them through the family's
+        processor (vision.processor.DecoderExtension)."""
+
+    def rotary(self, g: GraphBuilder, ctx: dict, seq_length: int) -> None:
+        """Set ctx's "cos" and "sin" tables (and "position_ids" as rotary reads them)."""
+        cos, sin = cos_sin_cache(inv_freq(self.args.rope, self.args.head_dim), seq_length)
+        ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
+
+    def after_layer(self, g: GraphBuilder, i: int, hidden: str, ctx: dict) -> str:
+        """Layer i's output (the MLP's, before it joins the residual stream), as the next layer reads it."""
+        return hidden
+
+    def shape(self) -> DecoderShape:
+        """The dimensions the runtime sizes its KV cache and logits by (the manifest's "model")."""
+        a = self.args
+        return DecoderShape(a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads,
+                            a.head_dim, a.vocab_size)
+
+    def check_supported(self, seq_length: int) -> None:
+        w = self.args.sliding_window
+        if w and w < seq_length:
+            raise EdgeLLMError(f"{self.args.architecture} uses a {w}-token sliding attention window, which edgellm "
+                               f"does not build yet; convert with --seq-length {w} or less")
+
+    def build(self, g: GraphBuilder, weights, seq_length: int) -> None:
+        a = self.args
+        self.check_supported(seq_length)
+        ctx = self.declare_io(g, seq_length)
+        self.rotary(g, ctx, seq_length)
+
+        pending, residual = ctx["inputs_embeds"], None  # a layer's output joins the residual stream in the next norm
+        for i in range(a.num_hidden_layers):
+            prefix = f"model.layers.{i}"
+            norm_w = self.norm_weight(weights, f"{prefix}.input_layernorm.weight")
+            if residual is None:
+                x, residual = g.rms_norm(pending, norm_w, a.rms_norm_eps, f"{prefix}.input_layernorm"), pending
+            else:
+                x, residual = g.add_rms_norm(pending, residual, norm_w, a.rms_norm_eps, f"{prefix}.input_layernorm")
+            pending, residual = self.layer(g, weights, i, x, residual, ctx)
+            pending = self.after_layer(g, i, pending, ctx)
+
+        # Only the requested positions go through the final norm and the (large) lm_head.
+        pick = lambda t: g.op("Gather", [t, ctx["logits_index"]], name="gather_logits_rows", axis=1)  # noqa: E731
+        x, _ = g.add_rms_norm(pick(pending), pick(residual), self.norm_weight(weights, "model.norm.weight"),
+                              a.rms_norm_eps, "model.norm")
+        logits = self.final_logits(g, g.linear(x, self.lm_head_weight(weights), "lm_head", policy=g.lm_head_policy))
+        g.output("logits", np.float32, [1, "n_logits", a.vocab_size], value=logits)
+
+    def layer(self, g: GraphBuilder, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
+        """Layer i after its input norm: (its output, still to join the residual stream; the residual stream)."""
+        a, prefix = self.args, f"model.layers.{i}"
+        attn = self.attention(g, weights, i, x, ctx)
+        post = f"{prefix}.post_attention_layernorm"
+        x, residual = g.add_rms_norm(attn, residual, self.norm_weight(weights, f"{post}.weight"), a.rms_norm_eps, post)
+        return self.mlp(g, weights, f"{prefix}.mlp", x), residual
+
+    def declare_io(self, g: GraphBuilder, seq_length: int) -> dict:
+        """The decoder contract the runtime relies on, shared by every family.
+
+        past/present KV of every layer are [1, kv_heads, seq_length, head_dim] and share one buffer: the runtime
+        binds the same memory to both, and GroupQueryAttention writes the new positions in place. Positions have
+        `position_rows` rows; with three, text positions repeat the same value in each.
+        """
+        a = self.args
+        ctx = {
+            "inputs_embeds": g.input("inputs_embeds", np.float32, [1, "sequence", a.hidden_size]),
+            "position_ids": g.input("position_ids", np.int64, [self.position_rows, "sequence"]),
+            "seqlens_k": g.input("seqlens_k", np.int32, [1]),  # total length - 1
+            "total_sequence_length": g.input("total_sequence_length", np.int32, []),
+            "logits_index": g.input("logits_index", np.int64, ["n_logits"]),
+        }
+        self.extra_inputs(g, ctx)
+        kv_shape = [1, a.num_key_value_heads, seq_length, a.head_dim]
+        for i in range(a.num_hidden_layers):
+            for kind in ("key", "value"):
+                g.input(f"past_{kind}.{i}", np.float32, kv_shape)
+                g.output(f"present_{kind}.{i}", np.float32, kv_shape)
+        return ctx
