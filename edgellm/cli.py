@@ -129,7 +129,7 @@ def _load(args):
 def _sampling(model, args) -> dict:
     chosen = model.sampling_defaults()
     for key in chosen:
-        value = getattr(args, key, None)
+        value = vars(args).get(key)
         if value is not None:
             chosen[key] = value
     chosen["seed"] = args.seed

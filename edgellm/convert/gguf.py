@@ -197,7 +197,7 @@ def _q5_1(rows, k):
 def _centered(bits, block, k, codes, scales, mins) -> QuantizedWeight:
     """w = s*q + m, rewritten as s*(q - mid) + (m + mid*s): the same weight, but the integer part is centred like a
     symmetric block. With int8 activations (accuracy_level 4) an uncentred s*q term is large and the float min term
-    cancels most of it, which left the rounding error of the large term behind (top-1 fell from 97% to 81%)."""
+    cancels most of it, which leaves the rounding error of the large term behind (docs/benchmarks.md)."""
     mid = 1 << (bits - 1)
     return _symmetric(bits, block, k, codes.astype(np.int16) - mid, scales, mins + mid * scales)
 
@@ -319,7 +319,7 @@ def gguf_tokenizer(reader, meta: dict, merges_by_rank: bool = False) -> dict:
         tokens = [SPM_SPACE * len(t) if space else t for t, space in zip(tokens, spaces)]
         types = [1 if space else kind for kind, space in zip(types, spaces)]
         merges = implied_merges(tokens)
-        parts = _GEMMA_PARTS
+        parts = _SENTENCEPIECE_PARTS
     else:
         raise EdgeLLMError(f"GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 byte-level BPE, "
                            "and sentencepiece vocabularies whose merges follow the token order, as Gemma 3's)")
@@ -350,7 +350,7 @@ def _byte_level_parts(pre: str | None) -> dict:
 
 SPM_SPACE = "\u2581"
 # Gemma's tokenizer: spaces written as U+2581, no prefix space, BPE with unknown bytes spelled <0xNN>
-_GEMMA_PARTS = {
+_SENTENCEPIECE_PARTS = {
     "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE},
     "pre_tokenizer": None,
     "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": SPM_SPACE}, "content": " "},

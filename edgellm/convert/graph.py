@@ -30,7 +30,7 @@ class WeightPolicy:
     accuracy_level: int = 4  # MatMulNBits: int8 activations (VNNI/AMX path); 0 keeps float activations
     # MatMulNBits blocks over this many bytes of codes are stored as row pieces, one node each (+ Concat): ONNX
     # Runtime holds a weight's mapped bytes and its packed copy at once while it packs it, so one large lm_head
-    # raised the load's peak by its whole size (Gemma 3's 160 MiB of codes: 694 MiB peak, 551 in 32 MiB pieces)
+    # raises the load's peak by its whole size
     max_piece_bytes: int | None = None
 
     @property

@@ -195,8 +195,7 @@ def stored_blocks(graph: Path, weight: dict | None) -> dict | None:
 def compact_merges(tokenizer_json: str) -> str:
     """The same tokenizer with its BPE merges written as "left right" strings instead of [left, right] pairs, where
     no token of a merge holds a space (what makes pairs necessary). The tokenizers library reads both, but builds
-    pairs at about twice the memory and time: Gemma 3's 515k merges hold 337 MiB resident and take 2.5 s to load
-    as pairs, 144 MiB and 1.95 s as strings."""
+    pairs at about twice the memory and time (docs/benchmarks.md)."""
     data = json.loads(tokenizer_json)
     model = data.get("model") or {}
     merges = model.get("merges")

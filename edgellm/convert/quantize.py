@@ -28,7 +28,7 @@ MIN_DIGITS = {4: 2, 8: 1}
 def fold_mins(w: QuantizedWeight) -> QuantizedWeight:
     """A min-format weight (``s * (q - zp) + m`` per block) as a plain one over the input widened by copies of its
     block sums, ``[x, block_sums(x), block_sums(x), ...]`` (`folded_sums_copies`): one MatMulNBits where the exact
-    form takes three nodes (MatMulNBits, block_sums(x) @ mins, Add); SmolLM2's Q4_1 decodes 1.1-1.2x faster. The
+    form takes three nodes (MatMulNBits, block_sums(x) @ mins, Add), which costs decode time per node. The
     integer part of m / s moves into the zero point, exactly; the rest r (|r| <= s/2 where the zero point reaches)
     becomes extra rows of codes, one run of rows per digit of r, each digit's blocks with their own per-column
     scale. Two 4-bit digits (one 8-bit) keep r to max|r| / 196 (/ 254) of its column: far below the rounding of

@@ -2,7 +2,7 @@
 
 Usually one float16 (float32 for -q f32) array. A quantized bundle from a GGUF whose embedding is itself in blocks
 keeps them: integer codes with per-block scales (and zero points or mins), exact and a fraction of float16's size;
-with a large vocabulary (Gemma 3: 262,144 rows) the table is otherwise the biggest file of the bundle. When the
+with a large vocabulary (a quarter of a million rows) the table is otherwise the biggest file of the bundle. When the
 lm_head is that same table (tied embeddings) and the graph holds its blocks as they are, the bundle stores them
 once: the rows are read from the lm_head's initializers in the graph's data file (4-bit codes two per byte, as
 MatMulNBits packs them). A float table stays float16: rounding it to 8 bits moves every token's input, measurably
@@ -21,7 +21,6 @@ from .blocks import QuantizedWeight, unpack_nibbles
 from .manifest import ArrayRef, EmbeddingsEntry
 
 FILE = "embed_tokens.npy"
-_PARTS = EmbeddingsEntry.BLOCK_PARTS
 
 
 def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str, lm_head: dict | None = None,
@@ -40,12 +39,13 @@ def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str, lm_
                                **{part: [ArrayRef(**where) for where, _ in pieces]
                                   for part, pieces in lm_head["parts"].items()})
     np.save(folder / FILE, table.codes)
-    entry = EmbeddingsEntry(codes=FILE, bits=table.bits, k=table.k)
-    for part in _PARTS:
-        if getattr(table, part) is not None:
-            setattr(entry, part, f"embed_tokens.{part}.npy")
-            np.save(folder / getattr(entry, part), getattr(table, part))
-    return entry
+    parts = {"scales": table.scales, "zero_points": table.zero_points, "mins": table.mins}
+    files = {}
+    for part, values in parts.items():
+        if values is not None:
+            files[part] = f"embed_tokens.{part}.npy"
+            np.save(folder / files[part], values)
+    return EmbeddingsEntry(codes=FILE, bits=table.bits, k=table.k, **files)
 
 
 def _same_blocks(table: QuantizedWeight, lm_head: dict, multiplier: np.float32 | None) -> bool:
@@ -66,8 +66,7 @@ def _same_blocks(table: QuantizedWeight, lm_head: dict, multiplier: np.float32 |
 class RowFile:
     """An array (a .npy file, or one at an offset of another file) whose rows are read with pread as they are asked
     for: the process holds only those rows. (A memory map serves the same bytes, but the kernel maps the 64 KiB
-    around every row touched from the page cache: a few hundred tokens made SmolLM2's whole 27 MiB table resident,
-    and most of Gemma 3's 180 MiB.)"""
+    around every row touched from the page cache, so a few hundred tokens make most of a table resident.)"""
 
     def __init__(self, path: Path, where: ArrayRef | None = None):
         """`where`: the array inside a raw file; None for a .npy file."""
@@ -145,7 +144,7 @@ class EmbeddingTable:
             self.shape = self.values.shape
             return
         self.codes = _rows(folder, entry.codes)
-        self.parts = {p: _rows(folder, getattr(entry, p)) for p in _PARTS if getattr(entry, p) is not None}
+        self.parts = {name: _rows(folder, part) for name, part in entry.block_parts().items()}
         self.k = int(entry.k)
         self.midpoint = np.float32(1 << (int(entry.bits) - 1))  # the zero point when none is stored
         self.packed = entry.packed  # 4-bit codes two per byte

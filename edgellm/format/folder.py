@@ -19,7 +19,7 @@ from .manifest import MANIFEST, FileEntry, Manifest
 
 
 def file_checksums(path: Path, kinds=("sha256", "crc32"), chunk: int = 1 << 22) -> dict:
-    """A file's SHA-256 (its identity) and CRC-32 (what loading checks: 7x faster here, and made to catch
+    """A file's SHA-256 (its identity) and CRC-32 (what loading checks: several times faster, and made to catch
     accidental damage). hashlib and zlib release the GIL, so loading checks the files beside building the session."""
     sha, crc = hashlib.sha256() if "sha256" in kinds else None, 0
     with open(path, "rb") as f:
@@ -88,8 +88,8 @@ class Bundle:
         """Every file's CRC-32 against the manifest (SHA-256 for bundles written before it recorded CRC-32);
         sizes were checked when the bundle was opened."""
         for name, info in self.manifest.files.items():
-            kind = "crc32" if info.crc32 else "sha256"
-            if file_checksums(self.path / name, (kind,))[kind] != getattr(info, kind):
+            kind, want = ("crc32", info.crc32) if info.crc32 else ("sha256", info.sha256)
+            if file_checksums(self.path / name, (kind,))[kind] != want:
                 raise EdgeLLMError(f"{self.path / name}: {kind.upper()} checksum does not match the manifest "
                                    "(corrupt file); reconvert the model")
 

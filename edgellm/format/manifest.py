@@ -67,10 +67,9 @@ class Tokens:
     MEDIA = ("image_token_id", "image_start_id", "image_end_id", "video_token_id")
 
     def to_json(self) -> dict:
+        data = asdict(self)
         order = ["bos_token", "bos_token_id", "eos_token", "eos_token_ids", "pad_token_id"]
-        data = {k: getattr(self, k) for k in order}
-        data.update({k: getattr(self, k) for k in self.MEDIA if getattr(self, k) is not None})
-        return data
+        return {**{k: data[k] for k in order}, **{k: data[k] for k in self.MEDIA if data[k] is not None}}
 
     @property
     def media_ids(self) -> list[int]:
@@ -122,6 +121,11 @@ class EmbeddingsEntry:
 
     BLOCK_PARTS = ("scales", "zero_points", "mins")
 
+    def block_parts(self) -> dict[str, TablePart]:
+        """The stored per-block parts (scales, and zero points or mins), by name."""
+        parts = {"scales": self.scales, "zero_points": self.zero_points, "mins": self.mins}
+        return {name: part for name, part in parts.items() if part is not None}
+
     @classmethod
     def from_json(cls, data) -> "EmbeddingsEntry":
         if isinstance(data, str):
@@ -141,9 +145,7 @@ class EmbeddingsEntry:
             if self.multiplier is not None:
                 data["multiplier"] = self.multiplier
             data["codes"] = _part_to_json(self.codes)
-        for part in self.BLOCK_PARTS:
-            if getattr(self, part) is not None:
-                data[part] = _part_to_json(getattr(self, part))
+        data.update({name: _part_to_json(part) for name, part in self.block_parts().items()})
         return data
 
 

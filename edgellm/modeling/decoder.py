@@ -1,5 +1,6 @@
-"""The shared decoder: the Llama-shaped transformer every text family builds, and the decoder contract the runtime
-relies on (inputs_embeds and explicit positions in, logits at chosen positions out, an in-place KV cache).
+"""The shared decoder: the pre-norm transformer (RMSNorm, rotary attention, gated MLP) every text family builds,
+and the decoder contract the runtime relies on (inputs_embeds and explicit positions in, logits at chosen
+positions out, an in-place KV cache).
 
 A family subclasses `Model` and overrides the hooks it needs (norm weights, q/k projections, rotary tables, the MLP,
 extra inputs, what follows a layer); this module names no family. Parameter names are the Hugging Face
@@ -67,7 +68,7 @@ class Model:
         self.args = args
 
     # --- pieces a family overrides ----------------------------------------------------------------
-    embedding_multiplier: np.float32 | None = None  # embeddings times a constant (Gemma: sqrt(hidden))
+    embedding_multiplier: np.float32 | None = None  # embeddings times a constant (e.g. sqrt(hidden))
 
     def embedding_table(self, weights) -> np.ndarray | QuantizedWeight:
         """Float rows, or a GGUF's own blocks (kept as they are in a quantized bundle), times embedding_multiplier
@@ -82,7 +83,7 @@ class Model:
         return weights.tensor(name)
 
     def final_logits(self, g: GraphBuilder, logits: str) -> str:
-        """The lm_head's output as the model returns it (Gemma caps it)."""
+        """The lm_head's output as the model returns it (a family may soft-cap it)."""
         return logits
 
     def lm_head_weight(self, weights):
@@ -92,7 +93,7 @@ class Model:
 
     # Projections feed rotary directly, so QKV can stay packed and GroupQueryAttention applies rotary itself (fewer
     # ops per layer). Its positions are then past length + i, which is what text decoding uses; families that
-    # transform heads before rotary (Qwen3's q/k norm) or need other positions turn this off.
+    # transform heads before rotary (per-head q/k norms) or need other positions turn this off.
     packed_qkv = True
     position_rows = 1  # rows of position_ids: 1, or 3 for decoders whose positions have (t, h, w) axes
 
@@ -139,7 +140,7 @@ class Model:
         return float(self.args.head_dim ** -0.5)
 
     def rotary_tables(self, i: int, ctx: dict) -> tuple[str, str]:
-        """The cos/sin tables layer i rotates with (Gemma 3 gives sliding and full layers different bases)."""
+        """The cos/sin tables layer i rotates with (a family may give sliding and full layers different bases)."""
         return ctx["cos"], ctx["sin"]
 
     def attention_options(self, i: int) -> dict:
@@ -148,7 +149,7 @@ class Model:
 
     def attention_output(self, g: GraphBuilder, i: int, out: str, q: str, ctx: dict) -> str:
         """Layer i's attention output, given GroupQueryAttention's and the rotated queries: a family whose mask is
-        not causal for some tokens (Gemma 3's image blocks) computes those chunks another way."""
+        not causal for some tokens (bidirectional image blocks) computes those chunks another way."""
         return out
 
     def extra_inputs(self, g: GraphBuilder, ctx: dict) -> None:

@@ -41,7 +41,7 @@ class GGUFNames:
 @dataclass(frozen=True)
 class TextFamily:
     name: str
-    title: str  # how users know it, for messages and the docs ("Llama 2/3, SmolLM2")
+    title: str  # how users know it, for messages and the docs
     architectures: tuple[str, ...]
     model_args: type  # a decoder.ModelArgs subclass: .from_config(config dict)
     model: type  # a decoder.Model subclass: Model(args).build(g, weights, seq_length)

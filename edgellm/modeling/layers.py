@@ -9,6 +9,7 @@ imports ONNX, so a family module stays cheap to import for the runtime, which on
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -48,7 +49,7 @@ def linear(g: GraphBuilder, weights, x: str, name: str, bias: bool = True) -> st
 
 
 def head_norm(g: GraphBuilder, x: str, weight: np.ndarray, heads: int, head_dim: int, eps: float, name: str) -> str:
-    """RMSNorm over each head of x [1, S, heads * head_dim] (Qwen3's and Gemma 3's q/k norms)."""
+    """RMSNorm over each head of x [1, S, heads * head_dim] (per-head q/k norms)."""
     per_head = g.reshape(x, [0, 0, heads, head_dim], name=f"{name}/split_heads")
     normed = g.rms_norm(per_head, weight, eps, name)
     return g.reshape(normed, [0, 0, heads * head_dim], name=f"{name}/merge_heads")
@@ -61,7 +62,7 @@ def rope_parameters(config: dict) -> dict:
     params.update(config.get("rope_parameters") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
-    if params["rope_type"] == "mrope":  # Qwen2-VL's older configs: default frequencies, split over 3 axes
+    if params["rope_type"] == "mrope":  # older 3-axis configs: default frequencies, split over the axes
         params["rope_type"] = "default"
     return params
 
@@ -81,7 +82,7 @@ ROPE_TYPES: dict[str, Callable[[np.ndarray, dict], tuple[np.ndarray, float]]] = 
     "default": lambda freqs, params: (freqs, 1.0),
     "linear": lambda freqs, params: (freqs / params["factor"], 1.0),
     "llama3": lambda freqs, params: (_llama3(freqs, params), 1.0),
-    # GGUF Llama 3.x stores the llama3 adjustment as per-frequency divisors
+    # a GGUF stores the llama3 adjustment as per-frequency divisors
     "freq_factors": lambda freqs, params: (freqs / np.asarray(params["factors"], np.float64), 1.0),
 }
 
@@ -112,7 +113,7 @@ def cos_sin_cache(freqs: np.ndarray, max_positions: int) -> tuple[np.ndarray, np
 def mrope_tables(g: GraphBuilder, position_ids: str, length_of: str, freqs: np.ndarray, sections: list[int],
                  interleaved: bool = False) -> tuple[str, str, str]:
     """M-RoPE: each token has (t, h, w) positions `position_ids` [3, S] and each band of frequencies turns with one
-    of them (section i with axis i % 3); interleaved (Qwen3-VL), frequency j turns with axis j % 3 while that
+    of them (section i with axis i % 3); interleaved, frequency j turns with axis j % 3 while that
     axis's section lasts, else with time. The angles are computed per token in the graph; returns (cos, sin, steps)
     where steps [1, S] = 0..S-1 (S read from `length_of` [1, S, ...]), by which rotary reads row i for token i."""
     half = len(freqs)
@@ -137,6 +138,22 @@ def mrope_tables(g: GraphBuilder, position_ids: str, length_of: str, freqs: np.n
 
 
 # --- vision transformers ----------------------------------------------------------------------------
+@dataclass
+class VitArgs:
+    """What every vision tower of square images with square patches has (names as in the checkpoints' configs)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    image_size: int
+    patch_size: int
+
+    @property
+    def grid(self) -> int:  # patches per side
+        return self.image_size // self.patch_size
+
+
 def patch_embedding(g: GraphBuilder, weights, pixels: str, name: str, patch: int, hidden: int) -> str:
     """[images, 3, H, W] -> [images, patches, hidden]: a stride-`patch` convolution, patches in row-major order."""
     x = g.op("Conv", [pixels, g.const(weights.tensor(f"{name}.weight"), f"{name}.weight"),

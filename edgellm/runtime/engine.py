@@ -72,7 +72,6 @@ class Engine:
         self.bundle = bundle
         self.seq_length = bundle.manifest.seq_length
         self.chunk_length = bundle.manifest.chunk_length
-        self.hidden_size = m.hidden_size
         decoder = bundle.file(bundle.manifest.graphs[DECODER_GRAPH])
         try:
             self.session = ort.InferenceSession(str(decoder), session_options(threads, spinning, profile_prefix),

@@ -62,9 +62,9 @@ class Model:
         started = time.perf_counter()
         self.bundle = open_bundle(path, verify=False)
         # Checksumming the files runs beside building the session, which releases the GIL (as zlib and hashlib do
-        # on large reads). The tokenizer is parsed first, alone: beside the session, its parse's transient (~50 MiB
-        # for Gemma 3's 262k vocabulary) added to ONNX Runtime's weight-packing peak and stayed in the worker
-        # thread's malloc arena (40 MiB more held after load), for under 0.1 s saved.
+        # on large reads). The tokenizer is parsed first, alone: beside the session, the transient of a large
+        # vocabulary's parse adds to ONNX Runtime's weight-packing peak and stays in the worker thread's malloc
+        # arena, for little time saved (docs/benchmarks.md).
         background = ThreadPoolExecutor(1)
         verified = background.submit(self.bundle.verify_hashes) if verify else None
         self.manifest = self.bundle.manifest

@@ -19,14 +19,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        checks = (("temperature", self.temperature >= 0, "0 (greedy) or more"),
-                  ("top_k", self.top_k >= 0, "0 (off) or more"),
-                  ("top_p", 0 < self.top_p <= 1, "above 0 and at most 1"),
-                  ("min_p", 0 <= self.min_p <= 1, "from 0 to 1"),
-                  ("repetition_penalty", self.repetition_penalty > 0, "above 0"))
-        for name, ok, allowed in checks:  # NaN fails every comparison, so it is refused too
+        checks = (("temperature", self.temperature, self.temperature >= 0, "0 (greedy) or more"),
+                  ("top_k", self.top_k, self.top_k >= 0, "0 (off) or more"),
+                  ("top_p", self.top_p, 0 < self.top_p <= 1, "above 0 and at most 1"),
+                  ("min_p", self.min_p, 0 <= self.min_p <= 1, "from 0 to 1"),
+                  ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "above 0"))
+        for name, value, ok, allowed in checks:  # NaN fails every comparison, so it is refused too
             if not ok:
-                raise EdgeLLMError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+                raise EdgeLLMError(f"{name} must be {allowed}, got {value!r}")
 
 
 class Sampler:

@@ -16,7 +16,7 @@ class Media:
     key: int  # negative: identifies these pixels in the KV cache's position record
     grid: tuple[int, int, int] | None = None  # (t, h, w) in patches, for families with dynamic resolution
     seconds_per_grid: float | None = None  # video: seconds covered by one temporal patch
-    timestamps: tuple[float, ...] | None = None  # video: the time of each temporal patch (Qwen3-VL writes them)
+    timestamps: tuple[float, ...] | None = None  # video: the time of each temporal patch (for prompts that write it)
 
     @classmethod
     def of(cls, kind: str, pixel_values: np.ndarray, tokens: int, **extra) -> "Media":

@@ -1,5 +1,5 @@
-"""Video frames with PyAV. Which frames to take is the model's rule, passed in as `choose(total, fps)`: InternVL
-takes one frame from the middle of each of N equal segments, Qwen2-VL samples at a frame rate."""
+"""Video frames with PyAV. Which frames to take is the family's rule, passed in as `choose(total, fps)`: one frame
+from the middle of each of N equal segments (`segment_midpoints`), or a sampling rate."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ..errors import EdgeLLMError
 
 
 def segment_midpoints(total: int, frames: int) -> list[int]:
-    """InternVL's rule: `frames` pictures, one from the middle of each equal segment of the clip."""
+    """`frames` pictures, one from the middle of each equal segment of the clip."""
     if frames < 1:
         raise EdgeLLMError("--frames must be at least 1")
     segment = (total - 1) / frames

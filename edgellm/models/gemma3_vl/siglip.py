@@ -10,26 +10,16 @@ from typing import TYPE_CHECKING
 
 from ...errors import EdgeLLMError
 from ...modeling import layers
-from ...modeling.layers import MS, activation, patch_embedding, vit_block
+from ...modeling.layers import MS, VitArgs, activation, patch_embedding, vit_block
 
 if TYPE_CHECKING:
     from ...convert.graph import GraphBuilder
 
 
 @dataclass
-class SiglipArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    image_size: int
-    patch_size: int
+class SiglipArgs(VitArgs):
     layer_norm_eps: float
     hidden_act: str
-
-    @property
-    def grid(self) -> int:  # patches per side
-        return self.image_size // self.patch_size
 
     @classmethod
     def from_config(cls, v: dict) -> "SiglipArgs":

@@ -17,7 +17,7 @@ import numpy as np
 from ...convert.source import ModelSource, PrefixRename, RenamedSource
 from ...errors import EdgeLLMError
 from ...modeling.family import VisionOptions, VisionParts
-from ..gemma3 import ModelArgs
+from .. import gemma3
 from .language import Model
 from .processing import Settings
 from .siglip import SiglipArgs, SiglipVisionTower
@@ -73,8 +73,8 @@ def split(source: ModelSource, options: VisionOptions) -> VisionParts:
                            "mm_input_projection_weight")
     vision = RenamedSource(source, config, PrefixRename({TOWER: tower, "multi_modal_projector.": projector}))
     args = VisionArgs.from_config(config, text_config)
-    return VisionParts(text, Model(ModelArgs.from_config(text_config)), "gemma3", VisionModel(args), vision,
-                       settings(source, args))
+    decoder = Model(gemma3.ModelArgs.from_config(text_config))
+    return VisionParts(text, decoder, gemma3.FAMILY.name, VisionModel(args), vision, settings(source, args))
 
 
 def settings(source: ModelSource, args: VisionArgs) -> Settings:

@@ -17,7 +17,7 @@ from ...convert.source import ModelSource, PrefixRename, RenamedSource
 from ...errors import EdgeLLMError
 from ...modeling import layers
 from ...modeling.family import VisionOptions, VisionParts
-from ...modeling.layers import MS, activation, patch_embedding, vit_block
+from ...modeling.layers import MS, VitArgs, activation, patch_embedding, vit_block
 from .processing import Settings
 
 if TYPE_CHECKING:
@@ -27,13 +27,7 @@ IMAGE_NET_MEAN, IMAGE_NET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 @dataclass
-class VisionArgs:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    image_size: int
-    patch_size: int
+class VisionArgs(VitArgs):
     norm_type: str
     layer_norm_eps: float
     attention_bias: bool
@@ -43,10 +37,6 @@ class VisionArgs:
     downsample_ratio: float
     projector_hidden_act: str
     text_hidden_size: int
-
-    @property
-    def grid(self) -> int:  # patches per side of a tile
-        return self.image_size // self.patch_size
 
     @property
     def tokens_per_tile(self) -> int:

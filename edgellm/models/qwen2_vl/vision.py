@@ -18,7 +18,7 @@ from ...errors import EdgeLLMError
 from ...modeling import layers
 from ...modeling.family import VisionOptions, VisionParts
 from ...modeling.layers import FLOAT, MS, activation, rope_parameters, vit_block
-from ..qwen2 import ModelArgs
+from .. import qwen2
 from .language import Model
 from .processing import Settings
 
@@ -95,7 +95,7 @@ def split(source: ModelSource, options: VisionOptions) -> VisionParts:
     text, vision, section = text_part(source, text_config)
     args = VisionArgs.from_config(config, text_config)
     found = settings(source, args, config, options.max_pixels, options.static_size)
-    return VisionParts(text, Model(ModelArgs.from_config(text_config), section), "qwen2",
+    return VisionParts(text, Model(qwen2.ModelArgs.from_config(text_config), section), qwen2.FAMILY.name,
                        VisionModel(args, static_patches(found)), vision, found)
 
 

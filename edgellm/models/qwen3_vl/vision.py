@@ -16,7 +16,7 @@ from ...modeling import layers
 from ...modeling.family import VisionOptions, VisionParts
 from ...modeling.layers import activation
 from ..qwen2_vl import vision as qwen2_vl
-from ..qwen3 import ModelArgs
+from .. import qwen3
 from .language import Model
 from .processing import Settings
 
@@ -56,8 +56,9 @@ def split(source: ModelSource, options: VisionOptions) -> VisionParts:
     found = qwen2_vl.settings(source, args, config, options.max_pixels, options.static_size)
     found = Settings(**{**asdict(found), "grid_per_side": args.grid_per_side, "image_start": "<|vision_start|>",
                         "image_end": "<|vision_end|>", "tokens_per_second": None})
-    decoder = Model(ModelArgs.from_config(text_config), section, len(args.deepstack_visual_indexes))
-    return VisionParts(text, decoder, "qwen3", VisionModel(args, qwen2_vl.static_patches(found)), vision, found)
+    decoder = Model(qwen3.ModelArgs.from_config(text_config), section, len(args.deepstack_visual_indexes))
+    vit = VisionModel(args, qwen2_vl.static_patches(found))
+    return VisionParts(text, decoder, qwen3.FAMILY.name, vit, vision, found)
 
 
 class VisionModel(qwen2_vl.VisionModel):
