@@ -1,85 +1,12 @@
-"""Fixtures: tiny randomly initialised models built with transformers (the oracle), and their bundles."""
+"""Fixtures: tiny randomly initialised models of each text family, built with transformers (the oracle), and their
+bundles; what builds them is in helpers.py."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
+from helpers import make_tiny_model
 
-import torch  # noqa: E402  (test dependencies: a missing one should fail, not skip)
-import transformers  # noqa: E402
-
-import edgellm  # noqa: E402
-
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CORPUS = (Path(__file__).parent / "data" / "english.txt")
-# Max-abs logit error, relative to the reference's largest logit, of a quantized bundle against a transformers model
-# holding the very same rounded weights: what remains is the runtime's own error. With float activations
-# (accuracy_level 0) that is summation order alone: the packing must be exact (measured <= 1e-6). The default,
-# accuracy_level 4, rounds activations to int8 per block, which each CPU's kernel does its own way: on the tiny
-# models below 3e-2 with AVX-512 VNNI (the earlier bound, which held there), 1.3e-2 to 3.1e-2 with AVX2 (AMD EPYC);
-# a weight rounded at the wrong precision (a 4-bit lm_head read as 8-bit) shows as 0.12.
-DEQUANTIZED_BOUND = {0: 1e-4, 4: 5e-2}
-
-
-def relative_error(got, ref) -> float:
-    """Max-abs error relative to the reference's largest magnitude: the measure every logits bound here uses."""
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
-
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.08)
-ARCHS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0)),
-    # an 8-token window, so prompts of a few chunks test the sliding layers; linear-scaled global rotary
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
-}
-
-
-def write_tokenizer(folder: Path, extra_specials: tuple[str, ...] = (), template: str = CHATML) -> int:
-    """A small byte-level BPE trained on the test corpus, with ChatML special tokens (and a VLM's markers)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_specials]
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS.read_text()], trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": template,
-        "tokenizer_class": "PreTrainedTokenizerFast"}))
-    return tok.get_vocab_size()
-
-
-def make_tiny_model(arch: str, folder: Path, tie: bool = False):
-    config_cls, model_cls, extra = ARCHS[arch]
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = write_tokenizer(folder)
-    from tokenizers import Tokenizer
-
-    eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|im_end|>")
-    config = getattr(transformers, config_cls)(vocab_size=vocab, eos_token_id=eos, tie_word_embeddings=tie,
-                                              **TINY, **extra)
-    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4}[arch])
-    model = getattr(transformers, model_cls)(config).eval()
-    if arch == "qwen2":  # random biases, so a dropped bias would show
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    model.generation_config.eos_token_id = eos
-    model.save_pretrained(folder)
-    return model
+import edgellm
 
 
 @pytest.fixture(scope="session")
@@ -112,65 +39,3 @@ def bundle(tiny, tmp_path_factory):
         return cache[key]
 
     return get
-
-
-def gguf_reference(gguf: Path):
-    """(tokenizer, float32 model) as transformers reads a GGUF file (which needs accelerate installed)."""
-    kw = dict(gguf_file=gguf.name)
-    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    return tok, transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw).eval()
-
-
-def reference_logits(model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-def reference_greedy(model, ids, n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
-def check_image_logits(model, model_hf, ref: dict, messages, images, other_image) -> None:
-    """The bundle's logits for `messages` with `images` equal transformers' on the processor inputs `ref` (1e-4 of
-    the logit scale), and swapping the first image for `other_image` changes them (the images are really read)."""
-    with torch.no_grad():
-        want = model_hf(**ref).logits[0].numpy()
-    got = model.logits(messages, images=images)
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    other = model.logits(messages, images=[other_image, *images[1:]])
-    assert np.abs(other - got).max() > 1e-3
-
-
-IMAGE_QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-
-
-def check_image_greedy(model_hf, bundle, ref: dict, image) -> None:
-    """16 greedy tokens for IMAGE_QUESTION with `image` equal transformers' generate on the processor inputs `ref`;
-    a plain string with images= gives the same prompt (the images go before the text)."""
-    with torch.no_grad():
-        out = model_hf.generate(**ref, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
-    want = out[0, ref["input_ids"].shape[1]:].tolist()
-    model = edgellm.load(bundle)
-    result = model.generate(IMAGE_QUESTION, images=[image], max_new_tokens=16, ignore_eos=True)
-    assert result.token_ids == want
-    assert len(set(want)) > 2  # a varied continuation, not one repeated token
-    assert result.images == 1 and result.vision_s > 0
-    assert model.prompt_ids("What is this?", images=[image]) == ref["input_ids"][0].tolist()
-
-
-def check_chat_keeps_an_image(bundle, image) -> None:
-    """An image sent in a chat's first turn is neither encoded nor prefilled again on the next turn, whose answer
-    equals a fresh run of the same conversation."""
-    model = edgellm.load(bundle)
-    chat = model.chat(max_new_tokens=5)
-    chat.send("Look at this.", images=[image])
-    first = chat.last_result
-    assert first.images == 1 and first.vision_s > 0
-    chat.send("And now?")
-    second = chat.last_result
-    assert second.images == 1 and second.vision_s == 0 and second.reused_tokens >= first.prompt_tokens
-    fresh = edgellm.load(bundle).generate(chat._history()[:-1], images=[image], max_new_tokens=5)
-    assert fresh.token_ids == second.token_ids

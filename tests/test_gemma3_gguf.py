@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from helpers import CORPUS, gguf_reference, reference_logits, relative_error
 
 import edgellm
-from conftest import CORPUS, gguf_reference, reference_logits, relative_error, torch
 from edgellm.demo import gemma3_270m_gguf
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):\n",

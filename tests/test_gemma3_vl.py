@@ -9,11 +9,20 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from helpers import (
+    IMAGE_QUESTION,
+    TWO_IMAGES,
+    check_chat_keeps_an_image,
+    check_image_greedy,
+    check_image_logits,
+    picture,
+    write_clip,
+    write_tokenizer,
+)
 
 import edgellm
-from conftest import (IMAGE_QUESTION, check_chat_keeps_an_image, check_image_greedy, check_image_logits, torch,
-                      transformers, write_tokenizer)
-from test_internvl import picture, write_clip
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -81,10 +90,6 @@ def hf_inputs(model_hf, folder, messages, images):
     ids = tok(text.replace("<start_of_image>", BLOCK), return_tensors="pt", add_special_tokens=False)["input_ids"]
     pixels = Gemma3ImageProcessorPil(**PREPROCESSOR)(images, return_tensors="pt")["pixel_values"]
     return {"input_ids": ids, "pixel_values": pixels, "token_type_ids": (ids == model_hf.config.image_token_id).long()}
-
-
-TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare this with "},
-                                           {"type": "image"}, {"type": "text", "text": "the second picture."}]}]
 
 
 @pytest.mark.parametrize("size", [(56, 56), (150, 70), (60, 100), (300, 40), (20, 20)])

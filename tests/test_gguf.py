@@ -6,16 +6,16 @@ from __future__ import annotations
 import copy
 import json
 
+import gguf  # noqa: E402
 import numpy as np
 import onnx
 import pytest
+import torch
+from helpers import CORPUS, DEQUANTIZED_BOUND, TEXT_MODELS, make_tiny_model, reference_logits, relative_error
 
 import edgellm
-from conftest import CORPUS, DEQUANTIZED_BOUND, make_tiny_model, reference_logits, relative_error, torch
 from edgellm.convert.gguf import _GLOBAL_NAMES
 from edgellm.models import text_family
-
-import gguf  # noqa: E402
 
 
 def gguf_name(hf: str, arch: str) -> str:
@@ -143,7 +143,7 @@ def test_tied_embedding_is_stored_once(tmp_path, monkeypatch, arch, qtype, share
         assert relative_error(model.logits(ids), reference_logits(dequantized, ids)) < DEQUANTIZED_BOUND[4]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", sorted(a for a in TEXT_MODELS if text_family(a).gguf))  # every GGUF reader
 def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     ref_model, folder = tiny(arch)
     config = ref_model.config

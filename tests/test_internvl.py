@@ -8,11 +8,21 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from helpers import (
+    IMAGE_QUESTION,
+    TWO_IMAGES,
+    check_chat_keeps_an_image,
+    check_image_greedy,
+    check_image_logits,
+    picture,
+    write_clip,
+    write_tokenizer,
+)
 from PIL import Image
 
 import edgellm
-from conftest import (IMAGE_QUESTION, check_chat_keeps_an_image, check_image_greedy, check_image_logits, torch,
-                      transformers, write_tokenizer)
 
 INTERNVL_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
@@ -81,17 +91,6 @@ def hf_inputs(folder, messages, images):
         text = text.replace("<IMG_CONTEXT>", "<img>" + "\0" * (PER_TILE * int(n)) + "</img>", 1)
     ids = tok(text.replace("\0", "<IMG_CONTEXT>"), return_tensors="pt")["input_ids"]
     return {"input_ids": ids, "pixel_values": pixels["pixel_values"]}
-
-
-def picture(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    smooth = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-    noisy = np.kron(smooth, np.ones((8, 8, 1), np.uint8))[:height, :width]
-    return Image.fromarray(noisy ^ rng.integers(0, 32, noisy.shape, dtype=np.uint8))
-
-
-TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare this with "},
-                                           {"type": "image"}, {"type": "text", "text": "the second picture."}]}]
 
 
 @pytest.mark.parametrize("size", [(56, 56), (150, 70), (60, 100), (300, 40), (33, 200), (224, 224)])
@@ -204,20 +203,6 @@ def test_w8_bundle_with_f16_vision_stays_close(internvl, tmp_path):
         want = model_hf(**hf_inputs(folder, TWO_IMAGES, images)).logits[0].numpy()
     got = model.logits(TWO_IMAGES, images=images)
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
-
-
-def write_clip(path, frames: int = 20, size=(96, 72)):
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=10)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "bgr0"
-        for i in range(frames):
-            frame = av.VideoFrame.from_image(picture(*size, seed=100 + i))
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def test_video_prompt_matches_transformers_on_the_same_frames(internvl, tmp_path):
@@ -335,3 +320,10 @@ def test_server_takes_images_as_data_urls(internvl):
     assert body["choices"][0]["message"]["content"] == want.text
     assert body["usage"]["prompt_tokens"] == want.prompt_tokens and body["timings"]["images"] == 1
     assert client.get("/v1/models").json()["data"][0]["vision"] is True
+
+
+def test_running_a_vision_bundle_never_imports_the_converter(internvl, tmp_path):
+    from helpers import converter_modules_loaded_by_running
+
+    picture(80, 60, 9).save(tmp_path / "a.png")
+    assert converter_modules_loaded_by_running(internvl[2], tmp_path / "a.png") == []

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import gguf  # noqa: E402
 import numpy as np
 import pytest
 
 from edgellm.convert import gguf as gguf_reader
 from edgellm.convert.quantize import concat_rows, fold_mins, folded_sums_copies, quantize
-
-import gguf  # noqa: E402
 
 # type: (bytes per block, elements per block, offsets of float16 fields inside a block)
 # bytes per block, weights per block, offsets of its float16 scales

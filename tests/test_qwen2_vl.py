@@ -8,20 +8,26 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from helpers import (
+    IMAGE_QUESTION,
+    QWEN_VL_TEMPLATE,
+    TWO_IMAGES,
+    check_chat_keeps_an_image,
+    check_image_greedy,
+    check_image_logits,
+    check_patches,
+    picture,
+    qwen_vl_inputs,
+    write_clip,
+    write_tokenizer,
+)
+from helpers import QWEN_VL_MARKERS as MARKERS
+from helpers import qwen_vl_text as hf_text
 
 import edgellm
-from conftest import (IMAGE_QUESTION, check_chat_keeps_an_image, check_image_greedy, check_image_logits, torch,
-                      transformers, write_tokenizer)
-from test_internvl import picture, write_clip
 
-QWEN_VL_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif content['type'] == 'video' %}"
-    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}")
-MARKERS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 24  # at most 24 merged tokens (96 patches) per image
 PREPROCESSOR = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
                 "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
@@ -73,6 +79,10 @@ def qwen_vl(request, tmp_path_factory):
     return model, folder, bundle, version
 
 
+def hf_inputs(model_hf, folder, messages, images, processor=None):
+    return qwen_vl_inputs(model_hf, folder, messages, images, processor or hf_processor())
+
+
 def hf_processor(**size):
     from transformers import Qwen2VLImageProcessorPil
 
@@ -80,38 +90,9 @@ def hf_processor(**size):
     return Qwen2VLImageProcessorPil(**{k: v for k, v in p.items() if k not in ("rescale_factor",)})
 
 
-def hf_text(folder, messages):
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-    tok.chat_template = QWEN_VL_TEMPLATE
-    return tok, tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def hf_inputs(model_hf, folder, messages, images, processor=None):
-    """What Qwen2VLProcessor (or Qwen3VLProcessor, given its image processor) produces (built by hand: the
-    processor needs torchvision)."""
-    tok, text = hf_text(folder, messages)
-    pixels = (processor or hf_processor())(images, return_tensors="pt")
-    for t, h, w in pixels["image_grid_thw"].tolist():
-        text = text.replace("<|image_pad|>", "\0" * (t * h * w // 4), 1)
-    ids = tok(text.replace("\0", "<|image_pad|>"), return_tensors="pt")["input_ids"]
-    return {"input_ids": ids, "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
-            "mm_token_type_ids": (ids == model_hf.config.image_token_id).int()}
-
-
-TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare this with "},
-                                           {"type": "image"}, {"type": "text", "text": "the second picture."}]}]
-
-
 @pytest.mark.parametrize("size", [(56, 56), (150, 70), (60, 100), (300, 40), (33, 200), (224, 224), (20, 20)])
 def test_patches_equal_the_hf_image_processor(qwen_vl, size):
-    processor = edgellm.load(qwen_vl[2]).vision.processor
-    image = picture(*size)
-    ours = processor.image(image)
-    ref = hf_processor()([image], return_tensors="np")
-    assert ours.grid == tuple(ref["image_grid_thw"][0])
-    np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"], atol=1e-5, rtol=0)
+    check_patches(edgellm.load(qwen_vl[2]), hf_processor(), picture(*size))
 
 
 def test_text_only_logits_match_transformers(qwen_vl):

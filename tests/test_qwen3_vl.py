@@ -8,13 +8,24 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from helpers import (
+    IMAGE_QUESTION,
+    QWEN_VL_TEMPLATE,
+    TWO_IMAGES,
+    check_chat_keeps_an_image,
+    check_image_greedy,
+    check_image_logits,
+    check_patches,
+    picture,
+    qwen_vl_inputs,
+    write_tokenizer,
+)
+from helpers import QWEN_VL_MARKERS as MARKERS
+from helpers import qwen_vl_text as hf_text
 
 import edgellm
-from conftest import (IMAGE_QUESTION, check_chat_keeps_an_image, check_image_greedy, check_image_logits, torch,
-                      transformers, write_tokenizer)
-from test_internvl import picture
-from test_qwen2_vl import MARKERS, QWEN_VL_TEMPLATE, TWO_IMAGES, hf_text
-from test_qwen2_vl import hf_inputs as qwen2_inputs
 
 PREPROCESSOR = {"min_pixels": 32 * 32, "max_pixels": 32 * 32 * 24, "patch_size": 16, "temporal_patch_size": 2,
                 "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3,
@@ -60,24 +71,19 @@ def qwen3_vl(tmp_path_factory):
     return model, folder, bundle
 
 
-def hf_processor():
+def hf_processor(**size):
     from transformers import Qwen2VLImageProcessorPil  # Qwen3-VL's image processor, with 16px patches
 
-    return Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR.items() if k != "rescale_factor"})
+    return Qwen2VLImageProcessorPil(**{**{k: v for k, v in PREPROCESSOR.items() if k != "rescale_factor"}, **size})
 
 
 def hf_inputs(model_hf, folder, messages, images):
-    return qwen2_inputs(model_hf, folder, messages, images, hf_processor())
+    return qwen_vl_inputs(model_hf, folder, messages, images, hf_processor())
 
 
 @pytest.mark.parametrize("size", [(64, 64), (150, 70), (33, 200), (224, 224)])
 def test_patches_equal_the_hf_image_processor(qwen3_vl, size):
-    processor = edgellm.load(qwen3_vl[2]).vision.processor
-    image = picture(*size)
-    ours = processor.image(image)
-    ref = hf_processor()([image], return_tensors="np")
-    assert ours.grid == tuple(ref["image_grid_thw"][0])
-    np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"], atol=1e-5, rtol=0)
+    check_patches(edgellm.load(qwen3_vl[2]), hf_processor(), picture(*size))
 
 
 @pytest.mark.parametrize("grid", [(1, 4, 10), (1, 10, 8), (1, 2, 2), (2, 4, 4)])
@@ -164,9 +170,7 @@ def test_video_prompt_matches_transformers_on_the_same_frames(qwen3_vl, tmp_path
     """20 frames at 10 fps, sampled at 2 fps: frames 0, 6, 13, 19 (evenly spread), two temporal patches written
     as "<0.3 seconds>" and "<1.6 seconds>" blocks, each placed like an image."""
     import av
-
-    from test_internvl import write_clip
-    from test_qwen2_vl import hf_processor as qwen2_processor
+    from helpers import write_clip
 
     model_hf, folder, bundle = qwen3_vl
     clip = tmp_path / "clip.mkv"
@@ -176,9 +180,7 @@ def test_video_prompt_matches_transformers_on_the_same_frames(qwen3_vl, tmp_path
     picked = [decoded[i] for i in (0, 6, 13, 19)]
     model = edgellm.load(bundle)
     s = model.vision.settings
-    per_frame = qwen2_processor(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels)(
-        picked, return_tensors="np")
+    per_frame = hf_processor(min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels)(picked, return_tensors="np")
     grid = per_frame["image_grid_thw"][0]
     patches = per_frame["pixel_values"].reshape(4, -1, 3, 2, 16, 16)[:, :, :, 0]  # each frame, one copy
     video = np.stack([patches[0::2], patches[1::2]], axis=3).reshape(2 * grid[1] * grid[2], -1)

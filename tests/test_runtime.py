@@ -287,8 +287,8 @@ def test_cli_chat_keeps_turns_and_clears(bundle, monkeypatch, capsys):
 
 def test_quality_command_measures_perplexity_and_agreement(tiny, bundle, capsys):
     import torch
+    from helpers import CORPUS
 
-    from conftest import CORPUS
     from edgellm.quality import evaluate
 
     ref_model, _ = tiny("qwen2")
@@ -308,3 +308,9 @@ def test_quality_command_measures_perplexity_and_agreement(tiny, bundle, capsys)
                  "--text", str(CORPUS), "--max-tokens", "150"]) == 0
     out = capsys.readouterr().out
     assert "top-1 agreement" in out and "perplexity" in out
+
+
+def test_running_a_bundle_never_imports_the_converter(bundle):
+    from helpers import converter_modules_loaded_by_running
+
+    assert converter_modules_loaded_by_running(bundle("qwen3", "w4")) == []

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from helpers import CORPUS, gguf_reference, relative_error
 
 import edgellm
-from conftest import CORPUS, gguf_reference, relative_error, torch
 from edgellm.demo import smollm2_gguf
 
 QUESTIONS = {"What is the capital of Germany?": "Berlin", "What is the capital of Japan?": "Tokyo",

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from helpers import CORPUS, DEQUANTIZED_BOUND, TEXT_MODELS, reference_greedy, reference_logits, relative_error
 
 import edgellm
-from conftest import CORPUS, DEQUANTIZED_BOUND, reference_greedy, reference_logits, relative_error
 
-ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
+ARCHS = sorted(TEXT_MODELS)  # one tiny model per text family of the registry (test_architecture checks it)
 # Max-abs logit error relative to the reference's logit scale (max |logit|), per precision. f32 is the issue's
 # bound. Against the float model, the others are what rounding random weights costs (measured: f16 ~1e-3,
 # w8 <= 3.4e-2, w4 <= 0.37 on these tiny random models, which amplify weight noise far more than trained ones).
@@ -147,8 +147,7 @@ def test_scaled_rope_matches_transformers(tmp_path, rope):
     """Llama 3.x frequency scaling and linear position interpolation."""
     import torch
     import transformers
-
-    from conftest import TINY, write_tokenizer
+    from helpers import TINY, write_tokenizer
 
     vocab = write_tokenizer(tmp_path)
     config = transformers.LlamaConfig(vocab_size=vocab, eos_token_id=2, **TINY,

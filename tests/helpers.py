@@ -1,0 +1,243 @@
+"""What the tests share: tiny models built with transformers (the oracle) from real configs, one per text family,
+the bounds their logits are held to, reference computations, and the images, clips and prompts of the
+vision-language tests. torch and transformers are imported where they are used, so that the numpy-only tests
+(test_quantize, test_format, test_architecture) run without them; where they are needed, a missing one fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+import edgellm
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CORPUS = (Path(__file__).parent / "data" / "english.txt")
+# Max-abs logit error, relative to the reference's largest logit, of a quantized bundle against a transformers model
+# holding the very same rounded weights: what remains is the runtime's own error. With float activations
+# (accuracy_level 0) that is summation order alone: the packing must be exact (measured <= 1e-6). The default,
+# accuracy_level 4, rounds activations to int8 per block, which each CPU's kernel does its own way: on the tiny
+# models below 3e-2 with AVX-512 VNNI (the earlier bound, which held there), 1.3e-2 to 3.1e-2 with AVX2 (AMD EPYC);
+# a weight rounded at the wrong precision (a 4-bit lm_head read as 8-bit) shows as 0.12.
+DEQUANTIZED_BOUND = {0: 1e-4, 4: 5e-2}
+
+
+def relative_error(got, ref) -> float:
+    """Max-abs error relative to the reference's largest magnitude: the measure every logits bound here uses."""
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+# The tiny decoder every text family's table entry starts from
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.08)
+# One entry per text family of the registry (test_architecture checks that each has one): transformers' config and
+# model classes, what the family's tiny model sets beyond TINY, and its seed.
+TEXT_MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0), 1),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0), 2),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0), 3),
+    # an 8-token window, so prompts of a few chunks test the sliding layers; linear-scaled global rotary
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}), 4),
+}
+
+
+def write_tokenizer(folder: Path, extra_specials: tuple[str, ...] = (), template: str = CHATML) -> int:
+    """A small byte-level BPE trained on the test corpus, with ChatML special tokens (and a VLM's markers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_specials]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS.read_text()], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": template,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return tok.get_vocab_size()
+
+
+def make_tiny_model(arch: str, folder: Path, tie: bool = False):
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra, seed = TEXT_MODELS[arch]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(folder)
+    from tokenizers import Tokenizer
+
+    eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|im_end|>")
+    config = getattr(transformers, config_cls)(vocab_size=vocab, eos_token_id=eos, tie_word_embeddings=tie,
+                                              **TINY, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    if arch == "qwen2":  # random biases, so a dropped bias would show
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(folder)
+    return model
+
+
+def gguf_reference(gguf: Path):
+    """(tokenizer, float32 model) as transformers reads a GGUF file (which needs accelerate installed)."""
+    import torch
+    import transformers
+
+    kw = dict(gguf_file=gguf.name)
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    return tok, transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw).eval()
+
+
+def reference_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def reference_greedy(model, ids, n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def check_image_logits(model, model_hf, ref: dict, messages, images, other_image) -> None:
+    """The bundle's logits for `messages` with `images` equal transformers' on the processor inputs `ref` (1e-4 of
+    the logit scale), and swapping the first image for `other_image` changes them (the images are really read)."""
+    import torch
+
+    with torch.no_grad():
+        want = model_hf(**ref).logits[0].numpy()
+    got = model.logits(messages, images=images)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    other = model.logits(messages, images=[other_image, *images[1:]])
+    assert np.abs(other - got).max() > 1e-3
+
+
+IMAGE_QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+
+
+def check_image_greedy(model_hf, bundle, ref: dict, image) -> None:
+    """16 greedy tokens for IMAGE_QUESTION with `image` equal transformers' generate on the processor inputs `ref`;
+    a plain string with images= gives the same prompt (the images go before the text)."""
+    import torch
+
+    with torch.no_grad():
+        out = model_hf.generate(**ref, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    want = out[0, ref["input_ids"].shape[1]:].tolist()
+    model = edgellm.load(bundle)
+    result = model.generate(IMAGE_QUESTION, images=[image], max_new_tokens=16, ignore_eos=True)
+    assert result.token_ids == want
+    assert len(set(want)) > 2  # a varied continuation, not one repeated token
+    assert result.images == 1 and result.vision_s > 0
+    assert model.prompt_ids("What is this?", images=[image]) == ref["input_ids"][0].tolist()
+
+
+def check_chat_keeps_an_image(bundle, image) -> None:
+    """An image sent in a chat's first turn is neither encoded nor prefilled again on the next turn, whose answer
+    equals a fresh run of the same conversation."""
+    model = edgellm.load(bundle)
+    chat = model.chat(max_new_tokens=5)
+    chat.send("Look at this.", images=[image])
+    first = chat.last_result
+    assert first.images == 1 and first.vision_s > 0
+    chat.send("And now?")
+    second = chat.last_result
+    assert second.images == 1 and second.vision_s == 0 and second.reused_tokens >= first.prompt_tokens
+    fresh = edgellm.load(bundle).generate(chat._history()[:-1], images=[image], max_new_tokens=5)
+    assert fresh.token_ids == second.token_ids
+
+
+# --- vision-language tests ------------------------------------------------------------------------
+TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare this with "},
+                                           {"type": "image"}, {"type": "text", "text": "the second picture."}]}]
+
+
+def picture(width: int, height: int, seed: int = 0):
+    """A PIL image of smooth blocks with noise: different seeds give clearly different pictures."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    smooth = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    noisy = np.kron(smooth, np.ones((8, 8, 1), np.uint8))[:height, :width]
+    return Image.fromarray(noisy ^ rng.integers(0, 32, noisy.shape, dtype=np.uint8))
+
+
+def write_clip(path, frames: int = 20, size=(96, 72)):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "bgr0"
+        for i in range(frames):
+            frame = av.VideoFrame.from_image(picture(*size, seed=100 + i))
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif content['type'] == 'video' %}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}")
+QWEN_VL_MARKERS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def qwen_vl_text(folder, messages):
+    """(the transformers tokenizer, the chat template's text) of a Qwen-VL test model's folder."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    tok.chat_template = QWEN_VL_TEMPLATE
+    return tok, tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def check_patches(model, hf_image_processor, image) -> None:
+    """A Qwen-VL bundle's patches and grid for `image` equal the Hugging Face image processor's."""
+    ours = model.vision.processor.image(image)
+    ref = hf_image_processor([image], return_tensors="np")
+    assert ours.grid == tuple(ref["image_grid_thw"][0])
+    np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"], atol=1e-5, rtol=0)
+
+
+def qwen_vl_inputs(model_hf, folder, messages, images, processor):
+    """What Qwen2VLProcessor (or Qwen3VLProcessor, given its image processor) produces (built by hand: the
+    processor needs torchvision)."""
+    tok, text = qwen_vl_text(folder, messages)
+    pixels = processor(images, return_tensors="pt")
+    for t, h, w in pixels["image_grid_thw"].tolist():
+        text = text.replace("<|image_pad|>", "\0" * (t * h * w // 4), 1)
+    ids = tok(text.replace("\0", "<|image_pad|>"), return_tensors="pt")["input_ids"]
+    return {"input_ids": ids, "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
+            "mm_token_type_ids": (ids == model_hf.config.image_token_id).int()}
+
+
+def converter_modules_loaded_by_running(bundle, image=None) -> list[str]:
+    """The converter's modules (and ONNX, gguf) that a fresh process has imported after loading `bundle` and
+    answering one prompt (with `image`, a file path, for a vision-language bundle)."""
+    import subprocess
+    import sys
+
+    media = f", images=[{str(image)!r}]" if image else ""
+    code = (f"import json, sys, edgellm; edgellm.load({str(bundle)!r}).generate('Hi', max_new_tokens=2{media}); "
+            "print(json.dumps([k for k in sys.modules if k in ('onnx', 'gguf') or k.startswith(('onnx.', 'gguf.', "
+            "'edgellm.convert.graph', 'edgellm.convert.pipeline', 'edgellm.convert.gguf'))]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])

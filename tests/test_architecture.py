@@ -1,0 +1,129 @@
+"""The codebase's shape, checked: every registered family is tested, the runtime and the shared decoder name no
+family, the converter and the runtime meet only in the bundle format, and running a bundle never imports the
+converter's ONNX dependency. numpy-only: runs without torch."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import TEXT_MODELS
+
+from edgellm import models
+from edgellm.modeling.family import TextFamily, VisionLanguageFamily
+
+PACKAGE = Path(models.__file__).parent.parent
+TESTS = Path(__file__).parent
+
+
+def sources(*parts: str) -> list[Path]:
+    found = []
+    for part in parts:
+        path = PACKAGE / part
+        found += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return found
+
+
+def edgellm_imports(path: Path) -> set[str]:
+    """The edgellm modules `path` imports, as dotted names relative to the package (e.g. "convert.graph")."""
+    package = ".".join(path.relative_to(PACKAGE).parent.parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".") if package else []
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                module = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.startswith("edgellm"):
+                module = node.module.removeprefix("edgellm").lstrip(".")
+            else:
+                continue
+            found.add(module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("edgellm").lstrip(".") for a in node.names if a.name.startswith("edgellm"))
+    return found
+
+
+def test_every_family_is_registered_typed_and_tested():
+    families = models.families()
+    assert {f.name for f in families} == set(models.names())
+    text = {f.name for f in families if isinstance(f, TextFamily)}
+    vision = {f.name for f in families if isinstance(f, VisionLanguageFamily)}
+    assert text | vision == set(models.names()) and text and vision
+    assert set(TEXT_MODELS) == text  # a tiny model per text family (test_text_models, test_gguf)
+    for name in vision:  # a test file per vision-language family, named after it
+        assert (TESTS / f"test_{name}.py").is_file(), f"vision-language family {name} has no tests/test_{name}.py"
+    architectures = [a for f in families for a in f.architectures]
+    assert len(architectures) == len(set(architectures))  # one family per architecture
+    for f in families:
+        assert models.family_for(f.architectures[0]) is f
+
+
+def test_an_unknown_family_or_architecture_is_a_clear_error():
+    from edgellm.errors import EdgeLLMError
+
+    with pytest.raises(EdgeLLMError, match="unknown model family 'phi9'.*a newer edgellm"):
+        models.get("phi9")
+    with pytest.raises(EdgeLLMError, match="unknown architecture 'Phi9ForCausalLM'; edgellm converts: .*Llama"):
+        models.family_for("Phi9ForCausalLM")
+    with pytest.raises(EdgeLLMError, match="unknown GGUF architecture 'phi9'; edgellm reads: .*llama"):
+        models.gguf_family("phi9")
+
+
+def test_the_runtime_and_the_shared_decoder_name_no_family():
+    stems = sorted({re.sub(r"[0-9_].*$", "", name) for name in models.names()})  # llama, qwen, gemma, internvl
+    assert {"llama", "qwen", "gemma", "internvl"} <= set(stems)
+    pattern = re.compile("|".join(stems), re.IGNORECASE)
+    for path in sources("runtime", "format", "vision", "modeling/decoder.py", "modeling/family.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not pattern.search(line.replace("llama.cpp", "")), f"{path.relative_to(PACKAGE)}:{number}: {line}"
+
+
+def test_converter_and_runtime_meet_only_in_the_bundle_format():
+    for path in sources("runtime"):
+        assert not {m for m in edgellm_imports(path) if m.split(".")[0] == "convert"}, path
+    for path in sources("convert", "format"):
+        assert not {m for m in edgellm_imports(path) if m.split(".")[0] == "runtime"}, path
+    for path in sources("format"):  # the format stands alone
+        assert {m.split(".")[0] for m in edgellm_imports(path)} <= {"format", "errors"}, path
+
+
+def test_no_protocol_lookups_by_attribute_name():
+    """Families and processors are typed records and base classes: nothing is found with hasattr/getattr (only the
+    platform's own features are probed)."""
+    for path in sources("."):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr",
+                                                                                                    "getattr"):
+                probed = node.args[0]
+                assert isinstance(probed, ast.Name) and probed.id in ("os", "mmap"), \
+                    f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}"
+
+
+def test_a_family_module_imports_no_onnx():
+    """Family code builds graphs through the builder it is handed, so the runtime can import a family for its
+    processor without the converter's dependencies."""
+    code = ("import sys; import edgellm.models as m; [m.get(n) for n in m.names()]; "
+            "bad = [k for k in sys.modules if k == 'onnx' or k.startswith(('onnx.', 'edgellm.convert.graph', 'gguf'))];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_numpy_only_tests_run_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; import pytest; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {str(TESTS / 'test_format.py')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTS.parent)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_the_readme_is_a_manual_that_lists_every_family():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    assert len(readme.splitlines()) < 250  # measurements live in docs/benchmarks.md
+    table = readme[readme.index("## Supported models"):]
+    for name in models.names():
+        assert f"`{name}`" in table or f"`{name}/`" in table, f"README's models table lacks {name}"
