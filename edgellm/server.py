@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgeLLMError
+from .runtime.sampling import BOUNDS, Bound
 
 PAGE = Path(__file__).with_name("server_page.html")
 
@@ -48,14 +49,18 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
 
-def _number(body: dict, name: str, low: float, high: float, integer: bool = False):
+# The settings' bounds are SamplingParams' own, but for OpenAI's cap on temperature.
+API_BOUNDS = {**BOUNDS, "temperature": Bound(0, 2)}
+
+
+def _number(body: dict, name: str, bound: Bound):
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
-    if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be between {low} and {high}, got {value}", name)
+    if isinstance(value, bool) or not isinstance(value, int if bound.integer else (int, float)):
+        raise BadRequest(f"'{name}' must be {'an integer' if bound.integer else 'a number'}, got {value!r}", name)
+    if not bound.allows(value):
+        raise BadRequest(f"'{name}' must be {bound.describe()}, got {value}", name)
     return value
 
 
@@ -160,21 +165,17 @@ def parse(model, body, chat: bool) -> Job:
     model.check_length(len(prompt.ids))
     room = model.seq_length - len(prompt.ids)
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    asked = _number(body, limit, 1, 1 << 31, integer=True)
+    asked = _number(body, limit, Bound(1, 1 << 31, integer=True))
     if room < 1:
         raise BadRequest(f"the prompt is {len(prompt.ids)} tokens and fills the bundle's {model.seq_length}: no room "
                          "for an answer; shorten the conversation", "messages" if chat else "prompt")
     # No limit given: a chat answer may fill the context, a completion takes OpenAI's default of 16 tokens.
     max_tokens = min(asked or (room if chat else 16), room)
     sampling = model.sampling_defaults()
-    for name, low, high, integer in (("temperature", 0, 2, False), ("top_p", 0, 1, False), ("top_k", 0, 1 << 20, True),
-                                     ("min_p", 0, 1, False), ("repetition_penalty", 0.01, 10, False),
-                                     ("seed", 0, (1 << 63) - 1, True)):
-        value = _number(body, name, low, high, integer)
+    for name, bound in API_BOUNDS.items():
+        value = _number(body, name, bound)
         if value is not None:
             sampling[name] = value
-    if sampling.get("top_p") == 0:
-        raise BadRequest("'top_p' must be above 0", "top_p")
     sampling["stop"] = _stops(body)
     sampling["ignore_eos"] = _flag(body, "ignore_eos")  # llama.cpp's extension: fixed-length answers
     stream_options = body.get("stream_options") or {}

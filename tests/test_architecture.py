@@ -116,7 +116,8 @@ def test_a_family_module_imports_no_onnx():
 
 def test_numpy_only_tests_run_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; import pytest; "
-            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {str(TESTS / 'test_format.py')!r}]))")
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {str(TESTS / 'test_format.py')!r}, "
+            f"{str(TESTS / 'test_quantize.py')!r}]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTS.parent)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 

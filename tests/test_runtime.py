@@ -56,7 +56,7 @@ def test_sampling_is_seeded_and_respects_top_k():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.5), dict(temperature=float("nan")), dict(top_k=-1),
                                  dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=2.0),
-                                 dict(repetition_penalty=0.0)])
+                                 dict(repetition_penalty=0.0), dict(seed=-1)])
 def test_out_of_range_sampling_is_refused(bad, bundle):
     name = next(iter(bad))
     with pytest.raises(EdgeLLMError, match=f"^{name} must be"):

@@ -128,10 +128,13 @@ class Engine:
         if start + s > self.seq_length:
             raise EdgeLLMError(f"context full: {start + s} positions needed, the bundle holds {self.seq_length}")
         if position_ids is None:
-            position_ids = np.repeat(np.arange(self.next_position, self.next_position + s)[None],
-                                     len(self.positions), axis=0)
+            after = self.next_position + s
+            steps = np.arange(self.next_position, after, dtype=np.int64)[None]
+            position_ids = steps if len(self.positions) == 1 else np.repeat(steps, len(self.positions), axis=0)
+        else:
+            after = max(self.next_position, int(position_ids.max()) + 1)
         self.positions[:, start:start + s] = position_ids
-        self.next_position = max(self.next_position, int(position_ids.max()) + 1)
+        self.next_position = after
         b = self.binding
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], np.float32))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from ..errors import EdgeLLMError
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a sampling setting takes: from `low` (or above it) to `high`."""
+
+    low: float
+    high: float = math.inf
+    low_allowed: bool = True
+    integer: bool = False
+    low_means: str = ""  # what the lowest value does, for the message ("greedy")
+
+    def allows(self, value) -> bool:  # NaN fails every comparison, so it is refused
+        return (value >= self.low if self.low_allowed else value > self.low) and value <= self.high
+
+    def describe(self) -> str:
+        low = f"{self.low} ({self.low_means})" if self.low_means else f"{self.low}"
+        if self.high == math.inf:
+            return f"{low} or more" if self.low_allowed else f"above {self.low}"
+        return f"between {low} and {self.high}" if self.low_allowed else f"above {self.low} and at most {self.high}"
+
+
+# The one statement of what each setting may be: SamplingParams checks it, the server checks requests with it.
+BOUNDS = {"temperature": Bound(0, low_means="greedy"), "top_k": Bound(0, integer=True, low_means="off"),
+          "top_p": Bound(0, 1, low_allowed=False), "min_p": Bound(0, 1),
+          "repetition_penalty": Bound(0, low_allowed=False), "seed": Bound(0, (1 << 63) - 1, integer=True)}
 
 
 @dataclass
@@ -19,14 +46,9 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        checks = (("temperature", self.temperature, self.temperature >= 0, "0 (greedy) or more"),
-                  ("top_k", self.top_k, self.top_k >= 0, "0 (off) or more"),
-                  ("top_p", self.top_p, 0 < self.top_p <= 1, "above 0 and at most 1"),
-                  ("min_p", self.min_p, 0 <= self.min_p <= 1, "from 0 to 1"),
-                  ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "above 0"))
-        for name, value, ok, allowed in checks:  # NaN fails every comparison, so it is refused too
-            if not ok:
-                raise EdgeLLMError(f"{name} must be {allowed}, got {value!r}")
+        for name, value in ((f.name, self.__dict__[f.name]) for f in fields(self)):
+            if value is not None and not BOUNDS[name].allows(value):
+                raise EdgeLLMError(f"{name} must be {BOUNDS[name].describe()}, got {value!r}")
 
 
 class Sampler:
