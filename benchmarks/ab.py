@@ -67,9 +67,11 @@ def main() -> None:
         for side in ("a", "b") if i % 2 == 0 else ("b", "a"):
             results[side].append(run({"a": args.a, "b": args.b}[side], args.bundle, args.prompt_tokens, args.decode))
             print(side, json.dumps(results[side][-1]), flush=True)
+    print("medians, their ratio, and the median of the rounds' own B/A (the steadier figure on a noisy machine):")
     for key in ("prefill", "decode", "load_ms"):
         a, b = (statistics.median(r[key] for r in results[s]) for s in "ab")
-        print(f"{key:8} A {a:8.1f}  B {b:8.1f}  B/A {b / a:5.2f}")
+        paired = statistics.median(rb[key] / ra[key] for ra, rb in zip(results["a"], results["b"]))
+        print(f"{key:8} A {a:8.1f}  B {b:8.1f}  B/A {b / a:5.2f}  per round {paired:5.2f}")
 
 
 if __name__ == "__main__":
