@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 
 from edgellm.errors import EdgeLLMError
-from edgellm.format import (
-    ArrayRef,
-    EmbeddingsEntry,
-    EmbeddingTable,
-    Manifest,
-    QuantizedWeight,
-    open_bundle,
-    save_table,
-    write_manifest,
-)
+from edgellm.format import (ArrayRef, EmbeddingsEntry, EmbeddingTable, Manifest, QuantizedWeight, open_bundle,
+                            save_table, write_manifest)
 
 VERSION_1 = {  # a bundle written before CRC-32 and the tied table (format 1, a float table of its own)
     "format": "edgellm-bundle", "format_version": 1, "created_by": "edgellm 0.1.0", "architecture": "LlamaForCausalLM",
@@ -117,3 +109,12 @@ def test_table_rows_read_from_blocks_inside_another_file(tmp_path):
     np.testing.assert_allclose(rows[ids], 2 * table.dequantize()[ids], rtol=1e-6)
     with pytest.raises(IndexError):
         rows[np.array([30])]
+
+
+def test_a_vision_section_missing_a_setting_is_a_clear_error():
+    from edgellm.models import vision_family
+
+    with pytest.raises(EdgeLLMError, match="vision settings are incomplete .*tile_size.*reconvert"):
+        vision_family("internvl").processor({"image_token": "<IMG_CONTEXT>"})
+    with pytest.raises(EdgeLLMError, match="unknown model family 'llava'"):
+        vision_family("llava")

@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import (
-    IMAGE_QUESTION,
-    TWO_IMAGES,
-    check_chat_keeps_an_image,
-    check_image_greedy,
-    check_image_logits,
-    picture,
-    write_clip,
-    write_tokenizer,
-)
+from helpers import (IMAGE_QUESTION, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy, check_image_logits,
+                     picture, write_clip, write_tokenizer)
 from PIL import Image
 
 import edgellm

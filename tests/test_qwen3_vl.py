@@ -10,18 +10,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import (
-    IMAGE_QUESTION,
-    QWEN_VL_TEMPLATE,
-    TWO_IMAGES,
-    check_chat_keeps_an_image,
-    check_image_greedy,
-    check_image_logits,
-    check_patches,
-    picture,
-    qwen_vl_inputs,
-    write_tokenizer,
-)
+from helpers import (IMAGE_QUESTION, QWEN_VL_TEMPLATE, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy,
+                     check_image_logits, check_patches, picture, qwen_vl_inputs, write_tokenizer)
 from helpers import QWEN_VL_MARKERS as MARKERS
 from helpers import qwen_vl_text as hf_text
 

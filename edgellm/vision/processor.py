@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import EdgeLLMError
 from .media import Media
 
 
@@ -52,7 +53,10 @@ class Processor(ABC):
 
     def __init__(self, settings: dict):
         names = {f.name for f in dataclasses.fields(self.Settings)}
-        self.settings = self.Settings(**{k: v for k, v in settings.items() if k in names})
+        try:
+            self.settings = self.Settings(**{k: v for k, v in settings.items() if k in names})
+        except TypeError as e:  # a setting the family needs is missing
+            raise EdgeLLMError(f"the bundle's vision settings are incomplete ({e}); reconvert the model") from None
 
     @abstractmethod
     def image(self, picture) -> Media:
