@@ -128,3 +128,10 @@ def test_the_readme_is_a_manual_that_lists_every_family():
     table = readme[readme.index("## Supported models"):]
     for name in models.names():
         assert f"`{name}`" in table or f"`{name}/`" in table, f"README's models table lacks {name}"
+
+
+def test_every_package_folder_is_a_regular_package():
+    """setuptools' find_packages skips folders without __init__.py: a wheel would ship without them."""
+    for folder in [PACKAGE, *(p for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+        if any(folder.glob("*.py")):
+            assert (folder / "__init__.py").is_file(), f"{folder.relative_to(PACKAGE.parent)} has no __init__.py"

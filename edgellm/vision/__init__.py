@@ -1,4 +1,5 @@
-"""Image and video preprocessing, one module per model family, matching each model's Hugging Face processor."""
+"""Images and video for vision-language models: reading them (images.py, video.py), the preprocessed item
+(media.py), and the interface each family's processor implements (processor.py)."""
 
 from .images import load_image, normalize
 

@@ -1,0 +1,1 @@
+"""Running a bundle: the decoder engine, the vision encoder, prompts and chat templates, sampling, streaming."""
