@@ -7,6 +7,7 @@ as they are (see quantize.QuantizedWeight); every other type is dequantized by t
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class GGUFSource(ModelSource):
         except Exception as e:  # the gguf package raises bare ValueError/struct errors on corrupt files
             raise EdgeLLMError(f"{path}: not a readable GGUF file ({e})") from e
         self.path = path
+        self._file_map = self.reader.data._mmap  # the reader's map of the whole file
         self.meta = {name: _field_value(field) for name, field in self.reader.fields.items()
                      if not name.startswith("tokenizer.ggml.") or name in _SMALL_TOKENIZER_FIELDS}
         self.arch = self.meta.get("general.architecture")
@@ -101,7 +103,10 @@ class GGUFSource(ModelSource):
         return self._tensors[name]
 
     def raw(self, name: str) -> np.ndarray:
-        return self.names_in_file.tensor(name, _dequantize(self._get(name)), self.config)
+        t = self._get(name)
+        value = self.names_in_file.tensor(name, _dequantize(t), self.config)
+        self._release(t)
+        return value
 
     def linear(self, name: str) -> np.ndarray | QuantizedWeight:
         t = self._get(name)
@@ -109,7 +114,18 @@ class GGUFSource(ModelSource):
         if decode is None:
             return self.tensor(name)
         rows = np.asarray(t.data).reshape(int(t.shape[1]), -1)
-        return self.names_in_file.tensor(name, decode(rows, int(t.shape[0])), self.config)
+        value = self.names_in_file.tensor(name, decode(rows, int(t.shape[0])), self.config)
+        self._release(t)
+        return value
+
+    def _release(self, t) -> None:
+        """Drop the mapped pages of a tensor once it is decoded (the file stays in the page cache): otherwise each
+        one read stays in the process's resident set, and the whole file by the end of the conversion."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # Windows: the pages stay
+            return
+        start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = int(t.data_offset) + int(t.n_bytes)
+        self._file_map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     # --- tokenizer and templates ---------------------------------------------------------------
     def tokenizer_json(self) -> str:

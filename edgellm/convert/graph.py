@@ -2,11 +2,16 @@
 
 Activations are float32 everywhere (the CPU kernels are fastest and exact there); only weights change with the
 precision policy: float32, float16 (stored half-size, widened once at session start), or MatMulNBits blocks.
+Weights go to the graph's external data file the moment they are made (`DataFile`), so converting a model holds
+one weight at a time, never the graph's.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -38,9 +43,42 @@ class WeightPolicy:
         return {"w4": 4, "w8": 8}.get(self.mode)
 
 
+class DataFile:
+    """A graph's external data file, written as the graph is built: each initializer of EXTERNAL_BYTES or more is
+    appended, and the graph keeps only where it is, as onnx.save_model(save_as_external_data=True) lays them out.
+    (Its bytes never enter a TensorProto: protobuf keeps a message's bytes until the message goes, even cleared.)"""
+
+    EXTERNAL_BYTES = 1024 - sys.getsizeof(b"")  # onnx's size_threshold of 1024, which counts the bytes object
+
+    def __init__(self, path: Path):
+        self.path, self.file = Path(path), None
+
+    def wants(self, array: np.ndarray) -> bool:
+        return array.nbytes >= self.EXTERNAL_BYTES
+
+    def write(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        if self.file is None:  # created on first use: a graph without large weights has no data file
+            self.file = open(self.path, "wb")
+        offset = self.file.tell()
+        self.file.write(np.ascontiguousarray(array).data)
+        tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", offset), ("length", self.file.tell() - offset)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        return tensor
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            os.chmod(self.path, 0o644)
+
+
 class GraphBuilder:
-    def __init__(self, policy: WeightPolicy):
+    def __init__(self, policy: WeightPolicy, data: DataFile | None = None):
+        """`data`: where large initializers go as they are made (None: kept in the graph, as tests build them)."""
         self.policy = policy
+        self.data = data
         self.lm_head_policy = policy  # the converter may keep the lm_head at higher precision
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -71,7 +109,11 @@ class GraphBuilder:
     def const(self, array: np.ndarray, name: str) -> str:
         name = self._fresh(name)
         array = np.asarray(array)  # (np.ascontiguousarray would turn a scalar into a 1-element vector)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array) if array.ndim else array, name))
+        if self.data is not None and self.data.wants(array):
+            self.initializers.append(self.data.write(array, name))
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array) if array.ndim else array,
+                                                             name))
         return name
 
     def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: list[str] | int = 1,
@@ -83,7 +125,8 @@ class GraphBuilder:
         return outputs[0] if len(outputs) == 1 else outputs
 
     def branch(self) -> "GraphBuilder":
-        """A builder for an If branch: it may read this graph's values, and its names stay unique in the model."""
+        """A builder for an If branch: it may read this graph's values, and its names stay unique in the model. Its
+        constants (a few numbers each) stay inside the graph."""
         sub = GraphBuilder(self.policy)
         sub._count = self._count
         return sub

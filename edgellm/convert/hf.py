@@ -17,7 +17,9 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.fl
 
 
 class SafetensorsFile:
-    """Memory-maps one .safetensors file; tensors are read lazily, bf16 widened to float32."""
+    """One .safetensors file; each tensor is read when asked for, into memory of its own, bf16 widened to float32.
+    (Not a memory map: the pages of every tensor read would stay in the process's resident set until the end, as
+    much as the whole checkpoint.)"""
 
     def __init__(self, path: Path):
         self.path = path
@@ -29,7 +31,7 @@ class SafetensorsFile:
             raise EdgeLLMError(f"{path}: not a readable safetensors file ({e})") from e
         self.header.pop("__metadata__", None)
         self.data_start = 8 + header_len
-        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        self.size = path.stat().st_size
 
     def names(self) -> list[str]:
         return list(self.header)
@@ -39,12 +41,15 @@ class SafetensorsFile:
         start, end = info["data_offsets"]
         if info["dtype"] not in _DTYPES:
             raise EdgeLLMError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
-        raw = self._map[self.data_start + start: self.data_start + end]
-        if self.data_start + end > len(self._map):
+        if self.data_start + end > self.size:
             raise EdgeLLMError(f"{self.path}: truncated file (tensor {name} runs past its end)")
-        array = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        array = np.fromfile(self.path, dtype, (end - start) // dtype.itemsize, offset=self.data_start + start)
+        array = array.reshape(info["shape"])
         if info["dtype"] == "BF16":
-            return (array.astype(np.uint32) << 16).view(np.float32)
+            wide = array.astype(np.uint32)
+            del array
+            return np.left_shift(wide, 16, out=wide).view(np.float32)
         return array
 
 

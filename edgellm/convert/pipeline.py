@@ -17,7 +17,7 @@ from ..format import (DECODER_GRAPH, MANIFEST, VISION_GRAPH, Manifest, Quantizat
 from ..modeling.family import TextFamily, VisionOptions
 from ..models import families, family_for
 from ..vision.processor import MediaTokens
-from .graph import GraphBuilder, WeightPolicy
+from .graph import DataFile, GraphBuilder, WeightPolicy
 from .source import ModelSource
 
 QUANT_MODES = ("f32", "f16", "w8", "w4")
@@ -42,11 +42,13 @@ def open_source(src: str | Path) -> ModelSource:
 
 
 class _Progress(ModelSource):
-    """Passes a source through, ticking a progress bar the first time each tensor is read."""
+    """Passes a source through, ticking a progress bar the first time each tensor is read and showing the bytes
+    read so far (`shared`: another _Progress of the same checkpoint, whose count this one continues)."""
 
-    def __init__(self, source: ModelSource, bar):
+    def __init__(self, source: ModelSource, bar, shared: "_Progress | None" = None):
         self.source, self.bar, self.config = source, bar, source.config
-        self.seen: set[str] = set()
+        self.seen: set[str] = shared.seen if shared else set()
+        self.read = shared.read if shared else [0]
 
     def names(self):
         return self.source.names()
@@ -54,18 +56,19 @@ class _Progress(ModelSource):
     def __contains__(self, name):
         return name in self.source
 
-    def _tick(self, name):
+    def _tick(self, name, value):
         if name not in self.seen:
             self.seen.add(name)
+            self.read[0] += value.nbytes
+            self.bar.set_postfix_str(f"{self.read[0] / 2**20:,.0f} MiB read", refresh=False)
             self.bar.update(1)
+        return value
 
     def tensor(self, name):
-        self._tick(name)
-        return self.source.tensor(name)
+        return self._tick(name, self.source.tensor(name))
 
     def linear(self, name):
-        self._tick(name)
-        return self.source.linear(name)
+        return self._tick(name, self.source.linear(name))
 
 
 def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: int = 64,
@@ -117,28 +120,28 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
     if parts:
         tokens.update(media_tokens(parts.settings, tokenizer_json))
 
-    policy = WeightPolicy(quantize, group_size, symmetric, accuracy_level)
-    g = GraphBuilder(policy)
-    g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
     graphs = {DECODER_GRAPH: DECODER_FILE}
     with staging_folder(out, overwrite=force) as stage:
-        with tqdm(total=len(checkpoint.names()), desc="reading weights", unit="tensor", disable=not progress) as bar:
+        # Each weight is read, quantized and written before the next is read (GraphBuilder's DataFile), so the
+        # conversion holds about one weight at a time.
+        g = GraphBuilder(WeightPolicy(quantize, group_size, symmetric, accuracy_level), data_file(stage, DECODER_FILE))
+        g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
+        with tqdm(total=len(checkpoint.names()), desc="converting weights", unit="tensor", disable=not progress,
+                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tensors, {postfix} [{elapsed}<{remaining}]") as bar:
             weights = _Progress(source, bar)
             model.build(g, weights, seq_length)
-            embeddings = model.embedding_table(weights)
+            save_graph(g, stage / DECODER_FILE)
             if parts:
-                vg = GraphBuilder(WeightPolicy(vision_quantize, group_size, symmetric, accuracy_level))
-                parts.vision.build(vg, _Progress(parts.vision_weights, bar))
+                vg = GraphBuilder(WeightPolicy(vision_quantize, group_size, symmetric, accuracy_level),
+                                  data_file(stage, VISION_FILE))
+                parts.vision.build(vg, _Progress(parts.vision_weights, bar, weights))
                 save_graph(vg, stage / VISION_FILE)
                 graphs[VISION_GRAPH] = VISION_FILE
+            # a tied lm_head that keeps the table's blocks holds them for both (save_table compares them bit for bit)
+            embeddings_entry = save_table(stage, model.embedding_table(weights), quantize,
+                                          stored_blocks(stage / DECODER_FILE, g.nbits_weights.get("lm_head")),
+                                          model.embedding_multiplier)
             bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
-        if progress:
-            tqdm.write("writing graph ...")
-        save_graph(g, stage / DECODER_FILE)
-        # a tied lm_head that keeps the table's blocks holds them for both (save_table compares them bit for bit)
-        embeddings_entry = save_table(stage, embeddings, quantize,
-                                      stored_blocks(stage / DECODER_FILE, g.nbits_weights.get("lm_head")),
-                                      model.embedding_multiplier)
         (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         template = source.chat_template()
         if template:
@@ -160,12 +163,15 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
     return out
 
 
+def data_file(stage: Path, graph_file: str) -> DataFile:
+    return DataFile(stage / (graph_file + ".data"))
+
+
 def save_graph(g: GraphBuilder, path: Path) -> None:
-    onnx.save_model(g.to_model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.chmod(0o644)  # onnx creates it owner-only; bundles are shared
+    """The graph itself; its large weights are in the data file already."""
+    if g.data is not None:
+        g.data.close()
+    onnx.save_model(g.to_model(), path)
 
 
 def stored_blocks(graph: Path, weight: dict | None) -> dict | None:

@@ -93,13 +93,33 @@ def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
     )
 
 
+ROWS_AT_ONCE_ELEMENTS = 1 << 22  # quantize this many weights at a time: its float temporaries stay a few MiB
+
+
 def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> QuantizedWeight:
-    """Round a float [N, K] weight to `bits`-bit blocks of `block_size` along K."""
+    """Round a float [N, K] weight to `bits`-bit blocks of `block_size` along K. Rows are rounded independently, a
+    few at a time, so the working memory stays small whatever the weight's size."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"group size must be a power of two >= 16, got {block_size}")
-    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    k_blocks = -(-k // block_size)
+    codes = np.empty((n, k_blocks, block_size), np.uint8)
+    scales = np.empty((n, k_blocks), np.float32)
+    zero_points = None if symmetric else np.empty((n, k_blocks), np.uint8)
+    step = max(1, ROWS_AT_ONCE_ELEMENTS // max(k, 1))
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        part = _round_blocks(np.asarray(w[rows], np.float32), bits, block_size, symmetric)
+        codes[rows], scales[rows] = part[0], part[1]
+        if zero_points is not None:
+            zero_points[rows] = part[2]
+    return QuantizedWeight(bits, block_size, k, codes, scales, zero_points)
+
+
+def _round_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
+    """(codes, scales, zero points or None) of the rows `w`."""
     n, k = w.shape
     k_blocks = -(-k // block_size)
     if k_blocks * block_size != k:
@@ -114,12 +134,11 @@ def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) 
         scales = extreme / -mid
         safe = np.where(scales == 0, 1.0, scales)
         codes = np.clip(np.rint(blocks / safe[..., None]) + mid, 0, qmax)
-        return QuantizedWeight(bits, block_size, k, codes.astype(np.uint8), scales.astype(np.float32))
+        return codes.astype(np.uint8), scales.astype(np.float32), None
     lo = np.minimum(blocks.min(axis=-1), 0.0)
     hi = np.maximum(blocks.max(axis=-1), 0.0)
     scales = (hi - lo) / qmax
     safe = np.where(scales == 0, 1.0, scales)
     zero_points = np.clip(np.rint(-lo / safe), 0, qmax)
     codes = np.clip(np.rint(blocks / safe[..., None]) + zero_points[..., None], 0, qmax)
-    return QuantizedWeight(bits, block_size, k, codes.astype(np.uint8), scales.astype(np.float32),
-                           zero_points.astype(np.uint8))
+    return codes.astype(np.uint8), scales.astype(np.float32), zero_points.astype(np.uint8)

@@ -31,6 +31,10 @@ class QuantizedWeight:
     def k_blocks(self) -> int:
         return self.codes.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.codes, self.scales, self.zero_points, self.mins) if a is not None)
+
     def zero_points_or_default(self) -> np.ndarray:
         if self.zero_points is not None:
             return self.zero_points
