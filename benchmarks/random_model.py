@@ -7,9 +7,14 @@ downloads (the weights are noise, so the text is too; the timings are those of t
     .venv/bin/python benchmarks/random_model.py qwen3-vl-2b OUT_FOLDER
     .venv/bin/python benchmarks/random_model.py gemma3-1b OUT_FOLDER     (text only)
     .venv/bin/python benchmarks/random_model.py gemma3-4b OUT_FOLDER     (SigLIP + Gemma 3 4B: 8.6 GB)
+    .venv/bin/python benchmarks/random_model.py qwen2.5-1.5b OUT_FOLDER  (written tensor by tensor: 3.1 GB)
+    .venv/bin/python benchmarks/random_model.py qwen3-4b OUT_FOLDER      (8.0 GB)
+    .venv/bin/python benchmarks/random_model.py llama3.1-8b OUT_FOLDER   (16.1 GB)
 
 Needs the test dependencies (torch, transformers). The tokenizer is the small one of the tests, so prompts are
-made of random ids rather than text.
+made of random ids rather than text. The last three are written with numpy one tensor at a time in bf16 (a
+transformers model of 8B parameters would need 32 GB to build), for the conversion's memory and the larger
+shapes' speed; --gguf reads the folder back with transformers, so it is for the shapes up to 1.5B.
 """
 
 from __future__ import annotations
@@ -119,6 +124,65 @@ def gemma3_4b(out: Path) -> None:
         "size": {"height": 896, "width": 896}, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
 
 
+# Llama-shaped decoders written tensor by tensor (the config as transformers writes it, less what it defaults)
+STREAMED = {
+    "qwen2.5-1.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1000000.0,
+                         rms_norm_eps=1e-6),
+    "qwen3-4b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=2560,
+                     intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True, rope_theta=1000000.0,
+                     rms_norm_eps=1e-6),
+    "llama3.1-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                        rope_theta=500000.0),
+}
+
+
+def streamed(out: Path, config: dict) -> None:
+    """A bf16 safetensors checkpoint of uniform noise in +-0.05, written one tensor at a time."""
+    import struct
+
+    import numpy as np
+
+    write_tokenizer(out)
+    (out / "config.json").write_text(json.dumps({**config, "eos_token_id": 2, "torch_dtype": "bfloat16"}, indent=2))
+    h, inter, heads, kv = (config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                               "num_key_value_heads"))
+    d = config.get("head_dim", h // heads)
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
+                       f"{p}.self_attn.q_proj.weight": (heads * d, h), f"{p}.self_attn.k_proj.weight": (kv * d, h),
+                       f"{p}.self_attn.v_proj.weight": (kv * d, h), f"{p}.self_attn.o_proj.weight": (h, heads * d),
+                       f"{p}.mlp.gate_proj.weight": (inter, h), f"{p}.mlp.up_proj.weight": (inter, h),
+                       f"{p}.mlp.down_proj.weight": (h, inter)})
+        if config["model_type"] == "qwen2":
+            shapes.update({f"{p}.self_attn.{x}_proj.bias": (n * d,) for x, n in (("q", heads), ("k", kv), ("v", kv))})
+        if config["model_type"] == "qwen3":
+            shapes.update({f"{p}.self_attn.q_norm.weight": (d,), f"{p}.self_attn.k_norm.weight": (d,)})
+    shapes["model.norm.weight"] = (h,)
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], h)
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    rng = np.random.default_rng(0)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape in shapes.items():
+            values = (rng.random(shape, dtype=np.float32) - 0.5) * 0.1 if len(shape) > 1 else np.ones(shape, np.float32)
+            f.write((values.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+
+
 def write_gguf_beside(folder: Path, qtype: str) -> Path:
     """The folder's model as a GGUF (2-D weights in `qtype`), laid out like llama.cpp's converter does, so that
     llama.cpp and edgellm can run the same blocks."""
@@ -134,7 +198,7 @@ def write_gguf_beside(folder: Path, qtype: str) -> Path:
 if __name__ == "__main__":
     args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args.add_argument("shape", choices=["qwen2.5-0.5b", "internvl3-1b", "qwen2-vl-2b", "qwen3-vl-2b", "gemma3-1b",
-                                        "gemma3-4b"])
+                                        "gemma3-4b", *STREAMED])
     args.add_argument("folder", type=Path)
     args.add_argument("--gguf", metavar="TYPE", choices=["Q4_0", "Q4_1", "Q8_0"],
                       help="also write FOLDER-type.gguf beside it (text models), for llama.cpp in compare.py")
@@ -143,7 +207,9 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     {"qwen2.5-0.5b": qwen, "internvl3-1b": internvl, "qwen2-vl-2b": lambda out: qwen_vl(out, "2"),
      "qwen3-vl-2b": lambda out: qwen_vl(out, "3"),
-     "gemma3-1b": gemma3_1b, "gemma3-4b": gemma3_4b}[args.shape](args.folder)
+     "gemma3-1b": gemma3_1b, "gemma3-4b": gemma3_4b,
+     **{name: lambda out, config=config: streamed(out, config) for name, config in STREAMED.items()}}[args.shape](
+        args.folder)
     print(f"wrote {args.folder}")
     if args.gguf:
         print(f"wrote {write_gguf_beside(args.folder, args.gguf)}")

@@ -60,7 +60,7 @@ class _Progress(ModelSource):
         if name not in self.seen:
             self.seen.add(name)
             self.read[0] += value.nbytes
-            self.bar.set_postfix_str(f"{self.read[0] / 2**20:,.0f} MiB read", refresh=False)
+            self.bar.set_postfix_str(f"{self.read[0] / 2**20:,.0f} MiB of weights", refresh=False)
             self.bar.update(1)
         return value
 
@@ -127,7 +127,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         g = GraphBuilder(WeightPolicy(quantize, group_size, symmetric, accuracy_level), data_file(stage, DECODER_FILE))
         g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
         with tqdm(total=len(checkpoint.names()), desc="converting weights", unit="tensor", disable=not progress,
-                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tensors, {postfix} [{elapsed}<{remaining}]") as bar:
+                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tensors{postfix} [{elapsed}<{remaining}]") as bar:
             weights = _Progress(source, bar)
             model.build(g, weights, seq_length)
             save_graph(g, stage / DECODER_FILE)
