@@ -83,6 +83,46 @@ def bench_vision(model, decode_tokens: int = 32, repeats: int = 3) -> str:
     return "\n".join(lines)
 
 
+LOOKUP_CODE = '''def add(a, b):
+    """Return the sum of a and b."""
+    return a + b
+
+
+def mean(values):
+    """Return the mean of a list of numbers."""
+    total = 0
+    for v in values:
+        total = add(total, v)
+    return total / len(values)
+'''
+LOOKUP_TEXT = ("The committee met on Tuesday to review the budget for the coming year. Spending on roads rises by "
+               "a tenth, spending on schools by a twentieth, and the reserve fund stays as it is. Two members asked "
+               "for more money for the libraries; the chair answered that the libraries would be reviewed in spring.")
+LOOKUP_PROMPTS = {"code edit": "Rename the function add to plus everywhere in this code, and give back the whole "
+                               f"code:\n\n{LOOKUP_CODE}",
+                  "summary": f"Summarise this in two sentences:\n\n{LOOKUP_TEXT}"}
+
+
+def bench_lookup(model, lookahead: int, decode_tokens: int = 128, repeats: int = 3) -> str:
+    """Greedy answers to a code-edit and a summarising prompt, plain and with prompt lookup, alternating; medians.
+    A chat bundle answers the prompts as a user turn, a base model completes them."""
+    lines = [f"{'prompt lookup':<14} {'tokens':>7} {'plain tok/s':>12} {'lookup tok/s':>13} {'ratio':>6} "
+             f"{'drafts kept':>12} {'same text':>10}"]
+    for label, prompt in LOOKUP_PROMPTS.items():
+        runs = {0: [], lookahead: []}
+        for _ in range(repeats):
+            for k in runs:
+                model.engine.reset()
+                runs[k].append(model.generate(prompt, max_new_tokens=decode_tokens, prompt_lookup=k))
+        rate = {k: statistics.median(r.decode_tokens_per_s for r in rs) for k, rs in runs.items()}
+        last = runs[lookahead][-1]
+        same = all(a.token_ids == b.token_ids for a, b in zip(runs[0], runs[lookahead]))
+        kept = f"{last.accepted}/{last.drafted}"
+        lines.append(f"{label:<14} {len(last.token_ids):>7} {rate[0]:>12.1f} {rate[lookahead]:>13.1f} "
+                     f"{rate[lookahead] / max(rate[0], 1e-9):>6.2f} {kept:>12} {'yes' if same else 'no':>10}")
+    return "\n".join(lines)
+
+
 def write_test_clip(path: str, size: int, frames: int) -> str:
     import av
 

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="image file(s) for a vision-language bundle, placed before the prompt")
             q.add_argument("--video", nargs="+", default=[], metavar="VIDEO", help="video file(s), after the images")
             q.add_argument("--frames", type=int, default=None, help="frames sampled per video (default: model's)")
+            q.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                           help="greedy answers: draft up to K tokens from earlier text and check them in one step "
+                                "(the same answer, faster when it repeats the prompt; default 0, off)")
 
     r = sub.add_parser("run", help="answer one prompt")
     runtime_args(r)
@@ -99,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--repeats", type=int, default=3, help="runs per row; the median is shown")
     b.add_argument("--profile", action="store_true", help="also show where one decoded token's time goes")
+    b.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="also time greedy answers to a code-edit and a summarising prompt with and without "
+                        "drafting up to K tokens from earlier text")
     b.set_defaults(func=cmd_bench)
 
     qa = sub.add_parser("quality", help="perplexity on a text, and top-1 agreement with a reference bundle")
@@ -133,6 +139,7 @@ def _sampling(model, args) -> dict:
         if value is not None:
             chosen[key] = value
     chosen["seed"] = args.seed
+    chosen["prompt_lookup"] = args.prompt_lookup
     return chosen
 
 
@@ -243,6 +250,10 @@ def cmd_bench(args) -> None:
         from .bench import bench_vision
 
         print(bench_vision(model, min(args.decode_tokens, 32), args.repeats))
+    if args.prompt_lookup:
+        from .bench import bench_lookup
+
+        print(bench_lookup(model, args.prompt_lookup, args.decode_tokens, args.repeats))
     if args.profile:
         import tempfile
 

@@ -314,3 +314,52 @@ def test_running_a_bundle_never_imports_the_converter(bundle):
     from helpers import converter_modules_loaded_by_running
 
     assert converter_modules_loaded_by_running(bundle("qwen3", "w4")) == []
+
+
+@pytest.mark.parametrize("min_ngram", [2, 1])
+def test_prompt_lookup_keeps_the_greedy_answer_and_checks_drafts_in_one_run(bundle, monkeypatch, min_ngram):
+    """Drafts from earlier text are checked several tokens per decoder run, and the answer is token for token the
+    plain greedy one (f32: the multi-row and one-row kernels round alike), for every draft length, with a
+    repetition penalty too. The tiny model falls into a loop of one token, where drafts are right; drafting from
+    single recurring tokens (min_ngram 1) also makes wrong drafts, which the cache must forget."""
+    import functools
+
+    from edgellm.runtime import lookup, model as model_module
+    from helpers import CORPUS
+
+    monkeypatch.setattr(model_module, "prompt_lookup", functools.partial(lookup.prompt_lookup, min_ngram=min_ngram))
+    model = edgellm.load(bundle("qwen3", "f32"))
+    text = CORPUS.read_text()[:600]
+    prompt = model.tokenizer.encode(text) * 2  # the model has seen the text once: it tends to repeat it
+    plain = model.generate(prompt, max_new_tokens=40, ignore_eos=True)
+    assert plain.drafted == 0
+    rejected = 0
+    for k in (1, 3, 8):
+        for penalty in (1.0, 1.3):
+            want = plain if penalty == 1.0 else model.generate(prompt, max_new_tokens=40, ignore_eos=True,
+                                                                repetition_penalty=penalty)
+            got = model.generate(prompt, max_new_tokens=40, ignore_eos=True, prompt_lookup=k,
+                                 repetition_penalty=penalty)
+            assert got.token_ids == want.token_ids and got.text == want.text
+            assert 0 <= got.accepted <= got.drafted
+            rejected += got.drafted - got.accepted
+            if penalty == 1.0:
+                assert got.accepted > 0  # some drafts were right: fewer decoder runs than tokens
+    assert rejected > 0 or min_ngram > 1  # and some wrong: the cache forgot them
+    again = model.generate(prompt, max_new_tokens=40, ignore_eos=True)  # the cache is sound after rollbacks
+    assert again.token_ids == plain.token_ids and again.reused_tokens > 0
+    sampled = model.generate(prompt, max_new_tokens=8, temperature=0.8, seed=1, prompt_lookup=4)
+    assert sampled.drafted == 0  # sampled answers decode one token at a time
+    with pytest.raises(EdgeLLMError, match="prompt_lookup must be 0"):
+        model.generate(prompt, prompt_lookup=-1)
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    from edgellm.runtime.lookup import prompt_lookup
+
+    assert prompt_lookup([1, 2, 3, 4, 1, 2, 3, 9, 1, 2, 3], 2) == [9, 1]  # the latest 3-gram match wins
+    assert prompt_lookup([5, 6, 7, 5, 6], 4) == [7, 5, 6]  # a 2-gram, then what follows up to the end
+    assert prompt_lookup([5, 6, 7, 8], 4) == []  # nothing recurs
+    assert prompt_lookup([5, 6, 7, 6], 4) == []  # one recurring token is not enough
+    assert prompt_lookup([5, 6, 7, 6], 4, min_ngram=1) == [7, 6]
+    assert prompt_lookup([4, 4, 4], 3) == [4] and prompt_lookup([4, 4], 3) == [] and prompt_lookup([1, 2, 1], 0) == []

@@ -115,9 +115,13 @@ class Engine:
         n, limit = 0, min(len(self.tokens), len(token_ids) - 1)
         while n < limit and self.tokens[n] == token_ids[n] and (self.positions[:, n] == positions[:, n]).all():
             n += 1
-        del self.tokens[n:]
-        self.next_position = int(self.positions[:, :n].max()) + 1 if n else 0
+        self.truncate(n)
         return n
+
+    def truncate(self, length: int) -> None:
+        """Forget the cache after its first `length` slots (their keys and values are overwritten later)."""
+        del self.tokens[length:]
+        self.next_position = int(self.positions[:, :length].max()) + 1 if length else 0
 
     def forward(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids=None,
                 position_ids: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -199,6 +203,10 @@ class Engine:
                 on_chunk(end - start, todo)
             begin = end
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+
+    def verify(self, token_ids: list[int]) -> np.ndarray:
+        """Run several tokens at once after the cache, with logits for each: [len(token_ids), vocab]."""
+        return self.forward(self.embed(token_ids), np.arange(len(token_ids)), token_ids)
 
     def decode(self, token_id: int) -> np.ndarray:
         return self.forward(self.embed([token_id]), np.zeros(1, np.int64), [token_id])[0]

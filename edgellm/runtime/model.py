@@ -15,6 +15,7 @@ from ..errors import EdgeLLMError
 from ..format import VISION_GRAPH, open_bundle
 from .chat import ChatTemplate, check_messages, user_content
 from .engine import PROVIDERS, Engine, session_options
+from .lookup import prompt_lookup
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -30,6 +31,8 @@ class GenerationResult:
     decode_s: float = 0.0  # first token to last
     images: int = 0  # images and videos in the prompt
     vision_s: float = 0.0  # time in the vision graph (inside ttft_s; 0 when every image came from a cache)
+    drafted: int = 0  # prompt lookup: tokens drafted, and how many of them the model confirmed
+    accepted: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -42,10 +45,11 @@ class GenerationResult:
 
     def timing_line(self) -> str:
         vision = f"{self.images} image(s) encoded in {self.vision_s * 1000:.0f} ms | " if self.images else ""
+        lookup = f" ({self.accepted} of {self.drafted} drafted tokens kept)" if self.drafted else ""
         return (f"{vision}prompt {self.prompt_tokens} tok ({self.reused_tokens} cached) | "
                 f"TTFT {self.ttft_s * 1000:.0f} ms | "
                 f"prefill {self.prefill_tokens_per_s:.0f} tok/s | decode {len(self.token_ids)} tok at "
-                f"{self.decode_tokens_per_s:.1f} tok/s")
+                f"{self.decode_tokens_per_s:.1f} tok/s{lookup}")
 
 
 class Prompt(NamedTuple):
@@ -200,12 +204,18 @@ class Model:
     def stream(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False,
-               progress: bool = False, images=None, videos=None, frames: int | None = None) -> Iterator[str]:
+               progress: bool = False, images=None, videos=None, frames: int | None = None,
+               prompt_lookup: int = 0) -> Iterator[str]:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
-        progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled."""
+        progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled.
+        prompt_lookup=K drafts up to K tokens per step from earlier text (runtime.lookup) and checks them in one
+        decoder run: the same greedy answer, faster where the answer repeats its prompt (greedy only; sampled
+        answers decode one token at a time)."""
         started = time.perf_counter()
         if max_new_tokens < 0:
             raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        if prompt_lookup < 0:
+            raise EdgeLLMError(f"prompt_lookup must be 0 (off) or more, got {prompt_lookup}")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         ids, media, positions = self.prepare(prompt_or_messages, raw, images, videos, frames)
         self.check_length(len(ids))
@@ -221,8 +231,10 @@ class Model:
         decoder, text, emitted, history = StreamDecoder(self.tokenizer), "", 0, list(ids)
         first_at, hit_stop = None, False
         result.finish_reason = "length"
+        lookup = prompt_lookup if sampler.params.temperature <= 0 else 0
+        tokens = self._next_tokens(logits, sampler, history, lookup, len(ids) + max_new_tokens, result)
         while len(result.token_ids) < max_new_tokens:
-            token = sampler(logits, history)
+            token = next(tokens)
             if first_at is None:
                 first_at = time.perf_counter()
                 result.ttft_s = first_at - started
@@ -242,7 +254,6 @@ class Model:
                 emitted = safe
             if len(result.token_ids) >= max_new_tokens or engine.length >= self.seq_length:
                 break
-            logits = engine.decode(token)
         if not hit_stop:
             text += decoder.flush()
             cut = _find_stop(text, stops)  # the held-back tail may complete a stop string
@@ -252,6 +263,37 @@ class Model:
             yield text[emitted:]
         result.text = text
         result.decode_s = time.perf_counter() - first_at if first_at else 0.0
+
+    def _next_tokens(self, logits: np.ndarray, sampler: Sampler, history: list[int], lookup: int, limit: int,
+                     result: GenerationResult) -> Iterator[int]:
+        """The answer's tokens, one per next(): the caller appends each to `history` before asking for the next
+        (the history grows to at most `limit` tokens). With `lookup`, a draft of up to that many tokens is checked
+        in one decoder run: the tokens the model itself would have chosen are kept, then its own next one; the
+        cache forgets the rest."""
+        engine = self.engine
+        token = sampler(logits, history)
+        while True:
+            yield token
+            room = min(lookup, limit - len(history) - 1, self.seq_length - engine.length - 2)
+            draft = prompt_lookup(history, room) if room > 0 else []
+            if not draft:
+                token = sampler(engine.decode(token), history)
+                continue
+            start = engine.length
+            checked = engine.verify([token, *draft])
+            accepted = []
+            for i, guess in enumerate(draft):
+                token = sampler(checked[i], history + accepted)
+                if token != guess:
+                    break
+                accepted.append(guess)
+            else:
+                token = sampler(checked[len(draft)], history + accepted)
+            engine.truncate(start + 1 + len(accepted))
+            result.drafted += len(draft)
+            result.accepted += len(accepted)
+            for guess in accepted:
+                yield guess
 
     def chat(self, system: str | None = None, max_new_tokens: int = 512, **sampling):
         """A multi-turn Conversation; `sampling` (temperature, top_p, ...) applies to every answer."""
