@@ -10,7 +10,7 @@ from .errors import EdgeLLMError  # noqa: E402
 
 def load(path, device: str = "cpu", threads: int | None = None, verify: bool = True, **options):
     """Open a bundle folder made by `edgellm convert`; returns a runtime.model.Model (options: spinning,
-    profile_prefix)."""
+    profile_prefix, check_memory=False to load a bundle larger than the free memory)."""
     from .runtime.model import Model
 
     return Model(path, device=device, threads=threads, verify=verify, **options)

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("bundle", help="bundle folder made by `edgellm convert`")
         q.add_argument("-c", "--device", default="cpu", choices=["cpu", "cuda"])
         q.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+        q.add_argument("--no-memory-check", dest="check_memory", action="store_false",
+                       help="load even when the bundle needs more memory than is free")
         if prompt:
             q.add_argument("-n", "--max-new-tokens", type=int, default=256)
             q.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the model's)")
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from . import load
 
-    model = load(args.bundle, device=args.device, threads=args.threads)
+    model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory)
     print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms", file=sys.stderr)
     return model
 

@@ -363,3 +363,29 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match():
     assert prompt_lookup([5, 6, 7, 6], 4) == []  # one recurring token is not enough
     assert prompt_lookup([5, 6, 7, 6], 4, min_ngram=1) == [7, 6]
     assert prompt_lookup([4, 4, 4], 3) == [4] and prompt_lookup([4, 4], 3) == [] and prompt_lookup([1, 2, 1], 0) == []
+
+
+def test_a_bundle_larger_than_the_free_memory_is_refused_before_loading(bundle, tmp_path, monkeypatch, capsys):
+    from edgellm.format import open_bundle
+    from edgellm.runtime import memory
+
+    path = bundle("llama", "f16")
+    read_meminfo = memory.available_bytes
+    needs = memory.needed_bytes(open_bundle(path))
+    data = open_bundle(path).manifest.files["decoder.onnx.data"].bytes
+    assert needs["decoder weights"] == 2 * data  # float16 weights are widened when the session starts
+    assert needs["KV cache"] == 2 * 2 * 2 * 512 * 16 * 4  # layers, key and value, kv heads, seq_length, head_dim
+    monkeypatch.setattr(memory, "available_bytes", lambda: sum(needs.values()) - 1)
+    with pytest.raises(EdgeLLMError, match=r"needs about 0\.\d\d GiB \(decoder weights .*KV cache .*is free; "
+                                           r".*--seq-length"):
+        edgellm.load(path)
+    assert edgellm.load(path, check_memory=False).generate("Liberty", max_new_tokens=2).token_ids
+    assert main(["run", str(path), "Liberty", "-n", "2"]) == 2
+    assert main(["run", str(path), "Liberty", "-n", "2", "--no-memory-check"]) == 0
+    assert "GiB is free" in capsys.readouterr().err
+    monkeypatch.setattr(memory, "available_bytes", lambda: sum(needs.values()))
+    edgellm.load(path)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   1000 kB\n")
+    assert read_meminfo(meminfo) == 1000 * 1024
+    assert read_meminfo(tmp_path / "none") is None

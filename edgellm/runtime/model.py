@@ -16,6 +16,7 @@ from ..format import VISION_GRAPH, open_bundle
 from .chat import ChatTemplate, check_messages, user_content
 from .engine import PROVIDERS, Engine, session_options
 from .lookup import prompt_lookup
+from .memory import check_fits
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -62,9 +63,11 @@ class Prompt(NamedTuple):
 
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
-                 spinning: bool = True, profile_prefix: str | None = None):
+                 spinning: bool = True, profile_prefix: str | None = None, check_memory: bool = True):
         started = time.perf_counter()
         self.bundle = open_bundle(path, verify=False)
+        if check_memory:
+            check_fits(self.bundle)
         # Checksumming the files runs beside building the session, which releases the GIL (as zlib and hashlib do
         # on large reads). The tokenizer is parsed first, alone: beside the session, the transient of a large
         # vocabulary's parse adds to ONNX Runtime's weight-packing peak and stays in the worker thread's malloc

@@ -1,0 +1,52 @@
+"""Whether a bundle fits in the memory this machine has free, checked before anything is loaded: a bundle that
+does not fit would otherwise be killed by the kernel half-way through loading, or push the machine into swap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EdgeLLMError
+from ..format import Bundle
+
+GIB = 1 << 30
+
+
+def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The kernel's estimate of memory available without swapping (MemAvailable); None where it is not known."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def needed_bytes(bundle: Bundle) -> dict[str, int]:
+    """What loading the bundle makes resident, by part: the graphs' weights (float16 ones are widened to float32
+    when the session starts) and the KV cache once the context is full. The embedding table is read row by row
+    and not counted."""
+    m = bundle.manifest
+    needs = {}
+    for graph, file in m.graphs.items():
+        data = m.files.get(file + ".data")
+        if data is not None:
+            mode = m.vision.quantization if (graph != "decoder" and m.vision) else m.quantization.mode
+            needs[f"{graph} weights"] = data.bytes * (2 if mode == "f16" else 1)
+    shape = m.model
+    needs["KV cache"] = shape.num_hidden_layers * 2 * shape.num_key_value_heads * m.seq_length * shape.head_dim * 4
+    return needs
+
+
+def check_fits(bundle: Bundle, available: int | None = None) -> None:
+    free = available_bytes() if available is None else available
+    if free is None:
+        return
+    needs = needed_bytes(bundle)
+    total = sum(needs.values())
+    if total > free:
+        parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in needs.items())
+        raise EdgeLLMError(f"{bundle.path}: this bundle needs about {total / GIB:.2f} GiB ({parts}) and "
+                           f"{free / GIB:.2f} GiB is free; close other programs, or reconvert with a smaller "
+                           "--seq-length or -q w4 (--no-memory-check, or load(..., check_memory=False), loads it "
+                           "anyway)")
