@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                            help="greedy answers: draft up to K tokens from earlier text and check them in one step "
                                 "(the same answer, faster when it repeats the prompt; default 0, off)")
+            q.add_argument("--draft", default=None, metavar="BUNDLE",
+                           help="greedy answers: a smaller bundle of the same tokenizer drafts tokens that the model "
+                                "checks several at a time")
+            q.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens per draft (default 4)")
 
     r = sub.add_parser("run", help="answer one prompt")
     runtime_args(r)
@@ -142,6 +146,12 @@ def _sampling(model, args) -> dict:
             chosen[key] = value
     chosen["seed"] = args.seed
     chosen["prompt_lookup"] = args.prompt_lookup
+    if args.draft:
+        from . import load
+
+        chosen["draft"] = load(args.draft, device=args.device, threads=args.threads)
+        chosen["draft_tokens"] = args.draft_tokens
+        model.check_draft(chosen["draft"])
     return chosen
 
 

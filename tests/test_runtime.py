@@ -389,3 +389,31 @@ def test_a_bundle_larger_than_the_free_memory_is_refused_before_loading(bundle, 
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   1000 kB\n")
     assert read_meminfo(meminfo) == 1000 * 1024
     assert read_meminfo(tmp_path / "none") is None
+
+
+def test_a_draft_model_keeps_the_greedy_answer(bundle, tmp_path, capsys):
+    """A draft model's guesses are checked several at a time: with itself as the draft every guess is kept, with
+    another model some are not; the answer is the plain greedy one either way (f32). A draft of another
+    tokenizer is refused."""
+    import shutil
+
+    model = edgellm.load(bundle("qwen3", "f32"))
+    prompt = "We hold these truths to be self-evident"
+    plain = model.generate(prompt, max_new_tokens=24, ignore_eos=True)
+    itself = model.generate(prompt, max_new_tokens=24, ignore_eos=True, draft=edgellm.load(bundle("qwen3", "f32")))
+    assert itself.token_ids == plain.token_ids and itself.drafted > 0 and itself.accepted == itself.drafted
+    other = edgellm.load(bundle("qwen2", "f32"))
+    for k in (1, 4):
+        got = model.generate(prompt, max_new_tokens=24, ignore_eos=True, draft=other, draft_tokens=k)
+        assert got.token_ids == plain.token_ids and got.drafted > got.accepted
+    assert main(["run", str(bundle("qwen3", "f32")), prompt, "-n", "24", "--temperature", "0", "--draft",
+                 str(bundle("qwen2", "f32"))]) == 0
+    assert capsys.readouterr().out.strip() == model.generate(prompt, max_new_tokens=24).text.strip()
+    foreign = tmp_path / "foreign"
+    shutil.copytree(bundle("qwen2", "f32"), foreign)
+    tokenizer = (foreign / "tokenizer.json").read_text()
+    (foreign / "tokenizer.json").write_text(tokenizer.replace("<|im_start|>", "<|im_begin|>"))  # same size
+    with pytest.raises(EdgeLLMError, match="another tokenizer.*share the model's vocabulary"):
+        model.generate(prompt, draft=edgellm.load(foreign, verify=False))
+    with pytest.raises(EdgeLLMError, match="not both"):
+        model.generate(prompt, draft=other, prompt_lookup=2)

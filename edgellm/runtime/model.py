@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -208,17 +209,24 @@ class Model:
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False,
                progress: bool = False, images=None, videos=None, frames: int | None = None,
-               prompt_lookup: int = 0) -> Iterator[str]:
+               prompt_lookup: int = 0, draft: "Model | None" = None, draft_tokens: int = 4) -> Iterator[str]:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
         progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled.
         prompt_lookup=K drafts up to K tokens per step from earlier text (runtime.lookup) and checks them in one
         decoder run: the same greedy answer, faster where the answer repeats its prompt (greedy only; sampled
-        answers decode one token at a time)."""
+        answers decode one token at a time). draft=a smaller Model of the same tokenizer drafts `draft_tokens`
+        tokens instead, greedily, checked the same way."""
         started = time.perf_counter()
         if max_new_tokens < 0:
             raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
         if prompt_lookup < 0:
             raise EdgeLLMError(f"prompt_lookup must be 0 (off) or more, got {prompt_lookup}")
+        if draft is not None:
+            if prompt_lookup:
+                raise EdgeLLMError("give a draft model or prompt_lookup, not both")
+            if draft_tokens < 1:
+                raise EdgeLLMError(f"draft_tokens must be 1 or more, got {draft_tokens}")
+            self.check_draft(draft)
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         ids, media, positions = self.prepare(prompt_or_messages, raw, images, videos, frames)
         self.check_length(len(ids))
@@ -234,8 +242,11 @@ class Model:
         decoder, text, emitted, history = StreamDecoder(self.tokenizer), "", 0, list(ids)
         first_at, hit_stop = None, False
         result.finish_reason = "length"
-        lookup = prompt_lookup if sampler.params.temperature <= 0 else 0
-        tokens = self._next_tokens(logits, sampler, history, lookup, len(ids) + max_new_tokens, result)
+        drafter = None
+        if sampler.params.temperature <= 0 and (prompt_lookup or draft is not None):
+            drafter = (functools.partial(prompt_lookup_draft, count=prompt_lookup) if draft is None
+                       else functools.partial(draft.draft_after, count=draft_tokens))
+        tokens = self._next_tokens(logits, sampler, history, drafter, len(ids) + max_new_tokens, result)
         while len(result.token_ids) < max_new_tokens:
             token = next(tokens)
             if first_at is None:
@@ -267,18 +278,18 @@ class Model:
         result.text = text
         result.decode_s = time.perf_counter() - first_at if first_at else 0.0
 
-    def _next_tokens(self, logits: np.ndarray, sampler: Sampler, history: list[int], lookup: int, limit: int,
+    def _next_tokens(self, logits: np.ndarray, sampler: Sampler, history: list[int], drafter, limit: int,
                      result: GenerationResult) -> Iterator[int]:
         """The answer's tokens, one per next(): the caller appends each to `history` before asking for the next
-        (the history grows to at most `limit` tokens). With `lookup`, a draft of up to that many tokens is checked
-        in one decoder run: the tokens the model itself would have chosen are kept, then its own next one; the
-        cache forgets the rest."""
+        (the history grows to at most `limit` tokens). With a `drafter` (history, room) -> up to `room` guessed
+        tokens, a draft is checked in one decoder run: the tokens the model itself would have chosen are kept,
+        then its own next one; the cache forgets the rest."""
         engine = self.engine
         token = sampler(logits, history)
         while True:
             yield token
-            room = min(lookup, limit - len(history) - 1, self.seq_length - engine.length - 2)
-            draft = prompt_lookup(history, room) if room > 0 else []
+            room = min(limit - len(history) - 1, self.seq_length - engine.length - 2)
+            draft = drafter(history, room) if drafter is not None and room > 0 else []
             if not draft:
                 token = sampler(engine.decode(token), history)
                 continue
@@ -297,6 +308,25 @@ class Model:
             result.accepted += len(accepted)
             for guess in accepted:
                 yield guess
+
+    def check_draft(self, draft: "Model") -> None:
+        """A draft model must read and write the same tokens as this one."""
+        if draft.tokenizer.vocabulary() != self.tokenizer.vocabulary():
+            raise EdgeLLMError(f"the draft bundle {draft.bundle.path} has another tokenizer than "
+                               f"{self.bundle.path}; a draft model must share the model's vocabulary")
+
+    def draft_after(self, history: list[int], room: int, count: int) -> list[int]:
+        """Up to min(count, room) tokens this model would write greedily after `history` (as a draft for a larger
+        model: the cache keeps what it has of `history`, so each call computes only what is new)."""
+        n = min(count, room, self.seq_length - len(history) - 1)
+        if n < 1:
+            return []
+        logits, drafted = self.engine.prefill(history), []
+        while True:
+            drafted.append(int(np.argmax(logits)))
+            if len(drafted) == n:
+                return drafted
+            logits = self.engine.decode(drafted[-1])
 
     def chat(self, system: str | None = None, max_new_tokens: int = 512, **sampling):
         """A multi-turn Conversation; `sampling` (temperature, top_p, ...) applies to every answer."""
@@ -358,3 +388,7 @@ def _rewrite_parts(messages: list, items: list, parts) -> list:
             content.extend(parts(next(queue)) if part.get("type") in ("image", "video") else [part])
         out.append({**m, "content": content})
     return out
+
+
+def prompt_lookup_draft(history: list[int], room: int, count: int) -> list[int]:
+    return prompt_lookup(history, min(count, room))
