@@ -29,7 +29,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import QWEN_VL_MARKERS as MARKERS  # noqa: E402
-from helpers import QWEN_VL_TEMPLATE, write_tokenizer  # noqa: E402
+from helpers import QWEN_VL_TEMPLATE, write_random_bf16, write_tokenizer  # noqa: E402
 from test_gemma3_vl import GEMMA_TEMPLATE  # noqa: E402
 from test_gemma3_vl import MARKERS as GEMMA_MARKERS  # noqa: E402
 from test_internvl import INTERNVL_TEMPLATE  # noqa: E402
@@ -144,11 +144,7 @@ STREAMED = {
 
 
 def streamed(out: Path, config: dict) -> None:
-    """A bf16 safetensors checkpoint of uniform noise in +-0.05, written one tensor at a time."""
-    import struct
-
-    import numpy as np
-
+    """A bf16 safetensors checkpoint of noise, written one tensor at a time."""
     write_tokenizer(out)
     (out / "config.json").write_text(json.dumps({**config, "eos_token_id": 2, "torch_dtype": "bfloat16"}, indent=2))
     h, inter, heads, kv = (config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
@@ -169,18 +165,7 @@ def streamed(out: Path, config: dict) -> None:
     shapes["model.norm.weight"] = (h,)
     if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (config["vocab_size"], h)
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header).encode()
-    rng = np.random.default_rng(0)
-    with open(out / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, shape in shapes.items():
-            values = (rng.random(shape, dtype=np.float32) - 0.5) * 0.1 if len(shape) > 1 else np.ones(shape, np.float32)
-            f.write((values.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+    write_random_bf16(out / "model.safetensors", shapes)
 
 
 def write_gguf_beside(folder: Path, qtype: str) -> Path:

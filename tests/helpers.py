@@ -241,3 +241,22 @@ def converter_modules_loaded_by_running(bundle, image=None) -> list[str]:
             "'edgellm.convert.graph', 'edgellm.convert.pipeline', 'edgellm.convert.gguf'))]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_random_bf16(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A bf16 safetensors file of the named shapes, written one tensor at a time with numpy (no torch, and never
+    the whole model in memory): matrices of uniform noise in +-0.05, vectors (norms) of ones."""
+    import struct
+
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for shape in shapes.values():
+            values = (rng.random(shape, dtype=np.float32) - 0.5) * 0.1 if len(shape) > 1 else np.ones(shape, np.float32)
+            f.write((values.view(np.uint32) >> 16).astype(np.uint16).tobytes())  # bf16: the high halves

@@ -5,7 +5,6 @@ fresh process whose peak resident set is read back."""
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import write_tokenizer
+from helpers import write_random_bf16, write_tokenizer
 
 HIDDEN, INTERMEDIATE = 512, 1536
 
@@ -37,18 +36,7 @@ def write_checkpoint(folder: Path, layers: int, vocab: int) -> dict[str, int]:
                        f"{p}.mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
                        f"{p}.mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
                        f"{p}.mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)})
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header).encode()
-    rng = np.random.default_rng(0)
-    with open(folder / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, shape in shapes.items():
-            values = rng.standard_normal(shape, dtype=np.float32) * 0.05
-            f.write((values.view(np.uint32) >> 16).astype(np.uint16).tobytes())  # bf16: the high halves
+    write_random_bf16(folder / "model.safetensors", shapes)
     return {name: int(np.prod(shape)) for name, shape in shapes.items()}
 
 
