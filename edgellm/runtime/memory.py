@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EdgeLLMError
-from ..format import Bundle
+from ..format import DECODER_GRAPH, Bundle
 
 GIB = 1 << 30
 
@@ -31,7 +31,7 @@ def needed_bytes(bundle: Bundle) -> dict[str, int]:
     for graph, file in m.graphs.items():
         data = m.files.get(file + ".data")
         if data is not None:
-            mode = m.vision.quantization if (graph != "decoder" and m.vision) else m.quantization.mode
+            mode = m.vision.quantization if (graph != DECODER_GRAPH and m.vision) else m.quantization.mode
             needs[f"{graph} weights"] = data.bytes * (2 if mode == "f16" else 1)
     shape = m.model
     needs["KV cache"] = shape.num_hidden_layers * 2 * shape.num_key_value_heads * m.seq_length * shape.head_dim * 4

@@ -311,7 +311,7 @@ class Model:
 
     def check_draft(self, draft: "Model") -> None:
         """A draft model must read and write the same tokens as this one."""
-        if draft.tokenizer.vocabulary() != self.tokenizer.vocabulary():
+        if draft.tokenizer.vocabulary != self.tokenizer.vocabulary:
             raise EdgeLLMError(f"the draft bundle {draft.bundle.path} has another tokenizer than "
                                f"{self.bundle.path}; a draft model must share the model's vocabulary")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as _Tokenizer
@@ -21,7 +22,9 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @cached_property
     def vocabulary(self) -> dict[str, int]:
+        """Token -> id, added tokens included (built once: a large vocabulary takes a while)."""
         return self._tok.get_vocab(with_added_tokens=True)
 
     def token_to_id(self, token: str) -> int | None:
