@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="bundle folder to write")
     c.add_argument("-q", "--quantize", default="w4", choices=WEIGHT_MODES,
                    help="weight precision (default w4; GGUF blocks that map exactly are kept as they are)")
-    c.add_argument("-g", "--group-size", type=int, default=64, help="quantization block size (default 64)")
+    c.add_argument("-g", "--group-size", type=int, default=128, help="quantization block size (default 128)")
     c.add_argument("-s", "--seq-length", type=int, default=None,
                    help="KV cache length: longest prompt + answer (default: min(2048, model's maximum))")
     c.add_argument("--chunk-length", type=int, default=128, help="prefill chunk length (default 128)")
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="blocks with zero points")
     c.add_argument("--lm-head", default=None, choices=WEIGHT_MODES,
                    help="output projection's precision (default: w8 with -q w4, else as -q); a GGUF's blocks are kept")
+    c.add_argument("--reblock", action="store_true",
+                   help="GGUF: round blocks smaller than -g again to -g (faster kernels; see docs/benchmarks.md "
+                        "for the quality cost)")
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
     c.add_argument("--vision-quantize", default=None, choices=WEIGHT_MODES,
@@ -58,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def runtime_args(q, prompt=True):
         q.add_argument("bundle", help="bundle folder made by `edgellm convert`")
-        q.add_argument("-c", "--device", default="cpu", choices=["cpu", "cuda"])
+        q.add_argument("-c", "--device", default="cpu",
+                       help="cpu (default); cuda (onnxruntime-gpu); openvino (the openvino extra: prefill and vision "
+                            "on OpenVINO, which computes in bf16 where the CPU has AVX512_BF16 or AMX)")
         q.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
         q.add_argument("--no-memory-check", dest="check_memory", action="store_false",
                        help="load even when the bundle needs more memory than is free")
@@ -76,11 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--video", nargs="+", default=[], metavar="VIDEO", help="video file(s), after the images")
             q.add_argument("--frames", type=int, default=None, help="frames sampled per video (default: model's)")
             q.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
-                           help="greedy answers: draft up to K tokens from earlier text and check them in one step "
-                                "(the same answer, faster when it repeats the prompt; default 0, off)")
+                           help="draft up to K tokens from earlier text and check them in one step (faster when the "
+                                "answer repeats the prompt; greedy: the same answer, sampled: the same distribution; "
+                                "default 0, off)")
             q.add_argument("--draft", default=None, metavar="BUNDLE",
-                           help="greedy answers: a smaller bundle of the same tokenizer drafts tokens that the model "
-                                "checks several at a time")
+                           help="a smaller bundle of the same tokenizer drafts tokens that the model checks several "
+                                "at a time (greedy: the same answer, sampled: the same distribution)")
             q.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens per draft (default 4)")
 
     r = sub.add_parser("run", help="answer one prompt")
@@ -179,7 +185,7 @@ def cmd_convert(args) -> None:
     convert(args.model, args.output, quantize=args.quantize, group_size=args.group_size, seq_length=args.seq_length,
             chunk_length=args.chunk_length, symmetric=args.symmetric, lm_head=args.lm_head,
             accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,
-            max_pixels=args.max_pixels, static_vit=args.static_vit)
+            max_pixels=args.max_pixels, static_vit=args.static_vit, reblock=args.reblock)
 
 
 def _prompt_of(args) -> str:

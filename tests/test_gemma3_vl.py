@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import check_images_on_openvino
 from helpers import (IMAGE_QUESTION, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy, check_image_logits,
                      picture, write_clip, write_tokenizer)
 
@@ -187,3 +188,7 @@ def test_cli_converts_quantized_and_answers_about_images_and_video(gemma_vl, tmp
     assert "does not apply to Gemma 3" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["convert", "-m", str(folder), "-o", str(tmp_path / "x"), "--static-vit"]) == 2
     assert "--static-vit applies to Qwen2-VL" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_images_on_openvino_match_the_cpu_device(gemma_vl):
+    check_images_on_openvino(gemma_vl[2], TWO_IMAGES, [picture(150, 70, 1), picture(60, 100, 2)])

@@ -15,6 +15,7 @@ from helpers import CORPUS, DEQUANTIZED_BOUND, TEXT_MODELS, make_tiny_model, ref
 
 import edgellm
 from edgellm.convert.gguf import _GLOBAL_NAMES
+from edgellm.errors import EdgeLLMError
 from edgellm.models import text_family
 
 
@@ -177,3 +178,34 @@ def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     scale = np.float32(config.hidden_size ** 0.5) if arch == "gemma3" else np.float32(1)
     table = dequantized.model.embed_tokens.weight.detach().numpy() * scale
     np.testing.assert_allclose(kept.engine.embed(ids), table[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_reblock_rounds_small_gguf_blocks_again_to_the_group_size(tiny, tmp_path):
+    """--reblock: a Q4_0 file's 32-weight blocks become 4-bit blocks of -g (128 by default), its Q8_0 ones 8-bit
+    blocks; the bundle computes the GGUF's weights rounded again that way (float activations: exactly), the
+    embedding table's too. Without it the file's blocks are kept; a Hugging Face folder is refused."""
+    from edgellm.convert.quantize import quantize
+
+    ref_model, folder = tiny("llama")
+    path = tmp_path / "q4.gguf"
+    write_gguf(ref_model, folder, path, "llama", gguf.GGMLQuantizationType.Q4_0)
+    kept = edgellm.convert(path, tmp_path / "kept", seq_length=64, progress=False)
+    out = edgellm.convert(path, tmp_path / "reblocked", seq_length=64, accuracy_level=0, reblock=True,
+                          progress=False)
+    assert json.loads((kept / "manifest.json").read_text())["quantization"]["matmuls"] == {"4-bit/32": 9}
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["matmuls"] == {"4-bit/128": 9}
+    reference = dequantized_copy(ref_model, gguf.GGMLQuantizationType.Q4_0)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(torch.from_numpy(quantize(module.weight.numpy(), 4, 128).dequantize()))
+    model = edgellm.load(out)
+    ids = model.tokenizer.encode(CORPUS.read_text()[:400])[:40]
+    assert relative_error(model.logits(ids), reference_logits(reference, ids)) < DEQUANTIZED_BOUND[0]
+    q8 = tmp_path / "q8.gguf"
+    write_gguf(ref_model, folder, q8, "llama", gguf.GGMLQuantizationType.Q8_0)
+    wide = edgellm.convert(q8, tmp_path / "q8-reblocked", seq_length=64, reblock=True, progress=False)
+    assert json.loads((wide / "manifest.json").read_text())["quantization"]["matmuls"] == {"8-bit/128": 9}
+    with pytest.raises(EdgeLLMError, match="--reblock applies to GGUF files"):
+        edgellm.convert(folder, tmp_path / "hf", reblock=True, progress=False)
+    assert not (tmp_path / "hf").exists()

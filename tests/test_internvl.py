@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import check_images_on_openvino
 from helpers import (IMAGE_QUESTION, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy, check_image_logits,
                      picture, write_clip, write_tokenizer)
 from PIL import Image
@@ -319,3 +320,7 @@ def test_running_a_vision_bundle_never_imports_the_converter(internvl, tmp_path)
 
     picture(80, 60, 9).save(tmp_path / "a.png")
     assert converter_modules_loaded_by_running(internvl[2], tmp_path / "a.png") == []
+
+
+def test_images_on_openvino_match_the_cpu_device(internvl):
+    check_images_on_openvino(internvl[2], TWO_IMAGES, [picture(150, 70, 1), picture(60, 100, 2)])

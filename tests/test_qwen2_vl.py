@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import check_images_on_openvino
 from helpers import (IMAGE_QUESTION, QWEN_VL_TEMPLATE, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy,
                      check_image_logits, check_patches, picture, qwen_vl_inputs, write_clip, write_tokenizer)
 from helpers import QWEN_VL_MARKERS as MARKERS
@@ -236,3 +237,7 @@ def test_static_vit_fixes_the_vision_graph_input_size(qwen_vl, tmp_path):
     with torch.no_grad():
         want = model_hf(**ref).logits[0].numpy()
     assert np.abs(model.logits(messages, images=[image]) - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_images_on_openvino_match_the_cpu_device(qwen_vl):
+    check_images_on_openvino(qwen_vl[2], TWO_IMAGES, [picture(150, 70, 1), picture(60, 100, 2)])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import check_images_on_openvino
 from helpers import (IMAGE_QUESTION, QWEN_VL_TEMPLATE, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy,
                      check_image_logits, check_patches, picture, qwen_vl_inputs, write_tokenizer)
 from helpers import QWEN_VL_MARKERS as MARKERS
@@ -190,3 +191,7 @@ def test_video_prompt_matches_transformers_on_the_same_frames(qwen3_vl, tmp_path
     assert model.prompt_ids(messages, videos=[clip]) == ids[0].tolist()
     result = model.generate(messages, videos=[clip], max_new_tokens=16, ignore_eos=True)
     assert result.token_ids == want and result.images == 1
+
+
+def test_images_on_openvino_match_the_cpu_device(qwen3_vl):
+    check_images_on_openvino(qwen3_vl[2], TWO_IMAGES, [picture(150, 70, 1), picture(60, 100, 2)])

@@ -348,10 +348,32 @@ def test_prompt_lookup_keeps_the_greedy_answer_and_checks_drafts_in_one_run(bund
     assert rejected > 0 or min_ngram > 1  # and some wrong: the cache forgot them
     again = model.generate(prompt, max_new_tokens=40, ignore_eos=True)  # the cache is sound after rollbacks
     assert again.token_ids == plain.token_ids and again.reused_tokens > 0
-    sampled = model.generate(prompt, max_new_tokens=8, temperature=0.8, seed=1, prompt_lookup=4)
-    assert sampled.drafted == 0  # sampled answers decode one token at a time
+    sampled = model.generate(prompt, max_new_tokens=24, temperature=0.3, seed=1, prompt_lookup=4, ignore_eos=True)
+    assert sampled.drafted > 0  # sampled answers are drafted too (test_a_checked_guess_keeps_the_distribution)
     with pytest.raises(EdgeLLMError, match="prompt_lookup must be 0"):
         model.generate(prompt, prompt_lookup=-1)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.8), dict(temperature=1.3, top_k=5, top_p=0.95),
+                                      dict(temperature=0.6, min_p=0.05, repetition_penalty=1.5)])
+def test_a_checked_guess_keeps_the_distribution(settings):
+    """Speculative sampling's rule: whatever the guess (likely, unlikely, or one the settings exclude), the token
+    Sampler.check returns is distributed as Sampler's own choice. 40,000 draws per guess; every token's frequency
+    within 5 standard deviations of its probability (a rule that kept every guess, or never did, is off by far
+    more)."""
+    logits = np.array([2.0, 1.5, 1.4, 0.3, -0.5, -1.0, -3.0, 0.9], np.float32)
+    previous = [1, 3]
+    sampler = Sampler(SamplingParams(seed=7, **settings))
+    tokens, probs = sampler.distribution(logits, previous)
+    want = np.zeros(len(logits))
+    want[tokens] = probs
+    n = 40_000
+    for guess in (0, 2, 5, 6):
+        counts = np.bincount([sampler.check(logits, previous, guess) for _ in range(n)], minlength=len(logits))
+        sigma = np.sqrt(want * (1 - want) / n)
+        assert np.all(np.abs(counts / n - want) <= 5 * sigma + 1e-9), (guess, counts / n, want)
+    greedy = Sampler(SamplingParams())
+    assert greedy.check(logits, [], 4) == 0 and greedy.check(logits, [], 0) == 0
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_match():

@@ -69,8 +69,9 @@ def test_quantized_bundle_matches_its_dequantized_weights(tiny, bundle, arch, qu
     model = edgellm.load(bundle(arch, quant, **options))
     assert model.manifest.quantization.lm_head == "w8"  # w4 keeps the output projection at 8 bits
     assert model.manifest.quantization.accuracy_level == accuracy_level
+    assert model.manifest.quantization.group_size == 128  # the default
     ids = corpus_ids(model, 40)
-    ref = reference_logits(dequantized_copy(ref_model, quant, 64, "w8"), ids)
+    ref = reference_logits(dequantized_copy(ref_model, quant, 128, "w8"), ids)
     err = relative_error(model.logits(ids), ref)
     assert err < DEQUANTIZED_BOUND[accuracy_level], f"{arch} {quant}: {err:.2e} against its own dequantized weights"
 
@@ -80,9 +81,9 @@ def test_lm_head_precision_can_be_chosen(tiny, bundle, lm_head):
     ref_model, _ = tiny("qwen2")
     model = edgellm.load(bundle("qwen2", "w4", lm_head=lm_head, accuracy_level=0))  # float activations: exact
     formats = model.manifest.quantization.matmuls
-    assert formats == ({"4-bit/64": 4 * 2 + 1} if lm_head == "w4" else {"4-bit/64": 4 * 2})
+    assert formats == ({"4-bit/128": 4 * 2 + 1} if lm_head == "w4" else {"4-bit/128": 4 * 2})
     ids = corpus_ids(model, 40)
-    ref = reference_logits(dequantized_copy(ref_model, "w4", 64, lm_head), ids)
+    ref = reference_logits(dequantized_copy(ref_model, "w4", 128, lm_head), ids)
     err = relative_error(model.logits(ids), ref)
     assert err < DEQUANTIZED_BOUND[0], f"lm_head {lm_head}: {err:.2e} against its own dequantized weights"
 

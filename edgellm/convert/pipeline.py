@@ -12,12 +12,14 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import EdgeLLMError
+from ..format.blocks import QuantizedWeight
 from ..format import (DECODER_GRAPH, MANIFEST, VISION_GRAPH, Manifest, Quantization, Tokens, VisionSection,
                       check_output, save_table, staging_folder, write_manifest)
 from ..modeling.family import TextFamily, VisionOptions
 from ..models import families, family_for
 from ..vision.processor import MediaTokens
 from .graph import DataFile, GraphBuilder, WeightPolicy
+from .quantize import reblock
 from .source import ModelSource
 
 QUANT_MODES = ("f32", "f16", "w8", "w4")
@@ -71,18 +73,43 @@ class _Progress(ModelSource):
         return self._tick(name, self.source.linear(name))
 
 
-def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: int = 64,
+class _Reblocked(ModelSource):
+    """Passes a GGUF source through with its blocks smaller than `block_size` rounded again to that size
+    (`--reblock`): faster kernels for a small, measured loss (docs/benchmarks.md)."""
+
+    def __init__(self, source: ModelSource, block_size: int, symmetric: bool):
+        self.source, self.config = source, source.config
+        self.block_size, self.symmetric = block_size, symmetric
+
+    def names(self):
+        return self.source.names()
+
+    def __contains__(self, name):
+        return name in self.source
+
+    def tensor(self, name):
+        return self.source.tensor(name)
+
+    def linear(self, name):
+        w = self.source.linear(name)
+        if isinstance(w, QuantizedWeight) and w.block_size < self.block_size:
+            return reblock(w, self.block_size, self.symmetric)
+        return w
+
+
+def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: int = 128,
             seq_length: int | None = None, chunk_length: int = 128, symmetric: bool = True,
             lm_head: str | None = None, accuracy_level: int = 4, force: bool = False,
             progress: bool = True, vision_quantize: str | None = None,
-            max_pixels: int | tuple[int, int] | None = None, static_vit: bool = False) -> Path:
+            max_pixels: int | tuple[int, int] | None = None, static_vit: bool = False, reblock: bool = False) -> Path:
     """Convert a Hugging Face folder or a GGUF file into a bundle folder at `out`; returns `out`.
     A vision-language model also gets a vision graph, whose weights default to f16 (f32 when quantize is f32);
     max_pixels, a pixel count or (width, height), bounds the pixels of one image (Qwen2/3-VL: the resize budget,
     InternVL: the number of tiles). static_vit (Qwen2/3-VL) fixes the vision graph's input to one image size
     (max_pixels' width and height, or the largest square within its count): every image is resized to it.
     lm_head is the output projection's precision for float weights (default: w8 with w4, as llama.cpp keeps its
-    output tensor at 6-8 bits; otherwise the same as quantize); a GGUF's own blocks are kept."""
+    output tensor at 6-8 bits; otherwise the same as quantize); a GGUF's own blocks are kept, unless reblock:
+    then those smaller than group_size are rounded again to it (4-bit codes to 4 bits, wider ones to 8)."""
     vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
     lm_head = lm_head or ("w8" if quantize == "w4" else quantize)
     for what, mode in (("quantization", quantize), ("vision quantization", vision_quantize),
@@ -91,6 +118,8 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             raise EdgeLLMError(f"unknown {what} {mode!r}; choose one of {', '.join(QUANT_MODES)}")
     if chunk_length < 1:
         raise EdgeLLMError("--chunk-length must be at least 1")
+    if reblock and Path(src).suffix.lower() != ".gguf":
+        raise EdgeLLMError("--reblock applies to GGUF files (float weights are blocked by -g already)")
     started = time.perf_counter()
     out = Path(out)
     check_output(out, force)  # before any work
@@ -128,7 +157,7 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
         with tqdm(total=len(checkpoint.names()), desc="converting weights", unit="tensor", disable=not progress,
                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tensors{postfix} [{elapsed}<{remaining}]") as bar:
-            weights = _Progress(source, bar)
+            weights = _Progress(_Reblocked(source, group_size, symmetric) if reblock else source, bar)
             model.build(g, weights, seq_length)
             save_graph(g, stage / DECODER_FILE)
             if parts:

@@ -118,6 +118,20 @@ def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) 
     return QuantizedWeight(bits, block_size, k, codes, scales, zero_points)
 
 
+def reblock(w: QuantizedWeight, block_size: int, symmetric: bool = True) -> QuantizedWeight:
+    """w's values rounded again to blocks of `block_size` (`--reblock`: a GGUF's 32-weight blocks are the slow
+    case of MatMulNBits). 4-bit codes stay 4-bit; wider ones (Q5 to Q8, held as 8-bit) become 8-bit blocks, since
+    4 bits would drop what their extra bits hold. Decoded a few rows at a time, like `quantize`."""
+    bits = 4 if w.bits == 4 else 8
+    step = max(1, ROWS_AT_ONCE_ELEMENTS // max(w.k, 1))
+    parts = [quantize(w.take_rows(slice(start, start + step)).dequantize(), bits, block_size, symmetric)
+             for start in range(0, w.n, step)]
+    first = parts[0]
+    return QuantizedWeight(bits, block_size, w.k, np.concatenate([p.codes for p in parts]),
+                           np.concatenate([p.scales for p in parts]),
+                           None if first.zero_points is None else np.concatenate([p.zero_points for p in parts]))
+
+
 def _round_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
     """(codes, scales, zero points or None) of the rows `w`."""
     n, k = w.shape

@@ -20,7 +20,14 @@ from ..errors import EdgeLLMError
 from ..format import DECODER_GRAPH, Bundle, EmbeddingTable
 from ..vision.processor import DecoderExtension, Processor
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+# ONNX Runtime's providers per device; "openvino" keeps ONNX Runtime's CPU session for decoding (see openvino.py)
+# Device openvino: chunks this short (decode, speculative checks) stay on ONNX Runtime, faster at few rows; prefill
+# runs in chunks of OPENVINO_CHUNK (or the bundle's longer --chunk-length), where OpenVINO's GEMMs gain the most.
+MIN_OPENVINO_ROWS = 64
+OPENVINO_CHUNK = 512
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "openvino": ["CPUExecutionProvider"]}
+DEVICES = tuple(PROVIDERS)
 
 
 def default_threads() -> int:
@@ -32,6 +39,14 @@ def default_threads() -> int:
     except OSError:
         per_core = 1
     return max(1, available // max(1, per_core))
+
+
+def check_device(device: str) -> None:
+    if device not in PROVIDERS:
+        raise EdgeLLMError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise EdgeLLMError("device cuda asked for, but this onnxruntime has no CUDA provider "
+                           "(pip install onnxruntime-gpu)")
 
 
 def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -63,11 +78,7 @@ def session_options(threads: int | None, spinning: bool, profile_prefix: str | N
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True,
                  profile_prefix: str | None = None, processor: Processor | None = None):
-        if device not in PROVIDERS:
-            raise EdgeLLMError(f"unknown device {device!r}; choose cpu or cuda")
-        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise EdgeLLMError("device cuda asked for, but this onnxruntime has no CUDA provider "
-                               "(pip install onnxruntime-gpu)")
+        check_device(device)
         m = bundle.manifest.model
         self.bundle = bundle
         self.seq_length = bundle.manifest.seq_length
@@ -78,6 +89,12 @@ class Engine:
                                                 providers=PROVIDERS[device])
         except Exception as e:  # ORT raises its own exception types for unreadable graphs
             raise EdgeLLMError(f"{decoder}: ONNX Runtime could not load the graph ({e})") from e
+        self.openvino = None
+        if device == "openvino":
+            from .openvino import CompiledGraph
+
+            self.openvino = CompiledGraph(decoder, threads or default_threads())
+            self.chunk_length = max(self.chunk_length, OPENVINO_CHUNK)
         self.embeddings = EmbeddingTable(bundle.path, bundle.manifest.embeddings)
         layers = m.num_hidden_layers
         self.kv = lazy_zeros((layers, 2, 1, m.num_key_value_heads, self.seq_length, m.head_dim))
@@ -139,22 +156,41 @@ class Engine:
             after = max(self.next_position, int(position_ids.max()) + 1)
         self.positions[:, start:start + s] = position_ids
         self.next_position = after
-        b = self.binding
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[None], np.float32))
-        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        b.bind_cpu_input("seqlens_k", np.array([start + s - 1], np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(start + s, np.int32))
-        b.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, np.int64))
+        feed = {"inputs_embeds": np.ascontiguousarray(embeds[None], np.float32),
+                "position_ids": np.ascontiguousarray(position_ids, np.int64),
+                "seqlens_k": np.array([start + s - 1], np.int32),
+                "total_sequence_length": np.array(start + s, np.int32),
+                "logits_index": np.ascontiguousarray(logits_index, np.int64)}
         for name, value in (self.extension.inputs(s, []) if extra is None else extra).items():
-            b.bind_cpu_input(name, np.ascontiguousarray(value))
-        single = len(logits_index) == 1
+            feed[name] = np.ascontiguousarray(value)
+        if self.openvino is not None and s >= MIN_OPENVINO_ROWS:
+            logits = self._run_openvino(feed, start, s)
+        else:
+            logits = self._run_onnxruntime(feed, single=len(logits_index) == 1)
+        self.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
+        return logits
+
+    def _run_onnxruntime(self, feed: dict[str, np.ndarray], single: bool) -> np.ndarray:
+        b = self.binding
+        for name, value in feed.items():
+            b.bind_cpu_input(name, value)
         if single:
             b.bind_ortvalue_output("logits", self.step_logits_value)
         else:
             b.bind_output("logits")
         self.session.run_with_iobinding(b)
-        self.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
         return self.step_logits[0].copy() if single else b.get_outputs()[-1].numpy()[0]
+
+    def _run_openvino(self, feed: dict[str, np.ndarray], start: int, s: int) -> np.ndarray:
+        """The chunk on OpenVINO: it reads the cache's layers in place and returns each layer's keys and values up to
+        the chunk's end, of which the chunk's own rows are copied into the cache."""
+        for i in range(len(self.kv)):
+            feed[f"past_key.{i}"], feed[f"past_value.{i}"] = self.kv[i, 0], self.kv[i, 1]
+        out = self.openvino.run(feed)
+        for i in range(len(self.kv)):
+            self.kv[i, 0, ..., start:start + s, :] = out[f"present_key.{i}"][..., start:start + s, :]
+            self.kv[i, 1, ..., start:start + s, :] = out[f"present_value.{i}"][..., start:start + s, :]
+        return out["logits"][0]
 
     def prefill(self, token_ids: list[int], all_logits: bool = False,
                 on_chunk: Callable[[int, int], None] | None = None, media: list | None = None,

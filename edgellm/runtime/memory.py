@@ -22,10 +22,11 @@ def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def needed_bytes(bundle: Bundle) -> dict[str, int]:
+def needed_bytes(bundle: Bundle, device: str = "cpu") -> dict[str, int]:
     """What loading the bundle makes resident, by part: the graphs' weights (float16 ones are widened to float32
-    when the session starts) and the KV cache once the context is full. The embedding table is read row by row
-    and not counted."""
+    when the session starts; on device openvino the decoder's are held twice, by ONNX Runtime for decoding and by
+    OpenVINO for prefill) and the KV cache once the context is full. The embedding table is read row by row and
+    not counted."""
     m = bundle.manifest
     needs = {}
     for graph, file in m.graphs.items():
@@ -33,16 +34,18 @@ def needed_bytes(bundle: Bundle) -> dict[str, int]:
         if data is not None:
             mode = m.vision.quantization if (graph != DECODER_GRAPH and m.vision) else m.quantization.mode
             needs[f"{graph} weights"] = data.bytes * (2 if mode == "f16" else 1)
+            if graph == DECODER_GRAPH and device == "openvino":
+                needs["OpenVINO's copy of the decoder weights"] = data.bytes
     shape = m.model
     needs["KV cache"] = shape.num_hidden_layers * 2 * shape.num_key_value_heads * m.seq_length * shape.head_dim * 4
     return needs
 
 
-def check_fits(bundle: Bundle, available: int | None = None) -> None:
+def check_fits(bundle: Bundle, device: str = "cpu", available: int | None = None) -> None:
     free = available_bytes() if available is None else available
     if free is None:
         return
-    needs = needed_bytes(bundle)
+    needs = needed_bytes(bundle, device)
     total = sum(needs.values())
     if total > free:
         parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in needs.items())

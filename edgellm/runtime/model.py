@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import EdgeLLMError
 from ..format import VISION_GRAPH, open_bundle
 from .chat import ChatTemplate, check_messages, user_content
-from .engine import PROVIDERS, Engine, session_options
+from .engine import Engine, check_device
 from .lookup import prompt_lookup
 from .memory import check_fits
 from .sampling import Sampler, SamplingParams
@@ -66,9 +66,10 @@ class Model:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
                  spinning: bool = True, profile_prefix: str | None = None, check_memory: bool = True):
         started = time.perf_counter()
+        check_device(device)
         self.bundle = open_bundle(path, verify=False)
         if check_memory:
-            check_fits(self.bundle)
+            check_fits(self.bundle, device)
         # Checksumming the files runs beside building the session, which releases the GIL (as zlib and hashlib do
         # on large reads). The tokenizer is parsed first, alone: beside the session, the transient of a large
         # vocabulary's parse adds to ONNX Runtime's weight-packing peak and stays in the worker thread's malloc
@@ -89,8 +90,7 @@ class Model:
                 from .vision import VisionEncoder, processor_for
 
                 processor = processor_for(self.bundle)
-                self.vision = VisionEncoder(self.bundle, processor, session_options(threads, spinning),
-                                            PROVIDERS[device])
+                self.vision = VisionEncoder(self.bundle, processor, device, threads, spinning)
             self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning,
                                  profile_prefix=profile_prefix, processor=processor)
         except Exception:
@@ -213,9 +213,9 @@ class Model:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
         progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled.
         prompt_lookup=K drafts up to K tokens per step from earlier text (runtime.lookup) and checks them in one
-        decoder run: the same greedy answer, faster where the answer repeats its prompt (greedy only; sampled
-        answers decode one token at a time). draft=a smaller Model of the same tokenizer drafts `draft_tokens`
-        tokens instead, greedily, checked the same way."""
+        decoder run: faster where the answer repeats its prompt, and the same answer: greedy, the same text; sampled,
+        the same distribution (Sampler.check), though not the same text for a seed. draft=a smaller Model of the
+        same tokenizer drafts `draft_tokens` tokens instead, greedily, checked the same way."""
         started = time.perf_counter()
         if max_new_tokens < 0:
             raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
@@ -243,7 +243,7 @@ class Model:
         first_at, hit_stop = None, False
         result.finish_reason = "length"
         drafter = None
-        if sampler.params.temperature <= 0 and (prompt_lookup or draft is not None):
+        if prompt_lookup or draft is not None:
             drafter = (functools.partial(prompt_lookup_draft, count=prompt_lookup) if draft is None
                        else functools.partial(draft.draft_after, count=draft_tokens))
         tokens = self._next_tokens(logits, sampler, history, drafter, len(ids) + max_new_tokens, result)
@@ -282,8 +282,9 @@ class Model:
                      result: GenerationResult) -> Iterator[int]:
         """The answer's tokens, one per next(): the caller appends each to `history` before asking for the next
         (the history grows to at most `limit` tokens). With a `drafter` (history, room) -> up to `room` guessed
-        tokens, a draft is checked in one decoder run: the tokens the model itself would have chosen are kept,
-        then its own next one; the cache forgets the rest."""
+        tokens, a draft is checked in one decoder run: guesses are kept while the sampler's check keeps them (greedy:
+        while they are what the model would have chosen), then the model's own next token; the cache forgets the
+        rest."""
         engine = self.engine
         token = sampler(logits, history)
         while True:
@@ -297,7 +298,7 @@ class Model:
             checked = engine.verify([token, *draft])
             accepted = []
             for i, guess in enumerate(draft):
-                token = sampler(checked[i], history + accepted)
+                token = sampler.check(checked[i], history + accepted, guess)
                 if token != guess:
                     break
                 accepted.append(guess)

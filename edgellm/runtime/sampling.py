@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, or sampled with temperature, top-k, top-p and min-p."""
+"""Choosing the next token from logits: greedy, or sampled with temperature, top-k, top-p and min-p; and checking a
+drafted token so that speculative decoding keeps that choice's distribution."""
 
 from __future__ import annotations
 
@@ -56,7 +57,11 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, previous: list[int]) -> int:
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature <= 0
+
+    def _penalized(self, logits: np.ndarray, previous: list[int]) -> np.ndarray:
         p = self.params
         logits = np.asarray(logits, np.float32)
         if p.repetition_penalty != 1.0 and previous:
@@ -65,9 +70,12 @@ class Sampler:
             values = logits[seen]
             logits = logits.copy()
             logits[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if p.temperature <= 0:
-            return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / p.temperature
+        return logits
+
+    def distribution(self, logits: np.ndarray, previous: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, their probabilities) the next token is drawn from, most likely first (sampling only)."""
+        p = self.params
+        scaled = self._penalized(logits, previous).astype(np.float64) / p.temperature
         order = np.argsort(-scaled)
         if p.top_k > 0:
             order = order[: p.top_k]
@@ -78,5 +86,29 @@ class Sampler:
             keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
         if p.min_p > 0.0:
             keep = min(keep, max(1, int(np.sum(probs >= p.min_p * probs[0]))))
-        probs = probs[:keep] / probs[:keep].sum()
-        return int(order[self.rng.choice(keep, p=probs)])
+        return order[:keep], probs[:keep] / probs[:keep].sum()
+
+    def __call__(self, logits: np.ndarray, previous: list[int]) -> int:
+        if self.greedy:
+            return int(np.argmax(self._penalized(logits, previous)))
+        tokens, probs = self.distribution(logits, previous)
+        return int(tokens[self.rng.choice(len(tokens), p=probs)])
+
+    def check(self, logits: np.ndarray, previous: list[int], guess: int) -> int:
+        """The next token given that a drafter guessed `guess` (speculative decoding): `guess` itself with the
+        probability the model gives it, otherwise a token drawn from the model's distribution without it. The
+        result is distributed exactly as __call__'s (the rule of Leviathan et al. and Chen et al., 2023, for a
+        draft that proposes one token for sure: prompt lookup and a greedy draft model both do). Greedy: the
+        model's own choice, kept when it equals the guess."""
+        if self.greedy:
+            return self(logits, previous)
+        tokens, probs = self.distribution(logits, previous)
+        at = np.flatnonzero(tokens == guess)
+        p_guess = float(probs[at[0]]) if len(at) else 0.0
+        if p_guess > 0 and self.rng.random() < p_guess:
+            return guess
+        if len(at):
+            probs = np.delete(probs, at[0])
+            tokens = np.delete(tokens, at[0])
+            probs = probs / probs.sum()
+        return int(tokens[self.rng.choice(len(tokens), p=probs)])

@@ -20,6 +20,7 @@ from ..format import VISION_GRAPH, Bundle
 from ..models import vision_family
 from ..vision.media import Media
 from ..vision.processor import Processor
+from .engine import PROVIDERS, default_threads, session_options
 
 
 def processor_for(bundle: Bundle) -> Processor:
@@ -27,17 +28,33 @@ def processor_for(bundle: Bundle) -> Processor:
     return vision_family(section.family).processor(section.settings)
 
 
-class VisionEncoder:
-    def __init__(self, bundle: Bundle, processor: Processor, options: ort.SessionOptions, providers: list[str],
-                 cache_items: int = 16):
-        self.processor = processor
-        self.settings = processor.settings
-        path = bundle.file(bundle.manifest.graphs[VISION_GRAPH])
+class _OrtGraph:
+    """An ONNX Runtime session with OpenVINO's CompiledGraph interface: run(feed) -> {output name: array}."""
+
+    def __init__(self, path, options: ort.SessionOptions, providers: list[str]):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:
             raise EdgeLLMError(f"{path}: ONNX Runtime could not load the graph ({e})") from e
         self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(None, feed)))
+
+
+class VisionEncoder:
+    def __init__(self, bundle: Bundle, processor: Processor, device: str, threads: int | None, spinning: bool,
+                 cache_items: int = 16):
+        self.processor = processor
+        self.settings = processor.settings
+        path = bundle.file(bundle.manifest.graphs[VISION_GRAPH])
+        if device == "openvino":  # the whole tower: many rows per matmul, where OpenVINO's bf16 GEMMs gain
+            from .openvino import CompiledGraph
+
+            self.graph = CompiledGraph(path, threads or default_threads())
+        else:
+            self.graph = _OrtGraph(path, session_options(threads, spinning), PROVIDERS[device])
+        self.outputs = self.graph.outputs
         self.cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.cache_items = cache_items
         self.encode_s = 0.0  # total time spent in the vision graph (callers take differences)
@@ -56,7 +73,7 @@ class VisionEncoder:
             self.cache.move_to_end(media.key)
             return hit
         started = time.perf_counter()
-        runs = [dict(zip(self.outputs, self.session.run(None, feed))) for feed in self.processor.runs(media)]
+        runs = [self.graph.run(feed) for feed in self.processor.runs(media)]
         found = {}
         for name in self.outputs:
             values = [run[name] for run in runs]

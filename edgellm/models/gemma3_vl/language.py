@@ -29,8 +29,11 @@ class Model(gemma3.Model):
         name = f"model.layers.{i}.self_attn.image_blocks"
         exact, kept = g.branch(), g.branch()
         window = self.args.sliding_window if self.sliding(i) else None
-        value = block_attention(exact, q, f"present_key.{i}", f"present_value.{i}", ctx, self.args, window,
-                                self.attention_scale(), name)
+        # the branch reads the cache through Identity nodes: OpenVINO's ONNX reader cannot convert an If whose
+        # branch reads a graph output directly (ONNX Runtime removes the Identity nodes, copying nothing)
+        key, value = (g.op("Identity", [f"present_{kind}.{i}"], name=f"{name}/{kind}_cache")
+                      for kind in ("key", "value"))
+        value = block_attention(exact, q, key, value, ctx, self.args, window, self.attention_scale(), name)
         return g.if_then_else(ctx["has_image_blocks"], (exact, value),
                               (kept, kept.op("Identity", [out], name=f"{name}/causal")), name)
 

@@ -1,0 +1,255 @@
+"""edgellm against llama.cpp and onnxruntime-genai at the sizes people deploy: prefill, decode after a short and a
+long context, load time, peak memory, and the bytes each engine reads per decoded token against this host's
+measured read bandwidth. Every engine runs in a process of its own (so its load time and peak RSS are its own),
+the engines alternating round by round; the table shows medians.
+
+    .venv/bin/python benchmarks/random_model.py qwen2.5-1.5b M --gguf Q4_0     # M and M-q4_0.gguf, same weights
+    .venv/bin/python benchmarks/edge_sizes.py --hf M --gguf M-q4_0.gguf [--rounds 3] [--devices cpu,openvino]
+
+edgellm runs three bundles: the float folder converted with the defaults, the GGUF with its own blocks (the
+default) and the GGUF with --reblock; each on every --devices entry (openvino: prefill on OpenVINO, decode on
+ONNX Runtime). Peers, each used when installed (see compare.py's header): llama.cpp on the GGUF,
+onnxruntime-genai on its builder's int4 export of the float folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ab import cpu_flags  # noqa: E402
+from compare import ORT_GENAI_BUILDER, last_line  # noqa: E402
+
+
+# --- what each engine reads per decoded token ---------------------------------------------------------------------
+
+def matmul_nbits_bytes(graph: Path) -> int:
+    """Bytes ONNX Runtime's packed MatMulNBits weights take: codes plus an f32 scale and an f32 block sum per
+    block (its CPU layout), summed over the graph's MatMulNBits nodes; float initializers as they are."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in node.attribute}
+            blocks = -(-a["K"] // a["block_size"])
+            total += a["N"] * blocks * (a["block_size"] * a["bits"] // 8 + 8)
+    quantized = {i for n in model.graph.node if n.op_type == "MatMulNBits" for i in n.input[1:]}
+    for init in model.graph.initializer:
+        if init.name not in quantized and init.data_type in (1, 10):  # float, float16 (widened at load)
+            total += 4 * int(np.prod(init.dims))
+    return total
+
+
+def gguf_bytes(path: Path) -> int:
+    """Bytes of the GGUF's tensors llama.cpp reads per token: all but the token embedding table, unless that is
+    the (tied) output projection too."""
+    import gguf
+
+    tensors = gguf.GGUFReader(str(path)).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    return sum(int(t.n_bytes) for t in tensors if t.name != "token_embd.weight" or tied)
+
+
+def kv_bytes_per_position(config: dict, width: int) -> int:
+    heads = config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * heads * head_dim * width
+
+
+def read_bandwidth(threads: int, size: int = 1 << 30) -> float:
+    """GB/s of `threads` threads summing disjoint halves of a 1 GiB float32 array (numpy releases the GIL in
+    reductions): the best of five passes, the array written once beforehand."""
+    data = np.ones(size // 4, np.float32)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            started = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, size / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+# --- one engine, in its own process ---------------------------------------------------------------------------------
+
+WORKER = r"""
+import json, sys, time
+import numpy as np
+spec = json.loads(sys.argv[1])
+sys.path.insert(0, spec["root"])
+rng = np.random.default_rng(spec["seed"])
+started = time.perf_counter()
+kind = spec["kind"]
+if kind == "edgellm":
+    import edgellm
+    model = edgellm.load(spec["path"], device=spec["device"], threads=spec["threads"])
+    engine = model.engine
+    def prefill(ids):
+        engine.reset()
+        return int(np.argmax(engine.prefill(ids)))
+    step = lambda t: int(np.argmax(engine.decode(t)))
+elif kind == "llama.cpp":
+    from llama_cpp import Llama
+    llm = Llama(spec["path"], n_ctx=spec["context"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                n_batch=512, verbose=False)
+    def last():
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return last()
+    def step(t):
+        llm.eval([t])
+        return last()
+else:
+    import onnxruntime_genai as og
+    model = og.Model(spec["path"])
+    state = {}
+    def prefill(ids):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=spec["context"])
+        state["gen"] = og.Generator(model, params)
+        state["gen"].append_tokens(ids)
+        return 0
+    def step(t):
+        state["gen"].generate_next_token()
+        return 0
+load_s = time.perf_counter() - started
+out = {"load_s": load_s}
+for n in spec["prompts"]:
+    ids = rng.integers(100, spec["vocab"], n).tolist()
+    t = time.perf_counter(); prefill(ids); out[f"prefill {n}"] = n / (time.perf_counter() - t)
+for n in spec["after"]:
+    token = prefill(rng.integers(100, spec["vocab"], n).tolist())
+    t = time.perf_counter()
+    for _ in range(spec["decode"]):
+        token = step(token)
+    out[f"decode @{n}"] = spec["decode"] / (time.perf_counter() - t)
+status = open("/proc/self/status").read()
+out["peak RSS MiB"] = int(status.split("VmHWM:")[1].split()[0]) / 1024
+print(json.dumps(out))
+"""
+
+
+def measure(spec: dict) -> dict | None:
+    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode:
+        print(f"  {spec['name']} failed: {last_line(done.stderr)}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def genai_export(hf: Path, out: Path, threads: int, context: int) -> Path | None:
+    built = subprocess.run([sys.executable, "-c", ORT_GENAI_BUILDER, "-i", str(hf), "-o", str(out / "m"), "-p",
+                            "int4", "-e", "cpu", "-c", str(out / "cache"), "--extra_options", "prune_lm_head=true"],
+                           capture_output=True, text=True)
+    if built.returncode:
+        print(f"skipping onnxruntime-genai: its model builder failed: {last_line(built.stderr)}")
+        return None
+    config_path = out / "m" / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    config["search"]["max_length"] = context
+    config_path.write_text(json.dumps(config, indent=2))
+    return out / "m"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf", type=Path, required=True, help="the float Hugging Face folder")
+    p.add_argument("--gguf", type=Path, required=True, help="a Q4_0 (or other) GGUF of the same weights")
+    p.add_argument("--prompts", default="128,512", help="prefill lengths")
+    p.add_argument("--after", default="128,1024", help="context lengths that decoding is timed after")
+    p.add_argument("--decode", type=int, default=32, help="tokens decoded per timing")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--devices", default="cpu", help="edgellm devices, e.g. cpu,openvino")
+    args = p.parse_args()
+
+    import edgellm
+
+    prompts, after = [int(x) for x in args.prompts.split(",")], [int(x) for x in args.after.split(",")]
+    context = max(prompts + after) + args.decode + 8
+    config = json.loads((args.hf / "config.json").read_text())
+    config = config.get("text_config", config)
+    work = Path(tempfile.mkdtemp())
+    engines = []  # (name, spec, bytes read per token at position 0, KV bytes per position)
+    kv_f32 = kv_bytes_per_position(config, 4)
+    for label, src, options in (("float, -q w4", args.hf, {}), ("GGUF blocks", args.gguf, {}),
+                                ("GGUF --reblock", args.gguf, {"reblock": True})):
+        started = time.perf_counter()
+        bundle = edgellm.convert(src, work / label.replace(" ", "_"), seq_length=context, progress=False, **options)
+        print(f"converted {label} in {time.perf_counter() - started:.1f} s")
+        weights = matmul_nbits_bytes(bundle / "decoder.onnx")
+        for device in args.devices.split(","):
+            engines.append((f"edgellm {label} ({device})",
+                            {"kind": "edgellm", "path": str(bundle), "device": device}, weights, kv_f32))
+    try:
+        import llama_cpp  # noqa: F401
+
+        engines.append(("llama.cpp " + args.gguf.name, {"kind": "llama.cpp", "path": str(args.gguf)},
+                        gguf_bytes(args.gguf), kv_bytes_per_position(config, 2)))
+    except ImportError:
+        print("skipping llama.cpp: pip install llama-cpp-python")
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        exported = genai_export(args.hf, work / "genai", args.threads, context)
+        if exported:
+            engines.append(("onnxruntime-genai int4", {"kind": "genai", "path": str(exported)},
+                            matmul_nbits_bytes(exported / "model.onnx"), kv_f32))
+    except ImportError:
+        print("skipping onnxruntime-genai: pip install onnxruntime-genai onnx-ir")
+
+    results = {name: [] for name, *_ in engines}
+    for r in range(args.rounds):
+        for name, spec, *_ in engines:  # alternate, so that noise hits all alike
+            got = measure({**spec, "name": name, "root": str(ROOT), "seed": r, "threads": args.threads,
+                           "prompts": prompts, "after": after, "decode": args.decode, "context": context,
+                           "vocab": config["vocab_size"]})
+            if got:
+                results[name].append(got)
+        print(f"round {r + 1} of {args.rounds} done")
+    bandwidth = read_bandwidth(args.threads)
+
+    columns = [f"prefill {n}" for n in prompts] + [f"decode @{n}" for n in after] + ["load_s", "peak RSS MiB"]
+    print(f"\n{args.hf.name} / {args.gguf.name}, {args.threads} threads, medians of {args.rounds} rounds, "
+          f"{args.decode} tokens per decode timing")
+    print(f"host: {cpu_flags()}")
+    print(f"read bandwidth probe ({args.threads} threads, numpy): {bandwidth:.1f} GB/s\n")
+    print("| engine | " + " | ".join(columns) + f" | MB read per token @{after[0]} | GB/s achieved @{after[0]} |")
+    print("|---|" + "---:|" * (len(columns) + 2))
+    medians = {}
+    for name, spec, weights, kv in engines:
+        if not results[name]:
+            continue
+        med = {c: statistics.median(run[c] for run in results[name]) for c in columns}
+        medians[name] = med
+        read = weights + kv * after[0]
+        achieved = read * med[f"decode @{after[0]}"] / 1e9
+        print(f"| {name} | " + " | ".join(f"{med[c]:.1f}" for c in columns) + f" | {read / 1e6:.0f} | {achieved:.1f} |")
+    peer = next((n for n in medians if n.startswith("llama.cpp")), None)
+    if peer:
+        print(f"\nratios to {peer} (speed columns):")
+        for name, med in medians.items():
+            if name.startswith("edgellm"):
+                print(f"| {name} | " + " | ".join(f"{med[c] / medians[peer][c]:.2f}" for c in columns[:-2]) + " |")
+
+
+if __name__ == "__main__":
+    main()
