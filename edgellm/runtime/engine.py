@@ -115,6 +115,10 @@ class Engine:
         self.positions = np.zeros((inputs["position_ids"][0], self.seq_length), np.int64)
         self.next_position = 0
         self.extension = processor.decoder_extension(inputs) if processor else DecoderExtension()
+        if self.openvino is not None and self.seq_length >= MIN_OPENVINO_ROWS:
+            # OpenVINO prepares its weights on the first run (seconds for a 1B model): at load, not at the first prompt
+            self.forward(np.zeros((MIN_OPENVINO_ROWS, m.hidden_size), np.float32), np.zeros(1, np.int64))
+            self.reset()
 
     @property
     def length(self) -> int:
