@@ -20,11 +20,11 @@ from ..errors import EdgeLLMError
 from ..format import DECODER_GRAPH, Bundle, EmbeddingTable
 from ..vision.processor import DecoderExtension, Processor
 
-# ONNX Runtime's providers per device; "openvino" keeps ONNX Runtime's CPU session for decoding (see openvino.py)
-# Device openvino: chunks this short (decode, speculative checks) stay on ONNX Runtime, faster at few rows; prefill
-# runs in chunks of OPENVINO_CHUNK (or the bundle's longer --chunk-length), where OpenVINO's GEMMs gain the most.
+# Device openvino: chunks shorter than this (decode, speculative checks) stay on ONNX Runtime, faster at few rows;
+# prefill runs in chunks of OPENVINO_CHUNK (or the bundle's longer --chunk-length), where OpenVINO gains the most.
 MIN_OPENVINO_ROWS = 64
 OPENVINO_CHUNK = 512
+# ONNX Runtime's providers per device; "openvino" keeps ONNX Runtime's CPU session for decoding (see openvino.py)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "openvino": ["CPUExecutionProvider"]}
 DEVICES = tuple(PROVIDERS)
