@@ -180,7 +180,8 @@ def profile_decode(model, prompt_tokens: int = 64, tokens: int = 32) -> str:
     wall_us = statistics.median(walls) * 1e6
     run_us = statistics.median(r["dur"] for r in runs)
     kernels_us = sum(by_op.values()) / tokens
-    lines = [f"one decoded token (median of {tokens}; the profiler itself slows ONNX Runtime down):",
+    lines = [f"one decoded token after {prompt_tokens} (median of {tokens}; the profiler itself slows ONNX Runtime "
+             "down):",
              f"  wall {wall_us:8.0f} us = graph run {run_us:8.0f} us + Python/binding {wall_us - run_us:6.0f} us",
              f"  graph run = kernels {kernels_us:8.0f} us + executor overhead {run_us - kernels_us:6.0f} us",
              f"  {'op type':<34}{'us/token':>10}{'share':>8}{'nodes':>7}"]

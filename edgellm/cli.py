@@ -280,7 +280,9 @@ def cmd_bench(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             profiled = load(args.bundle, device=args.device, threads=args.threads, verify=False,
                             profile_prefix=os.path.join(tmp, "ort"))
-            print(profile_decode(profiled))
+            # after the longest prompt: attention's share grows with the context
+            print(profile_decode(profiled, prompt_tokens=max(1, min(max(lengths, default=64),
+                                                                    profiled.seq_length - 33))))
 
 
 def cmd_quality(args) -> None:
