@@ -49,6 +49,13 @@ def check_device(device: str) -> None:
                            "(pip install onnxruntime-gpu)")
 
 
+def open_session(path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # ORT raises its own exception types for unreadable graphs
+        raise EdgeLLMError(f"{path}: ONNX Runtime could not load the graph ({e})") from e
+
+
 def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     """A zeroed float32 array whose memory becomes resident page by page as it is written: the KV cache costs
     what the conversation fills, not the bundle's whole length. (numpy asks for transparent huge pages on large
@@ -78,17 +85,13 @@ def session_options(threads: int | None, spinning: bool, profile_prefix: str | N
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True,
                  profile_prefix: str | None = None, processor: Processor | None = None):
-        check_device(device)
+        """`device` as check_device has accepted it (Model checks it before anything loads)."""
         m = bundle.manifest.model
         self.bundle = bundle
         self.seq_length = bundle.manifest.seq_length
         self.chunk_length = bundle.manifest.chunk_length
         decoder = bundle.file(bundle.manifest.graphs[DECODER_GRAPH])
-        try:
-            self.session = ort.InferenceSession(str(decoder), session_options(threads, spinning, profile_prefix),
-                                                providers=PROVIDERS[device])
-        except Exception as e:  # ORT raises its own exception types for unreadable graphs
-            raise EdgeLLMError(f"{decoder}: ONNX Runtime could not load the graph ({e})") from e
+        self.session = open_session(decoder, session_options(threads, spinning, profile_prefix), PROVIDERS[device])
         self.openvino = None
         if device == "openvino":
             from .openvino import CompiledGraph

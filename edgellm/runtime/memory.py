@@ -33,8 +33,7 @@ def openvino_copy_bytes(stored: int, quantization) -> int:
 def needed_bytes(bundle: Bundle, device: str = "cpu") -> dict[str, int]:
     """What loading the bundle makes resident, by part: the graphs' weights (float16 ones are widened to float32
     when the session starts; on device openvino OpenVINO holds the decoder's again, widened, for prefill) and the
-    KV cache once the context is full. The embedding table is read row by row and
-    not counted."""
+    KV cache once the context is full. The embedding table is read row by row and not counted."""
     m = bundle.manifest
     needs = {}
     for graph, file in m.graphs.items():

@@ -46,7 +46,6 @@ class CompiledGraph:
                                "use -c cpu") from e
         self.request = self.compiled.create_infer_request()
         self.inputs = {name for i in self.compiled.inputs for name in i.get_names()}
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # share_inputs: the KV cache's layers are read where they lie instead of being copied in on every call

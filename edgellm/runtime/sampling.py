@@ -91,7 +91,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray, previous: list[int]) -> int:
         if self.greedy:
             return int(np.argmax(self._penalized(logits, previous)))
-        tokens, probs = self.distribution(logits, previous)
+        return self._draw(*self.distribution(logits, previous))
+
+    def _draw(self, tokens: np.ndarray, probs: np.ndarray) -> int:
         return int(tokens[self.rng.choice(len(tokens), p=probs)])
 
     def check(self, logits: np.ndarray, previous: list[int], guess: int) -> int:
@@ -111,4 +113,4 @@ class Sampler:
             probs = np.delete(probs, at[0])
             tokens = np.delete(tokens, at[0])
             probs = probs / probs.sum()
-        return int(tokens[self.rng.choice(len(tokens), p=probs)])
+        return self._draw(tokens, probs)

@@ -15,12 +15,11 @@ from collections import OrderedDict
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import EdgeLLMError
 from ..format import VISION_GRAPH, Bundle
 from ..models import vision_family
 from ..vision.media import Media
 from ..vision.processor import Processor
-from .engine import PROVIDERS, default_threads, session_options
+from .engine import PROVIDERS, default_threads, open_session, session_options
 
 
 def processor_for(bundle: Bundle) -> Processor:
@@ -32,10 +31,7 @@ class _OrtGraph:
     """An ONNX Runtime session with OpenVINO's CompiledGraph interface: run(feed) -> {output name: array}."""
 
     def __init__(self, path, options: ort.SessionOptions, providers: list[str]):
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:
-            raise EdgeLLMError(f"{path}: ONNX Runtime could not load the graph ({e})") from e
+        self.session = open_session(path, options, providers)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
