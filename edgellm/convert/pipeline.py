@@ -43,20 +43,34 @@ def open_source(src: str | Path) -> ModelSource:
     return HFSource(path)
 
 
-class _Progress(ModelSource):
-    """Passes a source through, ticking a progress bar the first time each tensor is read and showing the bytes
-    read so far (`shared`: another _Progress of the same checkpoint, whose count this one continues)."""
+class _PassThrough(ModelSource):
+    """A source that passes another's tensors through; subclasses change what `tensor` or `linear` give."""
 
-    def __init__(self, source: ModelSource, bar, shared: "_Progress | None" = None):
-        self.source, self.bar, self.config = source, bar, source.config
-        self.seen: set[str] = shared.seen if shared else set()
-        self.read = shared.read if shared else [0]
+    def __init__(self, source: ModelSource):
+        self.source, self.config = source, source.config
 
     def names(self):
         return self.source.names()
 
     def __contains__(self, name):
         return name in self.source
+
+    def tensor(self, name):
+        return self.source.tensor(name)
+
+    def linear(self, name):
+        return self.source.linear(name)
+
+
+class _Progress(_PassThrough):
+    """Ticks a progress bar the first time each tensor is read and shows the bytes read so far (`shared`: another
+    _Progress of the same checkpoint, whose count this one continues)."""
+
+    def __init__(self, source: ModelSource, bar, shared: "_Progress | None" = None):
+        super().__init__(source)
+        self.bar = bar
+        self.seen: set[str] = shared.seen if shared else set()
+        self.read = shared.read if shared else [0]
 
     def _tick(self, name, value):
         if name not in self.seen:
@@ -73,22 +87,13 @@ class _Progress(ModelSource):
         return self._tick(name, self.source.linear(name))
 
 
-class _Reblocked(ModelSource):
-    """Passes a GGUF source through with its blocks smaller than `block_size` rounded again to that size
-    (`--reblock`): faster kernels for a small, measured loss (docs/benchmarks.md)."""
+class _Reblocked(_PassThrough):
+    """A GGUF source's blocks smaller than `block_size` rounded again to that size (`--reblock`): faster kernels
+    for a measured quality cost (docs/benchmarks.md)."""
 
     def __init__(self, source: ModelSource, block_size: int, symmetric: bool):
-        self.source, self.config = source, source.config
+        super().__init__(source)
         self.block_size, self.symmetric = block_size, symmetric
-
-    def names(self):
-        return self.source.names()
-
-    def __contains__(self, name):
-        return name in self.source
-
-    def tensor(self, name):
-        return self.source.tensor(name)
 
     def linear(self, name):
         w = self.source.linear(name)

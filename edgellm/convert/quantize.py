@@ -99,11 +99,25 @@ ROWS_AT_ONCE_ELEMENTS = 1 << 22  # quantize this many weights at a time: its flo
 def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> QuantizedWeight:
     """Round a float [N, K] weight to `bits`-bit blocks of `block_size` along K. Rows are rounded independently, a
     few at a time, so the working memory stays small whatever the weight's size."""
+    n, k = w.shape
+    return _quantize_rows(n, k, lambda rows: np.asarray(w[rows], np.float32), bits, block_size, symmetric)
+
+
+def reblock(w: QuantizedWeight, block_size: int, symmetric: bool = True) -> QuantizedWeight:
+    """w's values rounded again to blocks of `block_size` (`--reblock`: a GGUF's 32-weight blocks are the slow
+    case of MatMulNBits). 4-bit codes stay 4-bit; wider ones (Q5 to Q8, held as 8-bit) become 8-bit blocks, since
+    4 bits would drop what their extra bits hold. Decoded a few rows at a time, as they are rounded."""
+    return _quantize_rows(w.n, w.k, lambda rows: w.take_rows(rows).dequantize(), 4 if w.bits == 4 else 8,
+                          block_size, symmetric)
+
+
+def _quantize_rows(n: int, k: int, rows_of, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
+    """An [n, k] weight rounded to blocks, ROWS_AT_ONCE_ELEMENTS weights at a time; rows_of(slice) gives those
+    rows in float32."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"group size must be a power of two >= 16, got {block_size}")
-    n, k = w.shape
     k_blocks = -(-k // block_size)
     codes = np.empty((n, k_blocks, block_size), np.uint8)
     scales = np.empty((n, k_blocks), np.float32)
@@ -111,25 +125,11 @@ def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) 
     step = max(1, ROWS_AT_ONCE_ELEMENTS // max(k, 1))
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
-        part = _round_blocks(np.asarray(w[rows], np.float32), bits, block_size, symmetric)
+        part = _round_blocks(rows_of(rows), bits, block_size, symmetric)
         codes[rows], scales[rows] = part[0], part[1]
         if zero_points is not None:
             zero_points[rows] = part[2]
     return QuantizedWeight(bits, block_size, k, codes, scales, zero_points)
-
-
-def reblock(w: QuantizedWeight, block_size: int, symmetric: bool = True) -> QuantizedWeight:
-    """w's values rounded again to blocks of `block_size` (`--reblock`: a GGUF's 32-weight blocks are the slow
-    case of MatMulNBits). 4-bit codes stay 4-bit; wider ones (Q5 to Q8, held as 8-bit) become 8-bit blocks, since
-    4 bits would drop what their extra bits hold. Decoded a few rows at a time, like `quantize`."""
-    bits = 4 if w.bits == 4 else 8
-    step = max(1, ROWS_AT_ONCE_ELEMENTS // max(w.k, 1))
-    parts = [quantize(w.take_rows(slice(start, start + step)).dequantize(), bits, block_size, symmetric)
-             for start in range(0, w.n, step)]
-    first = parts[0]
-    return QuantizedWeight(bits, block_size, w.k, np.concatenate([p.codes for p in parts]),
-                           np.concatenate([p.scales for p in parts]),
-                           None if first.zero_points is None else np.concatenate([p.zero_points for p in parts]))
 
 
 def _round_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
