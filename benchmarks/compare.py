@@ -122,6 +122,11 @@ class EdgeLLM:
         return self.model.logits(ids).argmax(-1)
 
 
+def llama_last_choice(llm) -> int:
+    """The greedy choice after a llama_cpp.Llama's last evaluated position, read from its logits buffer."""
+    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+
+
 class LlamaCpp:
     def __init__(self, source: Source, threads: int, seq_length: int):
         if source.gguf is None:
@@ -138,7 +143,7 @@ class LlamaCpp:
 
     def last_choice(self, ids: list[int]) -> int:
         self.llm.eval(ids)
-        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))))
+        return llama_last_choice(self.llm)
 
     def run(self, ids: list[int], decode: int) -> tuple[float, float]:
         self.llm.reset()
@@ -168,6 +173,21 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
 """
 
 
+def genai_export(hf: Path, out: Path, threads: int, seq_length: int) -> Path:
+    """onnxruntime-genai's int4 CPU export of a float folder into out/m, set to `threads` and `seq_length`."""
+    built = subprocess.run([sys.executable, "-c", ORT_GENAI_BUILDER, "-i", str(hf), "-o", str(out / "m"), "-p",
+                            "int4", "-e", "cpu", "-c", str(out / "cache"), "--extra_options", "prune_lm_head=true"],
+                           capture_output=True, text=True)
+    if built.returncode:
+        raise RuntimeError(f"its model builder failed: {last_line(built.stderr)}")
+    config_path = out / "m" / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    config["search"]["max_length"] = seq_length
+    config_path.write_text(json.dumps(config, indent=2))
+    return out / "m"
+
+
 class OrtGenAI:
     """onnxruntime-genai's own int4 export (its model builder, CPU, last-token logits), run by its generator."""
 
@@ -177,18 +197,7 @@ class OrtGenAI:
         import onnxruntime_genai as og
 
         self.og = og
-        out = Path(tempfile.mkdtemp())
-        built = subprocess.run([sys.executable, "-c", ORT_GENAI_BUILDER, "-i", str(source.hf),
-                                "-o", str(out / "m"), "-p", "int4", "-e", "cpu", "-c", str(out / "cache"),
-                                "--extra_options", "prune_lm_head=true"], capture_output=True, text=True)
-        if built.returncode:
-            raise RuntimeError(f"its model builder failed: {last_line(built.stderr)}")
-        config_path = out / "m" / "genai_config.json"
-        config = json.loads(config_path.read_text())
-        config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-        config["search"]["max_length"] = seq_length
-        config_path.write_text(json.dumps(config, indent=2))
-        self.model = og.Model(str(out / "m"))
+        self.model = og.Model(str(genai_export(source.hf, Path(tempfile.mkdtemp()), threads, seq_length)))
         self.seq_length = seq_length
 
     def generator(self, length: int):

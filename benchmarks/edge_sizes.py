@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ab import cpu_flags  # noqa: E402
-from compare import ORT_GENAI_BUILDER, last_line  # noqa: E402
+from compare import genai_export, last_line  # noqa: E402
 
 
 # --- what each engine reads per decoded token ---------------------------------------------------------------------
@@ -93,8 +93,11 @@ import numpy as np
 spec = json.loads(sys.argv[1])
 sys.path.insert(0, spec["root"])
 rng = np.random.default_rng(spec["seed"])
-started = time.perf_counter()
 kind = spec["kind"]
+if kind == "llama.cpp":  # (before the clock starts: it imports edgellm)
+    sys.path.insert(0, spec["root"] + "/benchmarks")
+    from compare import llama_last_choice
+started = time.perf_counter()
 if kind == "edgellm":
     import edgellm
     model = edgellm.load(spec["path"], device=spec["device"], threads=spec["threads"])
@@ -107,8 +110,7 @@ elif kind == "llama.cpp":
     from llama_cpp import Llama
     llm = Llama(spec["path"], n_ctx=spec["context"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
                 n_batch=512, verbose=False)
-    def last():
-        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+    last = lambda: llama_last_choice(llm)
     def prefill(ids):
         llm.reset()
         llm.eval(ids)
@@ -154,21 +156,6 @@ def measure(spec: dict) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def genai_export(hf: Path, out: Path, threads: int, context: int) -> Path | None:
-    built = subprocess.run([sys.executable, "-c", ORT_GENAI_BUILDER, "-i", str(hf), "-o", str(out / "m"), "-p",
-                            "int4", "-e", "cpu", "-c", str(out / "cache"), "--extra_options", "prune_lm_head=true"],
-                           capture_output=True, text=True)
-    if built.returncode:
-        print(f"skipping onnxruntime-genai: its model builder failed: {last_line(built.stderr)}")
-        return None
-    config_path = out / "m" / "genai_config.json"
-    config = json.loads(config_path.read_text())
-    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    config["search"]["max_length"] = context
-    config_path.write_text(json.dumps(config, indent=2))
-    return out / "m"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", type=Path, required=True, help="the float Hugging Face folder")
@@ -210,11 +197,12 @@ def main() -> None:
         import onnxruntime_genai  # noqa: F401
 
         exported = genai_export(args.hf, work / "genai", args.threads, context)
-        if exported:
-            engines.append(("onnxruntime-genai int4", {"kind": "genai", "path": str(exported)},
-                            matmul_nbits_bytes(exported / "model.onnx"), kv_f32))
+        engines.append(("onnxruntime-genai int4", {"kind": "genai", "path": str(exported)},
+                        matmul_nbits_bytes(exported / "model.onnx"), kv_f32))
     except ImportError:
         print("skipping onnxruntime-genai: pip install onnxruntime-genai onnx-ir")
+    except RuntimeError as e:
+        print(f"skipping onnxruntime-genai: {e}")
 
     results = {name: [] for name, *_ in engines}
     for r in range(args.rounds):
