@@ -262,17 +262,19 @@ def write_random_bf16(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
             f.write((values.view(np.uint32) >> 16).astype(np.uint16).tobytes())  # bf16: the high halves
 
 
+OPENVINO_MISSING = "the openvino extra is not installed (pip install -e '.[openvino]')"
+
+
 def check_images_on_openvino(bundle, messages, images) -> None:
     """Device openvino (vision graph and long prefill chunks on OpenVINO, in bf16 where the CPU has it) gives the
     CPU device's logits for `messages` with `images`, within bf16's error; skipped without the openvino extra."""
     import pytest
 
-    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e '.[openvino]')")
+    pytest.importorskip("openvino", reason=OPENVINO_MISSING)
     from edgellm.runtime.openvino import CompiledGraph
 
     cpu, ov = edgellm.load(bundle), edgellm.load(bundle, device="openvino")
     assert isinstance(ov.vision.graph, CompiledGraph)
     want, got = cpu.logits(messages, images=images), ov.logits(messages, images=images)
     assert relative_error(got, want) < 3e-2
-    feature = {name: value for name, value in ov.vision.cache.popitem()[1].items()}
-    assert all(np.isfinite(value).all() for value in feature.values())
+    assert all(np.isfinite(value).all() for value in ov.vision.cache.popitem()[1].values())

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import TEXT_MODELS, reference_logits, relative_error
+from helpers import OPENVINO_MISSING, TEXT_MODELS, reference_logits, relative_error
 
 import edgellm
 from edgellm.cli import main
@@ -17,10 +17,10 @@ from edgellm.errors import EdgeLLMError
 try:
     import openvino  # noqa: F401
 
-    HAVE_OPENVINO, WHY = True, ""
+    HAVE_OPENVINO = True
 except ImportError:
-    HAVE_OPENVINO, WHY = False, "the openvino extra is not installed (pip install -e '.[openvino]')"
-needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason=WHY)
+    HAVE_OPENVINO = False
+needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason=OPENVINO_MISSING)
 
 BF16 = 3e-2  # relative error bound of bf16 matmuls on these tiny models (float32 runs within 1e-5)
 
