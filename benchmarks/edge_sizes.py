@@ -6,10 +6,10 @@ the engines alternating round by round; the table shows medians.
     .venv/bin/python benchmarks/random_model.py qwen2.5-1.5b M --gguf Q4_0     # M and M-q4_0.gguf, same weights
     .venv/bin/python benchmarks/edge_sizes.py --hf M --gguf M-q4_0.gguf [--rounds 3] [--devices cpu,openvino]
 
-edgellm runs three bundles: the float folder converted with the defaults, the GGUF with its own blocks (the
-default) and the GGUF with --reblock; each on every --devices entry (openvino: prefill on OpenVINO, decode on
-ONNX Runtime). Peers, each used when installed (see compare.py's header): llama.cpp on the GGUF,
-onnxruntime-genai on its builder's int4 export of the float folder.
+edgellm runs four bundles: the float folder converted with the defaults and with --kv-cache int8, the GGUF with its
+own blocks (the default) and the GGUF with --reblock; each on every --devices entry (openvino: prefill on OpenVINO,
+decode on ONNX Runtime; not the int8 cache, which OpenVINO cannot read). Peers, each used when installed (see
+compare.py's header): llama.cpp on the GGUF, onnxruntime-genai on its builder's int4 export of the float folder.
 """
 
 from __future__ import annotations
@@ -177,15 +177,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     engines = []  # (name, spec, bytes read per token at position 0, KV bytes per position)
     kv_f32 = kv_bytes_per_position(config, 4)
-    for label, src, options in (("float, -q w4", args.hf, {}), ("GGUF blocks", args.gguf, {}),
-                                ("GGUF --reblock", args.gguf, {"reblock": True})):
+    for label, src, options in (("float, -q w4", args.hf, {}), ("float, -q w4 --kv-cache int8", args.hf,
+                                                                 {"kv_cache": "int8"}),
+                                ("GGUF blocks", args.gguf, {}), ("GGUF --reblock", args.gguf, {"reblock": True})):
         started = time.perf_counter()
         bundle = edgellm.convert(src, work / label.replace(" ", "_"), seq_length=context, progress=False, **options)
         print(f"converted {label} in {time.perf_counter() - started:.1f} s")
         weights = matmul_nbits_bytes(bundle / "decoder.onnx")
+        int8_cache = options.get("kv_cache") == "int8"
         for device in args.devices.split(","):
-            engines.append((f"edgellm {label} ({device})",
-                            {"kind": "edgellm", "path": str(bundle), "device": device}, weights, kv_f32))
+            if int8_cache and device == "openvino":  # OpenVINO cannot read the int8 cache's scales
+                continue
+            engines.append((f"edgellm {label} ({device})", {"kind": "edgellm", "path": str(bundle), "device": device},
+                            weights, kv_bytes_per_position(config, 1) if int8_cache else kv_f32))
     try:
         import llama_cpp  # noqa: F401
 

@@ -16,12 +16,33 @@ def load(path, device: str = "cpu", threads: int | None = None, verify: bool = T
     return Model(path, device=device, threads=threads, verify=verify, **options)
 
 
-def convert(source, out, *args, **options):
-    """Convert a Hugging Face folder or a GGUF file into a bundle folder; see edgellm.convert.pipeline.convert for
-    the options. The converter (onnx, gguf) is imported here, on first use: running a bundle never pays for it."""
+def convert(source, out, quantize: str = "w4", group_size: int | None = None, seq_length: int | None = None,
+            chunk_length: int = 128, symmetric: bool | None = None, lm_head: str | None = None,
+            accuracy_level: int = 4, force: bool = False, progress: bool = True, vision_quantize: str | None = None,
+            max_pixels: int | tuple[int, int] | None = None, static_vit: bool = False, reblock: bool = False,
+            kv_cache: str = "f32"):
+    """Convert a Hugging Face folder or a GGUF file (`source`) into a bundle folder `out`; returns its Path.
+
+    quantize: f32 | f16 | w8 | w4 (default), the decoder's weights. group_size: block size of w4/w8 (default 128).
+    symmetric: blocks without zero points (default True). lm_head: the output projection's precision (default w8
+    with w4, else as quantize). A GGUF's own blocks are kept exactly (quantize w4, the default, or f16/f32 to widen
+    them): group_size, symmetric and a quantized lm_head apply to float weights, or with reblock=True, which rounds
+    a GGUF's blocks smaller than group_size again to it (4-bit codes to 4 bits, wider ones to 8).
+    seq_length: the KV cache's length, longest prompt + answer (default: the smaller of 2048 and the model's
+    maximum). chunk_length: prefill chunk (default 128). accuracy_level: MatMulNBits' (4: int8 activations, the fast
+    CPU path; 0: float). kv_cache: "int8" keeps the KV cache at 8 bits with scales calibrated on a built-in text
+    (the conversion then runs the converted decoder once, holding it in memory). force: replace `out` if it exists.
+    progress: a progress bar and the result line on stderr.
+    Vision-language models: vision_quantize (default f16; f32 with quantize f32); max_pixels, a pixel count or
+    (width, height), bounds one image (Qwen2/3-VL: the resize budget, InternVL: the number of tiles); static_vit
+    (Qwen2/3-VL) fixes the vision graph's input to one image size.
+    The converter (onnx, gguf) is imported on first use: running a bundle never pays for it."""
     from .convert.pipeline import convert as run
 
-    return run(source, out, *args, **options)
+    return run(source, out, quantize=quantize, group_size=group_size, seq_length=seq_length,
+               chunk_length=chunk_length, symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level,
+               force=force, progress=progress, vision_quantize=vision_quantize, max_pixels=max_pixels,
+               static_vit=static_vit, reblock=reblock, kv_cache=kv_cache)
 
 
 __all__ = ["load", "convert", "EdgeLLMError", "__version__"]

@@ -12,9 +12,18 @@ from .errors import EdgeLLMError
 WEIGHT_MODES = ["f32", "f16", "w8", "w4"]
 
 
+# Subcommands whose prompt may come after options (`run B -n 10 "Say hi"`): argparse's default parsing has given the
+# optional positional its empty value by then and calls the prompt unrecognized.
+INTERMIXED = ("run",)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in INTERMIXED:
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
     except EdgeLLMError as e:
@@ -24,27 +33,55 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def count(least: int):
+    """An argparse type: an integer of at least `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more, got {value}")
+        return value
+    return parse
+
+
+def port(text: str) -> int:
+    value = count(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="edgellm", description="Convert LLMs to ONNX bundles and run them on the edge.")
+    p.add_argument("--version", action="version", version=f"edgellm {__version__}")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
+    p.commands = sub.choices  # name -> the subcommand's parser
 
     c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file into a bundle")
     c.add_argument("-m", "--model", required=True, help="Hugging Face model folder or .gguf file")
     c.add_argument("-o", "--output", required=True, help="bundle folder to write")
     c.add_argument("-q", "--quantize", default="w4", choices=WEIGHT_MODES,
                    help="weight precision (default w4; GGUF blocks that map exactly are kept as they are)")
-    c.add_argument("-g", "--group-size", type=int, default=128, help="quantization block size (default 128)")
-    c.add_argument("-s", "--seq-length", type=int, default=None,
+    c.add_argument("-g", "--group-size", type=count(16), default=None,
+                   help="quantization block size of float weights (default 128; a GGUF's own with --reblock)")
+    c.add_argument("-s", "--seq-length", type=count(2), default=None,
                    help="KV cache length: longest prompt + answer (default: min(2048, model's maximum))")
-    c.add_argument("--chunk-length", type=int, default=128, help="prefill chunk length (default 128)")
+    c.add_argument("--chunk-length", type=count(1), default=128, help="prefill chunk length (default 128)")
     sym = c.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric blocks (default)")
-    sym.add_argument("--asym", dest="symmetric", action="store_false", help="blocks with zero points")
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None, help="symmetric blocks (default)")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="blocks with zero points")
     c.add_argument("--lm-head", default=None, choices=WEIGHT_MODES,
                    help="output projection's precision (default: w8 with -q w4, else as -q); a GGUF's blocks are kept")
     c.add_argument("--reblock", action="store_true",
                    help="GGUF: round blocks smaller than -g again to -g (faster kernels; see docs/benchmarks.md "
                         "for the quality cost)")
+    c.add_argument("--kv-cache", default="f32", choices=["f32", "int8"],
+                   help="KV cache precision: int8 reads a quarter of the bytes per token at long contexts, with "
+                        "scales calibrated at conversion (which then runs the model once); default f32")
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
     c.add_argument("--vision-quantize", default=None, choices=WEIGHT_MODES,
@@ -64,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("-c", "--device", default="cpu",
                        help="cpu (default); cuda (onnxruntime-gpu); openvino (the openvino extra: prefill and vision "
                             "on OpenVINO, which computes in bf16 where the CPU has AVX512_BF16 or AMX)")
-        q.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+        q.add_argument("-t", "--threads", type=count(1), default=None, help="threads (default: physical cores)")
         q.add_argument("--no-memory-check", dest="check_memory", action="store_false",
                        help="load even when the bundle needs more memory than is free")
         if prompt:
-            q.add_argument("-n", "--max-new-tokens", type=int, default=256)
+            q.add_argument("-n", "--max-new-tokens", type=count(0), default=256)
             q.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the model's)")
             q.add_argument("--top-k", type=int, default=None)
             q.add_argument("--top-p", type=float, default=None)
@@ -104,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions) with a chat page")
     runtime_args(sv, prompt=False)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=port, default=8000)
+    sv.add_argument("--max-request-mib", type=count(1), default=32,
+                    help="largest request body accepted, in MiB (default 32; larger gets 413)")
     sv.add_argument("--name", default=None, help="model id the API reports (default: the bundle folder's name)")
     sv.set_defaults(func=cmd_serve)
 
@@ -185,7 +224,8 @@ def cmd_convert(args) -> None:
     convert(args.model, args.output, quantize=args.quantize, group_size=args.group_size, seq_length=args.seq_length,
             chunk_length=args.chunk_length, symmetric=args.symmetric, lm_head=args.lm_head,
             accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,
-            max_pixels=args.max_pixels, static_vit=args.static_vit, reblock=args.reblock)
+            max_pixels=args.max_pixels, static_vit=args.static_vit, reblock=args.reblock,
+            kv_cache=args.kv_cache)
 
 
 def _prompt_of(args) -> str:
@@ -195,7 +235,12 @@ def _prompt_of(args) -> str:
                            f"standard input){hint}")
     text = args.prompt if args.prompt is not None else args.text
     if text == "-":
-        text = sys.stdin.read().rstrip("\n")  # as $(...) does: `echo question |` adds a newline
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8").rstrip("\n")  # as $(...) does: `echo question |` adds a newline
+        except UnicodeDecodeError as e:
+            raise EdgeLLMError(f"standard input is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") \
+                from None
     if not text.strip():
         raise EdgeLLMError("the prompt is empty")
     return text
@@ -217,44 +262,86 @@ def cmd_run(args) -> None:
 def cmd_serve(args) -> None:
     from pathlib import Path
 
-    from .server import serve
+    from .server import listen, serve
 
+    sock = listen(args.host, args.port)  # before loading: a taken port fails at once
     model = _load(args)
     name = args.name or Path(args.bundle).resolve().name
-    print(f"serving {name} on http://{args.host}:{args.port}/ (chat page) and /v1 (OpenAI API)", file=sys.stderr)
-    serve(model, name, args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {name} on http://{host}:{port}/ (chat page) and /v1 (OpenAI API)", file=sys.stderr)
+    serve(model, name, sock, args.max_request_mib << 20)
+
+
+CHAT_HELP = ("/image FILE and /video FILE attach to the next message, /clear starts over, /quit or Ctrl-D leaves; "
+             "Ctrl-C stops an answer")
 
 
 def cmd_chat(args) -> None:
+    from pathlib import Path
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
     model = _load(args)
     chat = model.chat(system=args.system, max_new_tokens=args.max_new_tokens, frames=args.frames,
                       **_sampling(model, args))
     attach = {"images": list(args.image), "videos": list(args.video)}  # go with the first message
-    print("chat with the model; /image FILE attaches an image to the next message, /clear starts over, "
-          "/quit or Ctrl-D leaves", file=sys.stderr)
+    print(f"chat with the model: {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
             print()
             return
+        except KeyboardInterrupt:  # at the prompt, as in a shell: a fresh line
+            print()
+            continue
+        except UnicodeDecodeError as e:
+            print(f"edgellm: error: the line is not UTF-8 text ({e.reason}); type it again", file=sys.stderr)
+            continue
         if line in ("/quit", "/exit"):
             return
         if line == "/clear":
             chat.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
-        if line.startswith("/image ") or line.startswith("/video "):
-            attach["images" if line.startswith("/image") else "videos"].append(line.split(" ", 1)[1].strip())
+        command, _, argument = line.partition(" ")
+        if command in ("/image", "/video"):
+            kind = "images" if command == "/image" else "videos"
+            if model.vision is None:
+                print("edgellm: error: this bundle has no vision graph: convert a vision-language model to use "
+                      "images and videos", file=sys.stderr)
+            elif not argument.strip() or not Path(argument.strip()).is_file():
+                print(f"edgellm: error: {command} needs a file: {argument.strip() or '(none given)'} is not one",
+                      file=sys.stderr)
+            else:
+                attach[kind].append(argument.strip())
+                print(f"({argument.strip()} goes with the next message)", file=sys.stderr)
             continue
+        if line.startswith("/") and not line.startswith("//"):
+            print(f"edgellm: unknown command {command}: {CHAT_HELP}; start a message with // to send a leading /",
+                  file=sys.stderr)
+            continue
+        if line.startswith("//"):
+            line = line[1:]
         if not line:
             continue
+        dropped = chat.dropped_turns
+        pieces = chat.stream(line, **attach)
         try:
-            _print_stream(chat.stream(line, **attach))
+            _print_stream(pieces)
             attach = {"images": [], "videos": []}  # kept for the next try if this message failed
+        except KeyboardInterrupt:
+            pieces.close()
+            print("\n(answer stopped; this message and its answer are not kept)", file=sys.stderr)
+            continue
         except EdgeLLMError as e:
             print(f"edgellm: error: {e}", file=sys.stderr)
             continue
+        if chat.dropped_turns > dropped:
+            print(f"(the oldest {chat.dropped_turns - dropped} turn(s) were dropped to fit the "
+                  f"{model.seq_length}-token context)", file=sys.stderr)
         print(chat.last_result.timing_line(), file=sys.stderr)
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import json
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,10 +31,13 @@ UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "logprobs":
                "logit_bias": "logit_bias"}
 
 
+MAX_REQUEST_BYTES = 32 << 20  # a request body larger than this gets a 413 (images come base64-encoded inside)
+
+
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
-        self.param = param
+        self.param, self.status = param, status
 
 
 @dataclass
@@ -198,13 +203,36 @@ def timings(result) -> dict:
             "vision_ms": round(result.vision_s * 1000, 1)}
 
 
-def create_app(model, name: str):
+async def read_json(request, limit: int):
+    """The request body as JSON, read no further than `limit` bytes."""
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/"):
+        raise BadRequest(f"send the request body as JSON (Content-Type: application/json), not {kind.split(';')[0]}",
+                         status=415)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"the request body is {int(declared):,} bytes; this server takes at most {limit:,}",
+                         status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(f"the request body is over {limit:,} bytes, the most this server takes", status=413)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+
+
+def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES):
     """The ASGI application serving `model` under the id `name`."""
     from starlette.applications import Starlette
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     lock = asyncio.Lock()  # one generation at a time; waiting requests queue here, not in threads
@@ -231,10 +259,10 @@ def create_app(model, name: str):
         return f"data: {json.dumps(envelope(job, True, **fields), ensure_ascii=False)}\n\n"
 
     async def checked(request: Request, chat: bool) -> Job:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("the request body is not valid JSON") from None
+        body = await read_json(request, max_request_bytes)
+        if isinstance(body, dict) and body.get("model") not in (None, "", name):
+            raise BadRequest(f"model {body['model']!r} is not served here; this server serves {name!r}", "model",
+                             status=404)
         async with lock:  # preparing reads the tokenizer and the vision processor beside no generation
             return await run_in_threadpool(parse, model, body, chat)
 
@@ -242,13 +270,25 @@ def create_app(model, name: str):
         try:
             job = await checked(request, chat)
         except BadRequest as e:
-            return error(str(e), param=e.param)
+            return error(str(e), e.status, param=e.param,
+                         kind="not_found_error" if e.status == 404 else "invalid_request_error")
         except EdgeLLMError as e:
             return error(str(e), param="messages" if chat else "prompt")
         options = dict(max_new_tokens=job.max_tokens, **job.sampling)
         if not job.stream:
             async with lock:
-                result = await run_in_threadpool(model.generate, job.prompt, **options)
+                pieces = model.stream(job.prompt, **options)
+                try:
+                    if await request.is_disconnected():  # gave up while waiting its turn
+                        return Response(status_code=499)
+                    async for _ in iterate_in_threadpool(pieces):
+                        if await request.is_disconnected():  # nobody reads the answer: stop at this token
+                            return Response(status_code=499)
+                    result = model.last_result
+                except EdgeLLMError as e:
+                    return error(str(e), param="messages" if chat else "prompt")
+                finally:
+                    pieces.close()
             return JSONResponse(envelope(job, False, choices=[choice(job, result.text, result.finish_reason)],
                                          usage=usage(result), timings=timings(result)))
 
@@ -280,11 +320,20 @@ def create_app(model, name: str):
     async def completions(request: Request):
         return await complete(request, chat=False)
 
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": int(model.bundle.path.stat().st_mtime), "owned_by": "edgellm",
+                "context_length": model.seq_length, "vision": model.vision is not None,
+                "chat_template": model.chat_template is not None}
+
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{
-            "id": name, "object": "model", "created": int(model.bundle.path.stat().st_mtime), "owned_by": "edgellm",
-            "context_length": model.seq_length, "vision": model.vision is not None,
-            "chat_template": model.chat_template is not None}]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def one_model(request: Request):
+        asked = request.path_params["model"]
+        if asked != name:
+            return error(f"model {asked!r} is not served here; this server serves {name!r}", 404, "model",
+                         kind="not_found_error")
+        return JSONResponse(model_card())
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": name})
@@ -296,13 +345,34 @@ def create_app(model, name: str):
         return error(f"{request.method} {request.url.path}: {exc.detail}", exc.status_code,
                      kind="not_found_error" if exc.status_code == 404 else "invalid_request_error")
 
+    async def server_error(request: Request, exc: Exception):
+        # a JSON body, as every other error has (the chat page and clients parse it); uvicorn logs the traceback
+        return error(f"internal error: {type(exc).__name__}: {exc}", 500, kind="server_error")
+
     routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
+              Route("/v1/models/{model:path}", one_model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
-def serve(model, name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: any free one), or one clear error (a taken port, an unknown host)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)  # connections wait in the backlog until the server accepts them (the model loads first)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise EdgeLLMError(f"cannot listen on {host}:{port}: {reason}"
+                           + ("; choose another --port" if e.errno == errno.EADDRINUSE else "")) from None
+    return sock
+
+
+def serve(model, name: str, sock: socket.socket, max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, name), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(model, name, max_request_bytes), log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])

@@ -278,3 +278,13 @@ def check_images_on_openvino(bundle, messages, images) -> None:
     want, got = cpu.logits(messages, images=images), ov.logits(messages, images=images)
     assert relative_error(got, want) < 3e-2
     assert all(np.isfinite(value).all() for value in ov.vision.cache.popitem()[1].values())
+
+
+def check_images_with_an_int8_cache(folder, bundle, tmp_path, messages, images) -> None:
+    """The model converted with `--kv-cache int8` (calibrated through the family's decoder extension) answers about
+    `images` like the float-cache `bundle`, within what an 8-bit cache costs these tiny random models."""
+    small = edgellm.load(edgellm.convert(folder, tmp_path / "int8-cache", quantize="f32", kv_cache="int8",
+                                         seq_length=edgellm.load(bundle).manifest.seq_length, progress=False))
+    assert small.engine.kv.dtype == np.int8
+    want, got = edgellm.load(bundle).logits(messages, images=images), small.logits(messages, images=images)
+    assert relative_error(got, want) < 0.15

@@ -44,11 +44,17 @@ VERSION_2_VLM = {  # a vision-language bundle whose table is the tied lm_head's 
 }
 
 
-@pytest.mark.parametrize("data", [VERSION_1, VERSION_2_VLM], ids=["v1-float-table", "v2-vlm-tied-table"])
+VERSION_3_INT8_CACHE = {**VERSION_1, "format_version": 3,
+                        "quantization": {**VERSION_1["quantization"], "kv_cache": "int8"}}
+
+
+@pytest.mark.parametrize("data", [VERSION_1, VERSION_2_VLM, VERSION_3_INT8_CACHE],
+                         ids=["v1-float-table", "v2-vlm-tied-table", "v3-int8-cache"])
 def test_manifest_reads_and_writes_the_same_json(data):
     manifest = Manifest.from_json(json.loads(json.dumps(data)))
     assert manifest.to_json() == data
     assert manifest.model.num_key_value_heads == 2 and manifest.tokens.eos_token_ids == [2]
+    assert manifest.quantization.kv_dtype == (np.int8 if data is VERSION_3_INT8_CACHE else np.float32)
     if manifest.vision:
         assert manifest.vision.family == "qwen3_vl" and manifest.vision.settings["patch_size"] == 16
         assert manifest.tokens.media_ids == [5, 6]
@@ -58,8 +64,12 @@ def test_manifest_reads_and_writes_the_same_json(data):
 def test_a_damaged_or_newer_manifest_is_refused_clearly():
     with pytest.raises(EdgeLLMError, match="corrupt manifest .*'model'.*reconvert"):
         Manifest.from_json({k: v for k, v in VERSION_1.items() if k != "model"})
-    with pytest.raises(EdgeLLMError, match="v3 is not edgellm-bundle v1/2; reconvert the model"):
-        Manifest.from_json({**VERSION_1, "format_version": 3})
+    with pytest.raises(EdgeLLMError, match="v0 is not edgellm-bundle v1/2/3; reconvert the model"):
+        Manifest.from_json({**VERSION_1, "format_version": 0})
+    # a bundle from a newer edgellm: upgrading is the fix, not reconverting
+    with pytest.raises(EdgeLLMError, match=r"format v4, written by a newer edgellm \(edgellm 9\.0\); this one reads "
+                                           r"up to v3: upgrade edgellm \(pip install -U edgellm\)"):
+        Manifest.from_json({**VERSION_1, "format_version": 4, "created_by": "edgellm 9.0"})
     with pytest.raises(EdgeLLMError, match="is not edgellm-bundle"):
         Manifest.from_json(["not", "a", "manifest"])
 

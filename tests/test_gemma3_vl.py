@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import check_images_on_openvino
+from helpers import check_images_on_openvino, check_images_with_an_int8_cache
 from helpers import (IMAGE_QUESTION, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy, check_image_logits,
                      picture, write_clip, write_tokenizer)
 
@@ -192,3 +192,8 @@ def test_cli_converts_quantized_and_answers_about_images_and_video(gemma_vl, tmp
 
 def test_images_on_openvino_match_the_cpu_device(gemma_vl):
     check_images_on_openvino(gemma_vl[2], TWO_IMAGES, [picture(150, 70, 1), picture(60, 100, 2)])
+
+
+def test_an_int8_kv_cache_answers_about_images_like_the_float_one(gemma_vl, tmp_path):
+    check_images_with_an_int8_cache(gemma_vl[1], gemma_vl[2], tmp_path, TWO_IMAGES,
+                                    [picture(150, 70, 1), picture(60, 100, 2)])

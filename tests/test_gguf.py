@@ -209,3 +209,25 @@ def test_reblock_rounds_small_gguf_blocks_again_to_the_group_size(tiny, tmp_path
     with pytest.raises(EdgeLLMError, match="--reblock applies to GGUF files"):
         edgellm.convert(folder, tmp_path / "hf", reblock=True, progress=False)
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"quantize": "w8"}, "-q w8 does not apply to this GGUF's Q4_0 blocks"),
+    ({"symmetric": False}, "--asym does not apply to a GGUF's blocks"),
+    ({"group_size": 32}, "-g 32 does not apply to a GGUF's blocks"),
+    ({"lm_head": "w4"}, "--lm-head w4 does not apply to a GGUF"),
+])
+def test_options_a_gguf_cannot_take_are_refused_not_recorded(tiny, tmp_path, options, message):
+    """The file's blocks are kept: an option that would change them (without --reblock) is an error, and nothing
+    is written; with --reblock, -g and --asym apply."""
+    ref_model, folder = tiny("llama")
+    path = tmp_path / "q4.gguf"
+    write_gguf(ref_model, folder, path, "llama", gguf.GGMLQuantizationType.Q4_0)
+    with pytest.raises(EdgeLLMError, match=message):
+        edgellm.convert(path, tmp_path / "b", seq_length=64, progress=False, **options)
+    assert not (tmp_path / "b").exists()
+    if "group_size" in options or "symmetric" in options:
+        out = edgellm.convert(path, tmp_path / "b", seq_length=64, progress=False, reblock=True, **options)
+        manifest = json.loads((out / "manifest.json").read_text())["quantization"]
+        assert manifest["group_size"] == options.get("group_size", 128)
+        assert manifest["symmetric"] == options.get("symmetric", True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import check_images_on_openvino
+from helpers import check_images_on_openvino, check_images_with_an_int8_cache
 from helpers import (IMAGE_QUESTION, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy, check_image_logits,
                      picture, write_clip, write_tokenizer)
 from PIL import Image
@@ -324,3 +324,8 @@ def test_running_a_vision_bundle_never_imports_the_converter(internvl, tmp_path)
 
 def test_images_on_openvino_match_the_cpu_device(internvl):
     check_images_on_openvino(internvl[2], TWO_IMAGES, [picture(150, 70, 1), picture(60, 100, 2)])
+
+
+def test_an_int8_kv_cache_answers_about_images_like_the_float_one(internvl, tmp_path):
+    check_images_with_an_int8_cache(internvl[1], internvl[2], tmp_path, TWO_IMAGES,
+                                    [picture(150, 70, 1), picture(60, 100, 2)])

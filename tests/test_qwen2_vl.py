@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import check_images_on_openvino
+from helpers import check_images_on_openvino, check_images_with_an_int8_cache
 from helpers import (IMAGE_QUESTION, QWEN_VL_TEMPLATE, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy,
                      check_image_logits, check_patches, picture, qwen_vl_inputs, write_clip, write_tokenizer)
 from helpers import QWEN_VL_MARKERS as MARKERS
@@ -241,3 +241,8 @@ def test_static_vit_fixes_the_vision_graph_input_size(qwen_vl, tmp_path):
 
 def test_images_on_openvino_match_the_cpu_device(qwen_vl):
     check_images_on_openvino(qwen_vl[2], TWO_IMAGES, [picture(150, 70, 1), picture(60, 100, 2)])
+
+
+def test_an_int8_kv_cache_answers_about_images_like_the_float_one(qwen_vl, tmp_path):
+    check_images_with_an_int8_cache(qwen_vl[1], qwen_vl[2], tmp_path, TWO_IMAGES,
+                                    [picture(150, 70, 1), picture(60, 100, 2)])

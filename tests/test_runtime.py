@@ -158,13 +158,13 @@ def test_bundle_format_versions(bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(bundle("llama", "f32"), copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    assert manifest["format_version"] == 2
-    for version, opens in [(1, True), (3, False)]:
+    assert manifest["format_version"] == 3
+    for version, opens in [(1, True), (2, True), (4, False)]:
         (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
         if opens:
             assert edgellm.load(copy).engine.embed([1, 2]).shape == (2, manifest["model"]["hidden_size"])
         else:
-            with pytest.raises(EdgeLLMError, match=r"v3 is not edgellm-bundle v1/2; reconvert the model"):
+            with pytest.raises(EdgeLLMError, match=r"format v4, written by a newer edgellm .* upgrade edgellm"):
                 edgellm.load(copy)
 
 
@@ -253,7 +253,7 @@ def test_cli_convert_run_and_bench(tiny, tmp_path, capsys, monkeypatch):
     assert main(["run", str(out), "Liberty", *greedy]) == 0  # the prompt as a positional argument
     again = capsys.readouterr()
     assert again.out == answer.out and prompt_size in again.err
-    monkeypatch.setattr("sys.stdin", io.StringIO("Liberty\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Liberty\n")))
     assert main(["run", str(out), "-", *greedy]) == 0  # - reads standard input, without echo's newline
     again = capsys.readouterr()
     assert again.out == answer.out and prompt_size in again.err
@@ -264,7 +264,7 @@ def test_cli_convert_run_and_bench(tiny, tmp_path, capsys, monkeypatch):
         assert "give the prompt once" in capsys.readouterr().err
     assert main(["run", str(out), "-i", "a.png", "Liberty"]) == 2  # the prompt was taken as an image
     assert "put the prompt first" in capsys.readouterr().err
-    monkeypatch.setattr("sys.stdin", io.StringIO(" \n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b" \n")))
     assert main(["run", str(out), "-"]) == 2
     assert "the prompt is empty" in capsys.readouterr().err
     assert main(["bench", str(out), "--prompt-lengths", "8,32", "--decode-tokens", "4", "--repeats", "1"]) == 0

@@ -153,12 +153,18 @@ def test_cli_serve_builds_the_app_for_the_bundle(bundle, monkeypatch, capsys):
     import uvicorn
 
     started = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+
+    def run(server, sockets):
+        started.update(app=server.config.app, address=sockets[0].getsockname())
+        sockets[0].close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     path = bundle("llama", "f32", seq_length=96)
-    assert main(["serve", str(path), "--port", "8123"]) == 0
-    assert started["port"] == 8123 and started["host"] == "127.0.0.1"
+    assert main(["serve", str(path), "--port", "0"]) == 0
+    host, port = started["address"]
+    assert host == "127.0.0.1" and port > 0
     assert TestClient(started["app"]).get("/v1/models").json()["data"][0]["id"] == path.name
-    assert "http://127.0.0.1:8123/" in capsys.readouterr().err
+    assert f"http://127.0.0.1:{port}/" in capsys.readouterr().err
 
 
 def test_a_client_that_goes_away_stops_its_generation(bundle):

@@ -99,7 +99,8 @@ def test_greedy_generation_matches_transformers(tiny, bundle, arch):
         expected = expected[: expected.index(eos)]
     result = model.generate("Four score and seven years ago", max_new_tokens=32)
     assert result.token_ids == expected
-    assert result.text == model.tokenizer.decode(expected)
+    # an answer cut (by max_new_tokens) inside a multi-byte character ends before it, not with U+FFFD
+    assert result.text == model.tokenizer.decode(expected).rstrip("\ufffd")
 
 
 def test_multi_turn_chat_equals_full_rerun(bundle):

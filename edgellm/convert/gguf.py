@@ -61,6 +61,10 @@ class GGUFSource(ModelSource):
                 self._tensors[name] = t
         self.config = self._hf_config()
 
+    def block_types(self) -> set[str]:
+        """The GGML types of the file's quantized tensors (Q4_0, Q8_0, Q6_K...)."""
+        return {t.tensor_type.name for t in self._tensors.values() if t.tensor_type.name not in ("F32", "F16", "BF16")}
+
     # --- config --------------------------------------------------------------------------------
     def _hf_config(self) -> dict:
         a, m = self.arch, self.meta

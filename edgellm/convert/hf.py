@@ -53,13 +53,32 @@ class SafetensorsFile:
         return array
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeLLMError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+
+
+def read_json(path: Path, missing=None):
+    """A JSON file of the checkpoint folder; `missing` when it is absent (if given), one clear error when damaged."""
+    if missing is not None and not path.is_file():
+        return missing
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise EdgeLLMError(f"{path}: not valid JSON ({e})") from None
+
+
 class HFSource(ModelSource):
     def __init__(self, folder: Path):
         self.folder = folder
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise EdgeLLMError(f"{folder}: no config.json; expected a Hugging Face model folder or a .gguf file")
-        self.config = json.loads(config_path.read_text())
+        self.config = read_json(config_path)
+        if not isinstance(self.config, dict):
+            raise EdgeLLMError(f"{config_path}: expected a JSON object")
         self._files: dict[str, SafetensorsFile] = {}
 
     @cached_property
@@ -67,7 +86,10 @@ class HFSource(ModelSource):
         """Tensor name -> shard file; read on first use, so that an unknown architecture is named first."""
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            return json.loads(index.read_text())["weight_map"]
+            index_data = read_json(index)
+            if not isinstance(index_data, dict) or not isinstance(index_data.get("weight_map"), dict):
+                raise EdgeLLMError(f"{index}: no 'weight_map' object; the shard index is damaged")
+            return index_data["weight_map"]
         shards = sorted(self.folder.glob("*.safetensors"))
         if not shards:
             raise EdgeLLMError(f"{self.folder}: no *.safetensors weights found (PyTorch .bin files are not read; "
@@ -99,28 +121,25 @@ class HFSource(ModelSource):
         path = self.folder / "tokenizer.json"
         if not path.is_file():
             raise EdgeLLMError(f"{self.folder}: no tokenizer.json (edgellm needs the fast-tokenizer file)")
-        return path.read_text()
+        return read_text(path)
 
     def tokenizer_config(self) -> dict:
-        path = self.folder / "tokenizer_config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(self.folder / "tokenizer_config.json", {})
 
     def chat_template(self) -> str | None:
         jinja = self.folder / "chat_template.jinja"
         if jinja.is_file():
-            return jinja.read_text()
+            return read_text(jinja)
         as_json = self.folder / "chat_template.json"
         if as_json.is_file():
-            return json.loads(as_json.read_text()).get("chat_template")
+            return read_json(as_json).get("chat_template")
         template = self.tokenizer_config().get("chat_template")
         if isinstance(template, list):  # several named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
         return template
 
     def generation_config(self) -> dict:
-        path = self.folder / "generation_config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(self.folder / "generation_config.json", {})
 
     def preprocessor_config(self) -> dict:
-        path = self.folder / "preprocessor_config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(self.folder / "preprocessor_config.json", {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -13,16 +14,18 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import EdgeLLMError
 from ..format.blocks import QuantizedWeight
-from ..format import (DECODER_GRAPH, MANIFEST, VISION_GRAPH, Manifest, Quantization, Tokens, VisionSection,
-                      check_output, save_table, staging_folder, write_manifest)
+from ..format import (DECODER_GRAPH, MANIFEST, VISION_GRAPH, EmbeddingsEntry, EmbeddingTable, Manifest, Quantization,
+                      Tokens, VisionSection, check_output, save_table, staging_folder, write_manifest)
 from ..modeling.family import TextFamily, VisionOptions
 from ..models import families, family_for
 from ..vision.processor import MediaTokens
 from .graph import DataFile, GraphBuilder, WeightPolicy
+from .kv_cache import CALIBRATION_TEXT, KV_CACHE_MODES, calibrate, quantize_cache, scales_from_ranges
 from .quantize import reblock
 from .source import ModelSource
 
 QUANT_MODES = ("f32", "f16", "w8", "w4")
+EIGHT_BIT_GGML = {"Q8_0", "Q8_1", "Q8_K"}  # GGUF block types that -q w8 keeps as 8-bit blocks
 DECODER_FILE = "decoder.onnx"
 LM_HEAD_PIECE_BYTES = 32 << 20  # a larger quantized lm_head is stored in row pieces (see WeightPolicy)
 VISION_FILE = "vision.onnx"
@@ -102,25 +105,25 @@ class _Reblocked(_PassThrough):
         return w
 
 
-def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: int = 128,
-            seq_length: int | None = None, chunk_length: int = 128, symmetric: bool = True,
-            lm_head: str | None = None, accuracy_level: int = 4, force: bool = False,
-            progress: bool = True, vision_quantize: str | None = None,
-            max_pixels: int | tuple[int, int] | None = None, static_vit: bool = False, reblock: bool = False) -> Path:
-    """Convert a Hugging Face folder or a GGUF file into a bundle folder at `out`; returns `out`.
-    A vision-language model also gets a vision graph, whose weights default to f16 (f32 when quantize is f32);
-    max_pixels, a pixel count or (width, height), bounds the pixels of one image (Qwen2/3-VL: the resize budget,
-    InternVL: the number of tiles). static_vit (Qwen2/3-VL) fixes the vision graph's input to one image size
-    (max_pixels' width and height, or the largest square within its count): every image is resized to it.
-    lm_head is the output projection's precision for float weights (default: w8 with w4, as llama.cpp keeps its
-    output tensor at 6-8 bits; otherwise the same as quantize); a GGUF's own blocks are kept, unless reblock:
-    then those smaller than group_size are rounded again to it (4-bit codes to 4 bits, wider ones to 8)."""
+def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int | None, seq_length: int | None,
+            chunk_length: int, symmetric: bool | None, lm_head: str | None, accuracy_level: int, force: bool,
+            progress: bool, vision_quantize: str | None, max_pixels: int | tuple[int, int] | None, static_vit: bool,
+            reblock: bool, kv_cache: str) -> Path:
+    """edgellm.convert, which documents the options and their defaults (None: the default for the source)."""
+    if Path(src).suffix.lower() == ".gguf":
+        check_gguf_options(quantize, group_size, symmetric, lm_head, reblock)
+    group_size = 128 if group_size is None else group_size
+    symmetric = True if symmetric is None else symmetric
+    if group_size < 16 or group_size & (group_size - 1):
+        raise EdgeLLMError(f"-g must be a power of two of 16 or more (MatMulNBits' blocks), got {group_size}")
     vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
     lm_head = lm_head or ("w8" if quantize == "w4" else quantize)
     for what, mode in (("quantization", quantize), ("vision quantization", vision_quantize),
                        ("lm_head precision", lm_head)):
         if mode not in QUANT_MODES:
             raise EdgeLLMError(f"unknown {what} {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    if kv_cache not in KV_CACHE_MODES:
+        raise EdgeLLMError(f"unknown KV cache precision {kv_cache!r}; choose one of {', '.join(KV_CACHE_MODES)}")
     if chunk_length < 1:
         raise EdgeLLMError("--chunk-length must be at least 1")
     if reblock and Path(src).suffix.lower() != ".gguf":
@@ -129,6 +132,10 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
     out = Path(out)
     check_output(out, force)  # before any work
     checkpoint = source = open_source(src)
+    if quantize == "w8" and source.block_types() - EIGHT_BIT_GGML:
+        kinds = ", ".join(sorted(source.block_types() - EIGHT_BIT_GGML))
+        raise EdgeLLMError(f"-q w8 does not apply to this GGUF's {kinds} blocks, which are kept as they are (-q w4, "
+                           "the default); -q f16 / f32 widen them to float")
     architecture = (source.config.get("architectures") or ["<missing>"])[0]
     family = family_for(architecture)
     parts = None
@@ -146,9 +153,12 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
         source, model, text_family = parts.text, parts.decoder, parts.text_family
     config = source.config
     max_positions = int(config.get("max_position_embeddings") or 2048)
-    seq_length = int(seq_length or min(2048, max_positions))
+    seq_length = int(seq_length if seq_length is not None else min(2048, max_positions))
     if seq_length < 2:
-        raise EdgeLLMError("--seq-length must be at least 2")
+        raise EdgeLLMError(f"--seq-length must be at least 2, got {seq_length}")
+    if seq_length > max_positions:
+        raise EdgeLLMError(f"--seq-length {seq_length} is more than the {max_positions} positions the model "
+                           "was trained for (max_position_embeddings in its config)")
     tokenizer_json = compact_merges(source.tokenizer_json())
     tokens = special_tokens(source, tokenizer_json)
     if parts:
@@ -176,6 +186,12 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
                                           stored_blocks(stage / DECODER_FILE, g.nbits_weights.get("lm_head")),
                                           model.embedding_multiplier)
             bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
+        if kv_cache == "int8":
+            extension_for = None
+            if parts:
+                processor = family.processor(parts.settings.to_json())
+                extension_for = processor.decoder_extension
+            int8_cache(stage, embeddings_entry, tokenizer_json, seq_length, chunk_length, extension_for, progress)
         (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         template = source.chat_template()
         if template:
@@ -187,14 +203,48 @@ def convert(src: str | Path, out: str | Path, quantize: str = "w4", group_size: 
             created_by=f"edgellm {__version__}", architecture=architecture, family=text_family,
             source={"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf"},
             model=model.shape(), seq_length=seq_length, chunk_length=chunk_length,
-            quantization=Quantization(quantize, group_size, symmetric, lm_head, accuracy_level, g.matmul_formats),
+            quantization=Quantization(quantize, group_size, symmetric, lm_head, accuracy_level, g.matmul_formats,
+                                      kv_cache),
             tokens=Tokens(**tokens), graphs=graphs, embeddings=embeddings_entry,
             vision=VisionSection(family.name, parts.settings.to_json(), vision_quantize) if parts else None)
         write_manifest(stage, manifest)
     if progress:
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-        tqdm.write(f"wrote {out} ({size:.1f} MiB, {quantize}) in {time.perf_counter() - started:.1f} s")
+        tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(quantize, g.matmul_formats, kv_cache)}) in "
+                   f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return out
+
+
+def check_gguf_options(quantize: str, group_size: int | None, symmetric: bool | None, lm_head: str | None,
+                       reblock: bool) -> None:
+    """A GGUF's blocks are kept as they are: refuse options that would not apply, rather than record them."""
+    if lm_head in ("w4", "w8"):
+        raise EdgeLLMError(f"--lm-head {lm_head} does not apply to a GGUF: its output tensor's blocks are kept as "
+                           "they are (or widened with --lm-head f16 / f32)")
+    if not reblock and quantize == "w4":
+        for given, flag in ((group_size is not None, f"-g {group_size}"), (symmetric is not None,
+                                                                           "--sym" if symmetric else "--asym")):
+            if given:
+                raise EdgeLLMError(f"{flag} does not apply to a GGUF's blocks, which are kept as they are; add "
+                                   "--reblock to round them again to -g blocks")
+
+
+def int8_cache(stage: Path, embeddings: EmbeddingsEntry, tokenizer_json: str, seq_length: int, chunk_length: int,
+               extension_for, progress: bool) -> None:
+    """Calibrate the staged decoder's KV cache ranges on the built-in text and rewrite the graph to an int8 cache."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(tokenizer_json).encode(CALIBRATION_TEXT).ids[:seq_length]
+    with tqdm(total=len(ids), desc="calibrating the int8 KV cache", unit="token", disable=not progress) as bar:
+        ranges = calibrate(stage / DECODER_FILE, EmbeddingTable(stage, embeddings), ids, chunk_length, extension_for,
+                           on_chunk=lambda done: bar.update(done - bar.n))
+    quantize_cache(stage / DECODER_FILE, scales_from_ranges(ranges))
+
+
+def describe(quantize: str, matmuls: dict[str, int], kv_cache: str) -> str:
+    """What the result line says the bundle holds: the mode and the weight formats the graph has."""
+    formats = ", ".join(f"{count} x {kind}" for kind, count in matmuls.items())
+    return quantize + (f": {formats}" if formats else "") + (f", {kv_cache} KV cache" if kv_cache != "f32" else "")
 
 
 def data_file(stage: Path, graph_file: str) -> DataFile:

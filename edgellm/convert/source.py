@@ -31,6 +31,10 @@ class ModelSource:
     def linear(self, name: str) -> np.ndarray | QuantizedWeight:
         return self.tensor(name)
 
+    def block_types(self) -> set[str]:
+        """The block formats of pre-quantized weights the source holds (a GGUF's Q4_0, Q8_0...); none for floats."""
+        return set()
+
     def tokenizer_json(self) -> str:
         raise NotImplementedError
 

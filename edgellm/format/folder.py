@@ -38,15 +38,18 @@ def file_checksums(path: Path, kinds=("sha256", "crc32"), chunk: int = 1 << 22) 
 
 def check_output(out: Path, overwrite: bool) -> None:
     if Path(out).exists() and not overwrite:
-        raise EdgeLLMError(f"{out} already exists; choose another output folder or pass --force to replace it")
+        raise EdgeLLMError(f"{out} already exists; choose another output folder, or replace it (--force; force=True in "
+                           "Python)")
 
 
 @contextmanager
 def staging_folder(out: Path, overwrite: bool):
-    """Yields an empty folder beside `out`; on success it replaces `out`, on any failure it is removed."""
+    """Yields an empty folder beside `out`; on success it replaces `out`, on any failure it is removed (an OSError,
+    such as a full disk, becomes one EdgeLLMError). Folders that a killed conversion left are removed first."""
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(out)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}-{int(time.time())}"
     stage.mkdir()
     try:
@@ -58,9 +61,35 @@ def staging_folder(out: Path, overwrite: bool):
             shutil.rmtree(old)
         else:
             stage.rename(out)
+    except OSError as e:  # a full disk, a file too large for the file system, a folder without write permission
+        shutil.rmtree(stage, ignore_errors=True)
+        raise EdgeLLMError(f"writing {out} failed: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+                           + "; nothing was written") from None
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def remove_abandoned(out: Path) -> None:
+    """Staging (and replaced) folders of `out` left by a conversion that was killed: their process is gone."""
+    for leftover in out.parent.glob(f".{out.name}.partial-*") if out.parent.exists() else ():
+        if not _alive(leftover.name[len(f".{out.name}.partial-"):].split("-")[0]):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in out.parent.glob(f".{out.name}.old-*") if out.parent.exists() else ():
+        if not _alive(leftover.name[len(f".{out.name}.old-"):]):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return True  # not ours: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

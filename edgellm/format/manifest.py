@@ -7,11 +7,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Union
 
+import numpy as np
+
 from ..errors import EdgeLLMError
 
 FORMAT = "edgellm-bundle"
-FORMAT_VERSION = 2  # 2: the embedding table may be a tied lm_head's blocks inside the graph's data file
-READABLE_VERSIONS = (1, FORMAT_VERSION)  # what the runtime opens: 1 differs only in always writing its own table
+# 2: the embedding table may be a tied lm_head's blocks inside the graph's data file; 3: the KV cache may be int8
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, FORMAT_VERSION)  # what the runtime opens: older versions lack only what came later
 MANIFEST = "manifest.json"
 
 
@@ -49,6 +52,17 @@ class Quantization:
     lm_head: str
     accuracy_level: int
     matmuls: dict[str, int] = field(default_factory=dict)  # e.g. {"4-bit/32 +mins": 120}: what the graph holds
+    kv_cache: str = "f32"  # f32 | int8 (scales per layer, head and channel inside the graph)
+
+    @property
+    def kv_dtype(self) -> type:
+        return np.int8 if self.kv_cache == "int8" else np.float32
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        if self.kv_cache == "f32":  # as bundles before format 3 were written
+            del data["kv_cache"]
+        return data
 
 
 @dataclass
@@ -205,7 +219,7 @@ class Manifest:
         data = {"format": FORMAT, "format_version": self.format_version, "created_by": self.created_by,
                 "architecture": self.architecture, "family": self.family, "source": self.source,
                 "model": self.model.to_json(), "seq_length": self.seq_length, "chunk_length": self.chunk_length,
-                "quantization": asdict(self.quantization), "tokens": self.tokens.to_json(), "graphs": self.graphs,
+                "quantization": self.quantization.to_json(), "tokens": self.tokens.to_json(), "graphs": self.graphs,
                 "embeddings": self.embeddings.to_json()}
         if self.vision is not None:
             data["vision"] = self.vision.to_json()
@@ -214,8 +228,13 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict, where: str = MANIFEST) -> "Manifest":
-        if not isinstance(data, dict) or data.get("format") != FORMAT \
-                or data.get("format_version") not in READABLE_VERSIONS:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version is not None and data.get("format") == FORMAT and isinstance(version, int) \
+                and version > FORMAT_VERSION:
+            raise EdgeLLMError(f"{where}: this bundle is format v{version}, written by a newer edgellm "
+                               f"({data.get('created_by') or 'unknown version'}); this one reads up to "
+                               f"v{FORMAT_VERSION}: upgrade edgellm (pip install -U edgellm)")
+        if not isinstance(data, dict) or data.get("format") != FORMAT or version not in READABLE_VERSIONS:
             found = data if not isinstance(data, dict) else f"{data.get('format')!r} v{data.get('format_version')}"
             raise EdgeLLMError(f"{where}: bundle format {found} is not {FORMAT} "
                                f"v{'/'.join(map(str, READABLE_VERSIONS))}; reconvert the model with this edgellm")

@@ -26,7 +26,10 @@ class ChatTemplate:
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self.template = env.from_string(source)
+        try:
+            self.template = env.from_string(source)
+        except TemplateError as e:
+            raise EdgeLLMError(f"the bundle's chat template does not parse: {e}") from None
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
@@ -35,7 +38,9 @@ class ChatTemplate:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         **self.special, **extra)
         except TemplateError as e:
-            raise EdgeLLMError(f"the chat template refused the conversation: {e}") from e
+            raise EdgeLLMError(f"the chat template refused the conversation: {e}") from None
+        except Exception as e:  # a template's own bug (adding a string to a number...): still one clear line
+            raise EdgeLLMError(f"the chat template failed on this conversation ({type(e).__name__}: {e})") from None
 
 
 def user_content(text: str, images: int = 0, videos: int = 0):
@@ -44,6 +49,12 @@ def user_content(text: str, images: int = 0, videos: int = 0):
     if not images and not videos:
         return text
     return [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": text}]
+
+
+def message_texts(message: dict) -> list[str]:
+    """A checked message's text: its content string, or its text parts' texts."""
+    content = message["content"]
+    return [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
 
 
 def check_messages(messages) -> None:

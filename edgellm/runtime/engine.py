@@ -56,16 +56,16 @@ def open_session(path, options: ort.SessionOptions, providers: list[str]) -> ort
         raise EdgeLLMError(f"{path}: ONNX Runtime could not load the graph ({e})") from e
 
 
-def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """A zeroed float32 array whose memory becomes resident page by page as it is written: the KV cache costs
+def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A zeroed array whose memory becomes resident page by page as it is written: the KV cache costs
     what the conversation fills, not the bundle's whole length. (numpy asks for transparent huge pages on large
     arrays; their first write commits 2 MiB, so one token written into every head's slice made all of it resident.)"""
-    count = int(np.prod(shape))
+    count, size = int(np.prod(shape)), np.dtype(dtype).itemsize
     private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
-    buffer = mmap.mmap(-1, max(1, count * 4), **private)  # anonymous: zeroed, committed on first write
+    buffer = mmap.mmap(-1, max(1, count * size), **private)  # anonymous: zeroed, committed on first write
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buffer.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buffer, np.float32, count=count).reshape(shape)
+    return np.frombuffer(buffer, dtype, count=count).reshape(shape)
 
 
 def session_options(threads: int | None, spinning: bool, profile_prefix: str | None = None) -> ort.SessionOptions:
@@ -87,6 +87,10 @@ class Engine:
                  profile_prefix: str | None = None, processor: Processor | None = None):
         """`device` as check_device has accepted it (Model checks it before anything loads)."""
         m = bundle.manifest.model
+        if device == "openvino" and bundle.manifest.quantization.kv_cache != "f32":
+            raise EdgeLLMError(f"device openvino cannot run this bundle's {bundle.manifest.quantization.kv_cache} KV "
+                               "cache (OpenVINO's GroupQueryAttention ignores the cache's scales); use device cpu, or "
+                               "reconvert without --kv-cache")
         self.bundle = bundle
         self.seq_length = bundle.manifest.seq_length
         self.chunk_length = bundle.manifest.chunk_length
@@ -96,11 +100,13 @@ class Engine:
         if device == "openvino":
             from .openvino import CompiledGraph
 
+
             self.openvino = CompiledGraph(decoder, threads or default_threads())
             self.chunk_length = max(self.chunk_length, OPENVINO_CHUNK)
         self.embeddings = EmbeddingTable(bundle.path, bundle.manifest.embeddings)
         layers = m.num_hidden_layers
-        self.kv = lazy_zeros((layers, 2, 1, m.num_key_value_heads, self.seq_length, m.head_dim))
+        self.kv = lazy_zeros((layers, 2, 1, m.num_key_value_heads, self.seq_length, m.head_dim),
+                             bundle.manifest.quantization.kv_dtype)
         self.binding = self.session.io_binding()
         for i in range(layers):
             for j, kind in enumerate(("key", "value")):

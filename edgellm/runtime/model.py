@@ -14,12 +14,12 @@ import numpy as np
 
 from ..errors import EdgeLLMError
 from ..format import VISION_GRAPH, open_bundle
-from .chat import ChatTemplate, check_messages, user_content
+from .chat import ChatTemplate, check_messages, message_texts, user_content
 from .engine import Engine, check_device
 from .lookup import prompt_lookup
 from .memory import check_fits
 from .sampling import Sampler, SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, check_text
 
 
 @dataclass
@@ -131,6 +131,7 @@ class Model:
                 raise EdgeLLMError("images need the bundle's chat template; raw prompts cannot hold them")
             p = [{"role": "user", "content": user_content(p, len(images), len(videos))}]
         if isinstance(p, str):
+            self._check_text_size([p])
             if raw or self.chat_template is None:
                 return Prompt(self.tokenizer.encode(p), [])
             p = [{"role": "user", "content": p}]
@@ -139,6 +140,7 @@ class Model:
                 raise EdgeLLMError("token ids cannot carry images; pass a prompt or messages with images=")
             return Prompt([int(t) for t in p], [])
         check_messages(p)
+        self._check_text_size([text for m in p for text in message_texts(m)])
         if self.chat_template is None:
             raise EdgeLLMError("this bundle has no chat template; pass a plain string prompt (raw text) instead")
         wanted = {kind: sum(1 for m in p if not isinstance(m["content"], str)
@@ -175,6 +177,16 @@ class Model:
                 elif kind == "video":
                     items.append(self.vision.video(next(queues["video"]), frames))
         return items
+
+    def _check_text_size(self, texts: list[str]) -> None:
+        """Refuse text too long for the bundle before tokenizing it (a 10 MB prompt takes seconds to tokenize)."""
+        for i, text in enumerate(texts):
+            check_text(text, "the prompt" if len(texts) == 1 else f"message {i}")
+        size = sum(len(text.encode("utf-8")) for text in texts)
+        limit = 2 * self.seq_length * self.tokenizer.longest_token_bytes
+        if size > limit:
+            raise EdgeLLMError(f"the prompt is {size:,} bytes: more than this bundle's {self.seq_length} tokens can "
+                               f"hold (at most {limit:,} bytes); shorten the prompt")
 
     def check_length(self, n: int) -> None:
         if n == 0:

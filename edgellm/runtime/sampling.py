@@ -21,8 +21,9 @@ class Bound:
     integer: bool = False
     low_means: str = ""  # what the lowest value does, for the message ("greedy")
 
-    def allows(self, value) -> bool:  # NaN fails every comparison, so it is refused
-        return (value >= self.low if self.low_allowed else value > self.low) and value <= self.high
+    def allows(self, value) -> bool:  # NaN fails every comparison; infinities are refused too
+        finite = isinstance(value, int) or math.isfinite(value)
+        return finite and (value >= self.low if self.low_allowed else value > self.low) and value <= self.high
 
     def describe(self) -> str:
         low = f"{self.low} ({self.low_means})" if self.low_means else f"{self.low}"

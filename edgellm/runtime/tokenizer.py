@@ -7,6 +7,20 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _Tokenizer
 
+from ..errors import EdgeLLMError
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Text the tokenizer can take: str, encodable as UTF-8 (a lone surrogate such as "\\ud800", which JSON and
+    Python allow and undecodable command-line bytes become, is not)."""
+    if not isinstance(text, str):
+        raise EdgeLLMError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EdgeLLMError(f"{what} is not valid Unicode: {e.object[e.start:e.end]!r} at character {e.start} "
+                           "(a lone surrogate, or bytes that are not UTF-8)") from None
+
 
 class Tokenizer:
     def __init__(self, path: Path):
@@ -17,7 +31,16 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @cached_property
+    def longest_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text one token stands for: its string's own UTF-8 length (byte-level
+        BPE writes each byte as one character of one or two bytes, SentencePiece a space as the 3-byte "▁").
+        A text over n times this many bytes (doubled for normalizers that drop characters) has more than n tokens:
+        a prompt's length is bounded before it is tokenized."""
+        return max(len(token.encode("utf-8")) for token in self.vocabulary)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -54,8 +77,9 @@ class StreamDecoder:
         return ""
 
     def flush(self) -> str:
-        """What is still held back at the end (an incomplete character decodes as U+FFFD, honestly)."""
+        """What is still held back at the end, less an incomplete last character (an answer cut by its length
+        inside a multi-byte character ends before it rather than with U+FFFD)."""
         before = self.tokenizer.decode(self.ids[self.prefix_offset: self.read_offset])
         now = self.tokenizer.decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return now[len(before):]
+        return now[len(before):].rstrip("\ufffd")

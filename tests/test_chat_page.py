@@ -1,0 +1,133 @@
+"""The chat page in a real browser (headless Chromium through selenium, as Debian packages them): answers arrive,
+the newest line stays above the input bar, "New chat" stops an answer and keeps it out of the new conversation,
+and Enter that confirms an input method's composition does not send."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+
+import edgellm
+from edgellm.server import create_app
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="Chromium and its driver are not installed (apt-get install chromium "
+                                       "chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def page(bundle):
+    """(browser on the chat page, the model the server runs)."""
+    import uvicorn
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    model = edgellm.load(bundle("llama", "f32", seq_length=1024))
+    model.eos_token_ids = []  # answers run to their max_tokens
+    results, stream = [], model.stream
+
+    def paced(*args, **kwargs):  # a model of a real size: about 200 tokens/s; each request's result is kept
+        pieces = stream(*args, **kwargs)
+        try:
+            for piece in pieces:
+                if not any(r is model.last_result for r in results):
+                    results.append(model.last_result)
+                time.sleep(0.005)
+                yield piece
+        finally:
+            pieces.close()
+
+    model.stream = paced
+    model.results = results
+    server = uvicorn.Server(uvicorn.Config(create_app(model, "tiny"), host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(DRIVER), options=options)
+    browser.get(f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/")
+    wait_for(browser, lambda b: "context 1024 tokens" in b.find_element("id", "model").text)
+    yield browser, model
+    browser.quit()
+    server.should_exit = True
+    thread.join(10)
+
+
+def wait_for(browser, condition, seconds: float = 30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, seconds, poll_frequency=0.05).until(condition)
+
+
+def messages(browser, kind: str) -> list:
+    return browser.find_elements("css selector", f"#log .msg.{kind}")
+
+
+def send(browser, text: str, max_tokens: int = 8) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box = browser.find_element("id", "max_tokens")
+    box.clear()
+    box.send_keys(str(max_tokens))
+    browser.find_element("id", "prompt").send_keys(text, Keys.ENTER)
+
+
+def answered(browser) -> bool:
+    timings = browser.find_elements("css selector", "#log .msg.assistant .timing")
+    return bool(timings) and len(timings) == len(messages(browser, "assistant")) \
+        and browser.find_element("id", "send").is_enabled()
+
+
+def test_answers_arrive_and_the_newest_stays_in_view(page):
+    browser, _ = page
+    browser.find_element("id", "clear").click()
+    for i in range(6):  # more than the window holds
+        send(browser, f"We hold these truths, number {i}", max_tokens=24)
+        wait_for(browser, answered)
+    last = messages(browser, "assistant")[-1]
+    assert "decode" in last.find_element("css selector", ".timing").text
+    bottom = browser.execute_script("return arguments[0].getBoundingClientRect().bottom", last)
+    bar = browser.execute_script("return document.getElementById('form').getBoundingClientRect().top")
+    assert bottom <= bar + 1  # not hidden behind the input bar
+
+
+def test_new_chat_stops_the_answer_and_starts_clean(page):
+    browser, model = page
+    browser.find_element("id", "clear").click()
+    send(browser, "Tell me a long story", max_tokens=1000)
+    wait_for(browser, lambda b: messages(b, "assistant") and messages(b, "assistant")[0].text)
+    story = model.results[-1]
+    browser.find_element("id", "clear").click()
+    assert messages(browser, "user") == [] and browser.find_element("id", "send").is_enabled()
+    send(browser, "Hello")
+    wait_for(browser, answered)
+    timing = messages(browser, "assistant")[-1].find_element("css selector", ".timing").text
+    prompt_tokens = int(timing.split("prompt ")[1].split(" ")[0])
+    assert prompt_tokens == len(model.prompt_ids([{"role": "user", "content": "Hello"}]))  # the old answer is gone
+    assert len(messages(browser, "user")) == 1 and len(messages(browser, "assistant")) == 1
+    assert len(story.token_ids) < 1000  # the server stopped the abandoned answer
+
+
+def test_enter_that_ends_an_input_method_composition_does_not_send(page):
+    browser, _ = page
+    browser.find_element("id", "clear").click()
+    box = browser.find_element("id", "prompt")
+    box.send_keys("こんにちは")
+    for event in ("{key: 'Enter', isComposing: true, bubbles: true}", "{key: 'Enter', keyCode: 229, bubbles: true}"):
+        browser.execute_script(f"arguments[0].dispatchEvent(new KeyboardEvent('keydown', {event}))", box)
+    time.sleep(0.3)
+    assert messages(browser, "user") == [] and box.get_attribute("value") == "こんにちは"
+    browser.execute_script("arguments[0].dispatchEvent(new KeyboardEvent('keydown', "
+                           "{key: 'Enter', bubbles: true, cancelable: true}))", box)
+    wait_for(browser, answered)
+    assert [m.text for m in messages(browser, "user")] == ["こんにちは"]
