@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_args(sv, prompt=False)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     sv.add_argument("--port", type=port, default=8000)
+    sv.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
+                    help="require this key (Authorization: Bearer KEY) on every route but /health (default: the "
+                         "EDGELLM_API_KEY environment variable; none: open)")
     sv.add_argument("--max-request-mib", type=count(1), default=32,
                     help="largest request body accepted, in MiB (default 32; larger gets 413)")
     sv.add_argument("--name", default=None, help="model id the API reports (default: the bundle folder's name)")
@@ -269,7 +272,7 @@ def cmd_serve(args) -> None:
     name = args.name or Path(args.bundle).resolve().name
     host, port = sock.getsockname()[:2]
     print(f"serving {name} on http://{host}:{port}/ (chat page) and /v1 (OpenAI API)", file=sys.stderr)
-    serve(model, name, sock, args.max_request_mib << 20)
+    serve(model, name, sock, args.max_request_mib << 20, args.api_key)
 
 
 CHAT_HELP = ("/image FILE and /video FILE attach to the next message, /clear starts over, /quit or Ctrl-D leaves; "

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import binascii
 import errno
+import hmac
 import json
+import logging
 import socket
 import time
 import uuid
@@ -21,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgeLLMError
+from .metrics import Metrics
 from .runtime.sampling import BOUNDS, Bound
 
 PAGE = Path(__file__).with_name("server_page.html")
+log = logging.getLogger("edgellm.server")  # one line per request; `edgellm serve` prints it
 
 # OpenAI fields that would change the answer but that edgellm does not implement: refused rather than ignored.
 UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "logprobs": "log-probabilities",
@@ -140,6 +145,32 @@ def _messages(body: dict) -> tuple[list[dict], list[bytes]]:
     return out, images
 
 
+def _response_format(model, value):
+    """OpenAI's response_format -> generate()'s json_schema: None (text), True (any JSON object) or a schema; the
+    schema is compiled here, so that one the grammar engine refuses is a 400 before anything runs."""
+    if value is None or value == {"type": "text"}:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        schema = True
+    elif kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("'response_format' of type json_schema needs {'json_schema': {'name': ..., 'schema': "
+                             "{...}}}", "response_format")
+    else:
+        raise BadRequest("'response_format' must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
+                         "'json_schema', 'json_schema': {...}}", "response_format")
+    from .runtime.constraints import JsonConstraint, schema_of
+
+    try:
+        JsonConstraint(model.grammar_tokenizer, schema_of(schema), model.manifest.model.vocab_size)
+    except EdgeLLMError as e:
+        raise BadRequest(str(e), "response_format") from None
+    return schema
+
+
 def parse(model, body, chat: bool) -> Job:
     """Check an OpenAI request body against the model; raises BadRequest (or EdgeLLMError from the prompt)."""
     if not isinstance(body, dict):
@@ -152,9 +183,7 @@ def parse(model, body, chat: bool) -> Job:
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise BadRequest(f"'{name}' is not supported; use 'repetition_penalty' (1.0 = off)", name)
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise BadRequest("'response_format' is not supported: answers are plain text", "response_format")
+    json_schema = _response_format(model, body.get("response_format"))
     if chat:
         if model.chat_template is None:
             raise BadRequest("this bundle has no chat template (a base model): use /v1/completions", "messages")
@@ -182,6 +211,7 @@ def parse(model, body, chat: bool) -> Job:
         if value is not None:
             sampling[name] = value
     sampling["stop"] = _stops(body)
+    sampling["json_schema"] = json_schema
     sampling["ignore_eos"] = _flag(body, "ignore_eos")  # llama.cpp's extension: fixed-length answers
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
@@ -226,16 +256,40 @@ async def read_json(request, limit: int):
         raise BadRequest("the request body is nested too deeply") from None
 
 
-def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES):
-    """The ASGI application serving `model` under the id `name`."""
+def log_line(job: Job, result, outcome: str) -> str:
+    """What the log says of a request: its id, tokens (prompt, of them cached, completion), TTFT and speed."""
+    if result is None:
+        return f"{job.id} {outcome} before its generation began"
+    return (f"{job.id} {'chat' if job.chat else 'completion'}{' stream' if job.stream else ''} {outcome}: prompt "
+            f"{result.prompt_tokens} tok ({result.reused_tokens} cached), {len(result.token_ids)} generated, TTFT "
+            f"{result.ttft_s * 1000:.0f} ms, decode {result.decode_tokens_per_s:.1f} tok/s")
+
+
+def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None):
+    """The ASGI application serving `model` under the id `name`; with `api_key`, every route but /health needs it
+    (`Authorization: Bearer KEY`, as OpenAI clients send it; the chat page takes `?api_key=KEY`)."""
     from starlette.applications import Starlette
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     lock = asyncio.Lock()  # one generation at a time; waiting requests queue here, not in threads
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def turn():
+        """The model, for one generation; the requests waiting for it are the queue /metrics shows."""
+        metrics.waiting += 1
+        try:
+            await lock.acquire()
+        finally:
+            metrics.waiting -= 1
+        try:
+            yield
+        finally:
+            lock.release()
     html = PAGE.read_text(encoding="utf-8")
 
     def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
@@ -270,22 +324,33 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES):
         try:
             job = await checked(request, chat)
         except BadRequest as e:
+            metrics.finished("refused")
             return error(str(e), e.status, param=e.param,
                          kind="not_found_error" if e.status == 404 else "invalid_request_error")
         except EdgeLLMError as e:
+            metrics.finished("refused")
             return error(str(e), param="messages" if chat else "prompt")
         options = dict(max_new_tokens=job.max_tokens, **job.sampling)
         if not job.stream:
-            async with lock:
+            async with turn():
+                before = model.last_result
                 pieces = model.stream(job.prompt, **options)
                 try:
                     if await request.is_disconnected():  # gave up while waiting its turn
+                        log.info(f"{job.id} dropped: the client left while it waited")
+                        metrics.finished("dropped")
                         return Response(status_code=499)
                     async for _ in iterate_in_threadpool(pieces):
                         if await request.is_disconnected():  # nobody reads the answer: stop at this token
+                            mine = model.last_result if model.last_result is not before else None
+                            log.info(log_line(job, mine, "stopped, the client left"))
+                            metrics.finished("stopped", mine)
                             return Response(status_code=499)
                     result = model.last_result
+                    log.info(log_line(job, result, result.finish_reason))
+                    metrics.finished(result.finish_reason, result)
                 except EdgeLLMError as e:
+                    metrics.finished("refused")
                     return error(str(e), param="messages" if chat else "prompt")
                 finally:
                     pieces.close()
@@ -293,7 +358,8 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES):
                                          usage=usage(result), timings=timings(result)))
 
         async def events():
-            async with lock:
+            async with turn():
+                before = model.last_result
                 pieces = model.stream(job.prompt, **options)
                 try:
                     if job.chat:
@@ -301,9 +367,17 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES):
                     async for piece in iterate_in_threadpool(pieces):
                         yield event(job, choices=[choice(job, piece, None)])
                     result = model.last_result
+                    log.info(log_line(job, result, result.finish_reason))
+                    metrics.finished(result.finish_reason, result)
                 except EdgeLLMError as e:  # after the 200 has gone out, an error can only be an event
+                    metrics.finished("refused")
                     yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
                     return
+                except BaseException:  # the client went away (the stream was cancelled or closed)
+                    mine = model.last_result if model.last_result is not before else None
+                    log.info(log_line(job, mine, "stopped, the client left"))
+                    metrics.finished("stopped", mine)
+                    raise
                 finally:
                     pieces.close()  # a client that went away stops the generation at the next token
             yield event(job, choices=[choice(job, None, result.finish_reason)], timings=timings(result))
@@ -335,6 +409,9 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES):
                          kind="not_found_error")
         return JSONResponse(model_card())
 
+    async def prometheus(request: Request):
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": name})
 
@@ -349,11 +426,39 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES):
         # a JSON body, as every other error has (the chat page and clients parse it); uvicorn logs the traceback
         return error(f"internal error: {type(exc).__name__}: {exc}", 500, kind="server_error")
 
-    routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
+    routes = [Route("/", page), Route("/health", health), Route("/metrics", prometheus), Route("/v1/models", models),
               Route("/v1/models/{model:path}", one_model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    return app if api_key is None else KeyCheck(app, api_key)
+
+
+class KeyCheck:
+    """ASGI wrapper: every HTTP request but GET /health carries the API key, or gets OpenAI's 401."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health" or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        body = {"error": {"message": "a valid API key is needed: Authorization: Bearer KEY (the chat page: "
+                                     "/?api_key=KEY)", "type": "invalid_request_error", "param": None,
+                          "code": "invalid_api_key"}}
+        await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        from urllib.parse import parse_qs
+
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"")
+        given = given[len(b"Bearer "):] if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+        if not given and scope["path"] == "/":
+            given = (parse_qs(scope.get("query_string", b"").decode()).get("api_key") or [""])[0].encode()
+        return hmac.compare_digest(given, self.key)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -371,8 +476,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model, name: str, sock: socket.socket, max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+def serve(model, name: str, sock: socket.socket, max_request_bytes: int = MAX_REQUEST_BYTES,
+          api_key: str | None = None) -> None:
     import uvicorn
 
-    config = uvicorn.Config(create_app(model, name, max_request_bytes), log_level="info")
+    if not log.handlers:  # the request lines, beside uvicorn's access log
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s edgellm: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    config = uvicorn.Config(create_app(model, name, max_request_bytes, api_key), log_level="info")
     uvicorn.Server(config).run(sockets=[sock])

@@ -5,6 +5,7 @@ vision-language tests. torch and transformers are imported where they are used, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -288,3 +289,23 @@ def check_images_with_an_int8_cache(folder, bundle, tmp_path, messages, images) 
     assert small.engine.kv.dtype == np.int8
     want, got = edgellm.load(bundle).logits(messages, images=images), small.logits(messages, images=images)
     assert relative_error(got, want) < 0.15
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """`app` served by uvicorn on a free loopback port, in a thread; yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

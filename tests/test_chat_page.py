@@ -5,10 +5,10 @@ and Enter that confirms an input method's composition does not send."""
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import pytest
+from helpers import running_server
 
 import edgellm
 from edgellm.server import create_app
@@ -24,7 +24,6 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
 @pytest.fixture(scope="module")
 def page(bundle):
     """(browser on the chat page, the model the server runs)."""
-    import uvicorn
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
@@ -45,22 +44,18 @@ def page(bundle):
 
     model.stream = paced
     model.results = results
-    server = uvicorn.Server(uvicorn.Config(create_app(model, "tiny"), host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(DRIVER), options=options)
-    browser.get(f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/")
-    wait_for(browser, lambda b: "context 1024 tokens" in b.find_element("id", "model").text)
-    yield browser, model
-    browser.quit()
-    server.should_exit = True
-    thread.join(10)
+    with running_server(create_app(model, "tiny")) as url:
+        options = Options()
+        options.binary_location = CHROMIUM
+        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
+            options.add_argument(flag)
+        browser = webdriver.Chrome(service=Service(DRIVER), options=options)
+        try:
+            browser.get(f"{url}/")
+            wait_for(browser, lambda b: "context 1024 tokens" in b.find_element("id", "model").text)
+            yield browser, model
+        finally:
+            browser.quit()
 
 
 def wait_for(browser, condition, seconds: float = 30):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import inspect
 import io
 import socket
-import threading
 import time
 
 import pytest
+from helpers import running_server
 from starlette.testclient import TestClient
 
 import edgellm
@@ -138,17 +138,6 @@ def test_models_by_id_unknown_models_and_unexpected_errors(small, monkeypatch):
                                                           "type": "server_error", "param": None, "code": None}
 
 
-def running_server(model):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_app(model, "tiny"), host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-
 def test_a_client_that_times_out_stops_its_unstreamed_generation(bundle):
     """The openai client retries a timed-out request: each abandoned answer must stop, not run to its end."""
     import httpx
@@ -168,8 +157,7 @@ def test_a_client_that_times_out_stops_its_unstreamed_generation(bundle):
             pieces.close()
 
     model.stream = recording
-    server, thread, url = running_server(model)
-    try:
+    with running_server(create_app(model, "tiny")) as url:
         request = {"prompt": "We hold these truths", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/completions", json=request, timeout=0.5)
@@ -178,9 +166,6 @@ def test_a_client_that_times_out_stops_its_unstreamed_generation(bundle):
         assert answer.json()["usage"]["completion_tokens"] == 3
         abandoned = results[0]
         assert 0 < len(abandoned.token_ids) < 1000 and abandoned is not results[-1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 # --- the command line -------------------------------------------------------------------------------------------------

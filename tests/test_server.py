@@ -9,6 +9,7 @@ import json
 
 import pytest
 from PIL import Image
+from helpers import running_server
 from starlette.testclient import TestClient
 
 import edgellm
@@ -170,20 +171,10 @@ def test_cli_serve_builds_the_app_for_the_bundle(bundle, monkeypatch, capsys):
 def test_a_client_that_goes_away_stops_its_generation(bundle):
     """Over a real socket: closing a streamed response ends the generation at the next token, and the next request
     is answered at once."""
-    import threading
-    import time
-
     import httpx
-    import uvicorn
 
     model = edgellm.load(bundle("llama", "f32", seq_length=1024))
-    server = uvicorn.Server(uvicorn.Config(create_app(model, "tiny"), host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with running_server(create_app(model, "tiny")) as url:
         request = {"prompt": "We hold these truths", "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
                    "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=60) as r:
@@ -194,6 +185,3 @@ def test_a_client_that_goes_away_stops_its_generation(bundle):
         answer = httpx.post(f"{url}/v1/completions", json={"prompt": "Liberty", "max_tokens": 3}, timeout=60)
         assert answer.status_code == 200
         assert 0 < len(first.token_ids) < 1000 and first is not model.last_result
-    finally:
-        server.should_exit = True
-        thread.join(10)

@@ -19,6 +19,7 @@ from .engine import Engine, check_device
 from .lookup import prompt_lookup
 from .memory import check_fits
 from .sampling import Sampler, SamplingParams
+from .constraints import JsonConstraint, grammar_tokenizer, schema_of
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 
 
@@ -221,13 +222,16 @@ class Model:
                top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False,
                progress: bool = False, images=None, videos=None, frames: int | None = None,
-               prompt_lookup: int = 0, draft: "Model | None" = None, draft_tokens: int = 4) -> Iterator[str]:
+               prompt_lookup: int = 0, draft: "Model | None" = None, draft_tokens: int = 4,
+               json_schema=None) -> Iterator[str]:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
         progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled.
         prompt_lookup=K drafts up to K tokens per step from earlier text (runtime.lookup) and checks them in one
         decoder run: faster where the answer repeats its prompt, and the same answer: greedy, the same text; sampled,
         the same distribution (Sampler.check), though not the same text for a seed. draft=a smaller Model of the
-        same tokenizer drafts `draft_tokens` tokens instead, greedily, checked the same way."""
+        same tokenizer drafts `draft_tokens` tokens instead, greedily, checked the same way.
+        json_schema=True (any JSON object) or a JSON schema (dict or text): every step is masked to what keeps the
+        answer valid JSON of that schema (runtime.constraints; needs the structured extra)."""
         started = time.perf_counter()
         if max_new_tokens < 0:
             raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
@@ -240,6 +244,11 @@ class Model:
                 raise EdgeLLMError(f"draft_tokens must be 1 or more, got {draft_tokens}")
             self.check_draft(draft)
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        if json_schema is not None and json_schema is not False:
+            if prompt_lookup or draft is not None:
+                raise EdgeLLMError("structured output (json_schema) does not combine with drafting yet")
+            constraint = JsonConstraint(self.grammar_tokenizer, schema_of(json_schema), self.manifest.model.vocab_size)
+            sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids)
         ids, media, positions = self.prepare(prompt_or_messages, raw, images, videos, frames)
         self.check_length(len(ids))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -321,6 +330,12 @@ class Model:
             result.accepted += len(accepted)
             for guess in accepted:
                 yield guess
+
+    @functools.cached_property
+    def grammar_tokenizer(self):
+        """The tokenizer as the grammar engine reads it (built on first structured request)."""
+        return grammar_tokenizer(str(self.bundle.file("tokenizer.json")), sorted(self.eos_token_ids),
+                                 self.manifest.model.vocab_size)
 
     def check_draft(self, draft: "Model") -> None:
         """A draft model must read and write the same tokens as this one."""
@@ -405,3 +420,16 @@ def _rewrite_parts(messages: list, items: list, parts) -> list:
 
 def prompt_lookup_draft(history: list[int], room: int, count: int) -> list[int]:
     return prompt_lookup(history, min(count, room))
+
+
+class ConstrainedSampler:
+    """A Sampler whose every choice is first masked by a constraint, which then takes the chosen token."""
+
+    def __init__(self, sampler: Sampler, constraint: JsonConstraint, eos_token_ids):
+        self.sampler, self.constraint, self.eos = sampler, constraint, set(eos_token_ids)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        token = self.sampler(self.constraint.mask(logits), history)
+        if token not in self.eos:
+            self.constraint.advance(token)
+        return token

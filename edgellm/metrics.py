@@ -1,0 +1,82 @@
+"""The server's counters, in Prometheus' text format (`GET /metrics`): requests by outcome, tokens, time to first
+token and decode speed as histograms, the queue of requests waiting for the model, prompt-cache hits and RSS."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
+SPEED_BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640)  # decode tokens/s
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = tuple(buckets), [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.buckets, value)
+        if i < len(self.counts):
+            self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, running = [], 0
+        for bound, n in zip(self.buckets, self.counts):
+            running += n
+            out.append(f'{name}_bucket{{le="{bound}"}} {running}')
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
+                      f"{name}_count {self.count}"]
+
+
+class Metrics:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[str, int] = {}  # outcome (stop, length, stopped, refused...) -> count
+        self.tokens = {"prompt": 0, "cached": 0, "completion": 0}
+        self.ttft, self.speed = Histogram(TTFT_BUCKETS), Histogram(SPEED_BUCKETS)
+        self.waiting = 0
+
+    def finished(self, outcome: str, result=None) -> None:
+        """A request ended: `outcome` is its finish reason, "stopped" (the client left) or "refused"."""
+        with self.lock:
+            self.requests[outcome] = self.requests.get(outcome, 0) + 1
+            if result is not None:
+                self.tokens["prompt"] += result.prompt_tokens
+                self.tokens["cached"] += result.reused_tokens
+                self.tokens["completion"] += len(result.token_ids)
+                if result.token_ids:
+                    self.ttft.observe(result.ttft_s)
+                if result.decode_tokens_per_s > 0:
+                    self.speed.observe(result.decode_tokens_per_s)
+
+    def text(self) -> str:
+        with self.lock:
+            lines = ["# HELP edgellm_requests_total Requests by how they ended.",
+                     "# TYPE edgellm_requests_total counter"]
+            lines += [f'edgellm_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.requests.items())]
+            lines += ["# HELP edgellm_tokens_total Prompt tokens (of them taken from the KV cache) and generated ones.",
+                      "# TYPE edgellm_tokens_total counter"]
+            lines += [f'edgellm_tokens_total{{kind="{k}"}} {v}' for k, v in self.tokens.items()]
+            lines += ["# HELP edgellm_ttft_seconds Time to the first token.", "# TYPE edgellm_ttft_seconds histogram",
+                      *self.ttft.lines("edgellm_ttft_seconds"),
+                      "# HELP edgellm_decode_tokens_per_second Decode speed per request.",
+                      "# TYPE edgellm_decode_tokens_per_second histogram",
+                      *self.speed.lines("edgellm_decode_tokens_per_second"),
+                      "# HELP edgellm_queue_length Requests waiting for the model.",
+                      "# TYPE edgellm_queue_length gauge",
+                      f"edgellm_queue_length {self.waiting}"]
+        lines += ["# HELP edgellm_resident_memory_bytes The server's resident memory.",
+                  "# TYPE edgellm_resident_memory_bytes gauge", f"edgellm_resident_memory_bytes {resident_bytes()}"]
+        return "\n".join(lines) + "\n"
+
+
+def resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux
+        return 0

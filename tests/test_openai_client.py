@@ -1,0 +1,77 @@
+"""The server driven by the official `openai` Python client, over a real socket, with an API key: what the client
+sends is answered as the Python API answers it, and errors arrive as the client's own exception types."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+from helpers import running_server
+
+import edgellm
+from edgellm.server import create_app
+
+openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
+QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "When in the Course of human"}]
+
+
+@pytest.fixture(scope="module")
+def served(bundle):
+    """(openai client, base URL, a second model on the same bundle for the expected answers)."""
+    path = bundle("llama", "f32", seq_length=256)
+    with running_server(create_app(edgellm.load(path), "tiny", api_key="sesame")) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0), url, edgellm.load(path)
+
+
+def test_chat_streamed_or_not_is_the_python_apis_answer(served, caplog):
+    client, _, model = served
+    want = model.generate(QUESTION, max_new_tokens=12)
+    with caplog.at_level(logging.INFO, logger="edgellm.server"):
+        answer = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0)
+    assert answer.choices[0].message.content == want.text and answer.choices[0].finish_reason == want.finish_reason
+    assert answer.usage.completion_tokens == len(want.token_ids) and answer.model == "tiny"
+    line = [r.getMessage() for r in caplog.records if r.name == "edgellm.server"][-1]
+    assert line.startswith(answer.id.removeprefix("chatcmpl-")) and f"{len(want.token_ids)} generated" in line
+    stream = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same conversation again: reused
+
+
+def test_completions_and_models(served):
+    client, _, model = served
+    want = model.generate("We hold these truths", max_new_tokens=6, raw=True)
+    got = client.completions.create(model="tiny", prompt="We hold these truths", max_tokens=6, temperature=0)
+    assert got.choices[0].text == want.text
+    assert [m.id for m in client.models.list()] == ["tiny"] and client.models.retrieve("tiny").id == "tiny"
+
+
+def test_errors_arrive_as_the_clients_exceptions(served):
+    client, url, _ = served
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="tiny", messages=QUESTION, temperature=5)
+    assert "between 0" in bad.value.message and bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{url}/health").status_code == 200  # the one route without the key
+    assert httpx.get(f"{url}/").status_code == 401 and httpx.get(f"{url}/?api_key=sesame").status_code == 200
+
+
+def test_metrics_count_requests_tokens_and_times(served):
+    client, url, _ = served
+    client.completions.create(model="tiny", prompt="Liberty", max_tokens=3, temperature=0)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="", max_tokens=3)
+    assert httpx.get(f"{url}/metrics").status_code == 401  # the key guards it too
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sesame"}).text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    answered = sum(v for k, v in values.items() if k.startswith("edgellm_requests_total") and "refused" not in k)
+    assert answered >= 1 and values['edgellm_requests_total{outcome="refused"}'] >= 1
+    assert values['edgellm_tokens_total{kind="completion"}'] >= 3 and values["edgellm_ttft_seconds_count"] >= 1
+    assert values['edgellm_ttft_seconds_bucket{le="+Inf"}'] == values["edgellm_ttft_seconds_count"]
+    assert values["edgellm_queue_length"] == 0 and values["edgellm_resident_memory_bytes"] > 0
