@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
                     help="require this key (Authorization: Bearer KEY) on every route but /health (default: the "
                          "EDGELLM_API_KEY environment variable; none: open)")
+    sv.add_argument("--max-queue", type=count(0), default=64,
+                    help="requests that may wait for the model; more get 503 with Retry-After (default 64)")
     sv.add_argument("--max-request-mib", type=count(1), default=32,
                     help="largest request body accepted, in MiB (default 32; larger gets 413)")
     sv.add_argument("--name", default=None, help="model id the API reports (default: the bundle folder's name)")
@@ -272,7 +274,7 @@ def cmd_serve(args) -> None:
     name = args.name or Path(args.bundle).resolve().name
     host, port = sock.getsockname()[:2]
     print(f"serving {name} on http://{host}:{port}/ (chat page) and /v1 (OpenAI API)", file=sys.stderr)
-    serve(model, name, sock, args.max_request_mib << 20, args.api_key)
+    serve(model, name, sock, args.max_request_mib << 20, args.api_key, args.max_queue)
 
 
 CHAT_HELP = ("/image FILE and /video FILE attach to the next message, /clear starts over, /quit or Ctrl-D leaves; "

@@ -37,6 +37,8 @@ UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "logprobs":
 
 
 MAX_REQUEST_BYTES = 32 << 20  # a request body larger than this gets a 413 (images come base64-encoded inside)
+MAX_QUEUE = 64  # requests waiting for the model beyond this get a 503 with Retry-After
+SHUTDOWN_GRACE_S = 10  # on Ctrl-C / SIGTERM, streams still running after this are cancelled
 
 
 class BadRequest(Exception):
@@ -265,7 +267,8 @@ def log_line(job: Job, result, outcome: str) -> str:
             f"{result.ttft_s * 1000:.0f} ms, decode {result.decode_tokens_per_s:.1f} tok/s")
 
 
-def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None):
+def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None,
+               max_queue: int = MAX_QUEUE):
     """The ASGI application serving `model` under the id `name`; with `api_key`, every route but /health needs it
     (`Authorization: Bearer KEY`, as OpenAI clients send it; the chat page takes `?api_key=KEY`)."""
     from starlette.applications import Starlette
@@ -292,8 +295,10 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
             lock.release()
     html = PAGE.read_text(encoding="utf-8")
 
-    def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+    def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error",
+              headers: dict | None = None):
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
+                            headers=headers)
 
     def envelope(job: Job, piece: bool, **fields) -> dict:
         kind = ("chat.completion" + (".chunk" if piece else "")) if job.chat else "text_completion"
@@ -317,10 +322,17 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
         if isinstance(body, dict) and body.get("model") not in (None, "", name):
             raise BadRequest(f"model {body['model']!r} is not served here; this server serves {name!r}", "model",
                              status=404)
-        async with lock:  # preparing reads the tokenizer and the vision processor beside no generation
+        async with turn():  # preparing reads the tokenizer and the vision processor beside no generation
             return await run_in_threadpool(parse, model, body, chat)
 
+    def busy():
+        metrics.finished("busy")
+        return error(f"the server is busy: {metrics.waiting} requests are waiting for the model; retry shortly", 503,
+                     kind="server_busy", headers={"Retry-After": "2"})
+
     async def complete(request: Request, chat: bool):
+        if lock.locked() and metrics.waiting >= max_queue:  # before reading the body
+            return busy()
         try:
             job = await checked(request, chat)
         except BadRequest as e:
@@ -331,6 +343,8 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
             metrics.finished("refused")
             return error(str(e), param="messages" if chat else "prompt")
         options = dict(max_new_tokens=job.max_tokens, **job.sampling)
+        if lock.locked() and metrics.waiting >= max_queue:
+            return busy()
         if not job.stream:
             async with turn():
                 before = model.last_result
@@ -477,7 +491,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model, name: str, sock: socket.socket, max_request_bytes: int = MAX_REQUEST_BYTES,
-          api_key: str | None = None) -> None:
+          api_key: str | None = None, max_queue: int = MAX_QUEUE) -> None:
     import uvicorn
 
     if not log.handlers:  # the request lines, beside uvicorn's access log
@@ -485,5 +499,6 @@ def serve(model, name: str, sock: socket.socket, max_request_bytes: int = MAX_RE
         handler.setFormatter(logging.Formatter("%(asctime)s edgellm: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    config = uvicorn.Config(create_app(model, name, max_request_bytes, api_key), log_level="info")
+    config = uvicorn.Config(create_app(model, name, max_request_bytes, api_key, max_queue), log_level="info",
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     uvicorn.Server(config).run(sockets=[sock])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import io
 import socket
+import threading
 import time
 
 import pytest
@@ -299,3 +300,34 @@ def test_interleaved_conversations_never_see_each_others_cache(bundle):
             assert result.text == solo[name][i]
             histories[name].append({"role": "assistant", "content": result.text})
             cached_before = ids + result.token_ids
+
+
+def test_a_full_queue_answers_503_with_retry_after(bundle):
+    import httpx
+
+    model = edgellm.load(bundle("llama", "f32", seq_length=1024))
+    decode = model.engine.decode
+
+    def paced(token):  # a model of a real size: the first answer holds the model for seconds
+        time.sleep(0.005)
+        return decode(token)
+
+    model.engine.decode = paced
+    long = {"prompt": "We hold these truths", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    with running_server(create_app(model, "tiny", max_queue=1)) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}, timeout=60) as first:
+            lines = first.iter_lines()  # (kept: a dropped iterator would close the stream)
+            next(lines)  # generating
+            waiting = {}
+            queued = threading.Thread(target=lambda: waiting.update(r=httpx.post(
+                f"{url}/v1/completions", json={"prompt": "Liberty", "max_tokens": 2}, timeout=60)))
+            queued.start()
+            deadline = time.monotonic() + 20
+            while "edgellm_queue_length 1" not in httpx.get(f"{url}/metrics").text:  # the second waits its turn
+                assert time.monotonic() < deadline and not waiting
+                time.sleep(0.02)
+            refused = httpx.post(f"{url}/v1/completions", json={"prompt": "Liberty", "max_tokens": 2}, timeout=60)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+            assert "the server is busy" in refused.json()["error"]["message"]
+        queued.join(30)  # closing the first stream frees the model for the one that waited
+        assert waiting["r"].status_code == 200
