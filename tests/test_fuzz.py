@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import edgellm
@@ -59,6 +59,9 @@ def test_the_request_parser_refuses_clearly_or_accepts(model, chat):
 @given(temperature=st.floats(allow_nan=True), top_k=st.integers(-3, 1 << 40), top_p=st.floats(allow_nan=True),
        min_p=st.floats(allow_nan=True), repetition_penalty=st.floats(allow_nan=True),
        seed=st.none() | st.integers(-1, 1 << 64), logits=st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=50))
+@example(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=3.8844845564122986e-243, seed=None,
+         logits=[1.0])  # found by CI: the penalty overflowed the logits to inf, and inf - inf made NaN probabilities
+@example(temperature=1e-300, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1e-320, seed=1, logits=[1.0, 1e4])
 def test_sampling_settings_are_refused_or_give_a_token(temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                                       logits):
     try:

@@ -68,19 +68,25 @@ class Sampler:
         if p.repetition_penalty != 1.0 and previous:
             # As in transformers (CTRL paper): shrink the logits of tokens already seen towards "less likely".
             seen = np.unique(np.asarray(previous, np.int64))
-            values = logits[seen]
-            logits = logits.copy()
-            logits[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            values = logits[seen].astype(np.float64)
+            logits = logits.astype(np.float64)
+            with np.errstate(over="ignore"):
+                logits[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            # an extreme penalty overflows: the largest finite value keeps the order and the sampler's arithmetic
+            logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max)
         return logits
 
     def distribution(self, logits: np.ndarray, previous: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, their probabilities) the next token is drawn from, most likely first (sampling only)."""
         p = self.params
-        scaled = self._penalized(logits, previous).astype(np.float64) / p.temperature
+        with np.errstate(over="ignore"):
+            scaled = self._penalized(logits, previous).astype(np.float64) / p.temperature
+        scaled = np.nan_to_num(scaled, nan=-np.inf, posinf=np.finfo(np.float64).max)
         order = np.argsort(-scaled)
         if p.top_k > 0:
             order = order[: p.top_k]
-        probs = np.exp(scaled[order] - scaled[order[0]])
+        with np.errstate(over="ignore"):  # -max - max: -inf, whose probability is 0
+            probs = np.exp(scaled[order] - scaled[order[0]])
         probs /= probs.sum()
         keep = len(order)
         if p.top_p < 1.0:  # smallest set whose mass reaches top_p (the token that crosses it is kept)
