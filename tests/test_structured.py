@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from helpers import running_server
 from starlette.testclient import TestClient
@@ -91,3 +93,33 @@ def test_the_openai_client_gets_schema_answers(bundle):
                 seed=seed, response_format={"type": "json_schema",
                                             "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
             jsonschema.validate(json.loads(answer.choices[0].message.content), PERSON)
+
+
+def test_a_reasoning_model_thinks_freely_before_the_constraint(model):
+    """The state machine of a reasoning model's constrained answer, driven by chosen logits: a think block at the
+    start (or one the prompt opened) is not masked; after its end the answer is held to the grammar."""
+    from edgellm.runtime.constraints import JsonConstraint
+    from edgellm.runtime.model import ConstrainedSampler
+    from edgellm.runtime.sampling import Sampler, SamplingParams
+
+    vocab = model.manifest.model.vocab_size
+    think = (model.tokenizer.token_to_id("<|im_start|>"), model.tokenizer.token_to_id("<|endoftext|>"))  # stand-ins
+    word = model.tokenizer.encode("truths")[0]  # never a valid first token of JSON
+
+    def favouring(token):
+        logits = np.zeros(vocab, np.float32)
+        logits[token] = 10.0
+        return logits
+
+    def constrained(prompt_ids=()):
+        return ConstrainedSampler(Sampler(SamplingParams()), JsonConstraint(model.grammar_tokenizer, PERSON, vocab),
+                                  model.eos_token_ids, think, list(prompt_ids))
+
+    sampler = constrained()
+    assert sampler(favouring(think[0]), []) == think[0]  # the answer opens a think block
+    assert sampler(favouring(word), []) == word  # inside it nothing is masked
+    assert sampler(favouring(think[1]), []) == think[1]
+    after = sampler(favouring(word), [])
+    assert after != word and model.tokenizer.decode([after]).strip() in ("{", "")  # the answer: JSON again
+    assert constrained(prompt_ids=[5, think[0], 7])(favouring(word), []) == word  # the prompt opened the block
+    assert constrained()(favouring(word), []) != word  # no block: constrained from the first token

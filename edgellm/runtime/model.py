@@ -244,12 +244,12 @@ class Model:
                 raise EdgeLLMError(f"draft_tokens must be 1 or more, got {draft_tokens}")
             self.check_draft(draft)
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        ids, media, positions = self.prepare(prompt_or_messages, raw, images, videos, frames)
         if json_schema is not None and json_schema is not False:
             if prompt_lookup or draft is not None:
                 raise EdgeLLMError("structured output (json_schema) does not combine with drafting yet")
             constraint = JsonConstraint(self.grammar_tokenizer, schema_of(json_schema), self.manifest.model.vocab_size)
-            sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids)
-        ids, media, positions = self.prepare(prompt_or_messages, raw, images, videos, frames)
+            sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids, self.think_tokens, ids)
         self.check_length(len(ids))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         result = GenerationResult(prompt_tokens=len(ids), images=len(media))
@@ -330,6 +330,15 @@ class Model:
             result.accepted += len(accepted)
             for guess in accepted:
                 yield guess
+
+    @functools.cached_property
+    def think_tokens(self) -> tuple[int, int] | None:
+        """(<think>, </think>) token ids of a reasoning model (its template writes think blocks), else None."""
+        template = self.bundle.file("chat_template.jinja")
+        ids = (self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
+        if None in ids or not template.is_file() or "<think>" not in template.read_text(encoding="utf-8"):
+            return None
+        return ids
 
     @functools.cached_property
     def grammar_tokenizer(self):
@@ -423,13 +432,39 @@ def prompt_lookup_draft(history: list[int], room: int, count: int) -> list[int]:
 
 
 class ConstrainedSampler:
-    """A Sampler whose every choice is first masked by a constraint, which then takes the chosen token."""
+    """A Sampler whose every choice is first masked by a constraint, which then takes the chosen token.
 
-    def __init__(self, sampler: Sampler, constraint: JsonConstraint, eos_token_ids):
+    A reasoning model (think_tokens: <think>, </think>) reasons freely first: the first token may also open a think
+    block, and inside one (opened there or by the prompt) nothing is masked; the constraint starts after </think>."""
+
+    def __init__(self, sampler: Sampler, constraint: JsonConstraint, eos_token_ids,
+                 think_tokens: tuple[int, int] | None = None, prompt_ids: list[int] = ()):
         self.sampler, self.constraint, self.eos = sampler, constraint, set(eos_token_ids)
+        self.think = think_tokens
+        self.state = "answer"
+        if think_tokens:
+            opened, closed = think_tokens
+            last_open = max((i for i, t in enumerate(prompt_ids) if t == opened), default=-1)
+            last_close = max((i for i, t in enumerate(prompt_ids) if t == closed), default=-1)
+            self.state = "thinking" if last_open > last_close else "start"
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
-        token = self.sampler(self.constraint.mask(logits), history)
+        if self.state == "thinking":
+            token = self.sampler(logits, history)
+            if token == self.think[1]:
+                self.state = "answer"
+            return token
+        if self.state == "start":  # the answer may begin with a think block
+            opening = logits[self.think[0]]
+            masked = self.constraint.mask(logits)
+            masked[self.think[0]] = opening
+            token = self.sampler(masked, history)
+            if token == self.think[0]:
+                self.state = "thinking"
+                return token
+            self.state = "answer"
+        else:
+            token = self.sampler(self.constraint.mask(logits), history)
         if token not in self.eos:
             self.constraint.advance(token)
         return token
