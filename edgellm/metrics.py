@@ -4,6 +4,7 @@ token and decode speed as histograms, the queue of requests waiting for the mode
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
@@ -75,8 +76,6 @@ class Metrics:
 def resident_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):  # not Linux
         return 0

@@ -258,6 +258,10 @@ async def read_json(request, limit: int):
         raise BadRequest("the request body is nested too deeply") from None
 
 
+def not_served(asked, name: str) -> str:
+    return f"model {asked!r} is not served here; this server serves {name!r}"
+
+
 def log_line(job: Job, result, outcome: str) -> str:
     """What the log says of a request: its id, tokens (prompt, of them cached, completion), TTFT and speed."""
     if result is None:
@@ -320,10 +324,19 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
     async def checked(request: Request, chat: bool) -> Job:
         body = await read_json(request, max_request_bytes)
         if isinstance(body, dict) and body.get("model") not in (None, "", name):
-            raise BadRequest(f"model {body['model']!r} is not served here; this server serves {name!r}", "model",
-                             status=404)
+            raise BadRequest(not_served(body["model"], name), "model", status=404)
         async with turn():  # preparing reads the tokenizer and the vision processor beside no generation
             return await run_in_threadpool(parse, model, body, chat)
+
+    def stopped(job: Job, before) -> None:
+        """Log and count a generation its client left; `before`: model.last_result before it began (a newer one is
+        this request's, filled as far as it got)."""
+        mine = model.last_result if model.last_result is not before else None
+        log.info(log_line(job, mine, "stopped, the client left"))
+        metrics.finished("stopped", mine)
+
+    def full() -> bool:
+        return lock.locked() and metrics.waiting >= max_queue
 
     def busy():
         metrics.finished("busy")
@@ -331,7 +344,7 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
                      kind="server_busy", headers={"Retry-After": "2"})
 
     async def complete(request: Request, chat: bool):
-        if lock.locked() and metrics.waiting >= max_queue:  # before reading the body
+        if full():  # before reading the body
             return busy()
         try:
             job = await checked(request, chat)
@@ -343,7 +356,7 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
             metrics.finished("refused")
             return error(str(e), param="messages" if chat else "prompt")
         options = dict(max_new_tokens=job.max_tokens, **job.sampling)
-        if lock.locked() and metrics.waiting >= max_queue:
+        if full():  # again: it may have filled while this request was read and checked
             return busy()
         if not job.stream:
             async with turn():
@@ -356,9 +369,7 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
                         return Response(status_code=499)
                     async for _ in iterate_in_threadpool(pieces):
                         if await request.is_disconnected():  # nobody reads the answer: stop at this token
-                            mine = model.last_result if model.last_result is not before else None
-                            log.info(log_line(job, mine, "stopped, the client left"))
-                            metrics.finished("stopped", mine)
+                            stopped(job, before)
                             return Response(status_code=499)
                     result = model.last_result
                     log.info(log_line(job, result, result.finish_reason))
@@ -388,9 +399,7 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
                     yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
                     return
                 except BaseException:  # the client went away (the stream was cancelled or closed)
-                    mine = model.last_result if model.last_result is not before else None
-                    log.info(log_line(job, mine, "stopped, the client left"))
-                    metrics.finished("stopped", mine)
+                    stopped(job, before)
                     raise
                 finally:
                     pieces.close()  # a client that went away stops the generation at the next token
@@ -419,8 +428,7 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
     async def one_model(request: Request):
         asked = request.path_params["model"]
         if asked != name:
-            return error(f"model {asked!r} is not served here; this server serves {name!r}", 404, "model",
-                         kind="not_found_error")
+            return error(not_served(asked, name), 404, "model", kind="not_found_error")
         return JSONResponse(model_card())
 
     async def prometheus(request: Request):

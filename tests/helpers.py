@@ -309,3 +309,25 @@ def running_server(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def pace_generations(model, pause: float = 0.005) -> list:
+    """Slow `model`'s streamed answers to a real model's pace (`pause` per piece) and keep each request's result,
+    which its generation fills as it goes (also after its client left); returns that list."""
+    import time
+
+    results, stream = [], model.stream
+
+    def paced(*args, **kwargs):
+        pieces = stream(*args, **kwargs)
+        try:
+            for piece in pieces:
+                if not any(r is model.last_result for r in results):
+                    results.append(model.last_result)
+                time.sleep(pause)
+                yield piece
+        finally:
+            pieces.close()
+
+    model.stream = paced
+    return results

@@ -8,7 +8,7 @@ import shutil
 import time
 
 import pytest
-from helpers import running_server
+from helpers import pace_generations, running_server
 
 import edgellm
 from edgellm.server import create_app
@@ -29,21 +29,7 @@ def page(bundle):
 
     model = edgellm.load(bundle("llama", "f32", seq_length=1024))
     model.eos_token_ids = []  # answers run to their max_tokens
-    results, stream = [], model.stream
-
-    def paced(*args, **kwargs):  # a model of a real size: about 200 tokens/s; each request's result is kept
-        pieces = stream(*args, **kwargs)
-        try:
-            for piece in pieces:
-                if not any(r is model.last_result for r in results):
-                    results.append(model.last_result)
-                time.sleep(0.005)
-                yield piece
-        finally:
-            pieces.close()
-
-    model.stream = paced
-    model.results = results
+    model.results = pace_generations(model)  # about 200 tokens/s, as a model of a real size
     with running_server(create_app(model, "tiny")) as url:
         options = Options()
         options.binary_location = CHROMIUM

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import running_server
+from helpers import pace_generations, running_server
 from starlette.testclient import TestClient
 
 import edgellm
@@ -144,20 +144,7 @@ def test_a_client_that_times_out_stops_its_unstreamed_generation(bundle):
     import httpx
 
     model = edgellm.load(bundle("llama", "f32", seq_length=1024))
-    results, stream = [], model.stream
-
-    def recording(*args, **kwargs):  # keeps each request's result, which the generation fills as it goes
-        pieces = stream(*args, **kwargs)
-        try:
-            for piece in pieces:
-                if not any(r is model.last_result for r in results):
-                    results.append(model.last_result)
-                time.sleep(0.005)  # a model of a real size: 1,000 tokens take seconds
-                yield piece
-        finally:
-            pieces.close()
-
-    model.stream = recording
+    results = pace_generations(model)  # a model of a real size: 1,000 tokens take seconds
     with running_server(create_app(model, "tiny")) as url:
         request = {"prompt": "We hold these truths", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
         with pytest.raises(httpx.ReadTimeout):

@@ -23,7 +23,6 @@ from ..format import EmbeddingTable
 
 KV_CACHE_MODES = ("f32", "int8")
 MARGIN = 1.6  # headroom over the calibrated range (values beyond saturate): the best of 1.0-3.0 on both real models
-KINDS = ("key", "value")
 
 CALIBRATION_TEXT = """\
 The history of the lighthouse is the history of trade. Long before electric lamps, keepers burned wood, coal and
@@ -55,9 +54,14 @@ Le marché ouvre à sept heures ; les pêcheurs arrivent avec la marée. 今日�
 """
 
 
+def present_name(past: str) -> str:
+    """The graph output a cache input is written back to: past_key.3 -> present_key.3."""
+    return "present" + past[len("past"):]
+
+
 def cache_names(graph: onnx.GraphProto) -> list[tuple[str, str]]:
     """(past, present) names of each cache tensor, in the decoder contract's order (past_key.0, past_value.0, ...)."""
-    return [(i.name, "present" + i.name[len("past"):]) for i in graph.input if i.name.startswith("past_")]
+    return [(i.name, present_name(i.name)) for i in graph.input if i.name.startswith("past_")]
 
 
 def calibrate(decoder: Path, table: EmbeddingTable, token_ids: list[int], chunk_length: int,
@@ -79,7 +83,7 @@ def calibrate(decoder: Path, table: EmbeddingTable, token_ids: list[int], chunk_
     for n, cache in caches.items():
         value = ort.OrtValue.ortvalue_from_numpy(cache)
         binding.bind_ortvalue_input(n, value)
-        binding.bind_ortvalue_output("present" + n[len("past"):], value)
+        binding.bind_ortvalue_output(present_name(n), value)
     binding.bind_output("logits")
     rows = inputs["position_ids"].shape[0]
     for begin in range(0, length, chunk_length):

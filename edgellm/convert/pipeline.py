@@ -187,10 +187,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
                                           model.embedding_multiplier)
             bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
         if kv_cache == "int8":
-            extension_for = None
-            if parts:
-                processor = family.processor(parts.settings.to_json())
-                extension_for = processor.decoder_extension
+            extension_for = family.processor(parts.settings.to_json()).decoder_extension if parts else None
             int8_cache(stage, embeddings_entry, tokenizer_json, seq_length, chunk_length, extension_for, progress)
         (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         template = source.chat_template()

@@ -72,12 +72,11 @@ def staging_folder(out: Path, overwrite: bool):
 
 def remove_abandoned(out: Path) -> None:
     """Staging (and replaced) folders of `out` left by a conversion that was killed: their process is gone."""
-    for leftover in out.parent.glob(f".{out.name}.partial-*") if out.parent.exists() else ():
-        if not _alive(leftover.name[len(f".{out.name}.partial-"):].split("-")[0]):
-            shutil.rmtree(leftover, ignore_errors=True)
-    for leftover in out.parent.glob(f".{out.name}.old-*") if out.parent.exists() else ():
-        if not _alive(leftover.name[len(f".{out.name}.old-"):]):
-            shutil.rmtree(leftover, ignore_errors=True)
+    for kind in ("partial", "old"):  # .NAME.partial-PID-TIME, .NAME.old-PID
+        prefix = f".{out.name}.{kind}-"
+        for leftover in out.parent.glob(prefix + "*"):
+            if not _alive(leftover.name[len(prefix):].split("-")[0]):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _alive(pid: str) -> bool:

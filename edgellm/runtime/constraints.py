@@ -42,7 +42,6 @@ class JsonConstraint:
         self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
             raise EdgeLLMError(f"the JSON schema cannot be used: {self.matcher.get_error()}")
-        self.vocab_size = vocab_size
         self.bits = np.zeros((vocab_size + 31) // 32, np.int32)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:

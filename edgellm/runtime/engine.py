@@ -100,7 +100,6 @@ class Engine:
         if device == "openvino":
             from .openvino import CompiledGraph
 
-
             self.openvino = CompiledGraph(decoder, threads or default_threads())
             self.chunk_length = max(self.chunk_length, OPENVINO_CHUNK)
         self.embeddings = EmbeddingTable(bundle.path, bundle.manifest.embeddings)

@@ -132,8 +132,8 @@ class Model:
                 raise EdgeLLMError("images need the bundle's chat template; raw prompts cannot hold them")
             p = [{"role": "user", "content": user_content(p, len(images), len(videos))}]
         if isinstance(p, str):
-            self._check_text_size([p])
             if raw or self.chat_template is None:
+                self._check_text_size([p])
                 return Prompt(self.tokenizer.encode(p), [])
             p = [{"role": "user", "content": p}]
         if isinstance(p, (list, tuple)) and p and all(isinstance(t, (int, np.integer)) for t in p):
@@ -181,9 +181,8 @@ class Model:
 
     def _check_text_size(self, texts: list[str]) -> None:
         """Refuse text too long for the bundle before tokenizing it (a 10 MB prompt takes seconds to tokenize)."""
-        for i, text in enumerate(texts):
-            check_text(text, "the prompt" if len(texts) == 1 else f"message {i}")
-        size = sum(len(text.encode("utf-8")) for text in texts)
+        size = sum(check_text(text, "the prompt" if len(texts) == 1 else f"message {i}")
+                   for i, text in enumerate(texts))
         limit = 2 * self.seq_length * self.tokenizer.longest_token_bytes
         if size > limit:
             raise EdgeLLMError(f"the prompt is {size:,} bytes: more than this bundle's {self.seq_length} tokens can "

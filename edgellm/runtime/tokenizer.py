@@ -10,13 +10,13 @@ from tokenizers import Tokenizer as _Tokenizer
 from ..errors import EdgeLLMError
 
 
-def check_text(text: str, what: str = "the text") -> None:
+def check_text(text: str, what: str = "the text") -> int:
     """Text the tokenizer can take: str, encodable as UTF-8 (a lone surrogate such as "\\ud800", which JSON and
-    Python allow and undecodable command-line bytes become, is not)."""
+    Python allow and undecodable command-line bytes become, is not); returns its size in UTF-8 bytes."""
     if not isinstance(text, str):
         raise EdgeLLMError(f"{what} must be a string, got {type(text).__name__}")
     try:
-        text.encode("utf-8")
+        return len(text.encode("utf-8"))
     except UnicodeEncodeError as e:
         raise EdgeLLMError(f"{what} is not valid Unicode: {e.object[e.start:e.end]!r} at character {e.start} "
                            "(a lone surrogate, or bytes that are not UTF-8)") from None
