@@ -2,11 +2,17 @@
 concurrent streaming clients (the figures batched decoding is meant to move).
 
     .venv/bin/python benchmarks/serve_load.py BUNDLE [--clients 1,4,16] [--requests 4] [--max-tokens 64]
+        [--parallel N] [--prefix-tokens 1000]
 
-The server runs in a process of its own (`edgellm serve BUNDLE --port 0`, as benchmarks/soak.py starts it). For each
-client count, every client sends `--requests` streamed chat requests one after another (each a different question,
-greedy, `ignore_eos` so every answer is `--max-tokens` long); TTFT is the time to the first content chunk as the
-client sees it (queueing included), aggregate tokens/s all tokens over the wall time of that load.
+The server runs in a process of its own (`edgellm serve BUNDLE --port 0 [--parallel N]`, as benchmarks/soak.py
+starts it). For each client count, every client sends `--requests` streamed chat requests one after another (each a
+different question, greedy, `ignore_eos` so every answer is `--max-tokens` long); TTFT is the time to the first
+content chunk as the client sees it (queueing included), aggregate tokens/s all tokens over the wall time of that
+load; "batch" is the mean number of answers per decode step (the server's /metrics).
+
+Then the prompt cache: one client alternates a completion whose prompt is a `--prefix-tokens` document already in
+the cache plus 20 new tokens, and a completion of the 20 new tokens alone; the medians of their TTFTs and their
+ratio are printed.
 """
 
 from __future__ import annotations
@@ -69,6 +75,38 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "ttft p95": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))], "requests": len(ttfts)}
 
 
+def batch_counts(url: str) -> tuple[float, float]:
+    """(answers decoded, decode steps) so far, from the server's mean batch gauge and its token counter."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    mean = float(values.get("edgellm_batch_mean", 0))
+    tokens = float(values.get('edgellm_tokens_total{kind="completion"}', 0))
+    return tokens, tokens / mean if mean else 0.0
+
+
+def completion_ttft(http: httpx.Client, prompt: str) -> float:
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True}
+    started = time.perf_counter()
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                return time.perf_counter() - started
+    raise RuntimeError("no answer")
+
+
+def prefix_ttft(url: str, prefix_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median TTFTs of (a cached document + 20 new tokens, the 20 new tokens alone), alternating."""
+    document = " ".join(f"item{i}" for i in range(prefix_tokens * 3 // 11))  # about 11 tokens per 3 words
+    cached, fresh = [], []
+    with httpx.Client(base_url=url, timeout=600) as http:
+        completion_ttft(http, document)  # computed once; in the prompt cache from now on
+        for i in range(repeats):
+            tail = " ".join(f"q{i}w{j}" for j in range(5))  # about 20 tokens, new each time
+            cached.append(completion_ttft(http, document + " " + tail))
+            fresh.append(completion_ttft(http, tail))
+    return statistics.median(cached), statistics.median(fresh)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle")
@@ -76,19 +114,31 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4, help="requests per client")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parallel", type=int, default=None, help="the server's --parallel (default: its own)")
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="the cached document's length (0: skip)")
+    p.add_argument("--repeats", type=int, default=7, help="TTFT pairs for the prompt-cache figure")
     args = p.parse_args()
-    server, url = start_server(args.bundle, args.threads)
+    options = ["--parallel", str(args.parallel)] if args.parallel else []
+    server, url = start_server(args.bundle, args.threads, *options)
     try:
         one_request(httpx.Client(base_url=url, timeout=600), "warming up", 8)
         print(f"{args.bundle}: {args.requests} streamed requests of {args.max_tokens} tokens per client; "
               f"host: {cpu_flags()}\n")
-        print("| clients | requests | aggregate tokens/s | TTFT p50 s | TTFT p95 s |\n|---:|---:|---:|---:|---:|")
+        print("| clients | requests | aggregate tokens/s | TTFT p50 s | TTFT p95 s | batch |\n"
+              "|---:|---:|---:|---:|---:|---:|")
         base = None
         for n in [int(x) for x in args.clients.split(",")]:
+            before = batch_counts(url)
             out = load(url, n, args.requests, args.max_tokens)
+            after = batch_counts(url)
+            batch = (after[0] - before[0]) / max(1, after[1] - before[1])
             base = base or out
             print(f"| {n} | {out['requests']} | {out['tokens/s']:.1f} ({out['tokens/s'] / base['tokens/s']:.2f}x) | "
-                  f"{out['ttft p50']:.2f} | {out['ttft p95']:.2f} |")
+                  f"{out['ttft p50']:.2f} | {out['ttft p95']:.2f} | {batch:.2f} |")
+        if args.prefix_tokens:
+            cached, fresh = prefix_ttft(url, args.prefix_tokens, args.repeats)
+            print(f"\nTTFT, median of {args.repeats}: {args.prefix_tokens} cached tokens + 20 new: "
+                  f"{cached * 1000:.0f} ms; the 20 tokens alone: {fresh * 1000:.0f} ms ({cached / fresh:.2f}x)")
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(30)

@@ -45,8 +45,8 @@ class Tally:
                 self.failures.append(detail)
 
 
-def start_server(bundle: str, threads: int | None) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "edgellm.cli", "serve", bundle, "--port", "0"]
+def start_server(bundle: str, threads: int | None, *options: str) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "edgellm.cli", "serve", bundle, "--port", "0", *options]
     if threads:
         command += ["-t", str(threads)]
     server = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from .errors import EdgeLLMError
 
@@ -96,8 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-f", "--force", action="store_true", help="replace the output folder if it exists")
     c.set_defaults(func=cmd_convert)
 
-    def runtime_args(q, prompt=True):
+    def runtime_args(q, prompt=True, cache=False):
         q.add_argument("bundle", help="bundle folder made by `edgellm convert`")
+        if cache:
+            q.add_argument("--prompt-cache", default=None, metavar="DIR",
+                           help="keep computed prompts' KV caches in DIR, and start from them (also after a restart); "
+                                "`edgellm cache-prompt` precomputes a system prompt there")
+            q.add_argument("--cache-mib", type=count(0), default=256,
+                           help="memory for kept prompts' KV caches, in MiB (default 256; 0: none)")
         q.add_argument("-c", "--device", default="cpu",
                        help="cpu (default); cuda (onnxruntime-gpu); openvino (the openvino extra: prefill and vision "
                             "on OpenVINO, which computes in bf16 where the CPU has AVX512_BF16 or AMX)")
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens per draft (default 4)")
 
     r = sub.add_parser("run", help="answer one prompt")
-    runtime_args(r)
+    runtime_args(r, cache=True)
     r.add_argument("text", nargs="?", default=None, metavar="PROMPT",
                    help="the prompt (- reads standard input); put it before -i/--video, which take several files")
     r.add_argument("-p", "--prompt", default=None, help="the prompt, as a flag (same as PROMPT)")
@@ -135,11 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     ch = sub.add_parser("chat", help="interactive multi-turn chat (/clear resets, /quit leaves)")
-    runtime_args(ch)
+    runtime_args(ch, cache=True)
     ch.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions) with a chat page")
-    runtime_args(sv, prompt=False)
+    runtime_args(sv, prompt=False, cache=True)
+    sv.add_argument("--parallel", type=count(1), default=None, metavar="N",
+                    help="answers that decode together, one graph call per step for all (default: up to 4, as many "
+                         "as fit in half the free memory with full contexts; 1 for decoders without a batch axis)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     sv.add_argument("--port", type=port, default=8000)
     sv.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
@@ -151,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest request body accepted, in MiB (default 32; larger gets 413)")
     sv.add_argument("--name", default=None, help="model id the API reports (default: the bundle folder's name)")
     sv.set_defaults(func=cmd_serve)
+
+    cp = sub.add_parser("cache-prompt", help="precompute a system prompt's KV cache (for --prompt-cache)")
+    runtime_args(cp, prompt=False)
+    cp.add_argument("--file", required=True, help="UTF-8 text: the system prompt (or, with --raw, a text prefix)")
+    cp.add_argument("-o", "--output", required=True, metavar="DIR", help="the prompt cache folder (made if missing)")
+    cp.add_argument("--raw", action="store_true", help="cache the text as it is (for completions and run --raw), "
+                                                       "not as the chat template's system prompt")
+    cp.add_argument("--cache-mib", type=count(1), default=1024,
+                    help="the most the folder's entries may hold, in MiB (default 1024)")
+    cp.set_defaults(func=cmd_cache_prompt)
 
     b = sub.add_parser("bench", help="time prefill and decode for several prompt lengths")
     runtime_args(b, prompt=False)
@@ -180,11 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args):
+def _load(args, slots: int | None = 1):
     from . import load
 
-    model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory)
+    model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots)
     print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms", file=sys.stderr)
+    folder = vars(args).get("prompt_cache")
+    if folder is not None or (vars(args).get("func") is cmd_serve and args.cache_mib):
+        from .runtime.prompt_cache import PromptCache
+
+        model.prompt_cache = PromptCache(args.cache_mib, model.bundle, folder)
+        for reason in model.prompt_cache.refused:
+            print(f"edgellm: warning: skipped {reason}", file=sys.stderr)
+        if folder is not None:
+            print(f"prompt cache {folder}: {len(model.prompt_cache)} sequence(s), "
+                  f"{model.prompt_cache.nbytes / (1 << 20):.1f} MiB", file=sys.stderr)
     return model
 
 
@@ -269,12 +299,37 @@ def cmd_serve(args) -> None:
 
     from .server import listen, serve
 
+    from .runtime.memory import kv_cache_bytes
+
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
-    model = _load(args)
+    model = _load(args, slots=args.parallel)
     name = args.name or Path(args.bundle).resolve().name
     host, port = sock.getsockname()[:2]
-    print(f"serving {name} on http://{host}:{port}/ (chat page) and /v1 (OpenAI API)", file=sys.stderr)
-    serve(model, name, sock, args.max_request_mib << 20, args.api_key, args.max_queue)
+    slots = len(model.engine.slots)
+    print(f"serving {name} on http://{host}:{port}/ (chat page) and /v1 (OpenAI API); --parallel {slots}: "
+          f"{slots} answer(s) decode together, KV cache up to {slots * kv_cache_bytes(model.bundle) / (1 << 20):.0f} "
+          f"MiB; prompt cache {args.cache_mib} MiB", file=sys.stderr)
+    serve(model, name, sock, args.max_request_mib << 20, args.api_key, args.max_queue, model.prompt_cache)
+
+
+def cmd_cache_prompt(args) -> None:
+    from pathlib import Path
+
+    from .runtime.prompt_cache import PromptCache
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeLLMError(f"{args.file}: cannot read the text ({e})") from None
+    if not text.strip():
+        raise EdgeLLMError(f"{args.file}: the text is empty")
+    model = _load(args)
+    model.prompt_cache = PromptCache(args.cache_mib, model.bundle, args.output)
+    started = time.perf_counter()
+    ids = model.tokenizer.encode(text) if args.raw else model.system_prefix(text)
+    entry = model.cache_prompt(ids, progress=True)
+    print(f"cached {len(entry.keys)} tokens ({entry.nbytes / (1 << 20):.1f} MiB) in {args.output} in "
+          f"{time.perf_counter() - started:.2f} s; use it with --prompt-cache {args.output}", file=sys.stderr)
 
 
 CHAT_HELP = ("/image FILE and /video FILE attach to the next message, /clear starts over, /quit or Ctrl-D leaves; "

@@ -37,7 +37,6 @@ class Metrics:
         self.requests: dict[str, int] = {}  # outcome (stop, length, stopped, refused...) -> count
         self.tokens = {"prompt": 0, "cached": 0, "completion": 0}
         self.ttft, self.speed = Histogram(TTFT_BUCKETS), Histogram(SPEED_BUCKETS)
-        self.waiting = 0
 
     def finished(self, outcome: str, result=None) -> None:
         """A request ended: `outcome` is its finish reason, "stopped" (the client left) or "refused"."""
@@ -52,7 +51,8 @@ class Metrics:
                 if result.decode_tokens_per_s > 0:
                     self.speed.observe(result.decode_tokens_per_s)
 
-    def text(self) -> str:
+    def text(self, gauges: dict[str, tuple[float, str]] = {}) -> str:
+        """The counters, and `gauges` {name: (value, help)} read at this moment."""
         with self.lock:
             lines = ["# HELP edgellm_requests_total Requests by how they ended.",
                      "# TYPE edgellm_requests_total counter"]
@@ -64,10 +64,9 @@ class Metrics:
                       *self.ttft.lines("edgellm_ttft_seconds"),
                       "# HELP edgellm_decode_tokens_per_second Decode speed per request.",
                       "# TYPE edgellm_decode_tokens_per_second histogram",
-                      *self.speed.lines("edgellm_decode_tokens_per_second"),
-                      "# HELP edgellm_queue_length Requests waiting for the model.",
-                      "# TYPE edgellm_queue_length gauge",
-                      f"edgellm_queue_length {self.waiting}"]
+                      *self.speed.lines("edgellm_decode_tokens_per_second")]
+        for key, (value, meaning) in gauges.items():
+            lines += [f"# HELP edgellm_{key} {meaning}", f"# TYPE edgellm_{key} gauge", f"edgellm_{key} {value:g}"]
         lines += ["# HELP edgellm_resident_memory_bytes The server's resident memory.",
                   "# TYPE edgellm_resident_memory_bytes gauge", f"edgellm_resident_memory_bytes {resident_bytes()}"]
         return "\n".join(lines) + "\n"

@@ -1,10 +1,11 @@
 """An OpenAI-compatible HTTP server for one bundle, with a chat page: `edgellm serve BUNDLE`.
 
 POST /v1/chat/completions and /v1/completions (server-sent events when "stream" is true), GET /v1/models,
-GET /health, and GET / (the page). One request generates at a time: a generation keeps every core busy anyway,
-and the engine's KV cache still holds the last conversation, so a client that resends the history with a new turn
-prefills only that turn. Requests are checked before anything runs; a bad one gets a 400 with an OpenAI-style
-error body that names the field.
+GET /health, GET /metrics and GET / (the page). Answers are written by a runtime.batch.Batcher: as many as the
+engine has cache slots decode together, one graph call per step, the rest wait in a bounded queue; finished
+sequences stay in the prompt cache, so a client that resends the history with a new turn prefills only that turn.
+Requests are checked before anything runs; a bad one gets a 400 with an OpenAI-style error body that names the
+field.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from .errors import EdgeLLMError
 from .metrics import Metrics
+from .runtime.batch import Batcher, QueueFull
 from .runtime.sampling import BOUNDS, Bound
 
 PAGE = Path(__file__).with_name("server_page.html")
@@ -39,6 +41,7 @@ UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "logprobs":
 MAX_REQUEST_BYTES = 32 << 20  # a request body larger than this gets a 413 (images come base64-encoded inside)
 MAX_QUEUE = 64  # requests waiting for the model beyond this get a 503 with Retry-After
 SHUTDOWN_GRACE_S = 10  # on Ctrl-C / SIGTERM, streams still running after this are cancelled
+DISCONNECT_CHECK_S = 0.25  # how often an unstreamed answer checks that its client is still there
 
 
 class BadRequest(Exception):
@@ -58,6 +61,7 @@ class Job:
     include_usage: bool
     chat: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    arrived: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
 
 
@@ -263,40 +267,49 @@ def not_served(asked, name: str) -> str:
 
 
 def log_line(job: Job, result, outcome: str) -> str:
-    """What the log says of a request: its id, tokens (prompt, of them cached, completion), TTFT and speed."""
+    """What the log says of a request: its id, tokens (prompt, of them cached, completion), TTFT (of it, the wait
+    for a free slot) and speed."""
     if result is None:
         return f"{job.id} {outcome} before its generation began"
     return (f"{job.id} {'chat' if job.chat else 'completion'}{' stream' if job.stream else ''} {outcome}: prompt "
             f"{result.prompt_tokens} tok ({result.reused_tokens} cached), {len(result.token_ids)} generated, TTFT "
-            f"{result.ttft_s * 1000:.0f} ms, decode {result.decode_tokens_per_s:.1f} tok/s")
+            f"{result.ttft_s * 1000:.0f} ms ({result.queued_s * 1000:.0f} queued), decode "
+            f"{result.decode_tokens_per_s:.1f} tok/s")
 
 
 def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None,
-               max_queue: int = MAX_QUEUE):
+               max_queue: int = MAX_QUEUE, prompt_cache=None):
     """The ASGI application serving `model` under the id `name`; with `api_key`, every route but /health needs it
-    (`Authorization: Bearer KEY`, as OpenAI clients send it; the chat page takes `?api_key=KEY`)."""
+    (`Authorization: Bearer KEY`, as OpenAI clients send it; the chat page takes `?api_key=KEY`). As many answers
+    decode together as the model's engine has slots (Model(..., slots=N)); `prompt_cache`: a PromptCache that
+    finished sequences go to and new prompts start from."""
     from starlette.applications import Starlette
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    lock = asyncio.Lock()  # one generation at a time; waiting requests queue here, not in threads
     metrics = Metrics()
+    batchers: list[Batcher] = []  # started with the first request (an app that serves nothing starts no thread)
 
-    @contextlib.asynccontextmanager
-    async def turn():
-        """The model, for one generation; the requests waiting for it are the queue /metrics shows."""
-        metrics.waiting += 1
-        try:
-            await lock.acquire()
-        finally:
-            metrics.waiting -= 1
-        try:
-            yield
-        finally:
-            lock.release()
+    def finished(request, outcome: str) -> None:
+        """A request left the Batcher (on its thread): one log line, counted."""
+        job, result = request.tag, request.answer.result
+        started = request.prefilled_chunks > 0
+        if outcome == "stopped" and not started:
+            log.info(f"{job.id} dropped: the client left while it waited")
+            metrics.finished("dropped")
+            return
+        text = {"stopped": "stopped, the client left", "error": "failed"}.get(outcome, outcome)
+        log.info(log_line(job, result if started else None, text))
+        metrics.finished(outcome, result if started else None)
+
+    def batcher() -> Batcher:
+        if not batchers:
+            batchers.append(Batcher(model, prompt_cache, max_queue, on_finished=finished))
+        return batchers[0]
+
     html = PAGE.read_text(encoding="utf-8")
 
     def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error",
@@ -321,33 +334,28 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
     def event(job: Job, **fields) -> str:
         return f"data: {json.dumps(envelope(job, True, **fields), ensure_ascii=False)}\n\n"
 
-    async def checked(request: Request, chat: bool) -> Job:
-        body = await read_json(request, max_request_bytes)
-        if isinstance(body, dict) and body.get("model") not in (None, "", name):
-            raise BadRequest(not_served(body["model"], name), "model", status=404)
-        async with turn():  # preparing reads the tokenizer and the vision processor beside no generation
-            return await run_in_threadpool(parse, model, body, chat)
-
-    def stopped(job: Job, before) -> None:
-        """Log and count a generation its client left; `before`: model.last_result before it began (a newer one is
-        this request's, filled as far as it got)."""
-        mine = model.last_result if model.last_result is not before else None
-        log.info(log_line(job, mine, "stopped, the client left"))
-        metrics.finished("stopped", mine)
+    def start(body, chat: bool):
+        """Check the request and make its answer ready to prefill (a thread: tokenizing, images, the schema)."""
+        job = parse(model, body, chat)
+        answer = model.start(job.prompt, max_new_tokens=job.max_tokens, started=job.arrived, **job.sampling)
+        return job, answer
 
     def full() -> bool:
-        return lock.locked() and metrics.waiting >= max_queue
+        return bool(batchers) and batchers[0].queued >= max_queue
 
     def busy():
         metrics.finished("busy")
-        return error(f"the server is busy: {metrics.waiting} requests are waiting for the model; retry shortly", 503,
-                     kind="server_busy", headers={"Retry-After": "2"})
+        return error(f"the server is busy: {batchers[0].queued} requests are waiting for the model; retry shortly",
+                     503, kind="server_busy", headers={"Retry-After": "2"})
 
     async def complete(request: Request, chat: bool):
         if full():  # before reading the body
             return busy()
         try:
-            job = await checked(request, chat)
+            body = await read_json(request, max_request_bytes)
+            if isinstance(body, dict) and body.get("model") not in (None, "", name):
+                raise BadRequest(not_served(body["model"], name), "model", status=404)
+            job, answer = await run_in_threadpool(start, body, chat)
         except BadRequest as e:
             metrics.finished("refused")
             return error(str(e), e.status, param=e.param,
@@ -355,54 +363,57 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
         except EdgeLLMError as e:
             metrics.finished("refused")
             return error(str(e), param="messages" if chat else "prompt")
-        options = dict(max_new_tokens=job.max_tokens, **job.sampling)
-        if full():  # again: it may have filled while this request was read and checked
+        loop = asyncio.get_running_loop()
+        arrivals: asyncio.Queue = asyncio.Queue()
+
+        def deliver(kind: str, value) -> None:  # on the Batcher's thread
+            loop.call_soon_threadsafe(arrivals.put_nowait, (kind, value))
+
+        try:
+            handle = batcher().submit(answer, deliver, job.arrived, tag=job)
+        except QueueFull:  # it filled while this request was read and checked
             return busy()
         if not job.stream:
-            async with turn():
-                before = model.last_result
-                pieces = model.stream(job.prompt, **options)
-                try:
-                    if await request.is_disconnected():  # gave up while waiting its turn
-                        log.info(f"{job.id} dropped: the client left while it waited")
-                        metrics.finished("dropped")
-                        return Response(status_code=499)
-                    async for _ in iterate_in_threadpool(pieces):
-                        if await request.is_disconnected():  # nobody reads the answer: stop at this token
-                            stopped(job, before)
+            try:
+                check_at = loop.time() + DISCONNECT_CHECK_S
+                while True:
+                    try:
+                        kind, value = await asyncio.wait_for(arrivals.get(), DISCONNECT_CHECK_S)
+                    except asyncio.TimeoutError:
+                        kind = None
+                    if kind == "done":
+                        result = value
+                        break
+                    if kind == "error":
+                        return error(value, param="messages" if chat else "prompt")
+                    if loop.time() >= check_at:
+                        if await request.is_disconnected():  # nobody will read the answer: it stops
+                            batcher().cancel(handle)
                             return Response(status_code=499)
-                    result = model.last_result
-                    log.info(log_line(job, result, result.finish_reason))
-                    metrics.finished(result.finish_reason, result)
-                except EdgeLLMError as e:
-                    metrics.finished("refused")
-                    return error(str(e), param="messages" if chat else "prompt")
-                finally:
-                    pieces.close()
+                        check_at = loop.time() + DISCONNECT_CHECK_S
+            except BaseException:
+                batcher().cancel(handle)
+                raise
             return JSONResponse(envelope(job, False, choices=[choice(job, result.text, result.finish_reason)],
                                          usage=usage(result), timings=timings(result)))
 
         async def events():
-            async with turn():
-                before = model.last_result
-                pieces = model.stream(job.prompt, **options)
-                try:
-                    if job.chat:
-                        yield event(job, choices=[choice(job, None, None, first=True)])
-                    async for piece in iterate_in_threadpool(pieces):
-                        yield event(job, choices=[choice(job, piece, None)])
-                    result = model.last_result
-                    log.info(log_line(job, result, result.finish_reason))
-                    metrics.finished(result.finish_reason, result)
-                except EdgeLLMError as e:  # after the 200 has gone out, an error can only be an event
-                    metrics.finished("refused")
-                    yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
-                    return
-                except BaseException:  # the client went away (the stream was cancelled or closed)
-                    stopped(job, before)
-                    raise
-                finally:
-                    pieces.close()  # a client that went away stops the generation at the next token
+            try:
+                if job.chat:
+                    yield event(job, choices=[choice(job, None, None, first=True)])
+                while True:
+                    kind, value = await arrivals.get()
+                    if kind == "piece":
+                        yield event(job, choices=[choice(job, value, None)])
+                    elif kind == "error":  # after the 200 has gone out, an error can only be an event
+                        yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                        return
+                    else:
+                        result = value
+                        break
+            except BaseException:  # the client went away (the stream was cancelled or closed)
+                batcher().cancel(handle)
+                raise
             yield event(job, choices=[choice(job, None, result.finish_reason)], timings=timings(result))
             if job.include_usage:
                 yield event(job, choices=[], usage=usage(result))
@@ -432,7 +443,17 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
         return JSONResponse(model_card())
 
     async def prometheus(request: Request):
-        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+        b = batchers[0] if batchers else None
+        gauges = {"queue_length": (b.queued if b else 0, "Requests waiting for a free slot."),
+                  "running": (b.busy if b else 0, "Requests holding a slot (prefilling or decoding)."),
+                  "slots": (model.engine.slots.__len__(), "Answers that can decode together (--parallel).")}
+        if b and b.steps:
+            gauges["batch_mean"] = (b.batched_tokens / b.steps, "Mean answers per decode step so far.")
+        if prompt_cache is not None:
+            gauges["prompt_cache_bytes"] = (prompt_cache.nbytes, "Memory the prompt cache holds.")
+            gauges["prompt_cache_entries"] = (len(prompt_cache), "Sequences in the prompt cache.")
+            gauges["prompt_cache_hits"] = (prompt_cache.hits, "Prompts that started from the prompt cache.")
+        return PlainTextResponse(metrics.text(gauges), media_type="text/plain; version=0.0.4")
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": name})
@@ -452,7 +473,17 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
               Route("/v1/models/{model:path}", one_model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if batchers:  # streams still running were given their grace time by the server
+            try:
+                batchers[0].close()
+            except EdgeLLMError as e:  # the prompt cache could not be saved
+                log.warning(str(e))
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
+                    lifespan=lifespan)
     return app if api_key is None else KeyCheck(app, api_key)
 
 
@@ -499,7 +530,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model, name: str, sock: socket.socket, max_request_bytes: int = MAX_REQUEST_BYTES,
-          api_key: str | None = None, max_queue: int = MAX_QUEUE) -> None:
+          api_key: str | None = None, max_queue: int = MAX_QUEUE, prompt_cache=None) -> None:
     import uvicorn
 
     if not log.handlers:  # the request lines, beside uvicorn's access log
@@ -507,6 +538,7 @@ def serve(model, name: str, sock: socket.socket, max_request_bytes: int = MAX_RE
         handler.setFormatter(logging.Formatter("%(asctime)s edgellm: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    config = uvicorn.Config(create_app(model, name, max_request_bytes, api_key, max_queue), log_level="info",
+    config = uvicorn.Config(create_app(model, name, max_request_bytes, api_key, max_queue, prompt_cache),
+                            log_level="info",
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     uvicorn.Server(config).run(sockets=[sock])

@@ -312,22 +312,20 @@ def running_server(app):
 
 
 def pace_generations(model, pause: float = 0.005) -> list:
-    """Slow `model`'s streamed answers to a real model's pace (`pause` per piece) and keep each request's result,
-    which its generation fills as it goes (also after its client left); returns that list."""
+    """Slow `model`'s decoding to a real model's pace (`pause` per step) and keep each answer's result, which its
+    generation fills as it goes (also after its client left); returns that list, in the order answers started."""
     import time
 
-    results, stream = [], model.stream
+    results, start, decode_batch = [], model.start, model.engine.decode_batch
+
+    def started(*args, **kwargs):
+        answer = start(*args, **kwargs)
+        results.append(answer.result)
+        return answer
 
     def paced(*args, **kwargs):
-        pieces = stream(*args, **kwargs)
-        try:
-            for piece in pieces:
-                if not any(r is model.last_result for r in results):
-                    results.append(model.last_result)
-                time.sleep(pause)
-                yield piece
-        finally:
-            pieces.close()
+        time.sleep(pause)
+        return decode_batch(*args, **kwargs)
 
-    model.stream = paced
+    model.start, model.engine.decode_batch = started, paced
     return results

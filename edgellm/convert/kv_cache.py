@@ -77,7 +77,7 @@ def calibrate(decoder: Path, table: EmbeddingTable, token_ids: list[int], chunk_
     if not names:
         raise EdgeLLMError(f"{decoder}: the decoder graph has no KV cache inputs to quantize")
     length = len(token_ids)
-    shape = inputs[names[0]].shape  # [1, heads, seq_length, dim]
+    shape = [d if isinstance(d, int) else 1 for d in inputs[names[0]].shape]  # [1 (of batch), heads, seq, dim]
     caches = {n: np.zeros(shape, np.float32) for n in names}
     binding = session.io_binding()
     for n, cache in caches.items():
@@ -85,7 +85,7 @@ def calibrate(decoder: Path, table: EmbeddingTable, token_ids: list[int], chunk_
         binding.bind_ortvalue_input(n, value)
         binding.bind_ortvalue_output(present_name(n), value)
     binding.bind_output("logits")
-    rows = inputs["position_ids"].shape[0]
+    rows = inputs["position_ids"].shape[0] if isinstance(inputs["position_ids"].shape[0], int) else 1
     for begin in range(0, length, chunk_length):
         end = min(begin + chunk_length, length)
         feed = {"inputs_embeds": table[token_ids[begin:end]][None].astype(np.float32),

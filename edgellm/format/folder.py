@@ -112,6 +112,12 @@ class Bundle:
         path = self.file(name)
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    @property
+    def identity(self) -> str:
+        """A fingerprint of this bundle's contents (its manifest records every file's checksum): what saved KV caches
+        are tied to."""
+        return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+
     def verify_hashes(self) -> None:
         """Every file's CRC-32 against the manifest (SHA-256 for bundles written before it recorded CRC-32);
         sizes were checked when the bundle was opened."""

@@ -199,7 +199,7 @@ class Model:
         x, _ = g.add_rms_norm(pick(pending), pick(residual), self.norm_weight(weights, "model.norm.weight"),
                               a.rms_norm_eps, "model.norm")
         logits = self.final_logits(g, g.linear(x, self.lm_head_weight(weights), "lm_head", policy=g.lm_head_policy))
-        g.output("logits", np.float32, [1, "n_logits", a.vocab_size], value=logits)
+        g.output("logits", np.float32, [self.batch_dim(), "n_logits", a.vocab_size], value=logits)
 
     def layer(self, g: GraphBuilder, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
         """Layer i after its input norm: (its output, still to join the residual stream; the residual stream)."""
@@ -209,23 +209,31 @@ class Model:
         x, residual = g.add_rms_norm(attn, residual, self.norm_weight(weights, f"{post}.weight"), a.rms_norm_eps, post)
         return self.mlp(g, weights, f"{prefix}.mlp", x), residual
 
+    def batch_dim(self) -> int | str:
+        """The decoder's first dimension: "batch" where several sequences can run in one call (continuous batching
+        in the server), else 1. A decoder whose positions have several rows, or that takes family inputs (which
+        describe one prompt's media), runs one sequence at a time."""
+        return "batch" if self.position_rows == 1 and type(self).extra_inputs is Model.extra_inputs else 1
+
     def declare_io(self, g: GraphBuilder, seq_length: int) -> dict:
         """The decoder contract the runtime relies on, shared by every family.
 
-        past/present KV of every layer are [1, kv_heads, seq_length, head_dim] and share one buffer: the runtime
-        binds the same memory to both, and GroupQueryAttention writes the new positions in place. Positions have
-        `position_rows` rows; with three, text positions repeat the same value in each.
+        past/present KV of every layer are [batch, kv_heads, seq_length, head_dim] and share one buffer: the
+        runtime binds the same memory to both, and GroupQueryAttention writes the new positions in place, at each
+        sequence's own length (seqlens_k). Positions have `position_rows` rows (one per sequence when batched);
+        with three, text positions repeat the same value in each.
         """
-        a = self.args
+        a, batch = self.args, self.batch_dim()
+        rows = "batch" if batch == "batch" else self.position_rows
         ctx = {
-            "inputs_embeds": g.input("inputs_embeds", np.float32, [1, "sequence", a.hidden_size]),
-            "position_ids": g.input("position_ids", np.int64, [self.position_rows, "sequence"]),
-            "seqlens_k": g.input("seqlens_k", np.int32, [1]),  # total length - 1
+            "inputs_embeds": g.input("inputs_embeds", np.float32, [batch, "sequence", a.hidden_size]),
+            "position_ids": g.input("position_ids", np.int64, [rows, "sequence"]),
+            "seqlens_k": g.input("seqlens_k", np.int32, [batch]),  # per sequence: its total length - 1
             "total_sequence_length": g.input("total_sequence_length", np.int32, []),
             "logits_index": g.input("logits_index", np.int64, ["n_logits"]),
         }
         self.extra_inputs(g, ctx)
-        kv_shape = [1, a.num_key_value_heads, seq_length, a.head_dim]
+        kv_shape = [batch, a.num_key_value_heads, seq_length, a.head_dim]
         for i in range(a.num_hidden_layers):
             for kind in ("key", "value"):
                 g.input(f"past_{kind}.{i}", np.float32, kv_shape)

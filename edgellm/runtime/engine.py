@@ -3,14 +3,18 @@
 The KV cache is one numpy array. Each layer's key and value slices are bound as both the graph's past and present
 tensors, so GroupQueryAttention appends new positions in place: nothing is copied or reallocated per token.
 The engine remembers which token sits at each cached position, so a new prompt that starts like the cached one
-(the next turn of a chat, a repeated system prompt) prefills only what differs. What a family's decoder takes beyond
-the contract (extra inputs, media spans a chunk must keep whole) comes from its processor's DecoderExtension.
+(the next turn of a chat, a repeated system prompt) prefills only what differs; a PromptCache keeps copies of
+earlier sequences' positions to start from. A cache of several slots holds several sequences, which decode together
+in one graph call (`decode_batch`: the server's continuous batching) where the decoder has a batch dimension.
+What a family's decoder takes beyond the contract (extra inputs, media spans a chunk must keep whole) comes from its
+processor's DecoderExtension.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -19,6 +23,7 @@ import onnxruntime as ort
 from ..errors import EdgeLLMError
 from ..format import DECODER_GRAPH, Bundle, EmbeddingTable
 from ..vision.processor import DecoderExtension, Processor
+from .prompt_cache import CachedSequence, PromptCache
 
 # Device openvino: chunks shorter than this (decode, speculative checks) stay on ONNX Runtime, faster at few rows;
 # prefill runs in chunks of OPENVINO_CHUNK (or the bundle's longer --chunk-length), where OpenVINO gains the most.
@@ -82,10 +87,28 @@ def session_options(threads: int | None, spinning: bool, profile_prefix: str | N
     return so
 
 
+class Slot:
+    """One sequence's place in the KV cache (`index`): which token, or image key, fills each position, at which
+    rotary positions (one row, or several axes: after an image those fall behind the position index), and where
+    decoding continues (the largest position + 1)."""
+
+    def __init__(self, index: int, rows: int, seq_length: int):
+        self.index = index
+        self.tokens: list[int] = []
+        self.positions = np.zeros((rows, seq_length), np.int64)
+        self.next_position = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True,
-                 profile_prefix: str | None = None, processor: Processor | None = None):
-        """`device` as check_device has accepted it (Model checks it before anything loads)."""
+                 profile_prefix: str | None = None, processor: Processor | None = None, slots: int = 1,
+                 fixed_slots: bool = True):
+        """`device` as check_device has accepted it (Model checks it before anything loads); `slots`: sequences the
+        cache holds (more than one needs a decoder with a batch dimension: `batched`; unless `fixed_slots`, a
+        decoder without one gets a single slot)."""
         m = bundle.manifest.model
         if device == "openvino" and bundle.manifest.quantization.kv_cache != "f32":
             raise EdgeLLMError(f"device openvino cannot run this bundle's {bundle.manifest.quantization.kv_cache} KV "
@@ -96,6 +119,14 @@ class Engine:
         self.chunk_length = bundle.manifest.chunk_length
         decoder = bundle.file(bundle.manifest.graphs[DECODER_GRAPH])
         self.session = open_session(decoder, session_options(threads, spinning, profile_prefix), PROVIDERS[device])
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        self.batched = not isinstance(inputs["inputs_embeds"][0], int)
+        if not fixed_slots and (not self.batched or device == "openvino"):
+            slots = 1
+        if slots > 1 and (not self.batched or device == "openvino"):
+            raise EdgeLLMError("this bundle's decoder runs one sequence at a time (a vision model with its own "
+                               "position axes, or a bundle converted before edgellm 0.5)" if not self.batched else
+                               "device openvino runs one sequence at a time; use device cpu to decode several")
         self.openvino = None
         if device == "openvino":
             from .openvino import CompiledGraph
@@ -103,37 +134,59 @@ class Engine:
             self.openvino = CompiledGraph(decoder, threads or default_threads())
             self.chunk_length = max(self.chunk_length, OPENVINO_CHUNK)
         self.embeddings = EmbeddingTable(bundle.path, bundle.manifest.embeddings)
-        layers = m.num_hidden_layers
-        self.kv = lazy_zeros((layers, 2, 1, m.num_key_value_heads, self.seq_length, m.head_dim),
+        self.layers, self.vocab_size = m.num_hidden_layers, m.vocab_size
+        self.kv = lazy_zeros((self.layers, 2, slots, m.num_key_value_heads, self.seq_length, m.head_dim),
                              bundle.manifest.quantization.kv_dtype)
-        self.binding = self.session.io_binding()
-        for i in range(layers):
-            for j, kind in enumerate(("key", "value")):
-                value = ort.OrtValue.ortvalue_from_numpy(self.kv[i, j])
-                self.binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
-                self.binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
-        # One-token decode writes its logits into this fixed buffer; other calls let ORT size the output.
-        self.step_logits = np.zeros((1, 1, m.vocab_size), np.float32)
-        self.step_logits_value = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
+        self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, np.ndarray, ort.OrtValue]] = {}
+        rows = 1 if self.batched else inputs["position_ids"][0]
+        self.slots = [Slot(i, rows, self.seq_length) for i in range(slots)]
+        self.slot = self.slots[0]  # the sequence prefill, forward, decode and verify work on
         self.reused = 0  # positions the last prefill took from the cache
-        self.tokens: list[int] = []  # what fills the cache, slot by slot (negative keys for image embeddings)
-        # Each slot's rotary positions (one row, or several axes: after an image those fall behind the slot index),
-        # and where decoding continues: the largest position + 1.
-        inputs = {i.name: i.shape for i in self.session.get_inputs()}
-        self.positions = np.zeros((inputs["position_ids"][0], self.seq_length), np.int64)
-        self.next_position = 0
         self.extension = processor.decoder_extension(inputs) if processor else DecoderExtension()
         if self.openvino is not None and self.seq_length >= MIN_OPENVINO_ROWS:
             # OpenVINO prepares its weights on the first run (seconds for a 1B model): at load, not at the first prompt
             self.forward(np.zeros((MIN_OPENVINO_ROWS, m.hidden_size), np.float32), np.zeros(1, np.int64))
             self.reset()
 
+    def _bound(self, first: int, end: int) -> tuple[ort.IOBinding, np.ndarray, ort.OrtValue]:
+        """A binding of the cache slots first..end-1 as every layer's past and present (so the graph appends in
+        place), with a fixed buffer for one-position logits: made once per slot range."""
+        key = (first, end)
+        if key not in self._bindings:
+            binding = self.session.io_binding()
+            for i in range(self.layers):
+                for j, kind in enumerate(("key", "value")):
+                    value = ort.OrtValue.ortvalue_from_numpy(self.kv[i, j, first:end])
+                    binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
+                    binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
+            logits = np.zeros((end - first, 1, self.vocab_size), np.float32)
+            self._bindings[key] = binding, logits, ort.OrtValue.ortvalue_from_numpy(logits)
+        return self._bindings[key]
+
+    # the current slot's state, under the names the one-sequence engine has always had
+    @property
+    def tokens(self) -> list[int]:
+        return self.slot.tokens
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.slot.positions
+
     @property
     def length(self) -> int:
-        return len(self.tokens)
+        return len(self.slot.tokens)
+
+    @contextmanager
+    def using(self, slot: Slot):
+        """Work on `slot` (prefill, forward, decode, verify) inside the block."""
+        before, self.slot = self.slot, slot
+        try:
+            yield slot
+        finally:
+            self.slot = before
 
     def reset(self) -> None:
-        self.tokens, self.next_position = [], 0
+        self.slot.tokens, self.slot.next_position = [], 0
 
     def embed(self, token_ids) -> np.ndarray:
         return self.embeddings[token_ids]
@@ -141,33 +194,57 @@ class Engine:
     def reuse_prefix(self, token_ids: list[int], positions: np.ndarray) -> int:
         """Keep the cached slots that hold the start of `token_ids` at the same rotary positions; at least one token
         is left to compute."""
-        n, limit = 0, min(len(self.tokens), len(token_ids) - 1)
-        while n < limit and self.tokens[n] == token_ids[n] and (self.positions[:, n] == positions[:, n]).all():
-            n += 1
+        n = common_prefix(self.slot, token_ids, positions, len(token_ids) - 1)
         self.truncate(n)
         return n
 
     def truncate(self, length: int) -> None:
-        """Forget the cache after its first `length` slots (their keys and values are overwritten later)."""
-        del self.tokens[length:]
-        self.next_position = int(self.positions[:, :length].max()) + 1 if length else 0
+        """Forget the current slot's cache after its first `length` positions (their keys and values are
+        overwritten later)."""
+        slot = self.slot
+        del slot.tokens[length:]
+        slot.next_position = int(slot.positions[:, :length].max()) + 1 if length else 0
+
+    def move(self, slot: Slot, free: Slot) -> None:
+        """Move `slot`'s sequence to `free`'s place in the cache (so that the sequences that decode together hold
+        neighbouring places): the two exchange indices, and `free` is left empty at `slot`'s former one."""
+        n = len(slot)
+        self.kv[:, :, free.index, :, :n] = self.kv[:, :, slot.index, :, :n]
+        slot.index, free.index = free.index, slot.index
+        free.tokens, free.next_position = [], 0
+
+    def snapshot(self, slot: Slot | None = None) -> CachedSequence:
+        """A copy of a slot's cached positions (its keys, rotary positions and keys and values), for a PromptCache."""
+        slot = slot or self.slot
+        n = len(slot)
+        return CachedSequence(np.array(slot.tokens, np.int64), slot.positions[:, :n].copy(), slot.next_position,
+                              np.ascontiguousarray(self.kv[:, :, slot.index, :, :n]))
+
+    def restore(self, entry: CachedSequence, length: int) -> None:
+        """Fill the current slot with the first `length` positions of a PromptCache entry."""
+        slot = self.slot
+        self.kv[:, :, slot.index, :, :length] = entry.kv[:, :, :, :length]
+        slot.tokens = [int(t) for t in entry.keys[:length]]
+        slot.positions[:, :length] = entry.positions[:, :length]
+        self.truncate(length)
 
     def forward(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids=None,
                 position_ids: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Run `embeds` [S, hidden] in the next S cache slots, at `position_ids` ([rows, S]; by default those that
-        follow the cache), with the family's `extra` inputs (by default the extension's for no media); returns
-        logits [len(logits_index), vocab]."""
-        s, start = embeds.shape[0], self.length
+        """Run `embeds` [S, hidden] in the next S positions of the current slot, at `position_ids` ([rows, S]; by
+        default those that follow the cache), with the family's `extra` inputs (by default the extension's for no
+        media); returns logits [len(logits_index), vocab]."""
+        slot = self.slot
+        s, start = embeds.shape[0], len(slot)
         if start + s > self.seq_length:
             raise EdgeLLMError(f"context full: {start + s} positions needed, the bundle holds {self.seq_length}")
         if position_ids is None:
-            after = self.next_position + s
-            steps = np.arange(self.next_position, after, dtype=np.int64)[None]
-            position_ids = steps if len(self.positions) == 1 else np.repeat(steps, len(self.positions), axis=0)
+            after = slot.next_position + s
+            steps = np.arange(slot.next_position, after, dtype=np.int64)[None]
+            position_ids = steps if len(slot.positions) == 1 else np.repeat(steps, len(slot.positions), axis=0)
         else:
-            after = max(self.next_position, int(position_ids.max()) + 1)
-        self.positions[:, start:start + s] = position_ids
-        self.next_position = after
+            after = max(slot.next_position, int(position_ids.max()) + 1)
+        slot.positions[:, start:start + s] = position_ids
+        slot.next_position = after
         feed = {"inputs_embeds": np.ascontiguousarray(embeds[None], np.float32),
                 "position_ids": np.ascontiguousarray(position_ids, np.int64),
                 "seqlens_k": np.array([start + s - 1], np.int32),
@@ -178,43 +255,81 @@ class Engine:
         if self.openvino is not None and s >= MIN_OPENVINO_ROWS:
             logits = self._run_openvino(feed, start, s)
         else:
-            logits = self._run_onnxruntime(feed, single=len(logits_index) == 1)
-        self.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
+            logits = self._run_onnxruntime(feed, self._bound(slot.index, slot.index + 1), len(logits_index) == 1)[0]
+        slot.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
         return logits
 
-    def _run_onnxruntime(self, feed: dict[str, np.ndarray], single: bool) -> np.ndarray:
-        b = self.binding
+    def decode_batch(self, slots: list[Slot], token_ids: list[int]) -> np.ndarray:
+        """One token for each of `slots` (neighbouring places of the cache, in order) in one graph call; returns
+        their logits [len(slots), vocab]. Each sequence attends to its own positions only."""
+        k, first = len(slots), slots[0].index
+        if [s.index for s in slots] != list(range(first, first + k)):
+            raise ValueError("decode_batch takes slots at neighbouring places of the cache, in order")
+        if k == 1:  # the one-sequence path (also the one for decoders without a batch dimension)
+            with self.using(slots[0]):
+                return self.decode(token_ids[0])[None]
+        lengths = np.array([len(s) for s in slots], np.int32)
+        if lengths.max() >= self.seq_length:
+            raise EdgeLLMError(f"context full: the bundle holds {self.seq_length} positions")
+        steps = np.array([[s.next_position] for s in slots], np.int64)
+        feed = {"inputs_embeds": np.ascontiguousarray(self.embed(token_ids)[:, None], np.float32),
+                "position_ids": steps, "seqlens_k": lengths, "total_sequence_length": np.array(lengths.max() + 1,
+                                                                                                np.int32),
+                "logits_index": np.zeros(1, np.int64)}
+        logits = self._run_onnxruntime(feed, self._bound(first, first + k), single=True)[:, 0]
+        for slot, token, step in zip(slots, token_ids, steps[:, 0]):
+            slot.positions[:, len(slot)] = step
+            slot.next_position = int(step) + 1
+            slot.tokens.append(int(token))
+        return logits
+
+    def _run_onnxruntime(self, feed: dict[str, np.ndarray], bound, single: bool) -> np.ndarray:
+        b, step_logits, step_value = bound
         for name, value in feed.items():
             b.bind_cpu_input(name, value)
         if single:
-            b.bind_ortvalue_output("logits", self.step_logits_value)
+            b.bind_ortvalue_output("logits", step_value)
         else:
             b.bind_output("logits")
         self.session.run_with_iobinding(b)
-        return self.step_logits[0].copy() if single else b.get_outputs()[-1].numpy()[0]
+        return step_logits.copy() if single else b.get_outputs()[-1].numpy()
 
     def _run_openvino(self, feed: dict[str, np.ndarray], start: int, s: int) -> np.ndarray:
-        """The chunk on OpenVINO: it reads the cache's layers in place and returns each layer's keys and values up to
-        the chunk's end, of which the chunk's own rows are copied into the cache."""
-        for i in range(len(self.kv)):
+        """The chunk on OpenVINO (one slot): it reads the cache's layers in place and returns each layer's keys and
+        values up to the chunk's end, of which the chunk's own rows are copied into the cache."""
+        for i in range(self.layers):
             feed[f"past_key.{i}"], feed[f"past_value.{i}"] = self.kv[i, 0], self.kv[i, 1]
         out = self.openvino.run(feed)
-        for i in range(len(self.kv)):
+        for i in range(self.layers):
             self.kv[i, 0, ..., start:start + s, :] = out[f"present_key.{i}"][..., start:start + s, :]
             self.kv[i, 1, ..., start:start + s, :] = out[f"present_value.{i}"][..., start:start + s, :]
         return out["logits"][0]
 
     def prefill(self, token_ids: list[int], all_logits: bool = False,
                 on_chunk: Callable[[int, int], None] | None = None, media: list | None = None,
-                positions: np.ndarray | None = None) -> np.ndarray:
-        """Compute the tokens after the reusable prefix in chunks; returns the last position's logits, or every
-        new position's when all_logits (then nothing is reused).
+                positions: np.ndarray | None = None, cache: PromptCache | None = None) -> np.ndarray:
+        """Compute the tokens after the reusable prefix (the current slot's, or a longer one from `cache`) in chunks;
+        returns the last position's logits, or every new position's when all_logits (then nothing is reused)."""
+        chunks = self.prefill_chunks(token_ids, all_logits, media, positions, cache)
+        for done, todo in chunks:
+            if on_chunk:
+                on_chunk(done, todo)
+        return chunks.logits
+
+    def prefill_chunks(self, token_ids: list[int], all_logits: bool = False, media: list | None = None,
+                       positions: np.ndarray | None = None, cache: PromptCache | None = None) -> Chunks:
+        """prefill() one chunk per step: each next() computes a chunk of the current slot (the caller sets the
+        slot for each: the server runs other sequences' decode steps between chunks) and gives (tokens done,
+        tokens to do); the logits are the iterator's `logits` once it is exhausted.
 
         media: (slots, key, features) per image or video: features() -> {vision output: [tokens, ...]}, whose
         "image_embeds" rows replace the token embeddings at those prompt positions (the rest go to the family's
         extension); the cache records `key` there, so a different image is never mistaken for a cached one.
         features() is only called when a chunk to compute holds some of those positions.
         positions: rotary positions [rows, len(token_ids)] of the prompt (None: 0, 1, 2, ...)."""
+        return Chunks(self._chunks(token_ids, all_logits, media, positions, cache))
+
+    def _chunks(self, token_ids, all_logits, media, positions, cache):
         keys = list(token_ids)
         for slots, key, _ in media or ():
             for p in slots:
@@ -223,6 +338,10 @@ class Engine:
             self.reset()
         if positions is None:
             positions = np.repeat(np.arange(len(keys), dtype=np.int64)[None], len(self.positions), axis=0)
+        if cache is not None and not all_logits:
+            entry, n = cache.longest(keys, positions, len(keys) - 1)
+            if entry is not None and n > common_prefix(self.slot, keys, positions, len(keys) - 1):
+                self.restore(entry, n)
         self.reused = 0 if all_logits else self.reuse_prefix(keys, positions)
         # (reuse never stops inside an image: all its slots hold the same key)
         media_positions = np.sort(np.concatenate([slots for slots, _, _ in media])) if media else np.zeros(0, int)
@@ -247,9 +366,8 @@ class Engine:
             index = np.arange(end - begin) if all_logits else np.array([end - begin - 1])
             outputs.append(self.forward(embeds, index, keys[begin:end], positions[:, begin:end],
                                         self.extension.inputs(end - begin, in_chunk)))
-            if on_chunk:
-                on_chunk(end - start, todo)
             begin = end
+            yield end - start, todo
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]
 
     def verify(self, token_ids: list[int]) -> np.ndarray:
@@ -259,3 +377,32 @@ class Engine:
     def decode(self, token_id: int) -> np.ndarray:
         return self.forward(self.embed([token_id]), np.zeros(1, np.int64), [token_id])[0]
 
+
+class Chunks:
+    """Engine.prefill_chunks' iterator: (done, to do) per chunk; `logits` once exhausted."""
+
+    def __init__(self, steps):
+        self.steps, self.logits = steps, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.steps)
+        except StopIteration as end:
+            self.logits = end.value
+            raise
+
+    def close(self) -> None:
+        self.steps.close()
+
+
+def common_prefix(slot: Slot, keys, positions: np.ndarray, limit: int) -> int:
+    """How many of `keys` (at rotary `positions`) the slot holds from its start, at most `limit`."""
+    limit = min(len(slot), len(keys), limit)
+    if limit <= 0:
+        return 0
+    same = np.asarray(slot.tokens[:limit]) == np.asarray(keys[:limit])
+    same &= (slot.positions[:, :limit] == positions[:, :limit]).all(axis=0)
+    return limit if same.all() else int(np.argmin(same))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import EdgeLLMError
 from ..format import DECODER_GRAPH, Bundle
 
@@ -30,7 +32,28 @@ def openvino_copy_bytes(stored: int, quantization) -> int:
     return int(stored / per_weight * 2)
 
 
-def needed_bytes(bundle: Bundle, device: str = "cpu") -> dict[str, int]:
+DEFAULT_SLOTS = 4  # answers a server decodes together unless told (`serve --parallel`)
+
+
+def kv_cache_bytes(bundle: Bundle) -> int:
+    """One sequence's KV cache once the bundle's whole context is filled."""
+    m = bundle.manifest
+    shape = m.model
+    itemsize = np.dtype(m.quantization.kv_dtype).itemsize
+    return shape.num_hidden_layers * 2 * shape.num_key_value_heads * m.seq_length * shape.head_dim * itemsize
+
+
+def default_slots(bundle: Bundle, device: str = "cpu", available: int | None = None) -> int:
+    """DEFAULT_SLOTS, or fewer where their KV caches, full, would take more than half the memory left beside the
+    weights."""
+    free = available_bytes() if available is None else available
+    if free is None:
+        return DEFAULT_SLOTS
+    weights = sum(size for name, size in needed_bytes(bundle, device).items() if name != "KV cache")
+    return int(max(1, min(DEFAULT_SLOTS, (free - weights) // 2 // kv_cache_bytes(bundle))))
+
+
+def needed_bytes(bundle: Bundle, device: str = "cpu", slots: int = 1) -> dict[str, int]:
     """What loading the bundle makes resident, by part: the graphs' weights (float16 ones are widened to float32
     when the session starts; on device openvino OpenVINO holds the decoder's again, widened, for prefill) and the
     KV cache once the context is full. The embedding table is read row by row and not counted."""
@@ -43,16 +66,15 @@ def needed_bytes(bundle: Bundle, device: str = "cpu") -> dict[str, int]:
             needs[f"{graph} weights"] = data.bytes * (2 if mode == "f16" else 1)
             if graph == DECODER_GRAPH and device == "openvino":
                 needs["OpenVINO's copy of the decoder weights"] = openvino_copy_bytes(data.bytes, m.quantization)
-    shape = m.model
-    needs["KV cache"] = shape.num_hidden_layers * 2 * shape.num_key_value_heads * m.seq_length * shape.head_dim * 4
+    needs["KV cache"] = kv_cache_bytes(bundle) * slots
     return needs
 
 
-def check_fits(bundle: Bundle, device: str = "cpu", available: int | None = None) -> None:
+def check_fits(bundle: Bundle, device: str = "cpu", available: int | None = None, slots: int = 1) -> None:
     free = available_bytes() if available is None else available
     if free is None:
         return
-    needs = needed_bytes(bundle, device)
+    needs = needed_bytes(bundle, device, slots)
     total = sum(needs.values())
     if total > free:
         parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in needs.items())

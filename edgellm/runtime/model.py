@@ -17,7 +17,8 @@ from ..format import VISION_GRAPH, open_bundle
 from .chat import ChatTemplate, check_messages, message_texts, user_content
 from .engine import Engine, check_device
 from .lookup import prompt_lookup
-from .memory import check_fits
+from .memory import check_fits, default_slots
+from .prompt_cache import CachedSequence
 from .sampling import Sampler, SamplingParams
 from .constraints import JsonConstraint, grammar_tokenizer, schema_of
 from .tokenizer import StreamDecoder, Tokenizer, check_text
@@ -36,6 +37,7 @@ class GenerationResult:
     vision_s: float = 0.0  # time in the vision graph (inside ttft_s; 0 when every image came from a cache)
     drafted: int = 0  # prompt lookup: tokens drafted, and how many of them the model confirmed
     accepted: int = 0
+    queued_s: float = 0.0  # a server's request: time waiting for a free slot (inside ttft_s)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -63,14 +65,74 @@ class Prompt(NamedTuple):
     positions: np.ndarray | None = None  # [rows, len(ids)] where the family places media tokens; None: 0, 1, 2, ...
 
 
+class Generation:
+    """One answer being written: each next token (sampled by `sampler` from the step's logits) is taken by push(),
+    which decodes its text, applies the stop strings, EOS and the token limit; finish() ends it. Model.stream drives
+    one for a single sequence, the server's batch drives several at once."""
+
+    def __init__(self, prompt: Prompt, sampler, decoder: StreamDecoder, stops: list[str], max_new_tokens: int,
+                 eos_token_ids: set[int], started: float):
+        self.prompt, self.sampler, self.decoder, self.stops = prompt, sampler, decoder, stops
+        self.max_new_tokens, self.eos, self.started = max_new_tokens, eos_token_ids, started
+        self.result = GenerationResult(prompt_tokens=len(prompt.ids), images=len(prompt.media), finish_reason="length")
+        self.history = list(prompt.ids)  # the prompt and the answer so far, as the sampler's penalty reads it
+        self.text, self.emitted, self.hit_stop, self.first_at = "", 0, False, None
+        self.done = max_new_tokens == 0
+
+    def next_token(self, logits: np.ndarray) -> int:
+        return self.sampler(logits, self.history)
+
+    def push(self, token: int) -> str:
+        """Take the next token; returns the text that can be shown now (none while a stop string may be forming)."""
+        r = self.result
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            r.ttft_s = self.first_at - self.started
+        if token in self.eos:
+            r.finish_reason, self.done = "stop", True
+            return ""
+        r.token_ids.append(token)
+        self.history.append(token)
+        self.text += self.decoder.push(token)
+        cut = _find_stop(self.text, self.stops)
+        if cut is not None:
+            self.text, r.finish_reason, self.hit_stop, self.done = self.text[:cut], "stop", True, True
+            return ""
+        self.done = len(r.token_ids) >= self.max_new_tokens
+        safe = len(self.text) - _held_back(self.text, self.stops)
+        if safe <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted:safe], safe
+        return piece
+
+    def finish(self) -> str:
+        """End the answer (EOS, a stop string, the limit or a full context); returns the text not shown yet."""
+        self.done = True
+        if not self.hit_stop:
+            self.text += self.decoder.flush()
+            cut = _find_stop(self.text, self.stops)  # the held-back tail may complete a stop string
+            if cut is not None:
+                self.text, self.result.finish_reason = self.text[:cut], "stop"
+        tail = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        self.result.text = self.text
+        self.result.decode_s = time.perf_counter() - self.first_at if self.first_at else 0.0
+        return tail
+
+
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
-                 spinning: bool = True, profile_prefix: str | None = None, check_memory: bool = True):
+                 spinning: bool = True, profile_prefix: str | None = None, check_memory: bool = True,
+                 slots: int | None = 1):
+        """slots: sequences the KV cache holds, which decode together in a server (None: as many as
+        memory.default_slots finds room for, where the decoder can batch; else 1)."""
         started = time.perf_counter()
         check_device(device)
         self.bundle = open_bundle(path, verify=False)
+        if slots is not None and slots < 1:
+            raise EdgeLLMError(f"slots must be 1 or more, got {slots}")
         if check_memory:
-            check_fits(self.bundle, device)
+            check_fits(self.bundle, device, slots=slots or 1)
         # Checksumming the files runs beside building the session, which releases the GIL (as zlib and hashlib do
         # on large reads). The tokenizer is parsed first, alone: beside the session, the transient of a large
         # vocabulary's parse adds to ONNX Runtime's weight-packing peak and stays in the worker thread's malloc
@@ -93,7 +155,8 @@ class Model:
                 processor = processor_for(self.bundle)
                 self.vision = VisionEncoder(self.bundle, processor, device, threads, spinning)
             self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning,
-                                 profile_prefix=profile_prefix, processor=processor)
+                                 profile_prefix=profile_prefix, processor=processor,
+                                 slots=slots or default_slots(self.bundle, device), fixed_slots=slots is not None)
         except Exception:
             if verified:
                 verified.result()  # a corrupt file explains a failed load better than its parser's message
@@ -104,6 +167,7 @@ class Model:
             verified.result()
         self.load_s = time.perf_counter() - started
         self.last_result: GenerationResult | None = None
+        self.prompt_cache = None  # a PromptCache that stream() starts from and adds each finished sequence to
 
     @property
     def seq_length(self) -> int:
@@ -217,13 +281,31 @@ class Model:
             pass
         return self.last_result
 
-    def stream(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False,
-               progress: bool = False, images=None, videos=None, frames: int | None = None,
+    def start(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+              top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+              stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False, images=None,
+              videos=None, frames: int | None = None, json_schema=None, started: float | None = None) -> Generation:
+        """An answer to write (settings as for stream()), its prompt prepared and checked; whoever drives it runs the
+        prefill and feeds it each step's logits. `started`: when the request came (perf_counter), for its TTFT."""
+        started = time.perf_counter() if started is None else started
+        if max_new_tokens < 0:
+            raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        prompt = self.prepare(prompt_or_messages, raw, images, videos, frames)
+        if json_schema is not None and json_schema is not False:
+            constraint = JsonConstraint(self.grammar_tokenizer, schema_of(json_schema), self.manifest.model.vocab_size)
+            sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids, self.think_tokens, prompt.ids)
+        self.check_length(len(prompt.ids))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return Generation(prompt, sampler, StreamDecoder(self.tokenizer), stops, max_new_tokens,
+                          set() if ignore_eos else self.eos_token_ids, started)
+
+    def stream(self, prompt_or_messages, max_new_tokens: int = 256, progress: bool = False,
                prompt_lookup: int = 0, draft: "Model | None" = None, draft_tokens: int = 4,
-               json_schema=None) -> Iterator[str]:
+               **settings) -> Iterator[str]:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
+        settings: temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, raw, ignore_eos, images,
+        videos, frames, json_schema.
         progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled.
         prompt_lookup=K drafts up to K tokens per step from earlier text (runtime.lookup) and checks them in one
         decoder run: faster where the answer repeats its prompt, and the same answer: greedy, the same text; sampled,
@@ -232,8 +314,6 @@ class Model:
         json_schema=True (any JSON object) or a JSON schema (dict or text): every step is masked to what keeps the
         answer valid JSON of that schema (runtime.constraints; needs the structured extra)."""
         started = time.perf_counter()
-        if max_new_tokens < 0:
-            raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
         if prompt_lookup < 0:
             raise EdgeLLMError(f"prompt_lookup must be 0 (off) or more, got {prompt_lookup}")
         if draft is not None:
@@ -242,61 +322,35 @@ class Model:
             if draft_tokens < 1:
                 raise EdgeLLMError(f"draft_tokens must be 1 or more, got {draft_tokens}")
             self.check_draft(draft)
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
-        ids, media, positions = self.prepare(prompt_or_messages, raw, images, videos, frames)
-        if json_schema is not None and json_schema is not False:
-            if prompt_lookup or draft is not None:
-                raise EdgeLLMError("structured output (json_schema) does not combine with drafting yet")
-            constraint = JsonConstraint(self.grammar_tokenizer, schema_of(json_schema), self.manifest.model.vocab_size)
-            sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids, self.think_tokens, ids)
-        self.check_length(len(ids))
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        result = GenerationResult(prompt_tokens=len(ids), images=len(media))
+        if settings.get("json_schema") not in (None, False) and (prompt_lookup or draft is not None):
+            raise EdgeLLMError("structured output (json_schema) does not combine with drafting yet")
+        answer = self.start(prompt_or_messages, max_new_tokens, started=started, **settings)
+        result, prompt = answer.result, answer.prompt
         self.last_result = result
         engine = self.engine
         vision_before = self.vision.encode_s if self.vision else 0.0
         with prefill_progress(progress, engine.chunk_length) as on_chunk:
-            logits = engine.prefill(ids, on_chunk=on_chunk, media=media, positions=positions)
+            logits = engine.prefill(prompt.ids, on_chunk=on_chunk, media=prompt.media, positions=prompt.positions,
+                                    cache=self.prompt_cache)
         result.reused_tokens = engine.reused
         result.vision_s = (self.vision.encode_s if self.vision else 0.0) - vision_before
-        decoder, text, emitted, history = StreamDecoder(self.tokenizer), "", 0, list(ids)
-        first_at, hit_stop = None, False
-        result.finish_reason = "length"
         drafter = None
         if prompt_lookup or draft is not None:
             drafter = (functools.partial(prompt_lookup_draft, count=prompt_lookup) if draft is None
                        else functools.partial(draft.draft_after, count=draft_tokens))
-        tokens = self._next_tokens(logits, sampler, history, drafter, len(ids) + max_new_tokens, result)
-        while len(result.token_ids) < max_new_tokens:
-            token = next(tokens)
-            if first_at is None:
-                first_at = time.perf_counter()
-                result.ttft_s = first_at - started
-            if token in self.eos_token_ids and not ignore_eos:
-                result.finish_reason = "stop"
+        tokens = self._next_tokens(logits, answer.sampler, answer.history, drafter, len(prompt.ids) + max_new_tokens,
+                                   result)
+        while not answer.done:
+            piece = answer.push(next(tokens))
+            if piece:
+                yield piece
+            if engine.length >= self.seq_length:
                 break
-            result.token_ids.append(token)
-            history.append(token)
-            text += decoder.push(token)
-            cut = _find_stop(text, stops)
-            if cut is not None:
-                text, result.finish_reason, hit_stop = text[:cut], "stop", True
-                break
-            safe = len(text) - _held_back(text, stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if len(result.token_ids) >= max_new_tokens or engine.length >= self.seq_length:
-                break
-        if not hit_stop:
-            text += decoder.flush()
-            cut = _find_stop(text, stops)  # the held-back tail may complete a stop string
-            if cut is not None:
-                text, result.finish_reason = text[:cut], "stop"
-        if len(text) > emitted:
-            yield text[emitted:]
-        result.text = text
-        result.decode_s = time.perf_counter() - first_at if first_at else 0.0
+        tail = answer.finish()
+        if tail:
+            yield tail
+        if self.prompt_cache is not None:
+            self.prompt_cache.put(engine.snapshot())
 
     def _next_tokens(self, logits: np.ndarray, sampler: Sampler, history: list[int], drafter, limit: int,
                      result: GenerationResult) -> Iterator[int]:
@@ -344,6 +398,36 @@ class Model:
         """The tokenizer as the grammar engine reads it (built on first structured request)."""
         return grammar_tokenizer(str(self.bundle.file("tokenizer.json")), sorted(self.eos_token_ids),
                                  self.manifest.model.vocab_size)
+
+    def system_prefix(self, system: str) -> list[int]:
+        """The tokens every conversation that opens with this system prompt starts with (the chat template's
+        text up to the first user message's content)."""
+        marker = "\u2063edgellm-user-turn\u2063"
+        if self.chat_template is None:
+            raise EdgeLLMError("this bundle has no chat template, so it has no system prompt; cache a raw text")
+        text = self.chat_template.render([{"role": "system", "content": system}, {"role": "user", "content": marker}])
+        if marker not in text:
+            raise EdgeLLMError("the chat template does not show the user's message as it was given")
+        return self.tokenizer.encode(text[:text.index(marker)], add_special_tokens=False)
+
+    def cache_prompt(self, prompt_or_messages, raw: bool = False, progress: bool = False) -> CachedSequence:
+        """Prefill a prompt (text, messages or token ids, as for generate()) and keep its KV cache, pinned, in
+        `self.prompt_cache`: what later prompts that start with it continue from (vendors call this share_prompt)."""
+        if self.prompt_cache is None:
+            raise EdgeLLMError("set model.prompt_cache (a PromptCache) to keep a computed prompt")
+        prompt = self.prepare(prompt_or_messages, raw)
+        self.check_length(len(prompt.ids))
+        self.engine.reset()
+        with prefill_progress(progress, self.engine.chunk_length) as on_chunk:
+            self.engine.prefill(prompt.ids, on_chunk=on_chunk, media=prompt.media, positions=prompt.positions)
+        entry = self.engine.snapshot()
+        entry.pinned = True
+        if entry.nbytes > self.prompt_cache.limit:
+            raise EdgeLLMError(f"the prompt's KV cache takes {entry.nbytes / (1 << 20):.1f} MiB, more than the prompt "
+                               f"cache's {self.prompt_cache.limit / (1 << 20):.0f} MiB; give a larger cache size")
+        self.prompt_cache.put(entry)
+        self.prompt_cache.flush()
+        return entry
 
     def check_draft(self, draft: "Model") -> None:
         """A draft model must read and write the same tokens as this one."""
