@@ -33,7 +33,7 @@ PAGE = Path(__file__).with_name("server_page.html")
 log = logging.getLogger("edgellm.server")  # one line per request; `edgellm serve` prints it
 
 # OpenAI fields that would change the answer but that edgellm does not implement: refused rather than ignored.
-UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "logprobs": "log-probabilities",
+UNSUPPORTED = {"functions": "the deprecated function calls (use 'tools')", "logprobs": "log-probabilities",
                "top_logprobs": "log-probabilities", "suffix": "suffix", "echo": "echo", "best_of": "best_of",
                "logit_bias": "logit_bias"}
 
@@ -126,11 +126,12 @@ def _messages(body: dict) -> tuple[list[dict], list[bytes]]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"{where} must be an object with a 'role' string and a 'content'", "messages")
         role, content = m["role"], m.get("content")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise BadRequest(f"{where}: role {role!r} is not supported (system, user or assistant)", "messages")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise BadRequest(f"{where}: role {role!r} is not supported (system, user, assistant or tool)", "messages")
         role = "system" if role == "developer" else role
-        if isinstance(content, str):
-            out.append({"role": role, "content": content})
+        extra = _tool_fields(m, where)
+        if isinstance(content, str) or (content is None and extra.get("tool_calls")):
+            out.append({"role": role, "content": content, **extra})
             continue
         if not isinstance(content, list):
             raise BadRequest(f"{where}: 'content' must be a string or a list of parts", "messages")
@@ -147,8 +148,36 @@ def _messages(body: dict) -> tuple[list[dict], list[bytes]]:
                                  f"{{'type': 'image_url', ...}}, got {str(part)[:80]}", "messages")
         if all(p["type"] == "text" for p in parts):  # plain text: chat templates that expect strings stay happy
             parts = "".join(p["text"] for p in parts)
-        out.append({"role": role, "content": parts})
+        out.append({"role": role, "content": parts, **extra})
     return out, images
+
+
+def _tool_fields(message: dict, where: str) -> dict:
+    """An assistant turn's tool_calls (their JSON arguments as objects, as chat templates read them) and a tool
+    result's tool_call_id / name."""
+    extra = {}
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if message["role"] != "assistant" or not isinstance(calls, list):
+            raise BadRequest(f"{where}: 'tool_calls' is a list, on an assistant message", "messages")
+        extra["tool_calls"] = []
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise BadRequest(f"{where}: each tool call needs {{'function': {{'name': ..., 'arguments': ...}}}}",
+                                 "messages")
+            arguments = function.get("arguments", {})
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                except json.JSONDecodeError:
+                    raise BadRequest(f"{where}: a tool call's 'arguments' is not valid JSON", "messages") from None
+            extra["tool_calls"].append({"id": call.get("id"), "type": "function",
+                                        "function": {"name": function["name"], "arguments": arguments}})
+    for name in ("tool_call_id", "name"):
+        if isinstance(message.get(name), str):
+            extra[name] = message[name]
+    return extra
 
 
 def _response_format(model, value):
@@ -190,12 +219,22 @@ def parse(model, body, chat: bool) -> Job:
         if body.get(name) not in (None, 0, 0.0):
             raise BadRequest(f"'{name}' is not supported; use 'repetition_penalty' (1.0 = off)", name)
     json_schema = _response_format(model, body.get("response_format"))
+    tools = None
     if chat:
         if model.chat_template is None:
             raise BadRequest("this bundle has no chat template (a base model): use /v1/completions", "messages")
+        try:
+            tools = model.tool_spec(body.get("tools"), body.get("tool_choice"))
+        except EdgeLLMError as e:
+            raise BadRequest(str(e), "tool_choice" if "tool_choice" in str(e) else "tools") from None
+        if tools is not None and tools.choice != "auto" and json_schema is not None:
+            raise BadRequest("a required tool call and 'response_format' do not combine", "tool_choice")
         messages, images = _messages(body)
-        prompt = model.prepare(messages, images=images or None)
+        prompt = model.prepare(messages, images=images or None, tools=tools)
     else:
+        for name in ("tools", "tool_choice"):
+            if body.get(name) not in (None, [], "none"):
+                raise BadRequest(f"'{name}' needs /v1/chat/completions", name)
         text = body.get("prompt")
         if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):
             text = text[0]
@@ -218,6 +257,7 @@ def parse(model, body, chat: bool) -> Job:
             sampling[name] = value
     sampling["stop"] = _stops(body)
     sampling["json_schema"] = json_schema
+    sampling["tools"] = tools
     sampling["ignore_eos"] = _flag(body, "ignore_eos")  # llama.cpp's extension: fixed-length answers
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
@@ -322,12 +362,14 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
         return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id, "object": kind, "created": job.created,
                 "model": name, **fields}
 
-    def choice(job: Job, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def choice(job: Job, text: str | None, finish: str | None, first: bool = False, calls=None) -> dict:
         if not job.chat:
             return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
         if not job.stream:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                    "logprobs": None}
+            message = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = calls
+            return {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
         return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
 
@@ -394,7 +436,9 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
             except BaseException:
                 batcher().cancel(handle)
                 raise
-            return JSONResponse(envelope(job, False, choices=[choice(job, result.text, result.finish_reason)],
+            text = result.text or None if result.tool_calls else result.text
+            return JSONResponse(envelope(job, False, choices=[choice(job, text, result.finish_reason,
+                                                                     calls=result.tool_calls)],
                                          usage=usage(result), timings=timings(result)))
 
         async def events():
@@ -414,6 +458,10 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
             except BaseException:  # the client went away (the stream was cancelled or closed)
                 batcher().cancel(handle)
                 raise
+            if result.tool_calls:  # each call whole, in one chunk (OpenAI streams the same fields in pieces)
+                calls = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
+                yield event(job, choices=[{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None,
+                                           "logprobs": None}])
             yield event(job, choices=[choice(job, None, result.finish_reason)], timings=timings(result))
             if job.include_usage:
                 yield event(job, choices=[], usage=usage(result))

@@ -329,3 +329,37 @@ def pace_generations(model, pause: float = 0.005) -> list:
 
     model.start, model.engine.decode_batch = started, paced
     return results
+
+
+@contextlib.contextmanager
+def browser_on(url: str):
+    """Headless Chromium (selenium, with Debian's chromium and chromium-driver) on `url`; the test is skipped, saying
+    why, where one of them is missing."""
+    import shutil
+
+    import pytest
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Chromium and its driver are not installed (apt-get install chromium chromium-driver)")
+    options = Options()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        browser.get(url)
+        yield browser
+    finally:
+        browser.quit()
+
+
+def wait_for(browser, condition, seconds: float = 30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, seconds, poll_frequency=0.05).until(condition)

@@ -289,3 +289,16 @@ def test_cache_prompt_precomputes_a_system_prompt_for_run(bundle, tmp_path, caps
     (tmp_path / "empty.txt").write_text("  ")
     assert main(["cache-prompt", str(path), "--file", str(tmp_path / "empty.txt"), "-o", str(folder)]) == 2
     assert "the text is empty" in capsys.readouterr().err
+
+
+def test_run_skips_a_damaged_prompt_cache_file_with_a_warning(bundle, tmp_path, capsys):
+    path = bundle("llama", "f32", seq_length=256)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / f"broken{FILE_SUFFIX}").write_bytes(b"PK\x03\x04 not a whole file")
+    assert main(["run", str(path), "Liberty", "-n", "2", "--prompt-cache", str(folder)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipped" in err and "truncated or damaged" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(path), "--parallel", "0"])
+    assert exit_.value.code == 2 and "must be 1 or more, got 0" in capsys.readouterr().err

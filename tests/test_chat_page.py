@@ -4,50 +4,24 @@ and Enter that confirms an input method's composition does not send."""
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
-from helpers import pace_generations, running_server
+from helpers import browser_on, pace_generations, running_server, wait_for
 
 import edgellm
 from edgellm.server import create_app
-
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="Chromium and its driver are not installed (apt-get install chromium "
-                                       "chromium-driver)")
 
 
 @pytest.fixture(scope="module")
 def page(bundle):
     """(browser on the chat page, the model the server runs)."""
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
     model = edgellm.load(bundle("llama", "f32", seq_length=1024))
     model.eos_token_ids = []  # answers run to their max_tokens
     model.results = pace_generations(model)  # about 200 tokens/s, as a model of a real size
-    with running_server(create_app(model, "tiny")) as url:
-        options = Options()
-        options.binary_location = CHROMIUM
-        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
-            options.add_argument(flag)
-        browser = webdriver.Chrome(service=Service(DRIVER), options=options)
-        try:
-            browser.get(f"{url}/")
-            wait_for(browser, lambda b: "context 1024 tokens" in b.find_element("id", "model").text)
-            yield browser, model
-        finally:
-            browser.quit()
-
-
-def wait_for(browser, condition, seconds: float = 30):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, seconds, poll_frequency=0.05).until(condition)
+    with running_server(create_app(model, "tiny")) as url, browser_on(f"{url}/") as browser:
+        wait_for(browser, lambda b: "context 1024 tokens" in b.find_element("id", "model").text)
+        yield browser, model
 
 
 def messages(browser, kind: str) -> list:

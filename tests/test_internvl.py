@@ -294,25 +294,66 @@ def test_chat_keeps_an_image_of_an_earlier_turn(internvl):
 
 
 def test_server_takes_images_as_data_urls(internvl):
-    """`edgellm serve` with a vision-language bundle: an OpenAI image_url part (base64 data URL) gives the answer the
-    Python API gives for the same image bytes."""
+    """`edgellm serve` with a vision-language bundle, driven by the openai client: image_url parts (base64 data URLs)
+    in two requests decoding together give the answers the Python API gives for the same image bytes."""
     import base64
+    import concurrent.futures
 
-    from starlette.testclient import TestClient
+    openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
+    from helpers import running_server
 
     from edgellm.server import create_app
 
-    out = io.BytesIO()
-    picture(120, 80, 4).save(out, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
-    client = TestClient(create_app(edgellm.load(internvl[2]), "internvl"))
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "What is this?"}]}]
-    body = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0}).json()
-    want = edgellm.load(internvl[2]).generate(IMAGE_QUESTION, images=[out.getvalue()], max_new_tokens=8)
-    assert body["choices"][0]["message"]["content"] == want.text
-    assert body["usage"]["prompt_tokens"] == want.prompt_tokens and body["timings"]["images"] == 1
-    assert client.get("/v1/models").json()["data"][0]["vision"] is True
+    images = []
+    for seed in (4, 5):
+        out = io.BytesIO()
+        picture(120, 80, seed).save(out, format="PNG")
+        images.append(out.getvalue())
+    alone = edgellm.load(internvl[2])
+    wants = [alone.generate(IMAGE_QUESTION, images=[image], max_new_tokens=8) for image in images]
+    model = edgellm.load(internvl[2], slots=2)
+    assert model.engine.batched  # InternVL's decoder is its language model's: it decodes in batches
+    with running_server(create_app(model, "internvl")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+        def ask(image: bytes):
+            url = "data:image/png;base64," + base64.b64encode(image).decode()
+            messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                     {"type": "text", "text": "What is this?"}]}]
+            return client.chat.completions.create(model="internvl", messages=messages, max_tokens=8, temperature=0)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(ask, images))
+        for answer, want in zip(answers, wants):
+            assert answer.choices[0].message.content == want.text
+            assert answer.usage.prompt_tokens == want.prompt_tokens
+        assert client.models.retrieve("internvl").model_extra["vision"] is True
+
+
+def test_the_chat_page_sends_a_picked_image(internvl, tmp_path):
+    """The page's image picker (shown for a vision bundle) sends the image with the question, in Chromium."""
+    from helpers import browser_on, running_server, wait_for
+
+    from edgellm.server import create_app
+
+    path = tmp_path / "picture.png"
+    picture(120, 80, 6).save(path)
+    model = edgellm.load(internvl[2])
+    with running_server(create_app(model, "internvl")) as url, browser_on(f"{url}/") as browser:
+        wait_for(browser, lambda b: "images" in b.find_element("id", "model").text)
+        assert browser.find_element("id", "imagebox").is_displayed()
+        browser.find_element("id", "image").send_keys(str(path))
+        browser.find_element("id", "temperature").send_keys("0")
+        box = browser.find_element("id", "max_tokens")
+        box.clear()
+        box.send_keys("6")
+        browser.find_element("id", "prompt").send_keys("What is this?")
+        browser.find_element("id", "send").click()
+        timing = wait_for(browser, lambda b: b.find_elements("css selector", "#log .msg.assistant .timing"))
+        wait_for(browser, lambda b: "1 image(s)" in timing[0].text)
+        assert browser.find_elements("css selector", "#log .msg.user img")  # the picked image is shown
+    want = edgellm.load(internvl[2]).generate(IMAGE_QUESTION, images=[path.read_bytes()], max_new_tokens=6)
+    assert model.last_result.images == 1 and model.last_result.text == want.text
 
 
 def test_running_a_vision_bundle_never_imports_the_converter(internvl, tmp_path):

@@ -246,3 +246,13 @@ def test_images_on_openvino_match_the_cpu_device(qwen_vl):
 def test_an_int8_kv_cache_answers_about_images_like_the_float_one(qwen_vl, tmp_path):
     check_images_with_an_int8_cache(qwen_vl[1], qwen_vl[2], tmp_path, TWO_IMAGES,
                                     [picture(150, 70, 1), picture(60, 100, 2)])
+
+
+def test_a_decoder_with_position_axes_serves_one_sequence_at_a_time(qwen_vl):
+    """M-RoPE positions have rows of their own, so the decoder has no batch axis: the server's default is one slot,
+    and asking for more is one clear error."""
+    from edgellm.errors import EdgeLLMError
+
+    assert len(edgellm.load(qwen_vl[2], slots=None).engine.slots) == 1
+    with pytest.raises(EdgeLLMError, match="runs one sequence at a time"):
+        edgellm.load(qwen_vl[2], slots=2)

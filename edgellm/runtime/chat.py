@@ -54,6 +54,8 @@ def user_content(text: str, images: int = 0, videos: int = 0):
 def message_texts(message: dict) -> list[str]:
     """A checked message's text: its content string, or its text parts' texts."""
     content = message["content"]
+    if content is None:  # an assistant turn of tool calls only
+        return []
     return [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
 
 
@@ -70,5 +72,5 @@ def check_messages(messages) -> None:
                                        f"video, got {part!r}")
                 if part["type"] == "text" and not isinstance(part.get("text"), str):
                     raise EdgeLLMError(f"message {i}: a text part needs a 'text' string, got {part!r}")
-        elif not isinstance(m["content"], str):
+        elif not isinstance(m["content"], str) and not (m["content"] is None and m.get("tool_calls")):
             raise EdgeLLMError(f"message {i}: content must be a string or a list of parts, got {m['content']!r}")

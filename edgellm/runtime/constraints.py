@@ -29,19 +29,24 @@ def grammar_tokenizer(tokenizer_json: str, eos_token_ids: list[int], vocab_size:
 
 class JsonConstraint:
     """Masks logits to what keeps the answer a prefix of valid JSON for `schema` (a dict; ANY_OBJECT for any
-    object); after the closing brace only an end-of-sequence token is allowed."""
+    object), or of the Lark grammar `lark` (llguidance's dialect, which embeds schemas as %json); once that is
+    complete only an end-of-sequence token is allowed."""
 
-    def __init__(self, tokenizer, schema: dict, vocab_size: int):
+    def __init__(self, tokenizer, schema: dict | None, vocab_size: int, lark: str | None = None):
         import llguidance
 
+        what = "the JSON schema" if lark is None else "the tool-call grammar"
         try:
-            schema = {**schema, "x-guidance": schema.get("x-guidance", {"whitespace_pattern": WHITESPACE})}
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+            if lark is None:
+                schema = {**schema, "x-guidance": schema.get("x-guidance", {"whitespace_pattern": WHITESPACE})}
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_lark(lark)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise EdgeLLMError(f"the JSON schema cannot be used: {e}") from None
+            raise EdgeLLMError(f"{what} cannot be used: {e}") from None
         self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
-            raise EdgeLLMError(f"the JSON schema cannot be used: {self.matcher.get_error()}")
+            raise EdgeLLMError(f"{what} cannot be used: {self.matcher.get_error()}")
         self.bits = np.zeros((vocab_size + 31) // 32, np.int32)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from .prompt_cache import CachedSequence
 from .sampling import Sampler, SamplingParams
 from .constraints import JsonConstraint, grammar_tokenizer, schema_of
 from .tokenizer import StreamDecoder, Tokenizer, check_text
+from .tools import Tools, tools_of
 
 
 @dataclass
@@ -38,6 +39,8 @@ class GenerationResult:
     drafted: int = 0  # prompt lookup: tokens drafted, and how many of them the model confirmed
     accepted: int = 0
     queued_s: float = 0.0  # a server's request: time waiting for a free slot (inside ttft_s)
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI tool_calls read from the answer (then `text` is
+    # what it says beside them, and finish_reason "tool_calls")
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -71,8 +74,8 @@ class Generation:
     one for a single sequence, the server's batch drives several at once."""
 
     def __init__(self, prompt: Prompt, sampler, decoder: StreamDecoder, stops: list[str], max_new_tokens: int,
-                 eos_token_ids: set[int], started: float):
-        self.prompt, self.sampler, self.decoder, self.stops = prompt, sampler, decoder, stops
+                 eos_token_ids: set[int], started: float, tools: Tools | None = None):
+        self.prompt, self.sampler, self.decoder, self.stops, self.tools = prompt, sampler, decoder, stops, tools
         self.max_new_tokens, self.eos, self.started = max_new_tokens, eos_token_ids, started
         self.result = GenerationResult(prompt_tokens=len(prompt.ids), images=len(prompt.media), finish_reason="length")
         self.history = list(prompt.ids)  # the prompt and the answer so far, as the sampler's penalty reads it
@@ -99,7 +102,8 @@ class Generation:
             self.text, r.finish_reason, self.hit_stop, self.done = self.text[:cut], "stop", True, True
             return ""
         self.done = len(r.token_ids) >= self.max_new_tokens
-        safe = len(self.text) - _held_back(self.text, self.stops)
+        held = max(_held_back(self.text, self.stops), self.tools.hold_back(self.text) if self.tools else 0)
+        safe = len(self.text) - held
         if safe <= self.emitted:
             return ""
         piece, self.emitted = self.text[self.emitted:safe], safe
@@ -113,6 +117,10 @@ class Generation:
             cut = _find_stop(self.text, self.stops)  # the held-back tail may complete a stop string
             if cut is not None:
                 self.text, self.result.finish_reason = self.text[:cut], "stop"
+        if self.tools is not None:
+            content, self.result.tool_calls = self.tools.parse(self.text)
+            if self.result.tool_calls:
+                self.text, self.result.finish_reason = content or "", "tool_calls"
         tail = self.text[self.emitted:]
         self.emitted = len(self.text)
         self.result.text = self.text
@@ -182,9 +190,13 @@ class Model:
         return self.prepare(prompt_or_messages, raw, images, videos, frames).ids
 
     def prepare(self, prompt_or_messages, raw: bool = False, images=None, videos=None,
-                frames: int | None = None) -> Prompt:
-        """The prompt as token ids, and where each image's embeddings go; images are preprocessed here, once."""
+                frames: int | None = None, tools: Tools | None = None) -> Prompt:
+        """The prompt as token ids, and where each image's embeddings go; images are preprocessed here, once.
+        `tools` (from tool_spec) are rendered by the chat template."""
         p, images, videos = prompt_or_messages, list(images or []), list(videos or [])
+        extra = {"tools": tools.template_tools()} if tools is not None else {}
+        if tools is not None and (raw or isinstance(p, str) and self.chat_template is None):
+            raise EdgeLLMError("tools need the chat template; a raw prompt cannot offer them")
         if isinstance(p, Prompt):
             if images or videos:
                 raise EdgeLLMError("a prepared prompt already holds its images; do not pass images= again")
@@ -208,16 +220,17 @@ class Model:
         self._check_text_size([text for m in p for text in message_texts(m)])
         if self.chat_template is None:
             raise EdgeLLMError("this bundle has no chat template; pass a plain string prompt (raw text) instead")
-        wanted = {kind: sum(1 for m in p if not isinstance(m["content"], str)
+        wanted = {kind: sum(1 for m in p if isinstance(m["content"], list)
                             for part in m["content"] if part.get("type") == kind) for kind in ("image", "video")}
         if wanted["image"] != len(images) or wanted["video"] != len(videos):
             raise EdgeLLMError(f"the messages hold {wanted['image']} image and {wanted['video']} video part(s), "
                                f"but {len(images)} image(s) and {len(videos)} video(s) were given")
         if not images and not videos:
-            return Prompt(self.tokenizer.encode(self.chat_template.render(list(p)), add_special_tokens=False), [])
+            return Prompt(self.tokenizer.encode(self.chat_template.render(list(p), **extra), add_special_tokens=False),
+                          [])
         items = self._media_in_order(p, images, videos, frames)
         processor = self.vision.processor
-        text = self.chat_template.render(_rewrite_parts(p, items, processor.template_parts))
+        text = self.chat_template.render(_rewrite_parts(p, items, processor.template_parts), **extra)
         ids = self.tokenizer.encode(processor.expand_prompt(text, items), add_special_tokens=False)
         slots = np.flatnonzero(np.isin(ids, self.manifest.tokens.media_ids))
         media, spans, used = [], [], 0
@@ -235,7 +248,7 @@ class Model:
         queues = {"image": iter(images), "video": iter(videos)}
         items = []
         for m in messages:
-            for part in [] if isinstance(m["content"], str) else m["content"]:
+            for part in m["content"] if isinstance(m["content"], list) else []:
                 kind = part.get("type")
                 if kind == "image":
                     items.append(self.vision.image(next(queues["image"])))
@@ -284,28 +297,42 @@ class Model:
     def start(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
               top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
               stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False, images=None,
-              videos=None, frames: int | None = None, json_schema=None, started: float | None = None) -> Generation:
+              videos=None, frames: int | None = None, json_schema=None, tools=None, tool_choice=None,
+              started: float | None = None) -> Generation:
         """An answer to write (settings as for stream()), its prompt prepared and checked; whoever drives it runs the
         prefill and feeds it each step's logits. `started`: when the request came (perf_counter), for its TTFT."""
         started = time.perf_counter() if started is None else started
         if max_new_tokens < 0:
             raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
-        prompt = self.prepare(prompt_or_messages, raw, images, videos, frames)
-        if json_schema is not None and json_schema is not False:
-            constraint = JsonConstraint(self.grammar_tokenizer, schema_of(json_schema), self.manifest.model.vocab_size)
+        tools = tools if isinstance(tools, Tools) else self.tool_spec(tools, tool_choice)
+        prompt = self.prepare(prompt_or_messages, raw, images, videos, frames, tools=tools)
+        grammar = tools.grammar(self.tokenizer.token_to_id) if tools is not None else None
+        if grammar is not None and json_schema not in (None, False):
+            raise EdgeLLMError("a required tool call and json_schema do not combine; ask for one of them")
+        vocab = self.manifest.model.vocab_size
+        if json_schema not in (None, False) or grammar is not None:
+            constraint = (JsonConstraint(self.grammar_tokenizer, None, vocab, lark=grammar) if grammar is not None
+                          else JsonConstraint(self.grammar_tokenizer, schema_of(json_schema), vocab))
             sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids, self.think_tokens, prompt.ids)
         self.check_length(len(prompt.ids))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return Generation(prompt, sampler, StreamDecoder(self.tokenizer), stops, max_new_tokens,
-                          set() if ignore_eos else self.eos_token_ids, started)
+                          set() if ignore_eos else self.eos_token_ids, started, tools)
+
+    def tool_spec(self, tools, tool_choice=None) -> Tools | None:
+        """OpenAI `tools` and `tool_choice`, checked against this bundle's chat template (None: no tools offered)."""
+        template = self.bundle.file("chat_template.jinja")
+        source = template.read_text(encoding="utf-8") if template.is_file() and self.chat_template else None
+        return tools_of(source, tools, tool_choice)
 
     def stream(self, prompt_or_messages, max_new_tokens: int = 256, progress: bool = False,
                prompt_lookup: int = 0, draft: "Model | None" = None, draft_tokens: int = 4,
                **settings) -> Iterator[str]:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
         settings: temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, raw, ignore_eos, images,
-        videos, frames, json_schema.
+        videos, frames, json_schema, tools (OpenAI function tools; the calls come back parsed in the result's
+        tool_calls) and tool_choice ("auto", "required", "none" or {"type": "function", "function": {"name": ...}}).
         progress=True shows a bar on stderr while a long prompt (more than two chunks) is prefilled.
         prompt_lookup=K drafts up to K tokens per step from earlier text (runtime.lookup) and checks them in one
         decoder run: faster where the answer repeats its prompt, and the same answer: greedy, the same text; sampled,
@@ -500,7 +527,7 @@ def _rewrite_parts(messages: list, items: list, parts) -> list:
     see for it (a template that knows no video sees a clip as its frames' image parts)."""
     queue, out = iter(items), []
     for m in messages:
-        if isinstance(m["content"], str):
+        if not isinstance(m["content"], list):
             out.append(m)
             continue
         content = []
