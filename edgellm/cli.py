@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args, slots: int | None = 1):
+    from pathlib import Path
+
     from . import load
 
     model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots)
@@ -210,6 +212,8 @@ def _load(args, slots: int | None = 1):
         from .runtime.prompt_cache import PromptCache
 
         model.prompt_cache = PromptCache(args.cache_mib, model.bundle, folder)
+        if folder is not None and model.vision is not None:  # image features too, by content
+            model.vision.keep_on_disk(Path(folder) / "vision", model.bundle.identity)
         for reason in model.prompt_cache.refused:
             print(f"edgellm: warning: skipped {reason}", file=sys.stderr)
         if folder is not None:

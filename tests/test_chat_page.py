@@ -86,3 +86,23 @@ def test_enter_that_ends_an_input_method_composition_does_not_send(page):
                            "{key: 'Enter', bubbles: true, cancelable: true}))", box)
     wait_for(browser, answered)
     assert [m.text for m in messages(browser, "user")] == ["こんにちは"]
+
+
+def test_the_system_field_and_the_stop_button(page):
+    browser, model = page
+    browser.find_element("id", "clear").click()
+    system = browser.find_element("id", "system")
+    system.send_keys("Answer in one word.")
+    send(browser, "Hello")
+    wait_for(browser, answered)
+    timing = messages(browser, "assistant")[-1].find_element("css selector", ".timing").text
+    want = model.prompt_ids([{"role": "system", "content": "Answer in one word."},
+                             {"role": "user", "content": "Hello"}])
+    assert int(timing.split("prompt ")[1].split(" ")[0]) == len(want)
+    system.clear()
+    send(browser, "Tell me a long story", max_tokens=1000)
+    wait_for(browser, lambda b: b.find_element("id", "stop").is_enabled() and messages(b, "assistant")[-1].text)
+    browser.find_element("id", "stop").click()
+    wait_for(browser, lambda b: b.find_element("id", "send").is_enabled())
+    time.sleep(0.3)
+    assert len(model.results[-1].token_ids) < 1000  # the server stopped it too

@@ -370,3 +370,28 @@ def test_images_on_openvino_match_the_cpu_device(internvl):
 def test_an_int8_kv_cache_answers_about_images_like_the_float_one(internvl, tmp_path):
     check_images_with_an_int8_cache(internvl[1], internvl[2], tmp_path, TWO_IMAGES,
                                     [picture(150, 70, 1), picture(60, 100, 2)])
+
+
+def test_image_features_are_kept_on_disk_with_the_prompt_cache(internvl, tmp_path, capsys):
+    """Image features kept on disk (by content, tied to the bundle; what `--prompt-cache DIR` turns on): a new
+    process answers about the same image without running the vision graph, with the same answer."""
+    from edgellm.cli import main
+
+    image = tmp_path / "a.png"
+    picture(100, 70, 11).save(image)
+    answers = []
+    for _ in range(2):
+        model = edgellm.load(internvl[2])
+        model.vision.keep_on_disk(tmp_path / "vision", model.bundle.identity)
+        answers.append(model.generate(IMAGE_QUESTION, images=[image], max_new_tokens=6))
+    assert answers[0].vision_s > 0 and answers[1].vision_s == 0 and answers[1].reused_tokens == 0
+    assert answers[1].text == answers[0].text
+    (saved,) = (tmp_path / "vision").glob("*.features.npz")
+    saved.write_bytes(saved.read_bytes()[:100])  # damaged: computed again
+    model = edgellm.load(internvl[2])
+    model.vision.keep_on_disk(tmp_path / "vision", model.bundle.identity)
+    again = model.generate(IMAGE_QUESTION, images=[image], max_new_tokens=6)
+    assert again.vision_s > 0 and again.text == answers[0].text
+    assert main(["run", str(internvl[2]), "What is this?", "-i", str(image), "-n", "2", "--prompt-cache",
+                 str(tmp_path / "cache")]) == 0
+    assert list((tmp_path / "cache" / "vision").glob("*.features.npz")) and "Traceback" not in capsys.readouterr().err

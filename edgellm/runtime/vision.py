@@ -4,13 +4,16 @@ The family's processor (from the registry, by the manifest's vision family) prep
 outputs `image_embeds` (rows in prompt order, [..., hidden]) and may output more per-token features
 [K, tokens, hidden], which are handed to the family's decoder extension. Features are cached by the content of the
 preprocessed pixels, so an image that stays in a conversation is encoded once, however many turns follow (and the
-engine's prefix reuse usually skips it altogether).
+engine's prefix reuse usually skips it altogether); with keep_on_disk, also in a folder, across restarts.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -54,6 +57,35 @@ class VisionEncoder:
         self.cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.cache_items = cache_items
         self.encode_s = 0.0  # total time spent in the vision graph (callers take differences)
+        self.folder: Path | None = None
+        self.identity = ""
+
+    def keep_on_disk(self, folder, identity: str) -> None:
+        """Also keep features in `folder` (`<key>.features.npz`, each recording `identity`, the bundle's: a file of
+        another bundle, or a damaged one, is computed again and replaced)."""
+        self.folder, self.identity = Path(folder), identity
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _read(self, key: int) -> dict[str, np.ndarray] | None:
+        path = self.folder / f"{-key:x}.features.npz"
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["bundle"]) != self.identity:
+                    return None
+                found = {name: f[name] for name in self.outputs}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        return found
+
+    def _write(self, key: int, found: dict[str, np.ndarray]) -> None:
+        path = self.folder / f"{-key:x}.features.npz"
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as f:
+                np.savez(f, bundle=np.str_(self.identity), **found)
+            os.replace(partial, path)
+        except OSError:  # a full disk costs the next process an encoding, not this answer
+            partial.unlink(missing_ok=True)
 
     def image(self, image) -> Media:
         return self.processor.image(image)
@@ -65,6 +97,10 @@ class VisionEncoder:
         """{output: [tokens, ...]} for all tiles/frames of `media`, in prompt order: image_embeds [tokens, hidden],
         any other output [tokens, K, hidden]."""
         hit = self.cache.get(media.key)
+        if hit is None and self.folder is not None:
+            hit = self._read(media.key)
+            if hit is not None:
+                self.cache[media.key] = hit
         if hit is not None:
             self.cache.move_to_end(media.key)
             return hit
@@ -76,6 +112,8 @@ class VisionEncoder:
             found[name] = (np.concatenate([v.reshape(-1, v.shape[-1]) for v in values]) if name == "image_embeds"
                            else np.concatenate([v.transpose(1, 0, 2) for v in values]))
         self.encode_s += time.perf_counter() - started
+        if self.folder is not None:
+            self._write(media.key, found)
         self.cache[media.key] = found
         while len(self.cache) > self.cache_items:
             self.cache.popitem(last=False)
