@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.commands = sub.choices  # name -> the subcommand's parser
 
     c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file into a bundle")
-    c.add_argument("-m", "--model", required=True, help="Hugging Face model folder or .gguf file")
-    c.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    c.add_argument("-m", "--model", help="Hugging Face model folder or .gguf file")
+    c.add_argument("-o", "--output", help="bundle folder to write")
+    c.add_argument("--list", action="store_true", help="list the model families, their architectures and sources")
     c.add_argument("-q", "--quantize", default="w4", choices=WEIGHT_MODES,
                    help="weight precision (default w4; GGUF blocks that map exactly are kept as they are)")
     c.add_argument("-g", "--group-size", type=count(16), default=None,
@@ -260,6 +261,14 @@ def pixel_budget(text: str) -> int | tuple[int, int]:
 def cmd_convert(args) -> None:
     from . import convert
 
+    if args.list:
+        from .models import family_table
+
+        print(family_table())
+        return
+    if not args.model or not args.output:
+        raise EdgeLLMError("give the model and the bundle to write: edgellm convert -m MODEL -o BUNDLE (--list shows "
+                           "the families edgellm converts)")
     convert(args.model, args.output, quantize=args.quantize, group_size=args.group_size, seq_length=args.seq_length,
             chunk_length=args.chunk_length, symmetric=args.symmetric, lm_head=args.lm_head,
             accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,

@@ -68,8 +68,13 @@ def test_an_unknown_family_or_architecture_is_a_clear_error():
 
     with pytest.raises(EdgeLLMError, match="unknown model family 'phi9'.*a newer edgellm"):
         models.get("phi9")
-    with pytest.raises(EdgeLLMError, match="unknown architecture 'Phi9ForCausalLM'; edgellm converts: .*Llama"):
+    with pytest.raises(EdgeLLMError, match="unknown architecture 'Phi9ForCausalLM'; .*convert --list"):
         models.family_for("Phi9ForCausalLM")
+    with pytest.raises(EdgeLLMError, match="nearest supported is Qwen2ForCausalLM \\(family qwen2"):
+        models.family_for("Qwen2MoeForCausalLM")
+    table = models.family_table()  # `edgellm convert --list`
+    for family in models.families():
+        assert family.name in table and all(a in table for a in family.architectures)
     with pytest.raises(EdgeLLMError, match="unknown GGUF architecture 'phi9'; edgellm reads: .*llama"):
         models.gguf_family("phi9")
 
@@ -135,3 +140,13 @@ def test_every_package_folder_is_a_regular_package():
     for folder in [PACKAGE, *(p for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
         if any(folder.glob("*.py")):
             assert (folder / "__init__.py").is_file(), f"{folder.relative_to(PACKAGE.parent)} has no __init__.py"
+
+
+def test_convert_lists_the_families(capsys):
+    from edgellm.cli import main
+
+    assert main(["convert", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "MistralForCausalLM" in out and "GGUF `qwen3`" in out and "vision-language" in out
+    assert main(["convert", "-o", "somewhere"]) == 2
+    assert "edgellm convert -m MODEL -o BUNDLE" in capsys.readouterr().err

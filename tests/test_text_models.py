@@ -144,9 +144,14 @@ def test_sharded_bfloat16_checkpoint(tiny, tmp_path):
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 32},
     {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 0.8, "mscale_all_dim": 0.5},
+    {"rope_type": "dynamic", "factor": 2.0},
 ])
 def test_scaled_rope_matches_transformers(tmp_path, rope):
-    """Llama 3.x frequency scaling and linear position interpolation."""
+    """Llama 3.x frequency scaling, linear position interpolation, YaRN (its attention factor too) and dynamic NTK
+    scaling (which changes nothing within the trained length, the most such a bundle holds)."""
     import torch
     import transformers
     from helpers import TINY, write_tokenizer
@@ -183,3 +188,38 @@ def test_bundle_tokenizer_holds_merges_as_strings(tiny, tmp_path):
         Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
     spaced = json.dumps(dict(source, model=dict(source["model"], merges=[["a b", "c"], *source["model"]["merges"]])))
     assert compact_merges(spaced) == spaced
+
+
+@pytest.mark.parametrize("config_class,model_class,window", [
+    ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),  # every layer slides
+    ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+])
+def test_sliding_windows_shorter_than_the_bundle_match_transformers(tmp_path, config_class, model_class, window):
+    """Mistral's and Qwen2's sliding windows (GroupQueryAttention's local window) over prompts several windows
+    long, in chunks, and while decoding past them."""
+    import torch
+    import transformers
+    from helpers import TINY, write_tokenizer
+
+    vocab = write_tokenizer(tmp_path)
+    config = getattr(transformers, config_class)(vocab_size=vocab, eos_token_id=2, **TINY, **window)
+    torch.manual_seed(6)
+    ref_model = getattr(transformers, model_class)(config).eval()
+    ref_model.save_pretrained(tmp_path)
+    model = edgellm.load(edgellm.convert(tmp_path, tmp_path / "bundle", quantize="f32", seq_length=128,
+                                         chunk_length=16, progress=False))
+    ids = corpus_ids(model, 40)
+    assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4
+    result = model.generate(ids[:12], max_new_tokens=32, ignore_eos=True)
+    assert result.token_ids == reference_greedy(ref_model, ids[:12], 32)
+
+
+def test_dynamic_rope_past_the_trained_length_is_refused(tmp_path):
+    from edgellm.errors import EdgeLLMError
+    from edgellm.modeling.layers import rope_parameters, rope_tables
+
+    params = rope_parameters({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+                              "max_position_embeddings": 64})
+    assert rope_tables(params, 16, 64)[0].shape == (64, 8)
+    with pytest.raises(EdgeLLMError, match="convert with --seq-length 64 or less"):
+        rope_tables(params, 16, 65)

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import EdgeLLMError
 from ..format import DecoderShape, QuantizedWeight
-from .layers import activation, cos_sin_cache, inv_freq, rope_parameters
+from .layers import activation, rope_parameters, rope_tables
 
 if TYPE_CHECKING:
     from ..convert.graph import GraphBuilder
@@ -39,10 +38,18 @@ class ModelArgs:
     attention_bias: bool
     hidden_act: str = "silu"
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" or "full_attention" (all full when empty)
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
         heads = config["num_attention_heads"]
+        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+        layers = config["num_hidden_layers"]
+        layer_types = config.get("layer_types")
+        if not layer_types and window:  # configs written before transformers listed the layer types: the layers
+            # from max_window_layers on slide where the config has that switch, otherwise all of them
+            first = config.get("max_window_layers", 0) if "use_sliding_window" in config else 0
+            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
         return cls(
             architecture=config["architectures"][0],
             hidden_size=config["hidden_size"],
@@ -57,7 +64,8 @@ class ModelArgs:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", False)),
             hidden_act=config.get("hidden_act", "silu"),
-            sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
+            sliding_window=window,
+            layer_types=tuple(layer_types or ()),
         )
 
 
@@ -143,9 +151,15 @@ class Model:
         """The cos/sin tables layer i rotates with (a family may give sliding and full layers different bases)."""
         return ctx["cos"], ctx["sin"]
 
+    def sliding(self, i: int) -> bool:
+        """Whether layer i is a sliding-attention layer."""
+        return bool(self.args.layer_types) and self.args.layer_types[i] == "sliding_attention"
+
     def attention_options(self, i: int) -> dict:
-        """Extra GroupQueryAttention attributes for layer i (a local window, soft-capping)."""
-        return {}
+        """Extra GroupQueryAttention attributes for layer i: the sliding window (GroupQueryAttention's local
+        window: the last `sliding_window` positions, this one included); a family adds soft-capping."""
+        window = self.args.sliding_window
+        return {"local_window_size": int(window)} if window and self.sliding(i) else {}
 
     def attention_output(self, g: GraphBuilder, i: int, out: str, q: str, ctx: dict) -> str:
         """Layer i's attention output, given GroupQueryAttention's and the rotated queries: a family whose mask is
@@ -158,7 +172,7 @@ class Model:
 
     def rotary(self, g: GraphBuilder, ctx: dict, seq_length: int) -> None:
         """Set ctx's "cos" and "sin" tables (and "position_ids" as rotary reads them)."""
-        cos, sin = cos_sin_cache(inv_freq(self.args.rope, self.args.head_dim), seq_length)
+        cos, sin = rope_tables(self.args.rope, self.args.head_dim, seq_length)
         ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
 
     def after_layer(self, g: GraphBuilder, i: int, hidden: str, ctx: dict) -> str:
@@ -172,10 +186,7 @@ class Model:
                             a.head_dim, a.vocab_size)
 
     def check_supported(self, seq_length: int) -> None:
-        w = self.args.sliding_window
-        if w and w < seq_length:
-            raise EdgeLLMError(f"{self.args.architecture} uses a {w}-token sliding attention window, which edgellm "
-                               f"does not build yet; convert with --seq-length {w} or less")
+        """Refuse, with the reason, what this family cannot build at this length (nothing in the shared decoder)."""
 
     def build(self, g: GraphBuilder, weights, seq_length: int) -> None:
         a = self.args

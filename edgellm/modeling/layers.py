@@ -62,6 +62,9 @@ def rope_parameters(config: dict) -> dict:
     params.update(config.get("rope_parameters") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
+    if params["rope_type"] in ("yarn", "dynamic"):  # the trained length, which they scale from by default
+        params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+        params["max_positions"] = config.get("max_position_embeddings")
     if params["rope_type"] == "mrope":  # older 3-axis configs: default frequencies, split over the axes
         params["rope_type"] = "default"
     return params
@@ -77,6 +80,39 @@ def _llama3(freqs: np.ndarray, params: dict) -> np.ndarray:
     return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
+def _yarn(freqs: np.ndarray, params: dict) -> tuple[np.ndarray, float]:
+    """YaRN: frequencies interpolated by `factor` below a band, kept above it, ramped between; cos and sin scaled by
+    the attention factor (as transformers computes them)."""
+    old_len = params["original_max_position_embeddings"]
+    factor = params.get("factor") or params["max_positions"] / old_len
+    dim, base = 2 * len(freqs), float(params["rope_theta"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction(params.get("beta_fast") or 32), correction(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+    kept = 1 - ramp
+    return (freqs / factor) * (1 - kept) + freqs * kept, float(attention)
+
+
+def _dynamic(freqs: np.ndarray, params: dict) -> tuple[np.ndarray, float]:
+    """Dynamic NTK scaling changes nothing up to the model's trained length, the longest a bundle can be built for
+    with it (rope_frequencies checks the bundle's length against `max_positions`)."""
+    return freqs, 1.0
+
+
 # rope_type -> (the default inverse frequencies, the config's rope parameters) -> (frequencies, attention scale)
 ROPE_TYPES: dict[str, Callable[[np.ndarray, dict], tuple[np.ndarray, float]]] = {
     "default": lambda freqs, params: (freqs, 1.0),
@@ -84,11 +120,13 @@ ROPE_TYPES: dict[str, Callable[[np.ndarray, dict], tuple[np.ndarray, float]]] = 
     "llama3": lambda freqs, params: (_llama3(freqs, params), 1.0),
     # a GGUF stores the llama3 adjustment as per-frequency divisors
     "freq_factors": lambda freqs, params: (freqs / np.asarray(params["factors"], np.float64), 1.0),
+    "yarn": _yarn,
+    "dynamic": _dynamic,
 }
 
 
 def rope_frequencies(params: dict, dim: int) -> tuple[np.ndarray, float]:
-    """(inverse frequencies [dim / 2], the factor the rope type scales attention by) for `rope_parameters`."""
+    """(inverse frequencies [dim / 2], the factor the rope type scales cos and sin by) for `rope_parameters`."""
     base = float(params["rope_theta"])
     freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     kind = params["rope_type"]
@@ -98,10 +136,23 @@ def rope_frequencies(params: dict, dim: int) -> tuple[np.ndarray, float]:
 
 
 def inv_freq(params: dict, dim: int) -> np.ndarray:
+    """The inverse frequencies of a rope type that does not scale cos and sin (graphs that compute their own
+    angles, such as M-RoPE's)."""
     freqs, scale = rope_frequencies(params, dim)
     if scale != 1.0:
         raise EdgeLLMError(f"rope type {params['rope_type']!r} scales attention, which this decoder does not apply")
     return freqs
+
+
+def rope_tables(params: dict, dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_positions, dim/2] of a rope type, its attention factor applied."""
+    if params["rope_type"] == "dynamic" and max_positions > params.get("max_positions", max_positions):
+        raise EdgeLLMError(f"dynamic rope scaling changes the frequencies past the model's {params['max_positions']} "
+                           f"positions, which a bundle's fixed tables cannot; convert with --seq-length "
+                           f"{params['max_positions']} or less")
+    freqs, scale = rope_frequencies(params, dim)
+    cos, sin = cos_sin_cache(freqs, max_positions)
+    return (cos * np.float32(scale), sin * np.float32(scale)) if scale != 1.0 else (cos, sin)
 
 
 def cos_sin_cache(freqs: np.ndarray, max_positions: int) -> tuple[np.ndarray, np.ndarray]:

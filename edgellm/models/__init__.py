@@ -4,6 +4,7 @@ adding its module or folder here, and nothing else in edgellm changes."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 from functools import lru_cache
@@ -55,8 +56,23 @@ def family_for(architecture: str) -> Family:
     for family in families():
         if architecture in family.architectures:
             return family
-    known = ", ".join(a for f in families() for a in f.architectures)
-    raise EdgeLLMError(f"unknown architecture {architecture!r}; edgellm converts: {known}")
+    known = {a: f for f in families() for a in f.architectures}
+    close = difflib.get_close_matches(architecture, list(known), n=1, cutoff=0.5)
+    nearest = (f"; the nearest supported is {close[0]} (family {known[close[0]].name}: {known[close[0]].title})"
+               if close else "")
+    raise EdgeLLMError(f"unknown architecture {architecture!r}{nearest}; `edgellm convert --list` shows every "
+                       "family and its architectures")
+
+
+def family_table() -> str:
+    """Every family: name, kind, what its checkpoints call themselves, and where they are read from."""
+    rows = [("family", "kind", "architectures (config.json)", "sources")]
+    for f in families():
+        text = isinstance(f, TextFamily)
+        sources = "HF folder" + (f", GGUF `{f.gguf.architecture}`" if text and f.gguf else "")
+        rows.append((f.name, "text" if text else "vision-language", ", ".join(f.architectures), sources))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def gguf_family(architecture: str) -> TextFamily:

@@ -15,14 +15,13 @@ import numpy as np
 from ..errors import EdgeLLMError
 from ..modeling import decoder
 from ..modeling.family import GGUFNames, TextFamily
-from ..modeling.layers import cos_sin_cache, inv_freq, rope_parameters
+from ..modeling.layers import rope_parameters, rope_tables
 from . import qwen3
 from .llama import GGUF_LAYERS
 
 
 @dataclass
 class ModelArgs(decoder.ModelArgs):
-    layer_types: tuple[str, ...] = ()
     local_rope: dict | None = None
     query_pre_attn_scalar: float = 256.0
     attn_logit_softcapping: float | None = None
@@ -36,8 +35,9 @@ class ModelArgs(decoder.ModelArgs):
                                     "use_sliding_window": True})
         layers = args.num_hidden_layers
         pattern = config.get("sliding_window_pattern", 6)
-        args.layer_types = tuple(config.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0
-                                                               else "sliding_attention" for i in range(layers)])
+        if not config.get("layer_types"):
+            args.layer_types = tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                     for i in range(layers))
         params = config.get("rope_parameters") or {}
         if "full_attention" in params:  # transformers 5: one rope entry per layer type
             args.rope = rope_parameters({"rope_parameters": params["full_attention"]})
@@ -61,25 +61,17 @@ class Model(qwen3.Model):
     def attention_scale(self) -> float:
         return float(self.args.query_pre_attn_scalar ** -0.5)
 
-    def check_supported(self, seq_length: int) -> None:
-        pass  # sliding layers are built with GroupQueryAttention's local window
-
-    def sliding(self, i: int) -> bool:
-        return self.args.layer_types[i] == "sliding_attention"
-
     def rotary(self, g, ctx: dict, seq_length: int) -> None:
         a = self.args
         for kind, rope in (("global", a.rope), ("local", a.local_rope)):
-            cos, sin = cos_sin_cache(inv_freq(rope, a.head_dim), seq_length)
+            cos, sin = rope_tables(rope, a.head_dim, seq_length)
             ctx[kind] = (g.const(cos, f"rope.{kind}.cos"), g.const(sin, f"rope.{kind}.sin"))
 
     def rotary_tables(self, i: int, ctx: dict) -> tuple[str, str]:
         return ctx["local" if self.sliding(i) else "global"]
 
     def attention_options(self, i: int) -> dict:
-        a, options = self.args, {}
-        if self.sliding(i) and a.sliding_window:
-            options["local_window_size"] = int(a.sliding_window)
+        a, options = self.args, super().attention_options(i)
         if a.attn_logit_softcapping:
             options["softcap"] = float(a.attn_logit_softcapping)
         return options
