@@ -270,14 +270,16 @@ class Batcher:
                 self.unsaved.add(slot)
             self.free.append(slot)
             request.slot = None
+        tail = request.answer.finish() if message is None else ""
+        if message is None and outcome != "stopped":  # finishing may settle it (a held-back stop string, a tool call)
+            outcome = request.answer.result.finish_reason
+        self._report(request, outcome)  # logged and counted before the client hears the end
         if message is not None:
             request.deliver("error", message)
-        else:
-            tail = request.answer.finish()
-            if tail:
-                request.deliver("piece", tail)
-            request.deliver("done", request.answer.result)
-        self._report(request, outcome)
+            return
+        if tail:
+            request.deliver("piece", tail)
+        request.deliver("done", request.answer.result)
 
     def _report(self, request: Request, outcome: str) -> None:
         if self.on_finished is not None:
