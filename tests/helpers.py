@@ -38,6 +38,12 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 TEXT_MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0), 1),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0), 2),
+    # fused qkv_proj and gate_up_proj; LongRoPE (every test sequence is past the original 8 positions: long factors)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=None, original_max_position_embeddings=8,
+                                                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                                    "short_factor": [1 + 0.1 * i for i in range(8)],
+                                                                    "long_factor": [1 + 0.5 * i for i in range(8)]}),
+             7),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0), 3),
     # an 8-token window, so prompts of a few chunks test the sliding layers; linear-scaled global rotary
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(

@@ -223,3 +223,31 @@ def test_dynamic_rope_past_the_trained_length_is_refused(tmp_path):
     assert rope_tables(params, 16, 64)[0].shape == (64, 8)
     with pytest.raises(EdgeLLMError, match="convert with --seq-length 64 or less"):
         rope_tables(params, 16, 65)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "longrope", "partial_rotary_factor": 0.5, "short_factor": [1 + 0.1 * i for i in range(8)],
+     "long_factor": [1 + 0.5 * i for i in range(8)]},  # Phi-4-mini's partial rotary; past 8 positions: long
+    {"rope_type": "longrope", "short_factor": [1 + 0.1 * i for i in range(16)],
+     "long_factor": [1 + 0.5 * i for i in range(16)]},  # a bundle within the original length: the short factors
+])
+def test_phi_rotary_variants_match_transformers(tmp_path, rope):
+    import torch
+    import transformers
+    from helpers import TINY, write_tokenizer
+
+    vocab = write_tokenizer(tmp_path)
+    original = 8 if "partial_rotary_factor" in rope else 256
+    shape = {**TINY, "num_attention_heads": 2, "num_key_value_heads": 1}  # heads of 32: 16 rotated when partial
+    config = transformers.Phi3Config(vocab_size=vocab, eos_token_id=2, pad_token_id=None, **shape,
+                                     original_max_position_embeddings=original,
+                                     rope_parameters={"rope_theta": 10000.0, **rope})
+    torch.manual_seed(8)
+    ref_model = transformers.Phi3ForCausalLM(config).eval()
+    ref_model.save_pretrained(tmp_path)
+    model = edgellm.load(edgellm.convert(tmp_path, tmp_path / "bundle", quantize="f32", seq_length=128,
+                                         chunk_length=16, progress=False))
+    ids = corpus_ids(model, 40)
+    assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4
+    result = model.generate(ids[:12], max_new_tokens=32, ignore_eos=True)
+    assert result.token_ids == reference_greedy(ref_model, ids[:12], 32)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import EdgeLLMError
 from ..format import DecoderShape, QuantizedWeight
 from .layers import activation, rope_parameters, rope_tables
 
@@ -114,9 +115,13 @@ class Model:
         ws, biases = self.qkv_weights(weights, prefix)
         return g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases)
 
+    def gate_up(self, g: GraphBuilder, weights, prefix: str, x: str) -> list[str]:
+        """The MLP's gate and up projections of x, as one matmul."""
+        return g.fused_linear(x, [weights.linear(f"{prefix}.gate_proj.weight"),
+                                  weights.linear(f"{prefix}.up_proj.weight")], f"{prefix}.gate_up_proj")
+
     def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
-        gate, up = g.fused_linear(x, [weights.linear(f"{prefix}.gate_proj.weight"),
-                                      weights.linear(f"{prefix}.up_proj.weight")], f"{prefix}.gate_up_proj")
+        gate, up = self.gate_up(g, weights, prefix, x)
         act = activation(g, gate, self.args.hidden_act, f"{prefix}.act")
         return g.linear(g.mul(act, up, f"{prefix}.act_up"), weights.linear(f"{prefix}.down_proj.weight"),
                         f"{prefix}.down_proj")
@@ -173,6 +178,9 @@ class Model:
     def rotary(self, g: GraphBuilder, ctx: dict, seq_length: int) -> None:
         """Set ctx's "cos" and "sin" tables (and "position_ids" as rotary reads them)."""
         cos, sin = rope_tables(self.args.rope, self.args.head_dim, seq_length)
+        if cos.shape[1] * 2 != self.args.head_dim and cos.shape[1] % 8:
+            raise EdgeLLMError(f"a partial rotary of {cos.shape[1] * 2} of the heads' {self.args.head_dim} dimensions: "
+                               "ONNX Runtime's attention rotates a multiple of 16 dimensions only")
         ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
 
     def after_layer(self, g: GraphBuilder, i: int, hidden: str, ctx: dict) -> str:

@@ -62,9 +62,12 @@ def rope_parameters(config: dict) -> dict:
     params.update(config.get("rope_parameters") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
-    if params["rope_type"] in ("yarn", "dynamic"):  # the trained length, which they scale from by default
-        params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+    if params["rope_type"] in ("yarn", "dynamic", "longrope"):  # the trained length, which they scale from
+        params.setdefault("original_max_position_embeddings", config.get("original_max_position_embeddings")
+                          or config.get("max_position_embeddings"))
         params["max_positions"] = config.get("max_position_embeddings")
+    if config.get("partial_rotary_factor") is not None:  # (transformers 5 keeps it in rope_parameters)
+        params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
     if params["rope_type"] == "mrope":  # older 3-axis configs: default frequencies, split over the axes
         params["rope_type"] = "default"
     return params
@@ -107,6 +110,19 @@ def _yarn(freqs: np.ndarray, params: dict) -> tuple[np.ndarray, float]:
     return (freqs / factor) * (1 - kept) + freqs * kept, float(attention)
 
 
+def _longrope(freqs: np.ndarray, params: dict) -> tuple[np.ndarray, float]:
+    """LongRoPE: per-frequency divisors, the short ones for contexts within the trained length and the long ones
+    beyond it (transformers switches once a sequence outgrows it; a bundle's tables are chosen by its length), and
+    an attention factor from the context's extension."""
+    old_len = params["original_max_position_embeddings"]
+    factor = params.get("factor") or params["max_positions"] / old_len
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+    divisors = params["long_factor" if params["positions"] > old_len else "short_factor"]
+    return freqs / np.asarray(divisors, np.float64), float(attention)
+
+
 def _dynamic(freqs: np.ndarray, params: dict) -> tuple[np.ndarray, float]:
     """Dynamic NTK scaling changes nothing up to the model's trained length, the longest a bundle can be built for
     with it (rope_frequencies checks the bundle's length against `max_positions`)."""
@@ -122,11 +138,14 @@ ROPE_TYPES: dict[str, Callable[[np.ndarray, dict], tuple[np.ndarray, float]]] = 
     "freq_factors": lambda freqs, params: (freqs / np.asarray(params["factors"], np.float64), 1.0),
     "yarn": _yarn,
     "dynamic": _dynamic,
+    "longrope": _longrope,
 }
 
 
-def rope_frequencies(params: dict, dim: int) -> tuple[np.ndarray, float]:
-    """(inverse frequencies [dim / 2], the factor the rope type scales cos and sin by) for `rope_parameters`."""
+def rope_frequencies(params: dict, dim: int, positions: int | None = None) -> tuple[np.ndarray, float]:
+    """(inverse frequencies [dim / 2], the factor the rope type scales cos and sin by) for `rope_parameters`, for
+    tables of `positions` rows (rope types whose frequencies depend on the context's length)."""
+    params = {**params, "positions": positions or 0}
     base = float(params["rope_theta"])
     freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     kind = params["rope_type"]
@@ -144,13 +163,15 @@ def inv_freq(params: dict, dim: int) -> np.ndarray:
     return freqs
 
 
-def rope_tables(params: dict, dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [max_positions, dim/2] of a rope type, its attention factor applied."""
+def rope_tables(params: dict, head_dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_positions, rotary dim / 2] of a rope type, its attention factor applied; the rotary dim is
+    head_dim times the partial rotary factor (the rest of each head is not rotated)."""
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     if params["rope_type"] == "dynamic" and max_positions > params.get("max_positions", max_positions):
         raise EdgeLLMError(f"dynamic rope scaling changes the frequencies past the model's {params['max_positions']} "
                            f"positions, which a bundle's fixed tables cannot; convert with --seq-length "
                            f"{params['max_positions']} or less")
-    freqs, scale = rope_frequencies(params, dim)
+    freqs, scale = rope_frequencies(params, dim, max_positions)
     cos, sin = cos_sin_cache(freqs, max_positions)
     return (cos * np.float32(scale), sin * np.float32(scale)) if scale != 1.0 else (cos, sin)
 

@@ -1,0 +1,24 @@
+"""Phi-3 / Phi-3.5 / Phi-4-mini: the Llama decoder with its q, k, v projections stored as one `qkv_proj` and gate and
+up as one `gate_up_proj` (kept as they are: each is one matmul in the graph), LongRoPE, and Phi-4-mini's partial
+rotary (a quarter of each head is not rotated)."""
+
+from __future__ import annotations
+
+from ..modeling.decoder import Model as Decoder
+from ..modeling.decoder import ModelArgs
+from ..modeling.family import TextFamily
+
+
+class Model(Decoder):
+    def qkv_weights(self, weights, prefix: str):
+        return [weights.linear(f"{prefix}.qkv_proj.weight")], None
+
+    def gate_up(self, g, weights, prefix: str, x: str) -> list[str]:
+        n = self.args.intermediate_size
+        fused = g.linear(x, weights.linear(f"{prefix}.gate_up_proj.weight"), f"{prefix}.gate_up_proj")
+        return g.op("Split", [fused, g.ints([n, n], f"{prefix}.gate_up_proj/sizes")], name=f"{prefix}.gate_up_split",
+                    outputs=2, axis=-1)
+
+
+FAMILY = TextFamily(name="phi3", title="Phi-3, Phi-3.5, Phi-4-mini", architectures=("Phi3ForCausalLM",),
+                    model_args=ModelArgs, model=Model)
