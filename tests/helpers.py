@@ -45,6 +45,9 @@ TEXT_MODELS = {
                                                                     "long_factor": [1 + 0.5 * i for i in range(8)]}),
              7),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0), 3),
+    # alternating 8-token windows and full layers; both soft-capping steps within reach of random logits
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 9),
     # an 8-token window, so prompts of a few chunks test the sliding layers; linear-scaled global rotary
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,

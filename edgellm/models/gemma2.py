@@ -1,0 +1,30 @@
+"""Gemma 2: the layer Gemma 3 kept (norms on both sides of attention and of the MLP, RMSNorm weights as offsets from
+1, embeddings scaled by sqrt(hidden size), a GELU (tanh) gate, the query scale from query_pre_attn_scalar,
+soft-capping of attention scores and of the final logits), without per-head q/k norms and with one rotary base for
+its alternating sliding and full layers."""
+
+from __future__ import annotations
+
+from ..modeling import decoder
+from ..modeling.family import TextFamily
+from . import gemma3
+
+
+class ModelArgs(gemma3.ModelArgs):
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        layers = config["num_hidden_layers"]
+        config = {"layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                  **config}
+        args = super().from_config(config)
+        args.local_rope = args.rope
+        return args
+
+
+class Model(gemma3.Model):
+    packed_qkv = True  # no norms between the projections and rotary
+    project_qkv = decoder.Model.project_qkv
+
+
+FAMILY = TextFamily(name="gemma2", title="Gemma 2", architectures=("Gemma2ForCausalLM",), model_args=ModelArgs,
+                    model=Model)
