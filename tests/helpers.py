@@ -45,6 +45,11 @@ TEXT_MODELS = {
                                                                     "long_factor": [1 + 0.5 * i for i in range(8)]}),
              7),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0), 3),
+    # rotary over half of each 32-wide head, interleaved; biased q/k/v
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=32, pad_token_id=None, rope_parameters={
+        "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_type": "default"}), 11),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=6.0, attention_multiplier=0.2,
+                                                            residual_multiplier=0.4, logits_scaling=4.0), 10),
     # alternating 8-token windows and full layers; both soft-capping steps within reach of random logits
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                                                          attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 9),
@@ -88,7 +93,7 @@ def make_tiny_model(arch: str, folder: Path, tie: bool = False):
                                               **TINY, **extra)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    if arch == "qwen2":  # random biases, so a dropped bias would show
+    if arch in ("qwen2", "glm4"):  # random biases, so a dropped bias would show
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

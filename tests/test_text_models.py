@@ -56,7 +56,9 @@ def dequantized_copy(model, quant: str, group: int, lm_head: str):
                 mode = lm_head if name == "lm_head" else quant
                 module.weight.copy_(torch.from_numpy(rounded(module.weight.numpy(), mode)))
         emb = clone.model.embed_tokens.weight
-        emb.copy_(emb.half().float())  # quantized bundles store a float embedding table in float16
+        # quantized bundles store the float embedding table in float16, times the family's embedding multiplier
+        scale = float(getattr(clone.config, "embedding_multiplier", None) or 1.0)
+        emb.copy_((emb * scale).half().float() / scale)
     return clone
 
 

@@ -104,6 +104,7 @@ class Model:
     # ops per layer). Its positions are then past length + i, which is what text decoding uses; families that
     # transform heads before rotary (per-head q/k norms) or need other positions turn this off.
     packed_qkv = True
+    rotary_interleaved = False  # rotary turns pairs (0, 1), (2, 3)... instead of (i, i + dim/2) (with packed_qkv)
     position_rows = 1  # rows of position_ids: 1, or 3 for decoders whose positions have (t, h, w) axes
 
     def qkv_weights(self, weights, prefix: str):
@@ -140,8 +141,8 @@ class Model:
             ws, biases = self.qkv_weights(weights, prefix)
             packed = g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, split=False)
         if packed is not None:
-            out = g.op("GroupQueryAttention", [packed, "", "", *cache, cos, sin], do_rotary=1, rotary_interleaved=0,
-                       **gqa)[0]
+            out = g.op("GroupQueryAttention", [packed, "", "", *cache, cos, sin], do_rotary=1,
+                       rotary_interleaved=int(self.rotary_interleaved), **gqa)[0]
         else:
             q, k, v = self.project_qkv(g, weights, prefix, x)
             q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary")
