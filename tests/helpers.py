@@ -48,6 +48,9 @@ TEXT_MODELS = {
     # rotary over half of each 32-wide head, interleaved; biased q/k/v
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=32, pad_token_id=None, rope_parameters={
         "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_type": "default"}), 11),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=None), 12),
+    # the second of its two layers attends without rotary
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(pad_token_id=None, no_rope_layer_interval=2), 13),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=6.0, attention_multiplier=0.2,
                                                             residual_multiplier=0.4, logits_scaling=4.0), 10),
     # alternating 8-token windows and full layers; both soft-capping steps within reach of random logits

@@ -141,14 +141,19 @@ class Model:
             ws, biases = self.qkv_weights(weights, prefix)
             packed = g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, split=False)
         if packed is not None:
-            out = g.op("GroupQueryAttention", [packed, "", "", *cache, cos, sin], do_rotary=1,
-                       rotary_interleaved=int(self.rotary_interleaved), **gqa)[0]
+            rotary = self.rotates(i)
+            out = g.op("GroupQueryAttention", [packed, "", "", *cache, *([cos, sin] if rotary else [])],
+                       do_rotary=int(rotary), rotary_interleaved=int(self.rotary_interleaved), **gqa)[0]
         else:
             q, k, v = self.project_qkv(g, weights, prefix, x)
             q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary")
             k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary")
             out = self.attention_output(g, i, g.op("GroupQueryAttention", [q, k, v, *cache], **gqa)[0], q, ctx)
         return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
+
+    def rotates(self, i: int) -> bool:
+        """Whether layer i applies rotary positions (with packed_qkv; a family may leave some layers without)."""
+        return True
 
     def attention_scale(self) -> float:
         return float(self.args.head_dim ** -0.5)
@@ -205,12 +210,7 @@ class Model:
 
         pending, residual = ctx["inputs_embeds"], None  # a layer's output joins the residual stream in the next norm
         for i in range(a.num_hidden_layers):
-            prefix = f"model.layers.{i}"
-            norm_w = self.norm_weight(weights, f"{prefix}.input_layernorm.weight")
-            if residual is None:
-                x, residual = g.rms_norm(pending, norm_w, a.rms_norm_eps, f"{prefix}.input_layernorm"), pending
-            else:
-                x, residual = g.add_rms_norm(pending, residual, norm_w, a.rms_norm_eps, f"{prefix}.input_layernorm")
+            x, residual = self.layer_input(g, weights, i, pending, residual)
             pending, residual = self.layer(g, weights, i, x, residual, ctx)
             pending = self.after_layer(g, i, pending, ctx)
 
@@ -220,6 +220,14 @@ class Model:
                               a.rms_norm_eps, "model.norm")
         logits = self.final_logits(g, g.linear(x, self.lm_head_weight(weights), "lm_head", policy=g.lm_head_policy))
         g.output("logits", np.float32, [self.batch_dim(), "n_logits", a.vocab_size], value=logits)
+
+    def layer_input(self, g: GraphBuilder, weights, i: int, pending: str, residual: str | None) -> tuple[str, str]:
+        """Layer i's input (the residual stream, `pending` joined, through the input norm) and the stream."""
+        a, name = self.args, f"model.layers.{i}.input_layernorm"
+        norm_w = self.norm_weight(weights, f"{name}.weight")
+        if residual is None:
+            return g.rms_norm(pending, norm_w, a.rms_norm_eps, name), pending
+        return g.add_rms_norm(pending, residual, norm_w, a.rms_norm_eps, name)
 
     def layer(self, g: GraphBuilder, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
         """Layer i after its input norm: (its output, still to join the residual stream; the residual stream)."""
