@@ -227,6 +227,9 @@ class GraphBuilder:
                       max_piece_bytes: int | None = None) -> str:
         kind = f"{w.bits}-bit/{w.block_size}" + (" +mins" if w.mins is not None else "")
         self.matmul_formats[kind] = self.matmul_formats.get(kind, 0) + 1
+        if w.k_order is not None:  # the checkpoint's blocks group input columns out of order
+            x = self.op("Gather", [x, self.const(w.k_order.astype(np.int64), f"{name}.k_order")],
+                        name=f"{name}/k_order", axis=-1)
         mins = w.mins
         if mins is not None and accuracy_level == 4:  # int8 activations: the mins become rows of the matmul itself
             x, w, mins = self._widened(x, w, name), fold_mins(w), None

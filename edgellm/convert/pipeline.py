@@ -42,8 +42,11 @@ def open_source(src: str | Path) -> ModelSource:
 
         return GGUFSource(path)
     from .hf import HFSource
+    from .prequantized import PrequantizedSource, quantization_config
 
-    return HFSource(path)
+    source = HFSource(path)
+    quantization = quantization_config(source.config)
+    return PrequantizedSource(source, quantization) if quantization else source
 
 
 class _PassThrough(ModelSource):
@@ -134,8 +137,8 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     checkpoint = source = open_source(src)
     if quantize == "w8" and source.block_types() - EIGHT_BIT_GGML:
         kinds = ", ".join(sorted(source.block_types() - EIGHT_BIT_GGML))
-        raise EdgeLLMError(f"-q w8 does not apply to this GGUF's {kinds} blocks, which are kept as they are (-q w4, "
-                           "the default); -q f16 / f32 widen them to float")
+        raise EdgeLLMError(f"-q w8 does not apply to this source's {kinds} blocks, which are kept as they are (-q "
+                           "w4, the default); -q f16 / f32 widen them to float")
     architecture = (source.config.get("architectures") or ["<missing>"])[0]
     family = family_for(architecture)
     parts = None

@@ -81,6 +81,10 @@ def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
     if any((w.bits, w.block_size, w.k, w.k_blocks) != (first.bits, first.block_size, first.k, first.k_blocks)
            for w in weights):
         return None
+    orders = [w.k_order for w in weights]
+    if any((o is None) != (orders[0] is None) or (o is not None and not np.array_equal(o, orders[0]))
+           for o in orders):
+        return None  # the input is gathered in one order per matmul
     any_zp = any(w.zero_points is not None for w in weights)
     any_min = any(w.mins is not None for w in weights)
     return QuantizedWeight(
@@ -90,6 +94,7 @@ def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
         np.concatenate([w.zero_points_or_default() for w in weights]) if any_zp else None,
         np.concatenate([w.mins if w.mins is not None else np.zeros_like(w.scales) for w in weights])
         if any_min else None,
+        first.k_order,
     )
 
 

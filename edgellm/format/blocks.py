@@ -22,6 +22,9 @@ class QuantizedWeight:
     scales: np.ndarray  # float32 [N, k_blocks]
     zero_points: np.ndarray | None = None  # uint8 [N, k_blocks]; None means the midpoint 2**(bits-1)
     mins: np.ndarray | None = None  # float32 [N, k_blocks], added per block (GGUF min formats)
+    # the input columns in block order, where a checkpoint grouped them out of order (GPTQ's desc_act): block
+    # column j multiplies input column k_order[j]; the graph gathers its input so
+    k_order: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -45,17 +48,20 @@ class QuantizedWeight:
         w = (self.codes.astype(np.float32) - zp) * self.scales[..., None]
         if self.mins is not None:
             w = w + self.mins[..., None]
-        return w.reshape(self.n, -1)[:, : self.k]
+        w = w.reshape(self.n, -1)[:, : self.k]
+        if self.k_order is not None:
+            w = w[:, np.argsort(self.k_order)]
+        return w
 
     def scaled(self, factor: np.float32) -> "QuantizedWeight":
         """The same codes decoding to factor * w."""
         return QuantizedWeight(self.bits, self.block_size, self.k, self.codes, self.scales * factor,
-                               self.zero_points, None if self.mins is None else self.mins * factor)
+                               self.zero_points, None if self.mins is None else self.mins * factor, self.k_order)
 
     def take_rows(self, rows: np.ndarray | slice) -> "QuantizedWeight":
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return QuantizedWeight(self.bits, self.block_size, self.k, self.codes[rows], self.scales[rows],
-                               pick(self.zero_points), pick(self.mins))
+                               pick(self.zero_points), pick(self.mins), self.k_order)
 
     # --- MatMulNBits initializers -------------------------------------------------------------
     def packed_codes(self) -> np.ndarray:

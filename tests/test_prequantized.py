@@ -1,0 +1,137 @@
+"""GPTQ and AWQ checkpoints kept at their 4 bits: a tiny model packed here in each published layout (AutoGPTQ's
+"gptq" and GPTQModel's "gptq_v2", symmetric and not, with and without desc_act's reordered groups; AutoAWQ's GEMM)
+converts to a bundle whose logits at float activations are the dequantized model's to 1e-5."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from helpers import CORPUS, reference_logits, relative_error
+
+import edgellm
+from edgellm.errors import EdgeLLMError
+
+GROUP = 32
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def words(values: np.ndarray, axis: int) -> np.ndarray:
+    """Eight 4-bit values per int32 along `axis`, the first in the lowest nibble."""
+    v = np.moveaxis(values.astype(np.uint32), axis, -1)
+    v = v.reshape(*v.shape[:-1], -1, 8)
+    packed = sum(v[..., i] << (4 * i) for i in range(8))
+    return np.ascontiguousarray(np.moveaxis(packed, -1, axis)).astype(np.uint32).view(np.int32)
+
+
+def quantize_groups(w: np.ndarray, group_of: np.ndarray, groups: int, symmetric: bool, rng):
+    """Codes [K, N], zeros and float16 scales [G, N] of w [N, K] by column group, and the dequantized w."""
+    n, k = w.shape
+    codes, zeros, scales = np.zeros((k, n), np.uint8), np.zeros((groups, n), np.int64), np.zeros((groups, n))
+    for g in range(groups):
+        cols = np.flatnonzero(group_of == g)
+        block = w[:, cols]
+        if symmetric:
+            scale, zero = np.abs(block).max(1) / 7.5, np.full(n, 8)
+        else:
+            low, high = block.min(1), block.max(1)
+            scale = (high - low) / 15
+            zero = np.clip(np.round(-low / scale), 0, 15).astype(np.int64)
+        scale = scale.astype(np.float16).astype(np.float64)
+        codes[cols] = np.clip(np.round(block / scale[:, None]) + zero[:, None], 0, 15).T
+        zeros[g], scales[g] = zero, scale
+    dequantized = np.zeros_like(w)
+    for g in range(groups):
+        cols = np.flatnonzero(group_of == g)
+        dequantized[:, cols] = (codes[cols].T.astype(np.float64) - zeros[g][:, None]) * scales[g][:, None]
+    return codes, zeros, scales.astype(np.float16), dequantized.astype(np.float32)
+
+
+def pack(layout: str, w: np.ndarray, rng) -> tuple[dict, np.ndarray]:
+    n, k = w.shape
+    groups = k // GROUP
+    if layout.startswith("gptq"):
+        group_of = np.arange(k) // GROUP
+        if "desc_act" in layout:  # columns quantized in an order of their own; groups follow that order
+            order = rng.permutation(k)
+            group_of = np.empty(k, np.int64)
+            group_of[order] = np.arange(k) // GROUP
+        codes, zeros, scales, dequantized = quantize_groups(w, group_of, groups, "-sym" in layout, rng)
+        stored = zeros - (0 if "v2" in layout else 1)  # AutoGPTQ's format stores zero points minus one
+        return {"qweight": words(codes, 0), "qzeros": words(stored, 1), "scales": scales,
+                "g_idx": group_of.astype(np.int32)}, dequantized
+    codes, zeros, scales, dequantized = quantize_groups(w, np.arange(k) // GROUP, groups, False, rng)
+    order = np.concatenate([np.array(AWQ_ORDER) + c for c in range(0, n, 8)])
+    return {"qweight": words(codes[:, order], 1), "qzeros": words(zeros[:, order], 1), "scales": scales}, dequantized
+
+
+LAYOUTS = {
+    "gptq-sym": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": True, "desc_act": False},
+    "gptq-asym": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": False, "desc_act": False},
+    "gptq-asym-desc_act": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": False, "desc_act": True},
+    "gptq-sym-desc_act-v2": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": True, "desc_act": True,
+                             "checkpoint_format": "gptq_v2"},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm", "zero_point": True},
+}
+
+
+def packed_checkpoint(tiny, tmp_path, layout: str):
+    """(the checkpoint folder in `layout`, the transformers model holding its dequantized weights)."""
+    import copy
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    ref_model, folder = tiny("qwen2")  # biased q/k/v: the biases stay float beside the blocks
+    out = tmp_path / layout
+    shutil.copytree(folder, out)
+    tensors = {}
+    for file in out.glob("*.safetensors"):
+        tensors.update(load_file(file))
+        file.unlink()
+    dequantized_model = copy.deepcopy(ref_model)
+    rng = np.random.default_rng(3)
+    state = dict(dequantized_model.named_parameters())
+    for name in [n for n in tensors if n.rsplit(".", 2)[-2] in PROJECTIONS and n.endswith(".weight")]:
+        parts, dequantized = pack(layout, tensors.pop(name).astype(np.float32), rng)
+        prefix = name[: -len(".weight")]
+        tensors.update({f"{prefix}.{p}": v for p, v in parts.items()})
+        with torch.no_grad():
+            state[name].copy_(torch.from_numpy(dequantized))
+    with torch.no_grad():  # the bundle keeps its float embedding table in float16
+        emb = dequantized_model.model.embed_tokens.weight
+        emb.copy_(emb.half().float())
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = LAYOUTS[layout]
+    (out / "config.json").write_text(json.dumps(config))
+    return out, dequantized_model
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_packed_checkpoints_convert_exactly(tiny, tmp_path, layout):
+    folder, dequantized_model = packed_checkpoint(tiny, tmp_path, layout)
+    bundle = edgellm.convert(folder, tmp_path / "bundle", progress=False, seq_length=128, chunk_length=16,
+                             lm_head="f32", accuracy_level=0)
+    model = edgellm.load(bundle)
+    assert model.manifest.quantization.group_size == 128  # -g applies to float weights; the blocks keep 32
+    ids = model.tokenizer.encode(CORPUS.read_text())[:40]
+    err = relative_error(model.logits(ids), reference_logits(dequantized_model, ids))
+    assert err < 1e-5, f"{layout}: {err:.2e} against the dequantized checkpoint"
+    fast = edgellm.load(edgellm.convert(folder, tmp_path / "int8", progress=False, seq_length=128, chunk_length=16))
+    assert relative_error(fast.logits(ids), reference_logits(dequantized_model, ids)) < 5e-2  # int8 activations
+
+
+def test_other_quantization_methods_are_refused(tiny, tmp_path):
+    _, folder = tiny("qwen2")
+    out = tmp_path / "bnb"
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdgeLLMError, match="quantized with 'bitsandbytes'; edgellm reads float, GPTQ and AWQ"):
+        edgellm.convert(out, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()
