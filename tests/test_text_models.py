@@ -21,6 +21,31 @@ def corpus_ids(model, n: int) -> list[int]:
     return model.tokenizer.encode(CORPUS.read_text())[:n]
 
 
+def tiny_pair(tmp_path, config_class: str, model_class: str, seed: int, **config):
+    """(a transformers model of `config_class` on TINY's shape with `config` over it, saved; its f32 bundle of 128
+    positions in chunks of 16, loaded)."""
+    import torch
+    import transformers
+    from helpers import TINY, write_tokenizer
+
+    vocab = write_tokenizer(tmp_path)
+    settings = {**TINY, "vocab_size": vocab, "eos_token_id": 2, **config}
+    torch.manual_seed(seed)
+    ref_model = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings)).eval()
+    ref_model.save_pretrained(tmp_path)
+    model = edgellm.load(edgellm.convert(tmp_path, tmp_path / "bundle", quantize="f32", seq_length=128,
+                                         chunk_length=16, progress=False))
+    return ref_model, model
+
+
+def check_parity(ref_model, model, prompt_tokens: int = 40) -> None:
+    """f32 logits within 1e-4 over a prompt of several chunks; 32 greedy tokens identical."""
+    ids = corpus_ids(model, prompt_tokens)
+    assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4
+    result = model.generate(ids[:12], max_new_tokens=32, ignore_eos=True)
+    assert result.token_ids == reference_greedy(ref_model, ids[:12], 32)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("quant", list(BOUNDS))
 def test_logits_match_transformers(tiny, bundle, arch, quant):
@@ -154,18 +179,8 @@ def test_sharded_bfloat16_checkpoint(tiny, tmp_path):
 def test_scaled_rope_matches_transformers(tmp_path, rope):
     """Llama 3.x frequency scaling, linear position interpolation, YaRN (its attention factor too) and dynamic NTK
     scaling (which changes nothing within the trained length, the most such a bundle holds)."""
-    import torch
-    import transformers
-    from helpers import TINY, write_tokenizer
-
-    vocab = write_tokenizer(tmp_path)
-    config = transformers.LlamaConfig(vocab_size=vocab, eos_token_id=2, **TINY,
-                                      rope_parameters={"rope_theta": 500000.0, **rope})
-    torch.manual_seed(5)
-    ref_model = transformers.LlamaForCausalLM(config).eval()
-    ref_model.save_pretrained(tmp_path)
-    model = edgellm.load(edgellm.convert(tmp_path, tmp_path / "bundle", quantize="f32", seq_length=128,
-                                         chunk_length=16, progress=False))
+    ref_model, model = tiny_pair(tmp_path, "LlamaConfig", "LlamaForCausalLM", 5,
+                                 rope_parameters={"rope_theta": 500000.0, **rope})
     ids = corpus_ids(model, 100)
     assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4
 
@@ -199,21 +214,7 @@ def test_bundle_tokenizer_holds_merges_as_strings(tiny, tmp_path):
 def test_sliding_windows_shorter_than_the_bundle_match_transformers(tmp_path, config_class, model_class, window):
     """Mistral's and Qwen2's sliding windows (GroupQueryAttention's local window) over prompts several windows
     long, in chunks, and while decoding past them."""
-    import torch
-    import transformers
-    from helpers import TINY, write_tokenizer
-
-    vocab = write_tokenizer(tmp_path)
-    config = getattr(transformers, config_class)(vocab_size=vocab, eos_token_id=2, **TINY, **window)
-    torch.manual_seed(6)
-    ref_model = getattr(transformers, model_class)(config).eval()
-    ref_model.save_pretrained(tmp_path)
-    model = edgellm.load(edgellm.convert(tmp_path, tmp_path / "bundle", quantize="f32", seq_length=128,
-                                         chunk_length=16, progress=False))
-    ids = corpus_ids(model, 40)
-    assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4
-    result = model.generate(ids[:12], max_new_tokens=32, ignore_eos=True)
-    assert result.token_ids == reference_greedy(ref_model, ids[:12], 32)
+    check_parity(*tiny_pair(tmp_path, config_class, model_class, 6, **window))
 
 
 def test_dynamic_rope_past_the_trained_length_is_refused(tmp_path):
@@ -234,22 +235,8 @@ def test_dynamic_rope_past_the_trained_length_is_refused(tmp_path):
      "long_factor": [1 + 0.5 * i for i in range(16)]},  # a bundle within the original length: the short factors
 ])
 def test_phi_rotary_variants_match_transformers(tmp_path, rope):
-    import torch
-    import transformers
-    from helpers import TINY, write_tokenizer
-
-    vocab = write_tokenizer(tmp_path)
     original = 8 if "partial_rotary_factor" in rope else 256
-    shape = {**TINY, "num_attention_heads": 2, "num_key_value_heads": 1}  # heads of 32: 16 rotated when partial
-    config = transformers.Phi3Config(vocab_size=vocab, eos_token_id=2, pad_token_id=None, **shape,
-                                     original_max_position_embeddings=original,
-                                     rope_parameters={"rope_theta": 10000.0, **rope})
-    torch.manual_seed(8)
-    ref_model = transformers.Phi3ForCausalLM(config).eval()
-    ref_model.save_pretrained(tmp_path)
-    model = edgellm.load(edgellm.convert(tmp_path, tmp_path / "bundle", quantize="f32", seq_length=128,
-                                         chunk_length=16, progress=False))
-    ids = corpus_ids(model, 40)
-    assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4
-    result = model.generate(ids[:12], max_new_tokens=32, ignore_eos=True)
-    assert result.token_ids == reference_greedy(ref_model, ids[:12], 32)
+    check_parity(*tiny_pair(tmp_path, "Phi3Config", "Phi3ForCausalLM", 8, pad_token_id=None, num_attention_heads=2,
+                            num_key_value_heads=1,  # heads of 32: 16 rotated when partial
+                            original_max_position_embeddings=original,
+                            rope_parameters={"rope_theta": 10000.0, **rope}))

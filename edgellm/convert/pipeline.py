@@ -137,7 +137,8 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     checkpoint = source = open_source(src)
     if quantize == "w8" and source.block_types() - EIGHT_BIT_GGML:
         kinds = ", ".join(sorted(source.block_types() - EIGHT_BIT_GGML))
-        raise EdgeLLMError(f"-q w8 does not apply to this source's {kinds} blocks, which are kept as they are (-q "
+        what = "GGUF" if Path(src).suffix.lower() == ".gguf" else "checkpoint"
+        raise EdgeLLMError(f"-q w8 does not apply to this {what}'s {kinds} blocks, which are kept as they are (-q "
                            "w4, the default); -q f16 / f32 widen them to float")
     architecture = (source.config.get("architectures") or ["<missing>"])[0]
     family = family_for(architecture)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import EdgeLLMError
 from ..format.blocks import QuantizedWeight
-from .source import ModelSource
+from .source import ModelSource, WrappedSource
 
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -49,7 +49,7 @@ def _nibbles(packed: np.ndarray, axis: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-class PrequantizedSource(ModelSource):
+class PrequantizedSource(WrappedSource):
     """A Hugging Face source whose projections are GPTQ or AWQ blocks: linear("x.weight") hands over a
     QuantizedWeight; every other tensor reads through."""
 
@@ -74,25 +74,6 @@ class PrequantizedSource(ModelSource):
 
     def block_types(self) -> set[str]:
         return {f"{self.q['quant_method'].upper()} 4-bit"}
-
-    # the tokenizer, templates and settings are the float source's
-    def tokenizer_json(self) -> str:
-        return self.source.tokenizer_json()
-
-    def tokenizer_config(self) -> dict:
-        return self.source.tokenizer_config()
-
-    def chat_template(self) -> str | None:
-        return self.source.chat_template()
-
-    def generation_config(self) -> dict:
-        return self.source.generation_config()
-
-    def preprocessor_config(self) -> dict:
-        return self.source.preprocessor_config()
-
-    def __getattr__(self, name: str):  # what else a reader offers (its folder...)
-        return getattr(self.source, name)
 
     def linear(self, name: str) -> np.ndarray | QuantizedWeight:
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None

@@ -52,7 +52,32 @@ class ModelSource:
         return {}
 
 
-class RenamedSource(ModelSource):
+class WrappedSource(ModelSource):
+    """A source seen through another view of its tensors: the tokenizer, templates and settings are the wrapped
+    one's."""
+
+    source: ModelSource
+
+    def block_types(self) -> set[str]:
+        return self.source.block_types()
+
+    def tokenizer_json(self) -> str:
+        return self.source.tokenizer_json()
+
+    def tokenizer_config(self) -> dict:
+        return self.source.tokenizer_config()
+
+    def chat_template(self) -> str | None:
+        return self.source.chat_template()
+
+    def generation_config(self) -> dict:
+        return self.source.generation_config()
+
+    def preprocessor_config(self) -> dict:
+        return self.source.preprocessor_config()
+
+
+class RenamedSource(WrappedSource):
     """One part of a multi-part checkpoint (a VLM's text decoder) seen as a model of its own: its own config, and
     names as its family file expects them (`rename` maps those to the checkpoint's)."""
 
@@ -82,18 +107,6 @@ class RenamedSource(ModelSource):
 
     def linear(self, name: str):
         return self.source.linear(self._theirs(name))
-
-    def tokenizer_json(self) -> str:
-        return self.source.tokenizer_json()
-
-    def tokenizer_config(self) -> dict:
-        return self.source.tokenizer_config()
-
-    def chat_template(self) -> str | None:
-        return self.source.chat_template()
-
-    def generation_config(self) -> dict:
-        return self.source.generation_config()
 
 
 class PrefixRename:

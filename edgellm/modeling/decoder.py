@@ -221,6 +221,17 @@ class Model:
         logits = self.final_logits(g, g.linear(x, self.lm_head_weight(weights), "lm_head", policy=g.lm_head_policy))
         g.output("logits", np.float32, [self.batch_dim(), "n_logits", a.vocab_size], value=logits)
 
+    def sandwiched(self, g: GraphBuilder, weights, i: int, x: str, residual: str, ctx: dict,
+                   norms: tuple[str, str, str]) -> tuple[str, str]:
+        """layer() for decoders with a norm after attention and after the MLP as well as before each: `norms` are
+        the checkpoint's names of the one after attention, the one before the MLP and the one after it."""
+        a, prefix = self.args, f"model.layers.{i}"
+        after_attention, before_mlp, after_mlp = (f"{prefix}.{n}" for n in norms)
+        eps, norm = a.rms_norm_eps, lambda name: self.norm_weight(weights, f"{name}.weight")  # noqa: E731
+        attn = g.rms_norm(self.attention(g, weights, i, x, ctx), norm(after_attention), eps, after_attention)
+        x, residual = g.add_rms_norm(attn, residual, norm(before_mlp), eps, before_mlp)
+        return g.rms_norm(self.mlp(g, weights, f"{prefix}.mlp", x), norm(after_mlp), eps, after_mlp), residual
+
     def layer_input(self, g: GraphBuilder, weights, i: int, pending: str, residual: str | None) -> tuple[str, str]:
         """Layer i's input (the residual stream, `pending` joined, through the input norm) and the stream."""
         a, name = self.args, f"model.layers.{i}.input_layernorm"

@@ -77,14 +77,9 @@ class Model(qwen3.Model):
         return options
 
     def layer(self, g, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
-        a, prefix = self.args, f"model.layers.{i}"
-        eps, norm = a.rms_norm_eps, lambda name: self.norm_weight(weights, f"{name}.weight")  # noqa: E731
-        post = f"{prefix}.post_attention_layernorm"
-        attn = g.rms_norm(self.attention(g, weights, i, x, ctx), norm(post), eps, post)
-        x, residual = g.add_rms_norm(attn, residual, norm(f"{prefix}.pre_feedforward_layernorm"), eps,
-                                     f"{prefix}.pre_feedforward_layernorm")
-        after = f"{prefix}.post_feedforward_layernorm"
-        return g.rms_norm(self.mlp(g, weights, f"{prefix}.mlp", x), norm(after), eps, after), residual
+        return self.sandwiched(g, weights, i, x, residual, ctx, ("post_attention_layernorm",
+                                                                 "pre_feedforward_layernorm",
+                                                                 "post_feedforward_layernorm"))
 
     def final_logits(self, g, logits: str) -> str:
         if not self.args.final_logit_softcapping:

@@ -20,14 +20,8 @@ class Model(decoder.Model):
     gate_up = phi3.Model.gate_up
 
     def layer(self, g, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
-        a, prefix = self.args, f"model.layers.{i}"
-        eps, norm = a.rms_norm_eps, lambda name: self.norm_weight(weights, f"{name}.weight")  # noqa: E731
-        after_attention = f"{prefix}.post_self_attn_layernorm"
-        attn = g.rms_norm(self.attention(g, weights, i, x, ctx), norm(after_attention), eps, after_attention)
-        x, residual = g.add_rms_norm(attn, residual, norm(f"{prefix}.post_attention_layernorm"), eps,
-                                     f"{prefix}.post_attention_layernorm")
-        after_mlp = f"{prefix}.post_mlp_layernorm"
-        return g.rms_norm(self.mlp(g, weights, f"{prefix}.mlp", x), norm(after_mlp), eps, after_mlp), residual
+        return self.sandwiched(g, weights, i, x, residual, ctx, ("post_self_attn_layernorm",
+                                                                 "post_attention_layernorm", "post_mlp_layernorm"))
 
 
 FAMILY = TextFamily(name="glm4", title="GLM-4", architectures=("Glm4ForCausalLM",), model_args=ModelArgs, model=Model)
