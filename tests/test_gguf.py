@@ -231,3 +231,17 @@ def test_options_a_gguf_cannot_take_are_refused_not_recorded(tiny, tmp_path, opt
         manifest = json.loads((out / "manifest.json").read_text())["quantization"]
         assert manifest["group_size"] == options.get("group_size", 128)
         assert manifest["symmetric"] == options.get("symmetric", True)
+
+
+def test_blocks_that_cannot_be_kept_are_rounded_again_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A GGUF type without an exact MatMulNBits form (the IQ formats...) is dequantized and quantized with -q, and
+    the conversion says so; here Q8_0 plays that part."""
+    from edgellm.convert import gguf as gguf_reader
+
+    ref_model = make_tiny_model("llama", tmp_path / "hf")
+    write_gguf(ref_model, tmp_path / "hf", tmp_path / "m.gguf", "llama", gguf.GGMLQuantizationType.Q8_0)
+    monkeypatch.delitem(gguf_reader._BLOCK_DECODERS, "Q8_0")
+    out = edgellm.convert(tmp_path / "m.gguf", tmp_path / "bundle", quantize="w8", seq_length=64, progress=False)
+    err = capsys.readouterr().err
+    assert "warning: m.gguf: its Q8_0 blocks cannot be kept as they are" in err and "-q w8" in err
+    assert edgellm.load(out).manifest.quantization.group_size == 128  # rounded again to -g blocks

@@ -12,7 +12,8 @@ from edgellm.convert.quantize import concat_rows, fold_mins, folded_sums_copies,
 # type: (bytes per block, elements per block, offsets of float16 fields inside a block)
 # bytes per block, weights per block, offsets of its float16 scales
 LAYOUTS = {"Q4_0": (18, 32, [0]), "Q4_1": (20, 32, [0, 2]), "Q5_0": (22, 32, [0]), "Q5_1": (24, 32, [0, 2]),
-           "Q8_0": (34, 32, [0]), "Q4_K": (144, 256, [0, 2]), "Q5_K": (176, 256, [0, 2]), "Q6_K": (210, 256, [208])}
+           "Q8_0": (34, 32, [0]), "Q4_K": (144, 256, [0, 2]), "Q5_K": (176, 256, [0, 2]), "Q6_K": (210, 256, [208]),
+           "Q2_K": (84, 256, [80, 82]), "Q3_K": (110, 256, [108])}
 
 
 def random_blocks(kind: str, rows: int, k: int, seed: int = 0) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Reading a GGUF file as a Hugging Face-style source: config from metadata, tensors under HF names, tokenizer.
 
 Quantized blocks that MatMulNBits can express exactly are decoded into integer codes + scales (+ mins) and kept
-as they are (see quantize.QuantizedWeight); every other type is dequantized by the gguf package.
+as they are (see quantize.QuantizedWeight; the table of types is in docs/gguf-types.md); every other type (the IQ
+formats, TQ, MXFP4...) is dequantized by the gguf package and quantized again, which the converter warns of.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class GGUFSource(ModelSource):
         """The GGML types of the file's quantized tensors (Q4_0, Q8_0, Q6_K...)."""
         return {t.tensor_type.name for t in self._tensors.values() if t.tensor_type.name not in ("F32", "F16", "BF16")}
 
+    def rerounded_types(self) -> set[str]:
+        return self.block_types() - set(_BLOCK_DECODERS)
+
     # --- config --------------------------------------------------------------------------------
     def _hf_config(self) -> dict:
         a, m = self.arch, self.meta
@@ -108,7 +112,12 @@ class GGUFSource(ModelSource):
 
     def raw(self, name: str) -> np.ndarray:
         t = self._get(name)
-        value = self.names_in_file.tensor(name, _dequantize(t), self.config)
+        try:
+            floats = _dequantize(t)
+        except NotImplementedError:
+            raise EdgeLLMError(f"{self.path}: tensor {name} is {t.tensor_type.name}, which the gguf package cannot "
+                               "decode; convert a GGUF of another type, or the float checkpoint") from None
+        value = self.names_in_file.tensor(name, floats, self.config)
         self._release(t)
         return value
 
@@ -295,8 +304,39 @@ def _q6_k(rows, k):
     return _symmetric(6, 16, k, q.reshape(b.shape[0], -1, 16), scales)
 
 
+def _two_bit_planes(qs: np.ndarray) -> np.ndarray:
+    """Q2_K / Q3_K's low bits: 64 bytes holding 256 2-bit values, element 128c + 32s + j in bits 2s of byte 32c + j."""
+    chunks = qs.reshape(*qs.shape[:-1], 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+    return (chunks & 3).reshape(*qs.shape[:-1], 256)
+
+
+def _q2_k(rows, k):
+    """Q2_K super-blocks of 256: 16 sub-blocks of 16 with 4-bit scales and mins under float16 d and dmin, 2-bit
+    codes: w = d*sc*q - dmin*m, kept as 4-bit codes with a float min per block of 16."""
+    b = _blocks(rows, k, 84, 256)
+    sc, d, dmin = b[..., 0:16], _f16(b[..., 80:82]), _f16(b[..., 82:84])
+    scales = (d[..., None] * (sc & 0x0F).astype(np.float32)).reshape(b.shape[0], -1)
+    mins = (-dmin[..., None] * (sc >> 4).astype(np.float32)).reshape(b.shape[0], -1)
+    return _centered(2, 16, k, _two_bit_planes(b[..., 16:80]).reshape(b.shape[0], -1, 16), scales, mins)
+
+
+def _q3_k(rows, k):
+    """Q3_K super-blocks of 256: 16 sub-blocks of 16 with 6-bit signed scales under a float16 d, 3-bit codes (two
+    low bits, and a high bit in `hmask` that, when clear, subtracts 4): w = d*(sc - 32)*q, kept as 4-bit codes."""
+    b = _blocks(rows, k, 110, 256)
+    low = _two_bit_planes(b[..., 32:96])
+    high = (b[..., 0:32].reshape(*b.shape[:2], 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+    q = low.astype(np.int16) - 4 * (1 - high.reshape(*b.shape[:2], 256).astype(np.int16))
+    packed = b[..., 96:108]
+    lo = (packed[..., :8].reshape(*b.shape[:2], 1, 8) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F
+    hi = (packed[..., 8:].reshape(*b.shape[:2], 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+    sc = (lo.reshape(*b.shape[:2], 16) | (hi.reshape(*b.shape[:2], 16) << 4)).astype(np.int16) - 32
+    scales = (_f16(b[..., 108:110])[..., None] * sc.astype(np.float32)).reshape(b.shape[0], -1)
+    return _symmetric(3, 16, k, q.reshape(b.shape[0], -1, 16), scales)
+
+
 _BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0, "Q4_K": _q4_k,
-                   "Q5_K": _q5_k, "Q6_K": _q6_k}
+                   "Q5_K": _q5_k, "Q6_K": _q6_k, "Q2_K": _q2_k, "Q3_K": _q3_k}
 
 
 # --- tokenizer ---------------------------------------------------------------------------------

@@ -140,6 +140,11 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
         what = "GGUF" if Path(src).suffix.lower() == ".gguf" else "checkpoint"
         raise EdgeLLMError(f"-q w8 does not apply to this {what}'s {kinds} blocks, which are kept as they are (-q "
                            "w4, the default); -q f16 / f32 widen them to float")
+    rerounded = source.rerounded_types()
+    if rerounded:
+        warning = (f"{Path(src).name}: its {', '.join(sorted(rerounded))} blocks cannot be kept as they are: they are "
+                   f"dequantized and rounded again to -q {quantize} (a second rounding; docs/gguf-types.md)")
+        print(f"edgellm: warning: {warning}", file=sys.stderr)
     architecture = (source.config.get("architectures") or ["<missing>"])[0]
     family = family_for(architecture)
     parts = None

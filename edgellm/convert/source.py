@@ -35,6 +35,10 @@ class ModelSource:
         """The block formats of pre-quantized weights the source holds (a GGUF's Q4_0, Q8_0...); none for floats."""
         return set()
 
+    def rerounded_types(self) -> set[str]:
+        """Those of block_types() that cannot be kept: they are dequantized and quantized again."""
+        return set()
+
     def tokenizer_json(self) -> str:
         raise NotImplementedError
 
@@ -60,6 +64,9 @@ class WrappedSource(ModelSource):
 
     def block_types(self) -> set[str]:
         return self.source.block_types()
+
+    def rerounded_types(self) -> set[str]:
+        return self.source.rerounded_types()
 
     def tokenizer_json(self) -> str:
         return self.source.tokenizer_json()
