@@ -56,6 +56,10 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     else:
         rope = cfg.rope_parameters
+    if arch == "gemma2":  # the layer pattern and the query scale are implied
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     w.add_rope_freq_base(rope["rope_theta"])
     tok = json.loads((folder / "tokenizer.json").read_text())
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
@@ -77,7 +81,7 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             data = llama_cpp_permute(data, heads)
-        if arch == "gemma3" and name.endswith("norm.weight"):  # Gemma scales by (1 + w); llama.cpp stores 1 + w
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # Gemma's (1 + w): llama.cpp stores 1 + w
             data = data + 1
         if data.ndim == 2:
             w.add_tensor(gguf_name(name, arch), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
@@ -148,7 +152,7 @@ def test_tied_embedding_is_stored_once(tmp_path, monkeypatch, arch, qtype, share
 def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     ref_model, folder = tiny(arch)
     config = ref_model.config
-    if arch == "gemma3":  # what a GGUF can say: the query scale llama.cpp implies, a final soft-cap it stores
+    if arch in ("gemma2", "gemma3"):  # what a GGUF can say: the query scale llama.cpp implies, soft-caps it stores
         config = copy.deepcopy(ref_model.config)
         config.query_pre_attn_scalar, config.final_logit_softcapping = config.head_dim, 3.0
         ref_model = type(ref_model)(config).eval()
@@ -175,7 +179,7 @@ def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
         err = relative_error(kept.logits(ids), ref)
         assert err < DEQUANTIZED_BOUND[level], f"{arch} w8 at accuracy level {level}: {err:.2e}"
     # and so is the embedding table, as its own codes and scales (Gemma's sqrt(hidden) carried by the scales)
-    scale = np.float32(config.hidden_size ** 0.5) if arch == "gemma3" else np.float32(1)
+    scale = np.float32(config.hidden_size ** 0.5) if arch in ("gemma2", "gemma3") else np.float32(1)
     table = dequantized.model.embed_tokens.weight.detach().numpy() * scale
     np.testing.assert_allclose(kept.engine.embed(ids), table[ids], rtol=1e-6, atol=1e-6)
 

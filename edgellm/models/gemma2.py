@@ -6,7 +6,7 @@ its alternating sliding and full layers."""
 from __future__ import annotations
 
 from ..modeling import decoder
-from ..modeling.family import TextFamily
+from ..modeling.family import GGUFNames, TextFamily
 from . import gemma3
 
 
@@ -26,5 +26,18 @@ class Model(gemma3.Model):
     project_qkv = decoder.Model.project_qkv
 
 
+def gguf_config(meta: dict, config: dict) -> dict:
+    """What llama.cpp's Gemma 2 support implies rather than stores: even layers slide, and the query scale of
+    1/sqrt(head_dim) (27B, the 46-layer one: hidden/heads)."""
+    layers = config["num_hidden_layers"]
+    return {"sliding_window": meta.get("gemma2.attention.sliding_window"),
+            "query_pre_attn_scalar": (config["hidden_size"] // config["num_attention_heads"] if layers == 46
+                                      else config["head_dim"]),
+            "attn_logit_softcapping": meta.get("gemma2.attn_logit_softcapping"),
+            "final_logit_softcapping": meta.get("gemma2.final_logit_softcapping")}
+
+
 FAMILY = TextFamily(name="gemma2", title="Gemma 2", architectures=("Gemma2ForCausalLM",), model_args=ModelArgs,
-                    model=Model)
+                    model=Model,
+                    gguf=GGUFNames("gemma2", gemma3.GGUF_LAYERS_GEMMA3, config=gguf_config, tensor=gemma3.gguf_tensor,
+                                   merges_by_rank=True))
