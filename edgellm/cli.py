@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args, slots: int | None = 1):
+def _load(args, slots: int | None = 1, keep_prompts: bool = False):
+    """The bundle, loaded; with `--prompt-cache DIR` (or, `keep_prompts`, a memory-only `--cache-mib`), its
+    PromptCache."""
     from pathlib import Path
 
     from . import load
@@ -209,7 +211,7 @@ def _load(args, slots: int | None = 1):
     model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots)
     print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms", file=sys.stderr)
     folder = vars(args).get("prompt_cache")
-    if folder is not None or (vars(args).get("func") is cmd_serve and args.cache_mib):
+    if folder is not None or (keep_prompts and args.cache_mib):
         from .runtime.prompt_cache import PromptCache
 
         model.prompt_cache = PromptCache(args.cache_mib, model.bundle, folder)
@@ -310,12 +312,11 @@ def cmd_run(args) -> None:
 def cmd_serve(args) -> None:
     from pathlib import Path
 
+    from .runtime.memory import kv_cache_bytes
     from .server import listen, serve
 
-    from .runtime.memory import kv_cache_bytes
-
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
-    model = _load(args, slots=args.parallel)
+    model = _load(args, slots=args.parallel, keep_prompts=True)
     name = args.name or Path(args.bundle).resolve().name
     host, port = sock.getsockname()[:2]
     slots = len(model.engine.slots)

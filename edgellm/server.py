@@ -181,8 +181,8 @@ def _tool_fields(message: dict, where: str) -> dict:
 
 
 def _response_format(model, value):
-    """OpenAI's response_format -> generate()'s json_schema: None (text), True (any JSON object) or a schema; the
-    schema is compiled here, so that one the grammar engine refuses is a 400 before anything runs."""
+    """OpenAI's response_format -> generate()'s json_schema: None (text), or the compiled constraint of any JSON
+    object or of the schema, compiled here so that a schema the grammar engine refuses is a 400 on this field."""
     if value is None or value == {"type": "text"}:
         return None
     kind = value.get("type") if isinstance(value, dict) else None
@@ -200,10 +200,9 @@ def _response_format(model, value):
     from .runtime.constraints import JsonConstraint, schema_of
 
     try:
-        JsonConstraint(model.grammar_tokenizer, schema_of(schema), model.manifest.model.vocab_size)
+        return JsonConstraint(model.grammar_tokenizer, schema_of(schema), model.manifest.model.vocab_size)
     except EdgeLLMError as e:
         raise BadRequest(str(e), "response_format") from None
-    return schema
 
 
 def parse(model, body, chat: bool) -> Job:
@@ -436,7 +435,7 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
             except BaseException:
                 batcher().cancel(handle)
                 raise
-            text = result.text or None if result.tool_calls else result.text
+            text = (result.text or None) if result.tool_calls else result.text  # calls alone: content null
             return JSONResponse(envelope(job, False, choices=[choice(job, text, result.finish_reason,
                                                                      calls=result.tool_calls)],
                                          usage=usage(result), timings=timings(result)))

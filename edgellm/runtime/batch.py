@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
 from ..errors import EdgeLLMError
 from .engine import Slot, common_prefix
 from .model import Generation
@@ -72,10 +70,6 @@ class Batcher:
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="edgellm-batcher", daemon=True)
         self.thread.start()
-
-    @property
-    def parallel(self) -> int:
-        return len(self.engine.slots)
 
     @property
     def queued(self) -> int:
@@ -148,10 +142,8 @@ class Batcher:
         """Give the request the free slot whose cached positions start most like its prompt."""
         request.answer.result.queued_s = time.perf_counter() - request.arrived
         prompt = request.answer.prompt
-        keys, positions = prompt.ids, prompt.positions
-        if positions is None:
-            rows = len(self.engine.slots[0].positions)
-            positions = np.repeat(np.arange(len(keys), dtype=np.int64)[None], rows, axis=0)
+        keys = prompt.ids
+        positions = prompt.positions if prompt.positions is not None else self.engine.text_positions(len(keys))
 
         def shared(slot: Slot) -> int:
             return common_prefix(slot, keys, positions, len(keys))
@@ -251,7 +243,8 @@ class Batcher:
         """The request leaves: its text is finished, its sequence kept in the prompt cache, its slot freed (the
         last running answer moves into its place)."""
         slot = request.slot
-        keep = slot is not None and self.cache is not None and outcome != "error" and len(slot) > 0
+        if slot is not None and self.cache is not None and outcome != "error" and len(slot) > 0:
+            self.unsaved.add(slot)
         if request is self.prefilling:
             self.prefilling = None
             request.chunks.close()
@@ -259,15 +252,11 @@ class Batcher:
             place = self.running.index(request)
             self.running.remove(request)
             if 0 < place < len(self.running):  # a hole in the range: the last running answer moves into it
-                if keep:
-                    self.cache.put(self.engine.snapshot(slot))
-                    keep = False
                 last = self.running.pop()
+                self._overwriting(slot, 0)
                 self.engine.move(last.slot, slot)
                 self.running.insert(place, last)
         if slot is not None:
-            if keep:
-                self.unsaved.add(slot)
             self.free.append(slot)
             request.slot = None
         tail = request.answer.finish() if message is None else ""

@@ -26,6 +26,7 @@ class ChatTemplate:
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.source = source
         try:
             self.template = env.from_string(source)
         except TemplateError as e:

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from ..errors import EdgeLLMError
 from ..format import DECODER_GRAPH, Bundle, EmbeddingTable
 from ..vision.processor import DecoderExtension, Processor
+from .memory import default_slots
 from .prompt_cache import CachedSequence, PromptCache
 
 # Device openvino: chunks shorter than this (decode, speculative checks) stay on ONNX Runtime, faster at few rows;
@@ -104,11 +105,10 @@ class Slot:
 
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True,
-                 profile_prefix: str | None = None, processor: Processor | None = None, slots: int = 1,
-                 fixed_slots: bool = True):
+                 profile_prefix: str | None = None, processor: Processor | None = None, slots: int | None = 1):
         """`device` as check_device has accepted it (Model checks it before anything loads); `slots`: sequences the
-        cache holds (more than one needs a decoder with a batch dimension: `batched`; unless `fixed_slots`, a
-        decoder without one gets a single slot)."""
+        cache holds (more than one needs a decoder with a batch dimension, `batched`, on ONNX Runtime; None: as many
+        as memory.default_slots finds room for where the decoder can batch, else 1)."""
         m = bundle.manifest.model
         if device == "openvino" and bundle.manifest.quantization.kv_cache != "f32":
             raise EdgeLLMError(f"device openvino cannot run this bundle's {bundle.manifest.quantization.kv_cache} KV "
@@ -121,11 +121,13 @@ class Engine:
         self.session = open_session(decoder, session_options(threads, spinning, profile_prefix), PROVIDERS[device])
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.batched = not isinstance(inputs["inputs_embeds"][0], int)
-        if not fixed_slots and (not self.batched or device == "openvino"):
-            slots = 1
-        if slots > 1 and (not self.batched or device == "openvino"):
+        can_batch = self.batched and device != "openvino"
+        if slots is None:
+            slots = default_slots(bundle, device) if can_batch else 1
+        if slots > 1 and not can_batch:
             raise EdgeLLMError("this bundle's decoder runs one sequence at a time (a vision model with its own "
-                               "position axes, or a bundle converted before edgellm 0.5)" if not self.batched else
+                               "position axes, or a bundle converted before decoders had a batch axis: reconvert "
+                               "it)" if not self.batched else
                                "device openvino runs one sequence at a time; use device cpu to decode several")
         self.openvino = None
         if device == "openvino":
@@ -187,6 +189,10 @@ class Engine:
 
     def reset(self) -> None:
         self.slot.tokens, self.slot.next_position = [], 0
+
+    def text_positions(self, n: int) -> np.ndarray:
+        """The rotary positions [rows, n] of n tokens of text from the start: 0, 1, 2, ... in every row."""
+        return np.repeat(np.arange(n, dtype=np.int64)[None], len(self.slot.positions), axis=0)
 
     def embed(self, token_ids) -> np.ndarray:
         return self.embeddings[token_ids]
@@ -337,7 +343,7 @@ class Engine:
         if all_logits:
             self.reset()
         if positions is None:
-            positions = np.repeat(np.arange(len(keys), dtype=np.int64)[None], len(self.positions), axis=0)
+            positions = self.text_positions(len(keys))
         if cache is not None and not all_logits:
             entry, n = cache.longest(keys, positions, len(keys) - 1)
             if entry is not None and n > common_prefix(self.slot, keys, positions, len(keys) - 1):

@@ -17,7 +17,7 @@ from ..format import VISION_GRAPH, open_bundle
 from .chat import ChatTemplate, check_messages, message_texts, user_content
 from .engine import Engine, check_device
 from .lookup import prompt_lookup
-from .memory import check_fits, default_slots
+from .memory import check_fits
 from .prompt_cache import CachedSequence
 from .sampling import Sampler, SamplingParams
 from .constraints import JsonConstraint, grammar_tokenizer, schema_of
@@ -163,8 +163,7 @@ class Model:
                 processor = processor_for(self.bundle)
                 self.vision = VisionEncoder(self.bundle, processor, device, threads, spinning)
             self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning,
-                                 profile_prefix=profile_prefix, processor=processor,
-                                 slots=slots or default_slots(self.bundle, device), fixed_slots=slots is not None)
+                                 profile_prefix=profile_prefix, processor=processor, slots=slots)
         except Exception:
             if verified:
                 verified.result()  # a corrupt file explains a failed load better than its parser's message
@@ -312,8 +311,12 @@ class Model:
             raise EdgeLLMError("a required tool call and json_schema do not combine; ask for one of them")
         vocab = self.manifest.model.vocab_size
         if json_schema not in (None, False) or grammar is not None:
-            constraint = (JsonConstraint(self.grammar_tokenizer, None, vocab, lark=grammar) if grammar is not None
-                          else JsonConstraint(self.grammar_tokenizer, schema_of(json_schema), vocab))
+            if grammar is not None:
+                constraint = JsonConstraint(self.grammar_tokenizer, None, vocab, lark=grammar)
+            elif isinstance(json_schema, JsonConstraint):  # compiled already (the server's, checking the request)
+                constraint = json_schema
+            else:
+                constraint = JsonConstraint(self.grammar_tokenizer, schema_of(json_schema), vocab)
             sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids, self.think_tokens, prompt.ids)
         self.check_length(len(prompt.ids))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -322,9 +325,7 @@ class Model:
 
     def tool_spec(self, tools, tool_choice=None) -> Tools | None:
         """OpenAI `tools` and `tool_choice`, checked against this bundle's chat template (None: no tools offered)."""
-        template = self.bundle.file("chat_template.jinja")
-        source = template.read_text(encoding="utf-8") if template.is_file() and self.chat_template else None
-        return tools_of(source, tools, tool_choice)
+        return tools_of(self.chat_template.source if self.chat_template else None, tools, tool_choice)
 
     def stream(self, prompt_or_messages, max_new_tokens: int = 256, progress: bool = False,
                prompt_lookup: int = 0, draft: "Model | None" = None, draft_tokens: int = 4,
@@ -414,9 +415,8 @@ class Model:
     @functools.cached_property
     def think_tokens(self) -> tuple[int, int] | None:
         """(<think>, </think>) token ids of a reasoning model (its template writes think blocks), else None."""
-        template = self.bundle.file("chat_template.jinja")
         ids = (self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
-        if None in ids or not template.is_file() or "<think>" not in template.read_text(encoding="utf-8"):
+        if None in ids or self.chat_template is None or "<think>" not in self.chat_template.source:
             return None
         return ids
 
