@@ -33,8 +33,22 @@ def relative_error(got, ref) -> float:
 # The tiny decoder every text family's table entry starts from
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.08)
+
+
+def as_minicpm(config: dict) -> dict:
+    """A Granite config as MiniCPM's remote code writes the same model: MiniCPM has no transformers class, and its
+    forward is Granite's with the constants named otherwise (attention_multiplier = head_dim ** -0.5)."""
+    layers = config["num_hidden_layers"]
+    mine = {k: v for k, v in config.items()
+            if k not in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier")}
+    return {**mine, "architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm",
+            "scale_emb": config["embedding_multiplier"], "scale_depth": config["residual_multiplier"] * layers ** 0.5,
+            "dim_model_base": config["hidden_size"] / config["logits_scaling"]}
+
+
 # One entry per text family of the registry (test_architecture checks that each has one): transformers' config and
-# model classes, what the family's tiny model sets beyond TINY, and its seed.
+# model classes, what the family's tiny model sets beyond TINY, its seed, and (for a family transformers has no
+# class for) how the saved config.json is rewritten into the family's own.
 TEXT_MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0), 1),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0), 2),
@@ -48,6 +62,17 @@ TEXT_MODELS = {
     # rotary over half of each 32-wide head, interleaved; biased q/k/v
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=32, pad_token_id=None, rope_parameters={
         "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_type": "default"}), 11),
+    # GLM-4 9B: glm4 without the extra norms
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(head_dim=32, pad_token_id=None), 14),
+    # checked against transformers' Granite holding the same constants
+    "minicpm": ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=12.0, attention_multiplier=0.25,
+                                                            residual_multiplier=1.4 / 2 ** 0.5, logits_scaling=4.0),
+                15, as_minicpm),
+    # multi-head latent attention: a 16-wide latent query, a 32-wide key-value latent, 16 rotated dimensions
+    "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", dict(
+        pad_token_id=None, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=16, v_head_dim=16,
+        scale_emb=12, scale_depth=1.4, dim_model_base=16, rope_theta=10000.0), 16),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=None), 12),
     # the second of its two layers attends without rotary
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(pad_token_id=None, no_rope_layer_interval=2), 13),
@@ -86,23 +111,26 @@ def make_tiny_model(arch: str, folder: Path, tie: bool = False):
     import torch
     import transformers
 
-    config_cls, model_cls, extra, seed = TEXT_MODELS[arch]
+    config_cls, model_cls, extra, seed, *saved_as = TEXT_MODELS[arch]
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(folder)
     from tokenizers import Tokenizer
 
     eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|im_end|>")
     config = getattr(transformers, config_cls)(vocab_size=vocab, eos_token_id=eos, tie_word_embeddings=tie,
-                                              **TINY, **extra)
+                                              **{**TINY, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    if arch in ("qwen2", "glm4"):  # random biases, so a dropped bias would show
+    if arch in ("qwen2", "glm", "glm4"):  # random biases, so a dropped bias would show
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
     model.generation_config.eos_token_id = eos
     model.save_pretrained(folder)
+    if saved_as:
+        config_json = folder / "config.json"
+        config_json.write_text(json.dumps(saved_as[0](json.loads(config_json.read_text()))))
     return model
 
 

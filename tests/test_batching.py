@@ -26,7 +26,7 @@ PROMPTS = ["When in the Course of human events", "We hold these truths", "Libert
 
 
 @pytest.mark.parametrize("arch,options", [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("gemma3", {}),
-                                          ("llama", {"kv_cache": "int8"})])
+                                          ("minicpm3", {}), ("llama", {"kv_cache": "int8"})])
 def test_a_batched_decode_step_gives_each_sequence_its_own_logits(bundle, arch, options):
     """Sequences of different lengths decode together in one call; each row is what that sequence alone gets."""
     path = bundle(arch, "f32", **options)

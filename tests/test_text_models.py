@@ -1,4 +1,4 @@
-"""Bundles of tiny Llama, Qwen2, Qwen3 and Gemma 3 models against transformers, the oracle."""
+"""Bundles of a tiny model of every text family against transformers, the oracle."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def corpus_ids(model, n: int) -> list[int]:
     return model.tokenizer.encode(CORPUS.read_text())[:n]
 
 
-def tiny_pair(tmp_path, config_class: str, model_class: str, seed: int, **config):
-    """(a transformers model of `config_class` on TINY's shape with `config` over it, saved; its f32 bundle of 128
-    positions in chunks of 16, loaded)."""
+def tiny_pair(tmp_path, config_class: str, model_class: str, seed: int, saved_as=None, **config):
+    """(a transformers model of `config_class` on TINY's shape with `config` over it, saved (then rewritten by
+    `saved_as(folder, model)`, if given); its f32 bundle of 128 positions in chunks of 16, loaded)."""
     import torch
     import transformers
     from helpers import TINY, write_tokenizer
@@ -33,6 +33,8 @@ def tiny_pair(tmp_path, config_class: str, model_class: str, seed: int, **config
     torch.manual_seed(seed)
     ref_model = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings)).eval()
     ref_model.save_pretrained(tmp_path)
+    if saved_as:
+        saved_as(tmp_path, ref_model)
     model = edgellm.load(edgellm.convert(tmp_path, tmp_path / "bundle", quantize="f32", seq_length=128,
                                          chunk_length=16, progress=False))
     return ref_model, model
@@ -82,7 +84,8 @@ def dequantized_copy(model, quant: str, group: int, lm_head: str):
                 module.weight.copy_(torch.from_numpy(rounded(module.weight.numpy(), mode)))
         emb = clone.model.embed_tokens.weight
         # quantized bundles store the float embedding table in float16, times the family's embedding multiplier
-        scale = float(getattr(clone.config, "embedding_multiplier", None) or 1.0)
+        scale = float(getattr(clone.config, "embedding_multiplier", None) or getattr(clone.config, "scale_emb", None)
+                      or 1.0)
         emb.copy_((emb * scale).half().float() / scale)
     return clone
 

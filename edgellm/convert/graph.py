@@ -201,6 +201,15 @@ class GraphBuilder:
             y = self.add(y, self.const(bias.astype(np.float32), f"{name}.bias"), name=f"{name}/bias")
         return y
 
+    def rounded(self, weight: np.ndarray | QuantizedWeight) -> np.ndarray:
+        """A projection's weight as floats, rounded as this bundle's precision stores projections: for a family that
+        uses a checkpoint's projection in another form than one matmul (split per head, multiplied into another)."""
+        if isinstance(weight, QuantizedWeight):
+            return weight.dequantize()
+        if self.policy.bits is not None:
+            return quantize(weight, self.policy.bits, self.policy.group_size, self.policy.symmetric).dequantize()
+        return weight.astype(np.float16).astype(np.float32) if self.policy.mode == "f16" else weight
+
     def fused_linear(self, x: str, weights: list, name: str, biases: list | None = None,
                      split: bool = True) -> list[str] | str | None:
         """Several projections of the same input as one matmul (QKV, gate+up), split afterwards unless split=False.

@@ -154,6 +154,8 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     if isinstance(family, TextFamily):
         if max_pixels is not None:
             raise EdgeLLMError("--max-pixels applies to vision-language models only")
+        if architecture in family.layouts:
+            source = family.layouts[architecture](source)
         model, text_family = family.decoder(source.config), family.name
     else:  # a vision-language model: a decoder with the family's extensions, and a vision graph
         count = max_pixels[0] * max_pixels[1] if isinstance(max_pixels, tuple) else max_pixels

@@ -133,3 +133,37 @@ class PrefixRename:
             if name.startswith(theirs):
                 return mine + name[len(theirs):]
         return None
+
+
+class MappedSource(WrappedSource):
+    """A checkpoint stored under other names (a remote-code layout) seen under the family's: each of the family's
+    tensors is one of the checkpoint's, or some of its rows (q, k and v cut out of one fused projection). `config`
+    is the family's config, translated from the checkpoint's."""
+
+    def __init__(self, source: ModelSource, config: dict, mapping: dict[str, tuple[str, np.ndarray | None]]):
+        self.source, self.config = source, config
+        own = set(source.names())
+        self.mapping = {mine: (theirs, rows) for mine, (theirs, rows) in mapping.items() if theirs in own}
+
+    def names(self) -> list[str]:
+        return list(self.mapping)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.mapping
+
+    def _read(self, name: str, read):
+        if name not in self.mapping:
+            raise KeyError(name)
+        theirs, rows = self.mapping[name]
+        value = read(theirs)
+        return value if rows is None else (value.take_rows(rows) if isinstance(value, QuantizedWeight)
+                                           else value[rows])
+
+    def raw(self, name: str) -> np.ndarray:
+        return self._read(name, self.source.raw)
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self._read(name, self.source.tensor)
+
+    def linear(self, name: str):
+        return self._read(name, self.source.linear)

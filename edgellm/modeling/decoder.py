@@ -46,6 +46,8 @@ class ModelArgs:
         heads = config["num_attention_heads"]
         window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
         layers = config["num_hidden_layers"]
+        if config.get("mlp_bias") or config.get("bias"):  # "bias": InternLM3's name for it
+            raise EdgeLLMError("biased MLP and output projections (mlp_bias) are not supported")
         layer_types = config.get("layer_types")
         if not layer_types and window:  # configs written before transformers listed the layer types: the layers
             # from max_window_layers on slide where the config has that switch, otherwise all of them
@@ -63,7 +65,7 @@ class ModelArgs:
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope=rope_parameters(config),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", False)),
+            attention_bias=bool(config.get("attention_bias", config.get("qkv_bias", False))),
             hidden_act=config.get("hidden_act", "silu"),
             sliding_window=window,
             layer_types=tuple(layer_types or ()),

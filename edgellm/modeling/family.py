@@ -8,7 +8,7 @@ vision graph, and the processor the runtime prepares images and prompts with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
@@ -46,6 +46,9 @@ class TextFamily:
     model_args: type  # a decoder.ModelArgs subclass: .from_config(config dict)
     model: type  # a decoder.Model subclass: Model(args).build(g, weights, seq_length)
     gguf: GGUFNames | None = None
+    # checkpoints of some of `architectures` stored in another layout (remote code): architecture -> the view of
+    # such a source under this family's names, with its config translated
+    layouts: Mapping[str, Callable[["ModelSource"], "ModelSource"]] = field(default_factory=dict)
 
     def decoder(self, config: dict) -> "Model":
         return self.model(self.model_args.from_config(config))

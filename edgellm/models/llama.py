@@ -1,4 +1,5 @@
-"""Llama: Llama 2/3, SmolLM2, Mistral-style decoders; the shared decoder as it is."""
+"""Llama: Llama 2/3, SmolLM2, Mistral, InternLM3 (a Llama under another name), InternLM2 (a Llama in another
+layout); the shared decoder as it is."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 
 import numpy as np
 
+from ..convert.source import MappedSource, ModelSource
 from ..modeling.decoder import Model, ModelArgs
 from ..modeling.family import GGUFNames, TextFamily
 
@@ -36,6 +38,35 @@ def unpermute_rotary_rows(name: str, w, config: dict):
     return w[rows] if isinstance(w, np.ndarray) else w.take_rows(rows)
 
 
-FAMILY = TextFamily(name="llama", title="Llama 2/3, SmolLM2, Mistral",
-                    architectures=("LlamaForCausalLM", "MistralForCausalLM"), model_args=ModelArgs, model=Model,
-                    gguf=GGUFNames("llama", GGUF_LAYERS, tensor=unpermute_rotary_rows))
+def internlm2_layout(source: ModelSource) -> ModelSource:
+    """InternLM2 / 2.5 as their remote code stores them: q, k and v as one `attention.wqkv` grouped by key-value
+    head (each group's query heads, then its key, then its value), `feed_forward.w1/w3/w2` for gate, up and down,
+    `tok_embeddings` and `output`; the config is Llama's."""
+    c = source.config
+    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    head_dim, group = c["hidden_size"] // heads, heads // kv_heads
+    per_group = np.arange((group + 2) * head_dim)
+    start = np.arange(kv_heads)[:, None] * (group + 2) * head_dim
+    rows = {"q": (start + per_group[: group * head_dim]).reshape(-1),
+            "k": (start + per_group[group * head_dim: (group + 1) * head_dim]).reshape(-1),
+            "v": (start + per_group[(group + 1) * head_dim:]).reshape(-1)}
+    mapping = {"model.embed_tokens.weight": ("model.tok_embeddings.weight", None),
+               "model.norm.weight": ("model.norm.weight", None), "lm_head.weight": ("output.weight", None)}
+    for i in range(c["num_hidden_layers"]):
+        mine, theirs = f"model.layers.{i}", f"model.layers.{i}"
+        mapping.update({
+            f"{mine}.input_layernorm.weight": (f"{theirs}.attention_norm.weight", None),
+            f"{mine}.post_attention_layernorm.weight": (f"{theirs}.ffn_norm.weight", None),
+            f"{mine}.self_attn.o_proj.weight": (f"{theirs}.attention.wo.weight", None),
+            f"{mine}.mlp.gate_proj.weight": (f"{theirs}.feed_forward.w1.weight", None),
+            f"{mine}.mlp.up_proj.weight": (f"{theirs}.feed_forward.w3.weight", None),
+            f"{mine}.mlp.down_proj.weight": (f"{theirs}.feed_forward.w2.weight", None),
+            **{f"{mine}.self_attn.{p}_proj.weight": (f"{theirs}.attention.wqkv.weight", r) for p, r in rows.items()}})
+    return MappedSource(source, c, mapping)
+
+
+FAMILY = TextFamily(name="llama", title="Llama 2/3, SmolLM2, Mistral, InternLM2/3",
+                    architectures=("LlamaForCausalLM", "MistralForCausalLM", "InternLM3ForCausalLM",
+                                   "InternLM2ForCausalLM"), model_args=ModelArgs, model=Model,
+                    gguf=GGUFNames("llama", GGUF_LAYERS, tensor=unpermute_rotary_rows),
+                    layouts={"InternLM2ForCausalLM": internlm2_layout})
