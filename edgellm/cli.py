@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`edgellm convert --list | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush does not fail again
+        return 141
 
 
 def count(least: int):
@@ -66,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-m", "--model", help="Hugging Face model folder or .gguf file")
     c.add_argument("-o", "--output", help="bundle folder to write")
     c.add_argument("--list", action="store_true", help="list the model families, their architectures and sources")
-    c.add_argument("-q", "--quantize", default="w4", choices=WEIGHT_MODES,
-                   help="weight precision (default w4; GGUF blocks that map exactly are kept as they are)")
+    c.add_argument("-q", "--quantize", default="w4", choices=[*WEIGHT_MODES, "auto"],
+                   help="weight precision (default w4; GGUF blocks that map exactly are kept as they are; auto: a "
+                        "quantized source's own precision, float16 for a float one)")
     c.add_argument("-g", "--group-size", type=count(16), default=None,
                    help="quantization block size of float weights (default 128; a GGUF's own with --reblock)")
     c.add_argument("-s", "--seq-length", type=count(2), default=None,

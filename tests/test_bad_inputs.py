@@ -75,3 +75,16 @@ def test_bad_input(case, env, client, tmp_path, monkeypatch, capsys):
     if case.name.startswith("convert"):
         assert not (tmp_path / "out").exists()  # a refused conversion writes nothing
         assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    """`edgellm convert --list | head -1`: the pipe closes under the printing; the command stops quietly."""
+    import subprocess
+    import sys
+
+    code = "import sys; from edgellm.cli import main; sys.exit(main(['convert', '--list']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the table is printed: its first write fails
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and proc.returncode in (0, 141), err

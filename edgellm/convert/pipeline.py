@@ -25,7 +25,8 @@ from .quantize import reblock
 from .source import ModelSource
 
 QUANT_MODES = ("f32", "f16", "w8", "w4")
-EIGHT_BIT_GGML = {"Q8_0", "Q8_1", "Q8_K"}  # GGUF block types that -q w8 keeps as 8-bit blocks
+# block types (GGUF's, or a pre-quantized checkpoint's) that -q w8 keeps as 8-bit blocks
+EIGHT_BIT_BLOCKS = {"Q8_0", "Q8_1", "Q8_K", "GPTQ 8-bit", "COMPRESSED-TENSORS 8-bit"}
 DECODER_FILE = "decoder.onnx"
 LM_HEAD_PIECE_BYTES = 32 << 20  # a larger quantized lm_head is stored in row pieces (see WeightPolicy)
 VISION_FILE = "vision.onnx"
@@ -115,15 +116,14 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     """edgellm.convert, which documents the options and their defaults (None: the default for the source)."""
     if Path(src).suffix.lower() == ".gguf":
         check_gguf_options(quantize, group_size, symmetric, lm_head, reblock)
+    if quantize not in (*QUANT_MODES, "auto"):
+        raise EdgeLLMError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)} or auto")
     group_size = 128 if group_size is None else group_size
     symmetric = True if symmetric is None else symmetric
     if group_size < 16 or group_size & (group_size - 1):
         raise EdgeLLMError(f"-g must be a power of two of 16 or more (MatMulNBits' blocks), got {group_size}")
-    vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
-    lm_head = lm_head or ("w8" if quantize == "w4" else quantize)
-    for what, mode in (("quantization", quantize), ("vision quantization", vision_quantize),
-                       ("lm_head precision", lm_head)):
-        if mode not in QUANT_MODES:
+    for what, mode in (("vision quantization", vision_quantize), ("lm_head precision", lm_head)):
+        if mode is not None and mode not in QUANT_MODES:
             raise EdgeLLMError(f"unknown {what} {mode!r}; choose one of {', '.join(QUANT_MODES)}")
     if kv_cache not in KV_CACHE_MODES:
         raise EdgeLLMError(f"unknown KV cache precision {kv_cache!r}; choose one of {', '.join(KV_CACHE_MODES)}")
@@ -135,8 +135,12 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     out = Path(out)
     check_output(out, force)  # before any work
     checkpoint = source = open_source(src)
-    if quantize == "w8" and source.block_types() - EIGHT_BIT_GGML:
-        kinds = ", ".join(sorted(source.block_types() - EIGHT_BIT_GGML))
+    if quantize == "auto":
+        quantize = auto_precision(source.block_types())
+    vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
+    lm_head = lm_head or ("w8" if quantize == "w4" else quantize)
+    if quantize == "w8" and source.block_types() - EIGHT_BIT_BLOCKS:
+        kinds = ", ".join(sorted(source.block_types() - EIGHT_BIT_BLOCKS))
         what = "GGUF" if Path(src).suffix.lower() == ".gguf" else "checkpoint"
         raise EdgeLLMError(f"-q w8 does not apply to this {what}'s {kinds} blocks, which are kept as they are (-q "
                            "w4, the default); -q f16 / f32 widen them to float")
@@ -223,13 +227,21 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     return out
 
 
+def auto_precision(block_types: set[str]) -> str:
+    """-q auto: a quantized source's blocks as they are (w8 where all of them are 8-bit, so that its float tensors
+    are not rounded below its own precision), a float source's weights in float16."""
+    if not block_types:
+        return "f16"
+    return "w8" if block_types <= EIGHT_BIT_BLOCKS else "w4"
+
+
 def check_gguf_options(quantize: str, group_size: int | None, symmetric: bool | None, lm_head: str | None,
                        reblock: bool) -> None:
     """A GGUF's blocks are kept as they are: refuse options that would not apply, rather than record them."""
     if lm_head in ("w4", "w8"):
         raise EdgeLLMError(f"--lm-head {lm_head} does not apply to a GGUF: its output tensor's blocks are kept as "
                            "they are (or widened with --lm-head f16 / f32)")
-    if not reblock and quantize == "w4":
+    if not reblock and quantize in ("w4", "auto"):
         for given, flag in ((group_size is not None, f"-g {group_size}"), (symmetric is not None,
                                                                            "--sym" if symmetric else "--asym")):
             if given:

@@ -69,9 +69,11 @@ def family_table() -> str:
     rows = [("family", "kind", "architectures (config.json)", "sources")]
     for f in families():
         text = isinstance(f, TextFamily)
-        sources = "HF folder (float, GPTQ, AWQ)" if text else "HF folder"
+        sources = "HF folder (float, GPTQ, AWQ, compressed-tensors)" if text else "HF folder"
+        if text and f.layouts:
+            sources += f"; remote-code layout: {', '.join(f.layouts)}"
         if text and f.gguf:
-            sources += f", GGUF `{f.gguf.architecture}`"
+            sources += f"; GGUF `{f.gguf.architecture}`"
         rows.append((f.name, "text" if text else "vision-language", ", ".join(f.architectures), sources))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
