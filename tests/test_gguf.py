@@ -34,7 +34,7 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def write_gguf(model, folder, path, arch: str, qtype) -> None:
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), text_family(arch).gguf.architecture)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -56,6 +56,20 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     else:
         rope = cfg.rope_parameters
+    if arch in ("granite", "minicpm"):  # the multipliers, stored as scales (MiniCPM's attention scale is implied)
+        if arch == "granite":
+            w.add_attention_scale(cfg.attention_multiplier)
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)
+    if arch == "phi3":  # rotary dimensions, the trained length, LongRoPE's factors as tensors; 0: no window
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        w.add_sliding_window(0)
+        for kind in ("long", "short"):
+            w.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], np.float32))
+    if arch in ("glm", "glm4"):  # rotary over half of each head
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if arch == "gemma2":  # the layer pattern and the query scale are implied
         w.add_sliding_window(cfg.sliding_window)
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
@@ -74,11 +88,17 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
     w.add_eos_token_id(eos)
     w.add_add_bos_token(False)
     w.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    if arch == "glm":  # llama.cpp's chatglm files hold ChatGLM's fused query_key_value
+        for i in range(cfg.num_hidden_layers):
+            for part in ("weight", "bias"):
+                p = f"model.layers.{i}.self_attn"
+                state[f"{p}.qkv_proj.{part}"] = torch.cat([state.pop(f"{p}.{x}_proj.{part}") for x in "qkv"])
+    for name, tensor in state.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:  # llama.cpp writes a tied head once, as token_embd
             continue
         data = tensor.float().numpy()
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch in ("llama", "granite", "minicpm") and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             data = llama_cpp_permute(data, heads)
         if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # Gemma's (1 + w): llama.cpp stores 1 + w
@@ -179,7 +199,8 @@ def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
         err = relative_error(kept.logits(ids), ref)
         assert err < DEQUANTIZED_BOUND[level], f"{arch} w8 at accuracy level {level}: {err:.2e}"
     # and so is the embedding table, as its own codes and scales (Gemma's sqrt(hidden) carried by the scales)
-    scale = np.float32(config.hidden_size ** 0.5) if arch in ("gemma2", "gemma3") else np.float32(1)
+    scale = np.float32(config.hidden_size ** 0.5 if arch in ("gemma2", "gemma3") else
+                       getattr(config, "embedding_multiplier", 1.0))
     table = dequantized.model.embed_tokens.weight.detach().numpy() * scale
     np.testing.assert_allclose(kept.engine.embed(ids), table[ids], rtol=1e-6, atol=1e-6)
 

@@ -22,7 +22,9 @@ from .source import ModelSource
 # Tensors outside the layers, named alike by every family (the layers' names are each family's GGUFNames)
 
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs.weight"}
+                 "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs.weight",
+                 "rope_factors_long.weight": "rope_factors_long.weight",
+                 "rope_factors_short.weight": "rope_factors_short.weight"}
 
 
 def hf_name(gguf_name: str, names: dict[str, str]) -> str | None:
@@ -93,10 +95,23 @@ class GGUFSource(ModelSource):
         elif scaling not in (None, "none"):
             raise EdgeLLMError(f"{self.path}: rope scaling {scaling!r} is not supported yet")
         if "rope_freqs.weight" in self._tensors:  # Llama 3.x: per-frequency divisors stored as a tensor
-            config["rope_scaling"] = {"rope_type": "freq_factors",
-                                      "factors": self.tensor("rope_freqs.weight").tolist()}
+            config["rope_scaling"] = {"rope_type": "freq_factors", "factors": self._vector("rope_freqs.weight")}
+        if "rope_factors_long.weight" in self._tensors:  # LongRoPE (Phi-3, MiniCPM): its two factor lists as tensors
+            config["rope_scaling"] = {
+                "rope_type": "longrope", "long_factor": self._vector("rope_factors_long.weight"),
+                "short_factor": self._vector("rope_factors_short.weight"),
+                "original_max_position_embeddings": m.get(f"{a}.rope.scaling.original_context_length")}
+        rotary = m.get(f"{a}.rope.dimension_count")
+        if rotary and rotary != config["head_dim"]:  # partial rotary
+            config["partial_rotary_factor"] = rotary / config["head_dim"]
+        if m.get(f"{a}.attention.sliding_window"):
+            config["sliding_window"] = m[f"{a}.attention.sliding_window"]
         config.update(self.names_in_file.config(m, config))
         return config
+
+    def _vector(self, name: str) -> list[float]:
+        """A small float tensor the config is made of (read before the config exists, so not through raw())."""
+        return _dequantize(self._tensors[name]).reshape(-1).tolist()
 
     # --- weights -------------------------------------------------------------------------------
     def names(self) -> list[str]:

@@ -9,8 +9,9 @@ import numpy as np
 from ..convert.source import MappedSource, ModelSource
 from ..errors import EdgeLLMError
 from ..modeling import decoder
-from ..modeling.family import TextFamily
+from ..modeling.family import GGUFNames, TextFamily
 from . import phi3
+from .llama import GGUF_LAYERS
 
 
 class ModelArgs(decoder.ModelArgs):
@@ -22,6 +23,12 @@ class ModelArgs(decoder.ModelArgs):
 class Model(decoder.Model):
     rotary_interleaved = True
     gate_up = phi3.Model.gate_up
+
+    def qkv_weights(self, weights, prefix: str):
+        if f"{prefix}.qkv_proj.weight" not in weights:
+            return super().qkv_weights(weights, prefix)
+        bias = [weights.tensor(f"{prefix}.qkv_proj.bias")] if self.args.attention_bias else None
+        return [weights.linear(f"{prefix}.qkv_proj.weight")], bias  # a GGUF's fused attn_qkv
 
 
 def chatglm_layout(source: ModelSource) -> ModelSource:
@@ -65,6 +72,11 @@ def chatglm_layout(source: ModelSource) -> ModelSource:
     return MappedSource(source, config, mapping)
 
 
+# llama.cpp's "chatglm" files (from ChatGLM3 / glm-4-9b-chat): q, k, v fused as attn_qkv, gate and up as ffn_up, the
+# rows as they are (its rotary turns interleaved pairs too)
+GGUF_LAYERS_CHATGLM = {**GGUF_LAYERS, "attn_qkv.weight": "self_attn.qkv_proj.weight",
+                       "attn_qkv.bias": "self_attn.qkv_proj.bias", "ffn_up.weight": "mlp.gate_up_proj.weight"}
 CHATGLM = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
 FAMILY = TextFamily(name="glm", title="GLM-4 9B, ChatGLM3", architectures=("GlmForCausalLM", *CHATGLM),
-                    model_args=ModelArgs, model=Model, layouts={a: chatglm_layout for a in CHATGLM})
+                    model_args=ModelArgs, model=Model, layouts={a: chatglm_layout for a in CHATGLM},
+                    gguf=GGUFNames("chatglm", GGUF_LAYERS_CHATGLM))

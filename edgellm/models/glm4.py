@@ -3,8 +3,9 @@ rotary over half of each head) with norms after attention and after the MLP as w
 
 from __future__ import annotations
 
-from ..modeling.family import TextFamily
+from ..modeling.family import GGUFNames, TextFamily
 from . import glm
+from .llama import GGUF_LAYERS
 
 
 class Model(glm.Model):
@@ -13,5 +14,9 @@ class Model(glm.Model):
                                                                  "post_attention_layernorm", "post_mlp_layernorm"))
 
 
+# llama.cpp keeps GLM-4-0414's q, k, v apart and its rows as they are; ffn_up holds gate and up
+GGUF_LAYERS_GLM4 = {**GGUF_LAYERS, "ffn_up.weight": "mlp.gate_up_proj.weight",
+                    "post_attention_norm.weight": "post_self_attn_layernorm.weight",
+                    "post_ffw_norm.weight": "post_mlp_layernorm.weight"}
 FAMILY = TextFamily(name="glm4", title="GLM-4-0414", architectures=("Glm4ForCausalLM",), model_args=glm.ModelArgs,
-                    model=Model)
+                    model=Model, gguf=GGUFNames("glm4", GGUF_LAYERS_GLM4))

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..modeling import decoder
-from ..modeling.family import TextFamily
+from ..modeling.family import GGUFNames, TextFamily
+from .llama import GGUF_LAYERS, unpermute_rotary_rows
 
 
 @dataclass
@@ -48,5 +49,14 @@ class Model(decoder.Model):
                     name="logits_scaled")
 
 
+def gguf_config(meta: dict, config: dict) -> dict:
+    """llama.cpp stores the four constants as scales (an absent attention scale is 1/sqrt(head_dim))."""
+    return {"attention_multiplier": meta.get("granite.attention.scale") or config["head_dim"] ** -0.5,
+            "embedding_multiplier": meta.get("granite.embedding_scale", 1.0),
+            "residual_multiplier": meta.get("granite.residual_scale", 1.0),
+            "logits_scaling": meta.get("granite.logit_scale", 1.0)}
+
+
 FAMILY = TextFamily(name="granite", title="Granite 3", architectures=("GraniteForCausalLM",), model_args=ModelArgs,
-                    model=Model)
+                    model=Model, gguf=GGUFNames("granite", GGUF_LAYERS, config=gguf_config,
+                                                tensor=unpermute_rotary_rows))

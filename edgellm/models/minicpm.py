@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 
-from ..modeling.family import TextFamily
+from ..modeling.family import GGUFNames, TextFamily
 from . import granite
+from .llama import GGUF_LAYERS, unpermute_rotary_rows
 
 
 class ModelArgs(granite.ModelArgs):
@@ -22,5 +23,14 @@ class ModelArgs(granite.ModelArgs):
             "logits_scaling": hidden / config.get("dim_model_base", hidden), "attention_multiplier": head_dim ** -0.5})
 
 
+def gguf_config(meta: dict, config: dict) -> dict:
+    """llama.cpp stores the constants as Granite's scales; back to MiniCPM's names."""
+    layers = config["num_hidden_layers"]
+    return {"scale_emb": meta.get("minicpm.embedding_scale", 1.0),
+            "scale_depth": meta.get("minicpm.residual_scale", 1.0) * math.sqrt(layers),
+            "dim_model_base": config["hidden_size"] / meta.get("minicpm.logit_scale", 1.0)}
+
+
 FAMILY = TextFamily(name="minicpm", title="MiniCPM 1/2/4", architectures=("MiniCPMForCausalLM",),
-                    model_args=ModelArgs, model=granite.Model)
+                    model_args=ModelArgs, model=granite.Model,
+                    gguf=GGUFNames("minicpm", GGUF_LAYERS, config=gguf_config, tensor=unpermute_rotary_rows))

@@ -4,7 +4,8 @@ them (the residual stream enters each block as it is), and RMSNorms over the who
 from __future__ import annotations
 
 from ..modeling import decoder
-from ..modeling.family import TextFamily
+from ..modeling.family import GGUFNames, TextFamily
+from .llama import GGUF_LAYERS
 
 ModelArgs = decoder.ModelArgs
 
@@ -33,5 +34,9 @@ class Model(decoder.Model):
         return g.rms_norm(self.mlp(g, weights, f"{prefix}.mlp", stream), norm(after_mlp), eps, after_mlp), stream
 
 
+# llama.cpp keeps OLMo 2's rows as they are, and names its norms after the blocks as Gemma's
+GGUF_LAYERS_OLMO2 = {**{k: v for k, v in GGUF_LAYERS.items() if "norm" not in k or "_q_" in k or "_k_" in k},
+                     "post_attention_norm.weight": "post_attention_layernorm.weight",
+                     "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
 FAMILY = TextFamily(name="olmo2", title="OLMo 2", architectures=("Olmo2ForCausalLM",), model_args=ModelArgs,
-                    model=Model)
+                    model=Model, gguf=GGUFNames("olmo2", GGUF_LAYERS_OLMO2))

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from ..modeling.decoder import Model as Decoder
 from ..modeling.decoder import ModelArgs
-from ..modeling.family import TextFamily
+from ..modeling.family import GGUFNames, TextFamily
+from .llama import GGUF_LAYERS
 
 
 class Model(Decoder):
@@ -20,5 +21,16 @@ class Model(Decoder):
                     outputs=2, axis=-1)
 
 
+# llama.cpp keeps the fused projections fused (its ffn_up holds gate and up) and the rows as they are; the LongRoPE
+# factors are tensors of their own (read by the GGUF reader for every family)
+GGUF_LAYERS_PHI3 = {**GGUF_LAYERS, "attn_qkv.weight": "self_attn.qkv_proj.weight",
+                    "ffn_up.weight": "mlp.gate_up_proj.weight"}
+
+
+def gguf_config(meta: dict, config: dict) -> dict:
+    """Phi-4-mini's files say "no window" with a sliding window of 0."""
+    return {"sliding_window": meta.get("phi3.attention.sliding_window") or None}
+
+
 FAMILY = TextFamily(name="phi3", title="Phi-3, Phi-3.5, Phi-4-mini", architectures=("Phi3ForCausalLM",),
-                    model_args=ModelArgs, model=Model)
+                    model_args=ModelArgs, model=Model, gguf=GGUFNames("phi3", GGUF_LAYERS_PHI3, config=gguf_config))
