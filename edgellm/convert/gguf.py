@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import EdgeLLMError
 from ..format import QuantizedWeight
 from ..models import gguf_family
+from .sentencepiece import SPM_SPACE, implied_merges
 from .source import ModelSource
 
 # Tensors outside the layers, named alike by every family (the layers' names are each family's GGUFNames)
@@ -423,7 +424,6 @@ def _byte_level_parts(pre: str | None) -> dict:
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}}
 
 
-SPM_SPACE = "\u2581"
 # Gemma's tokenizer: spaces written as U+2581, no prefix space, BPE with unknown bytes spelled <0xNN>
 _SENTENCEPIECE_PARTS = {
     "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE},
@@ -432,17 +432,3 @@ _SENTENCEPIECE_PARTS = {
                                                  {"type": "ByteFallback"}, {"type": "Fuse"}]},
     "model": {"unk_token": "<unk>", "fuse_unk": True, "byte_fallback": True},
 }
-
-
-def implied_merges(tokens: list[str]) -> list[list[str]]:
-    """A sentencepiece BPE vocabulary stores no merges: every token that splits into two tokens is one, ranked by
-    the merged token's place in the vocabulary (Gemma's scores do not follow the merge order; its token order
-    does), and, for one merged token, the split with the longer left part first (transformers' rule)."""
-    index = {tok: i for i, tok in enumerate(tokens)}
-    merges = []
-    for rank, tok in sorted((i, t) for t, i in index.items()):
-        for cut in range(len(tok) - 1, 0, -1):
-            left, right = tok[:cut], tok[cut:]
-            if left in index and right in index:
-                merges.append([left, right])
-    return merges

@@ -119,9 +119,15 @@ class HFSource(ModelSource):
     # --- tokenizer and templates ---------------------------------------------------------------
     def tokenizer_json(self) -> str:
         path = self.folder / "tokenizer.json"
-        if not path.is_file():
-            raise EdgeLLMError(f"{self.folder}: no tokenizer.json (edgellm needs the fast-tokenizer file)")
-        return read_text(path)
+        if path.is_file():
+            return read_text(path)
+        model = self.folder / "tokenizer.model"
+        if model.is_file():  # a sentencepiece model, as remote-code checkpoints often have alone
+            from .sentencepiece import checkpoint_tokenizer
+
+            return json.dumps(checkpoint_tokenizer(model.read_bytes(), str(model), self.tokenizer_config()))
+        raise EdgeLLMError(f"{self.folder}: no tokenizer.json or sentencepiece tokenizer.model (edgellm reads "
+                           "either)")
 
     def tokenizer_config(self) -> dict:
         return read_json(self.folder / "tokenizer_config.json", {})
