@@ -157,3 +157,26 @@ def test_chatglm_layout_matches_its_own_forward_and_glm(tmp_path):
     assert relative_error(own, reference_logits(ref_model, ids)) < 1e-4  # the writer wrote ChatGLM's layout
     assert relative_error(model.logits(ids), own) < 1e-4
     check_parity(ref_model, model)
+
+
+def test_layouts_edgellm_cannot_compute_are_one_clear_error(tmp_path):
+    import pytest
+
+    import edgellm
+    from edgellm.errors import EdgeLLMError
+
+    cases = {
+        "InternLM3ForCausalLM": ({"qkv_bias": True, "bias": True}, "biased MLP and output projections"),
+        "ChatGLMModel": ({"num_layers": 2, "multi_query_attention": True, "multi_query_group_num": 2,
+                          "kv_channels": 16, "ffn_hidden_size": 128, "padded_vocab_size": 512,
+                          "add_bias_linear": True}, "add_bias_linear=True"),
+    }
+    for architecture, (extra, message) in cases.items():
+        folder = tmp_path / architecture
+        folder.mkdir()
+        config = {"architectures": [architecture], "hidden_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 512, **extra}
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(EdgeLLMError, match=message):
+            edgellm.convert(folder, tmp_path / f"{architecture}-bundle", progress=False)
+        assert not (tmp_path / f"{architecture}-bundle").exists()
