@@ -78,6 +78,8 @@ TEXT_MODELS = {
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(pad_token_id=None, no_rope_layer_interval=2), 13),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=6.0, attention_multiplier=0.2,
                                                             residual_multiplier=0.4, logits_scaling=4.0), 10),
+    # the first Gemma: 1 + w norms, sqrt(hidden) embeddings, GELU gate; multi-query attention as the 2B's
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16, num_key_value_heads=1), 17),
     # alternating 8-token windows and full layers; both soft-capping steps within reach of random logits
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                                                          attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 9),
@@ -151,13 +153,16 @@ def reference_logits(model, ids) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def reference_greedy(model, ids, n: int) -> list[int]:
+def reference_greedy(model, ids, n: int, stop_at_eos: bool = False) -> list[int]:
+    """transformers' n greedy tokens (EOS suppressed), or, with stop_at_eos, those before its EOS."""
     import torch
 
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             min_new_tokens=0 if stop_at_eos else n, pad_token_id=0)
+    tokens = out[0, len(ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    return tokens[: tokens.index(eos)] if stop_at_eos and eos in tokens else tokens
 
 
 def check_image_logits(model, model_hf, ref: dict, messages, images, other_image) -> None:

@@ -32,9 +32,9 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, folder, path, arch: str, qtype) -> None:
+def write_gguf(model, folder, path, arch: str, qtype, gguf_arch: str | None = None) -> None:
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), text_family(arch).gguf.architecture)
+    w = gguf.GGUFWriter(str(path), gguf_arch or text_family(arch).gguf.architecture)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -98,10 +98,10 @@ def write_gguf(model, folder, path, arch: str, qtype) -> None:
         if name == "lm_head.weight" and cfg.tie_word_embeddings:  # llama.cpp writes a tied head once, as token_embd
             continue
         data = tensor.float().numpy()
-        if arch in ("llama", "granite", "minicpm") and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch in ("llama", "granite", "minicpm", "smollm3") and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             data = llama_cpp_permute(data, heads)
-        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # Gemma's (1 + w): llama.cpp stores 1 + w
+        if arch in ("gemma", "gemma2", "gemma3") and name.endswith("norm.weight"):  # llama.cpp stores 1 + w
             data = data + 1
         if data.ndim == 2:
             w.add_tensor(gguf_name(name, arch), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
@@ -172,6 +172,12 @@ def test_tied_embedding_is_stored_once(tmp_path, monkeypatch, arch, qtype, share
 def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     ref_model, folder = tiny(arch)
     config = ref_model.config
+    if arch == "smollm3":  # llama.cpp's layers without rotary: every fourth (here: none of the two)
+        config = copy.deepcopy(ref_model.config)
+        config.no_rope_layer_interval = 4
+        config.no_rope_layers = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+        ref_model = type(ref_model)(config).eval()
+        ref_model.load_state_dict(tiny(arch)[0].state_dict())
     if arch in ("gemma2", "gemma3"):  # what a GGUF can say: the query scale llama.cpp implies, soft-caps it stores
         config = copy.deepcopy(ref_model.config)
         config.query_pre_attn_scalar, config.final_logit_softcapping = config.head_dim, 3.0
@@ -199,10 +205,21 @@ def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
         err = relative_error(kept.logits(ids), ref)
         assert err < DEQUANTIZED_BOUND[level], f"{arch} w8 at accuracy level {level}: {err:.2e}"
     # and so is the embedding table, as its own codes and scales (Gemma's sqrt(hidden) carried by the scales)
-    scale = np.float32(config.hidden_size ** 0.5 if arch in ("gemma2", "gemma3") else
+    scale = np.float32(config.hidden_size ** 0.5 if arch in ("gemma", "gemma2", "gemma3") else
                        getattr(config, "embedding_multiplier", 1.0))
     table = dequantized.model.embed_tokens.weight.detach().numpy() * scale
     np.testing.assert_allclose(kept.engine.embed(ids), table[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_internlm2_files_read_as_the_llama_they_hold(tiny, tmp_path):
+    """llama.cpp writes InternLM2 as a Llama (q, k, v cut out of wqkv, rows permuted) under `internlm2`."""
+    ref_model, folder = tiny("llama")
+    path = tmp_path / "internlm2.gguf"
+    write_gguf(ref_model, folder, path, "llama", gguf.GGMLQuantizationType.Q8_0, gguf_arch="internlm2")
+    model = edgellm.load(edgellm.convert(path, tmp_path / "bundle", quantize="f32", seq_length=64, progress=False))
+    ids = model.tokenizer.encode(CORPUS.read_text()[:400])[:40]
+    ref = reference_logits(dequantized_copy(ref_model, gguf.GGMLQuantizationType.Q8_0), ids)
+    assert relative_error(model.logits(ids), ref) < 1e-4
 
 
 def test_reblock_rounds_small_gguf_blocks_again_to_the_group_size(tiny, tmp_path):

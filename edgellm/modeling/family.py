@@ -36,6 +36,7 @@ class GGUFNames:
     config: Callable[[dict, dict], dict] = _no_config  # (GGUF metadata, config read so far) -> more config keys
     tensor: Callable[[str, Any, dict], Any] = _as_read  # (Hugging Face name, tensor, config) -> tensor
     merges_by_rank: bool = False  # a sentencepiece vocabulary whose BPE merges follow the token order
+    also: tuple[str, ...] = ()  # other `general.architecture` values stored the same way
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def family_table() -> str:
         if text and f.layouts:
             sources += f"; remote-code layout: {', '.join(f.layouts)}"
         if text and f.gguf:
-            sources += f"; GGUF `{f.gguf.architecture}`"
+            sources += "; GGUF " + ", ".join(f"`{a}`" for a in (f.gguf.architecture, *f.gguf.also))
         rows.append((f.name, "text" if text else "vision-language", ", ".join(f.architectures), sources))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -81,7 +81,8 @@ def family_table() -> str:
 
 def gguf_family(architecture: str) -> TextFamily:
     """The text family whose GGUF files have `general.architecture` == `architecture`."""
-    readable = {f.gguf.architecture: f for f in families() if isinstance(f, TextFamily) and f.gguf}
+    readable = {a: f for f in families() if isinstance(f, TextFamily) and f.gguf
+                for a in (f.gguf.architecture, *f.gguf.also)}
     if architecture not in readable:
         raise EdgeLLMError(f"unknown GGUF architecture {architecture!r}; edgellm reads: {', '.join(readable)}")
     return readable[architecture]

@@ -68,5 +68,6 @@ def internlm2_layout(source: ModelSource) -> ModelSource:
 FAMILY = TextFamily(name="llama", title="Llama 2/3, SmolLM2, Mistral, InternLM2/3",
                     architectures=("LlamaForCausalLM", "MistralForCausalLM", "InternLM3ForCausalLM",
                                    "InternLM2ForCausalLM"), model_args=ModelArgs, model=Model,
-                    gguf=GGUFNames("llama", GGUF_LAYERS, tensor=unpermute_rotary_rows),
+                    # llama.cpp writes InternLM2 as a Llama (wqkv cut, q/k rows permuted) under its own name
+                    gguf=GGUFNames("llama", GGUF_LAYERS, tensor=unpermute_rotary_rows, also=("internlm2",)),
                     layouts={"InternLM2ForCausalLM": internlm2_layout})

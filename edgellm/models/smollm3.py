@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..modeling import decoder
-from ..modeling.family import TextFamily
+from ..modeling.family import GGUFNames, TextFamily
+from .llama import GGUF_LAYERS, unpermute_rotary_rows
 
 
 @dataclass
@@ -27,5 +28,11 @@ class Model(decoder.Model):
         return bool(self.args.rope_layers[i])
 
 
+def gguf_config(meta: dict, config: dict) -> dict:
+    """llama.cpp stores no key for the layers without rotary: every fourth, always."""
+    return {"no_rope_layer_interval": 4}
+
+
 FAMILY = TextFamily(name="smollm3", title="SmolLM3", architectures=("SmolLM3ForCausalLM",), model_args=ModelArgs,
-                    model=Model)
+                    model=Model, gguf=GGUFNames("smollm3", GGUF_LAYERS, config=gguf_config,
+                                                tensor=unpermute_rotary_rows))
