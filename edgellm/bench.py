@@ -46,6 +46,25 @@ def bench(model, prompt_lengths: list[int], decode_tokens: int = 128, repeats: i
     return rows
 
 
+def bench_sampling(model, draws: int = 200) -> str:
+    """What drawing one token costs through the bundle's sampling head and through the Python sampler, on one row of
+    the model's logits (temperature 0.8, top-k 40, top-p 0.95, repetition penalty 1.1 over 64 tokens of history)."""
+    from .runtime.sampling import Sampler, SamplingParams
+
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=0)
+    logits = model.logits(list(range(10, 26)))[-1]
+    history = list(range(100, 164))
+    times = {}
+    for name, sampler in (("python", Sampler(params)), ("head", model.sampler(params))):
+        sampler(logits, history)  # the first call opens the head's session
+        started = time.perf_counter()
+        for _ in range(draws):
+            sampler(logits, history)
+        times[name] = (time.perf_counter() - started) / draws * 1000
+    return (f"sampling one token over {logits.shape[0]} logits: head {times['head']:.3f} ms, "
+            f"Python sampler {times['python']:.3f} ms")
+
+
 def bench_vision(model, decode_tokens: int = 32, repeats: int = 3) -> str:
     """Rows for 1 image, 4 images and a video (when PyAV is installed), like the vendor demos' tables: one
     448x448 picture (InternVL: one tile) per image, encoded afresh each run (the embedding cache is cleared)."""

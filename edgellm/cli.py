@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-cache", default="f32", choices=["f32", "int8"],
                    help="KV cache precision: int8 reads a quarter of the bytes per token at long contexts, with "
                         "scales calibrated at conversion (which then runs the model once); default f32")
+    c.add_argument("--lora", default=None, metavar="ADAPTER",
+                   help="a PEFT LoRA adapter folder, merged into the weights before they are rounded")
+    c.add_argument("--do-sample", action="store_true",
+                   help="add the sampling head graph (penalty, temperature, top-k up to 64, top-p, min-p): sampled "
+                        "answers draw from its candidates, so on an accelerator only those leave the device")
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
     c.add_argument("--vision-quantize", default=None, choices=WEIGHT_MODES,
@@ -279,7 +284,7 @@ def cmd_convert(args) -> None:
             chunk_length=args.chunk_length, symmetric=args.symmetric, lm_head=args.lm_head,
             accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,
             max_pixels=args.max_pixels, static_vit=args.static_vit, reblock=args.reblock,
-            kv_cache=args.kv_cache)
+            kv_cache=args.kv_cache, lora=args.lora, do_sample=args.do_sample)
 
 
 def _prompt_of(args) -> str:
@@ -433,6 +438,10 @@ def cmd_bench(args) -> None:
         from .bench import bench_vision
 
         print(bench_vision(model, min(args.decode_tokens, 32), args.repeats))
+    if "sampling_head" in model.manifest.graphs:
+        from .bench import bench_sampling
+
+        print(bench_sampling(model))
     if args.prompt_lookup:
         from .bench import bench_lookup
 

@@ -112,7 +112,7 @@ class _Reblocked(_PassThrough):
 def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int | None, seq_length: int | None,
             chunk_length: int, symmetric: bool | None, lm_head: str | None, accuracy_level: int, force: bool,
             progress: bool, vision_quantize: str | None, max_pixels: int | tuple[int, int] | None, static_vit: bool,
-            reblock: bool, kv_cache: str) -> Path:
+            reblock: bool, kv_cache: str, lora: str | Path | None = None, do_sample: bool = False) -> Path:
     """edgellm.convert, which documents the options and their defaults (None: the default for the source)."""
     if Path(src).suffix.lower() == ".gguf":
         check_gguf_options(quantize, group_size, symmetric, lm_head, reblock)
@@ -135,6 +135,10 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     out = Path(out)
     check_output(out, force)  # before any work
     checkpoint = source = open_source(src)
+    if lora is not None:  # merged under the checkpoint's own names, before a layout cuts fused tensors
+        from .lora import LoRASource
+
+        checkpoint = source = LoRASource(source, lora)
     if quantize == "auto":
         quantize = auto_precision(source.block_types())
     vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
@@ -201,6 +205,11 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
                                           stored_blocks(stage / DECODER_FILE, g.nbits_weights.get("lm_head")),
                                           model.embedding_multiplier)
             bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
+        if do_sample:
+            from .sampling_head import SAMPLING_HEAD_FILE, build_sampling_head
+
+            save_graph(build_sampling_head(model.shape().vocab_size), stage / SAMPLING_HEAD_FILE)
+            graphs["sampling_head"] = SAMPLING_HEAD_FILE
         if kv_cache == "int8":
             extension_for = family.processor(parts.settings.to_json()).decoder_extension if parts else None
             int8_cache(stage, embeddings_entry, tokenizer_json, seq_length, chunk_length, extension_for, progress)
@@ -213,7 +222,8 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
         (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         manifest = Manifest(
             created_by=f"edgellm {__version__}", architecture=architecture, family=text_family,
-            source={"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf"},
+            source={"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf",
+                    **({"adapter": checkpoint.adapter} if lora is not None else {})},
             model=model.shape(), seq_length=seq_length, chunk_length=chunk_length,
             quantization=Quantization(quantize, group_size, symmetric, lm_head, accuracy_level, g.matmul_formats,
                                       kv_cache),

@@ -15,11 +15,11 @@ import numpy as np
 from ..errors import EdgeLLMError
 from ..format import VISION_GRAPH, open_bundle
 from .chat import ChatTemplate, check_messages, message_texts, user_content
-from .engine import Engine, check_device
+from .engine import PROVIDERS, Engine, check_device, open_session, session_options
 from .lookup import prompt_lookup
 from .memory import check_fits
 from .prompt_cache import CachedSequence
-from .sampling import Sampler, SamplingParams
+from .sampling import HeadSampler, Sampler, SamplingParams
 from .constraints import JsonConstraint, grammar_tokenizer, schema_of
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 from .tools import Tools, tools_of
@@ -172,6 +172,7 @@ class Model:
             background.shutdown(wait=True)
         if verified:
             verified.result()
+        self.device, self._sampling_head = device, None
         self.load_s = time.perf_counter() - started
         self.last_result: GenerationResult | None = None
         self.prompt_cache = None  # a PromptCache that stream() starts from and adds each finished sequence to
@@ -179,6 +180,17 @@ class Model:
     @property
     def seq_length(self) -> int:
         return self.engine.seq_length
+
+    def sampler(self, params: SamplingParams) -> Sampler:
+        """The sampler of `params`: a sampled answer of a bundle with a sampling head (--do-sample) draws from the
+        head's candidates, computed by its graph on the decoder's device."""
+        head = self.manifest.graphs.get("sampling_head")
+        if head is None or params.temperature <= 0:
+            return Sampler(params)
+        if self._sampling_head is None:
+            self._sampling_head = open_session(self.bundle.file(head), session_options(1, False),
+                                               PROVIDERS[self.device])
+        return HeadSampler(params, self._sampling_head)
 
     # --- prompts -------------------------------------------------------------------------------
     def prompt_ids(self, prompt_or_messages, raw: bool = False, images=None, videos=None,
@@ -303,7 +315,7 @@ class Model:
         started = time.perf_counter() if started is None else started
         if max_new_tokens < 0:
             raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        sampler = self.sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         tools = tools if isinstance(tools, Tools) else self.tool_spec(tools, tool_choice)
         prompt = self.prepare(prompt_or_messages, raw, images, videos, frames, tools=tools)
         grammar = tools.grammar(self.tokenizer.token_to_id) if tools is not None else None

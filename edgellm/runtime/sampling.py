@@ -121,3 +121,28 @@ class Sampler:
             tokens = np.delete(tokens, at[0])
             probs = probs / probs.sum()
         return self._draw(tokens, probs)
+
+
+class HeadSampler(Sampler):
+    """A Sampler whose distribution comes from a bundle's sampling head graph (convert.sampling_head): the same
+    steps as Sampler.distribution, top_k at most the head's width (0: the width), so that only the width's
+    candidates and probabilities leave the device."""
+
+    def __init__(self, params: SamplingParams, session):
+        super().__init__(params)
+        self.session = session
+        self.vocab = session.get_inputs()[0].shape[1]
+
+    def distribution(self, logits: np.ndarray, previous: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        p = self.params
+        seen = np.zeros((1, self.vocab), np.float32)
+        if previous and p.repetition_penalty != 1.0:
+            seen[0, np.unique(np.asarray(previous, np.int64))] = 1
+        value = lambda v: np.array([v], np.float32)  # noqa: E731
+        probs, ids = self.session.run(["probs", "ids"], {
+            "logits": np.asarray(logits, np.float32).reshape(1, -1), "seen": seen,
+            "repetition_penalty": value(p.repetition_penalty), "temperature": value(p.temperature),
+            "top_p": value(p.top_p), "min_p": value(p.min_p), "top_k": np.array([p.top_k], np.int64)})
+        keep = probs[0] > 0
+        kept = probs[0][keep].astype(np.float64)
+        return ids[0][keep], kept / kept.sum()
