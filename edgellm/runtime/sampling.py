@@ -82,9 +82,11 @@ class Sampler:
         with np.errstate(over="ignore"):
             scaled = self._penalized(logits, previous).astype(np.float64) / p.temperature
         scaled = np.nan_to_num(scaled, nan=-np.inf, posinf=np.finfo(np.float64).max)
-        order = np.argsort(-scaled)
-        if p.top_k > 0:
-            order = order[: p.top_k]
+        if 0 < p.top_k < len(scaled):  # the top k found without sorting the whole vocabulary
+            top = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
+            order = top[np.argsort(-scaled[top], kind="stable")]
+        else:
+            order = np.argsort(-scaled)
         with np.errstate(over="ignore"):  # -max - max: -inf, whose probability is 0
             probs = np.exp(scaled[order] - scaled[order[0]])
         probs /= probs.sum()
