@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--do-sample", action="store_true",
                    help="add the sampling head graph (penalty, temperature, top-k up to 64, top-p, min-p): sampled "
                         "answers draw from its candidates, so on an accelerator only those leave the device")
+    c.add_argument("--encrypt", action="store_true",
+                   help="store graphs, weights and the embedding table encrypted (AES-256-GCM; the cryptography "
+                        "package) under a key from --key-file or $EDGELLM_KEY; loading then needs the same key")
+    c.add_argument("--key-file", default=None, metavar="FILE", help="the key for --encrypt (default: $EDGELLM_KEY)")
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
     c.add_argument("--vision-quantize", default=None, choices=WEIGHT_MODES,
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("-t", "--threads", type=count(1), default=None, help="threads (default: physical cores)")
         q.add_argument("--no-memory-check", dest="check_memory", action="store_false",
                        help="load even when the bundle needs more memory than is free")
+        q.add_argument("--key-file", default=None, metavar="FILE",
+                       help="an encrypted bundle's key (default: $EDGELLM_KEY)")
         if prompt:
             q.add_argument("-n", "--max-new-tokens", type=count(0), default=256)
             q.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the model's)")
@@ -217,7 +223,8 @@ def _load(args, slots: int | None = 1, keep_prompts: bool = False):
 
     from . import load
 
-    model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots)
+    model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots,
+                 key_file=vars(args).get("key_file"))
     print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms", file=sys.stderr)
     folder = vars(args).get("prompt_cache")
     if folder is not None or (keep_prompts and args.cache_mib):
@@ -284,7 +291,8 @@ def cmd_convert(args) -> None:
             chunk_length=args.chunk_length, symmetric=args.symmetric, lm_head=args.lm_head,
             accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,
             max_pixels=args.max_pixels, static_vit=args.static_vit, reblock=args.reblock,
-            kv_cache=args.kv_cache, lora=args.lora, do_sample=args.do_sample)
+            kv_cache=args.kv_cache, lora=args.lora, do_sample=args.do_sample, encrypt=args.encrypt,
+            key_file=args.key_file)
 
 
 def _prompt_of(args) -> str:
@@ -452,7 +460,7 @@ def cmd_bench(args) -> None:
         from . import load
 
         with tempfile.TemporaryDirectory() as tmp:
-            profiled = load(args.bundle, device=args.device, threads=args.threads, verify=False,
+            profiled = load(args.bundle, device=args.device, threads=args.threads, verify=False, key_file=args.key_file,
                             profile_prefix=os.path.join(tmp, "ort"))
             # after the longest prompt: attention's share grows with the context
             print(profile_decode(profiled, prompt_tokens=max(1, min(max(lengths, default=64),

@@ -64,12 +64,12 @@ def test_manifest_reads_and_writes_the_same_json(data):
 def test_a_damaged_or_newer_manifest_is_refused_clearly():
     with pytest.raises(EdgeLLMError, match="corrupt manifest .*'model'.*reconvert"):
         Manifest.from_json({k: v for k, v in VERSION_1.items() if k != "model"})
-    with pytest.raises(EdgeLLMError, match="v0 is not edgellm-bundle v1/2/3; reconvert the model"):
+    with pytest.raises(EdgeLLMError, match="v0 is not edgellm-bundle v1/2/3/4; reconvert the model"):
         Manifest.from_json({**VERSION_1, "format_version": 0})
     # a bundle from a newer edgellm: upgrading is the fix, not reconverting
-    with pytest.raises(EdgeLLMError, match=r"format v4, written by a newer edgellm \(edgellm 9\.0\); this one reads "
-                                           r"up to v3: upgrade edgellm \(pip install -U edgellm\)"):
-        Manifest.from_json({**VERSION_1, "format_version": 4, "created_by": "edgellm 9.0"})
+    with pytest.raises(EdgeLLMError, match=r"format v5, written by a newer edgellm \(edgellm 9\.0\); this one reads "
+                                           r"up to v4: upgrade edgellm \(pip install -U edgellm\)"):
+        Manifest.from_json({**VERSION_1, "format_version": 5, "created_by": "edgellm 9.0"})
     with pytest.raises(EdgeLLMError, match="is not edgellm-bundle"):
         Manifest.from_json(["not", "a", "manifest"])
 

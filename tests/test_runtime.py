@@ -159,12 +159,12 @@ def test_bundle_format_versions(bundle, tmp_path):
     shutil.copytree(bundle("llama", "f32"), copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["format_version"] == 3
-    for version, opens in [(1, True), (2, True), (4, False)]:
+    for version, opens in [(1, True), (2, True), (5, False)]:
         (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
         if opens:
             assert edgellm.load(copy).engine.embed([1, 2]).shape == (2, manifest["model"]["hidden_size"])
         else:
-            with pytest.raises(EdgeLLMError, match=r"format v4, written by a newer edgellm .* upgrade edgellm"):
+            with pytest.raises(EdgeLLMError, match=r"format v5, written by a newer edgellm .* upgrade edgellm"):
                 edgellm.load(copy)
 
 

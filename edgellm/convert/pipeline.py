@@ -17,6 +17,7 @@ from ..format.blocks import QuantizedWeight
 from ..format import (DECODER_GRAPH, MANIFEST, VISION_GRAPH, EmbeddingsEntry, EmbeddingTable, Manifest, Quantization,
                       Tokens, VisionSection, check_output, save_table, staging_folder, write_manifest)
 from ..modeling.family import TextFamily, VisionOptions
+from ..format import encryption
 from ..models import families, family_for
 from ..vision.processor import MediaTokens
 from .graph import DataFile, GraphBuilder, WeightPolicy
@@ -112,7 +113,8 @@ class _Reblocked(_PassThrough):
 def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int | None, seq_length: int | None,
             chunk_length: int, symmetric: bool | None, lm_head: str | None, accuracy_level: int, force: bool,
             progress: bool, vision_quantize: str | None, max_pixels: int | tuple[int, int] | None, static_vit: bool,
-            reblock: bool, kv_cache: str, lora: str | Path | None = None, do_sample: bool = False) -> Path:
+            reblock: bool, kv_cache: str, lora: str | Path | None = None, do_sample: bool = False,
+            encrypt: bool = False, key: bytes | str | None = None, key_file: str | Path | None = None) -> Path:
     """edgellm.convert, which documents the options and their defaults (None: the default for the source)."""
     if Path(src).suffix.lower() == ".gguf":
         check_gguf_options(quantize, group_size, symmetric, lm_head, reblock)
@@ -134,6 +136,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     started = time.perf_counter()
     out = Path(out)
     check_output(out, force)  # before any work
+    material = encryption.key_material(key, key_file) if encrypt else None
     checkpoint = source = open_source(src)
     if lora is not None:  # merged under the checkpoint's own names, before a layout cuts fused tensors
         from .lora import LoRASource
@@ -220,6 +223,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
         generation = dict(source.generation_config())
         generation.setdefault("eos_token_id", tokens["eos_token_ids"])
         (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        sealed = encrypt_files(stage, material) if encrypt else None
         manifest = Manifest(
             created_by=f"edgellm {__version__}", architecture=architecture, family=text_family,
             source={"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf",
@@ -228,13 +232,26 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
             quantization=Quantization(quantize, group_size, symmetric, lm_head, accuracy_level, g.matmul_formats,
                                       kv_cache),
             tokens=Tokens(**tokens), graphs=graphs, embeddings=embeddings_entry,
-            vision=VisionSection(family.name, parts.settings.to_json(), vision_quantize) if parts else None)
+            vision=VisionSection(family.name, parts.settings.to_json(), vision_quantize) if parts else None,
+            encryption=sealed)
         write_manifest(stage, manifest)
     if progress:
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
         tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(quantize, g.matmul_formats, kv_cache)}) in "
                    f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return out
+
+
+def encrypt_files(stage: Path, material: bytes) -> dict:
+    """--encrypt: the graphs, their data files and the embedding table sealed with a key derived from `material`
+    and a fresh salt; the tokenizer, templates and manifest stay readable. Returns the manifest's section."""
+    salt = encryption.new_salt()
+    key = encryption.derive_key(material, salt)
+    names = sorted(p.name for p in stage.iterdir() if p.name.endswith((".onnx", ".onnx.data", ".npy")))
+    for name in names:
+        encryption.encrypt_file(stage / name, key)
+    return {"cipher": encryption.CIPHER, "kdf": encryption.KDF, "salt": salt.hex(),
+            "check": encryption.key_check(key), "files": names}
 
 
 def auto_precision(block_types: set[str]) -> str:

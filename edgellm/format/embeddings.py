@@ -11,6 +11,7 @@ on small models.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -121,12 +122,18 @@ class RowPieces:
 _PREAD = hasattr(os, "preadv")  # Windows has none: a memory map serves the rows there
 
 
-def _rows(folder: Path, part):
+def _rows(folder: Path, part, read=None):
     """Row reader for a part of the table (a TablePart: a .npy file's name, an array inside another file, or a
-    list of those, one per row piece)."""
+    list of those, one per row piece). `read(name)`: a file's bytes in memory (an encrypted bundle's, decrypted),
+    instead of reading rows from disk."""
     if isinstance(part, list):
-        return _rows(folder, part[0]) if len(part) == 1 else RowPieces([_rows(folder, p) for p in part])
+        return _rows(folder, part[0], read) if len(part) == 1 else RowPieces([_rows(folder, p, read) for p in part])
     where = None if isinstance(part, str) else part
+    if read is not None:
+        if where is None:
+            return np.load(io.BytesIO(read(part)))
+        return np.frombuffer(read(where.file), np.dtype(where.dtype), int(np.prod(where.shape)),
+                             int(where.offset)).reshape(tuple(where.shape))
     path = folder / (part if where is None else where.file)
     if _PREAD:
         return RowFile(path, where)
@@ -138,13 +145,14 @@ def _rows(folder: Path, part):
 class EmbeddingTable:
     """table[ids] -> float32 [len(ids), hidden], for the bundle folder `folder` whose manifest holds `entry`."""
 
-    def __init__(self, folder: Path, entry: EmbeddingsEntry):
+    def __init__(self, folder: Path, entry: EmbeddingsEntry, read=None):
+        """`read(name)`: the files' bytes, for a table held in memory (an encrypted bundle's)."""
         if entry.values is not None:  # float rows
-            self.values, self.parts = _rows(folder, entry.values), None
+            self.values, self.parts = _rows(folder, entry.values, read), None
             self.shape = self.values.shape
             return
-        self.codes = _rows(folder, entry.codes)
-        self.parts = {name: _rows(folder, part) for name, part in entry.block_parts().items()}
+        self.codes = _rows(folder, entry.codes, read)
+        self.parts = {name: _rows(folder, part, read) for name, part in entry.block_parts().items()}
         self.k = int(entry.k)
         self.midpoint = np.float32(1 << (int(entry.bits) - 1))  # the zero point when none is stored
         self.packed = entry.packed  # 4-bit codes two per byte

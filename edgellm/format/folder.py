@@ -12,9 +12,10 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import EdgeLLMError
+from . import encryption
 from .manifest import MANIFEST, FileEntry, Manifest
 
 
@@ -104,9 +105,37 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 class Bundle:
     path: Path
     manifest: Manifest
+    key: bytes | None = field(default=None, repr=False)  # an encrypted bundle's key, once unlock() derived it
+    _plain: dict = field(default_factory=dict, repr=False)  # decrypted files, read once, shared by their readers
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    @property
+    def encrypted(self) -> bool:
+        return self.manifest.encryption is not None
+
+    def unlock(self, material: bytes) -> None:
+        """Derive an encrypted bundle's key from the user's key material; a wrong one is refused here."""
+        e = self.manifest.encryption
+        key = encryption.derive_key(material, bytes.fromhex(e["salt"]), e["kdf"])
+        if encryption.key_check(key) != e["check"]:
+            raise EdgeLLMError(f"{self.path}: wrong key for this encrypted bundle")
+        self.key = key
+
+    def is_encrypted(self, name: str) -> bool:
+        return self.encrypted and name in self.manifest.encryption["files"]
+
+    def read(self, name: str) -> bytes | bytearray:
+        """A file's contents, decrypted in memory if the bundle is encrypted (and kept: the graph's session and the
+        embedding table may both read one file)."""
+        if not self.is_encrypted(name):
+            return self.file(name).read_bytes()
+        if self.key is None:
+            raise EdgeLLMError(f"{self.path}: the bundle is encrypted and was opened without its key")
+        if name not in self._plain:
+            self._plain[name] = encryption.decrypt_file(self.file(name), self.key)
+        return self._plain[name]
 
     def json(self, name: str) -> dict:
         path = self.file(name)

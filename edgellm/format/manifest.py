@@ -14,7 +14,8 @@ from ..errors import EdgeLLMError
 FORMAT = "edgellm-bundle"
 # 2: the embedding table may be a tied lm_head's blocks inside the graph's data file; 3: the KV cache may be int8
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, FORMAT_VERSION)  # what the runtime opens: older versions lack only what came later
+ENCRYPTED_VERSION = 4  # an encrypted bundle (which an edgellm that reads up to v3 must refuse, not misread)
+READABLE_VERSIONS = (1, 2, FORMAT_VERSION, ENCRYPTED_VERSION)  # older versions lack only what came later
 MANIFEST = "manifest.json"
 
 
@@ -210,6 +211,8 @@ class Manifest:
     created_by: str = ""
     files: dict[str, FileEntry] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # {"cipher", "kdf": {...}, "salt": hex, "files": [names]} of an encrypted bundle (format.encryption)
+    encryption: dict | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -223,6 +226,8 @@ class Manifest:
                 "embeddings": self.embeddings.to_json()}
         if self.vision is not None:
             data["vision"] = self.vision.to_json()
+        if self.encryption is not None:
+            data["format_version"], data["encryption"] = ENCRYPTED_VERSION, self.encryption
         data["files"] = {name: entry.to_json() for name, entry in self.files.items()}
         return data
 
@@ -230,10 +235,10 @@ class Manifest:
     def from_json(cls, data: dict, where: str = MANIFEST) -> "Manifest":
         version = data.get("format_version") if isinstance(data, dict) else None
         if version is not None and data.get("format") == FORMAT and isinstance(version, int) \
-                and version > FORMAT_VERSION:
+                and version > ENCRYPTED_VERSION:
             raise EdgeLLMError(f"{where}: this bundle is format v{version}, written by a newer edgellm "
                                f"({data.get('created_by') or 'unknown version'}); this one reads up to "
-                               f"v{FORMAT_VERSION}: upgrade edgellm (pip install -U edgellm)")
+                               f"v{ENCRYPTED_VERSION}: upgrade edgellm (pip install -U edgellm)")
         if not isinstance(data, dict) or data.get("format") != FORMAT or version not in READABLE_VERSIONS:
             found = data if not isinstance(data, dict) else f"{data.get('format')!r} v{data.get('format_version')}"
             raise EdgeLLMError(f"{where}: bundle format {found} is not {FORMAT} "
@@ -248,6 +253,6 @@ class Manifest:
                        vision=VisionSection.from_json(data["vision"]) if "vision" in data else None,
                        source=data.get("source", {}), created_by=data.get("created_by", ""),
                        files={name: FileEntry(**_known(FileEntry, info)) for name, info in data["files"].items()},
-                       format_version=data["format_version"])
+                       format_version=data["format_version"], encryption=data.get("encryption"))
         except (KeyError, TypeError, ValueError) as e:
             raise EdgeLLMError(f"{where}: corrupt manifest ({type(e).__name__}: {e}); reconvert the model") from None

@@ -62,6 +62,21 @@ def open_session(path, options: ort.SessionOptions, providers: list[str]) -> ort
         raise EdgeLLMError(f"{path}: ONNX Runtime could not load the graph ({e})") from e
 
 
+def open_graph(bundle: Bundle, name: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """A session of the bundle's graph file `name`; an encrypted bundle's graph and its data file are decrypted into
+    memory and handed to ONNX Runtime from there (nothing decrypted is written anywhere)."""
+    if not bundle.is_encrypted(name):
+        return open_session(bundle.file(name), options, providers)
+    data = [f for f in bundle.manifest.files if f == f"{name}.data"]
+    buffers = [np.frombuffer(bundle.read(f), np.uint8) for f in data]
+    if data:
+        options.add_external_initializers_from_files_in_memory(data, buffers, [b.nbytes for b in buffers])
+    try:
+        return ort.InferenceSession(bytes(bundle.read(name)), options, providers=providers)
+    except Exception as e:
+        raise EdgeLLMError(f"{bundle.file(name)}: ONNX Runtime could not load the graph ({e})") from e
+
+
 def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """A zeroed array whose memory becomes resident page by page as it is written: the KV cache costs
     what the conversation fills, not the bundle's whole length. (numpy asks for transparent huge pages on large
@@ -118,7 +133,8 @@ class Engine:
         self.seq_length = bundle.manifest.seq_length
         self.chunk_length = bundle.manifest.chunk_length
         decoder = bundle.file(bundle.manifest.graphs[DECODER_GRAPH])
-        self.session = open_session(decoder, session_options(threads, spinning, profile_prefix), PROVIDERS[device])
+        self.session = open_graph(bundle, decoder.name, session_options(threads, spinning, profile_prefix),
+                                  PROVIDERS[device])
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.batched = not isinstance(inputs["inputs_embeds"][0], int)
         can_batch = self.batched and device != "openvino"
@@ -135,7 +151,8 @@ class Engine:
 
             self.openvino = CompiledGraph(decoder, threads or default_threads())
             self.chunk_length = max(self.chunk_length, OPENVINO_CHUNK)
-        self.embeddings = EmbeddingTable(bundle.path, bundle.manifest.embeddings)
+        self.embeddings = EmbeddingTable(bundle.path, bundle.manifest.embeddings,
+                                         bundle.read if bundle.encrypted else None)
         self.layers, self.vocab_size = m.num_hidden_layers, m.vocab_size
         self.kv = lazy_zeros((self.layers, 2, slots, m.num_key_value_heads, self.seq_length, m.head_dim),
                              bundle.manifest.quantization.kv_dtype)

@@ -14,8 +14,9 @@ import numpy as np
 
 from ..errors import EdgeLLMError
 from ..format import VISION_GRAPH, open_bundle
+from ..format.encryption import key_material
 from .chat import ChatTemplate, check_messages, message_texts, user_content
-from .engine import PROVIDERS, Engine, check_device, open_session, session_options
+from .engine import PROVIDERS, Engine, check_device, open_graph, session_options
 from .lookup import prompt_lookup
 from .memory import check_fits
 from .prompt_cache import CachedSequence
@@ -131,12 +132,18 @@ class Generation:
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
                  spinning: bool = True, profile_prefix: str | None = None, check_memory: bool = True,
-                 slots: int | None = 1):
+                 slots: int | None = 1, key: bytes | str | None = None, key_file: str | Path | None = None):
         """slots: sequences the KV cache holds, which decode together in a server (None: as many as
-        memory.default_slots finds room for, where the decoder can batch; else 1)."""
+        memory.default_slots finds room for, where the decoder can batch; else 1). key / key_file: an encrypted
+        bundle's key (else $EDGELLM_KEY)."""
         started = time.perf_counter()
         check_device(device)
         self.bundle = open_bundle(path, verify=False)
+        if self.bundle.encrypted:
+            if device == "openvino":
+                raise EdgeLLMError("device openvino reads graphs from files, and this bundle's are encrypted; use "
+                                   "device cpu (or cuda)")
+            self.bundle.unlock(key_material(key, key_file))
         if slots is not None and slots < 1:
             raise EdgeLLMError(f"slots must be 1 or more, got {slots}")
         if check_memory:
@@ -188,8 +195,7 @@ class Model:
         if head is None or params.temperature <= 0:
             return Sampler(params)
         if self._sampling_head is None:
-            self._sampling_head = open_session(self.bundle.file(head), session_options(1, False),
-                                               PROVIDERS[self.device])
+            self._sampling_head = open_graph(self.bundle, head, session_options(1, False), PROVIDERS[self.device])
         return HeadSampler(params, self._sampling_head)
 
     # --- prompts -------------------------------------------------------------------------------

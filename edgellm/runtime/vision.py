@@ -22,7 +22,7 @@ from ..format import VISION_GRAPH, Bundle
 from ..models import vision_family
 from ..vision.media import Media
 from ..vision.processor import Processor
-from .engine import PROVIDERS, default_threads, open_session, session_options
+from .engine import PROVIDERS, default_threads, open_graph, session_options
 
 
 def processor_for(bundle: Bundle) -> Processor:
@@ -33,8 +33,8 @@ def processor_for(bundle: Bundle) -> Processor:
 class _OrtGraph:
     """An ONNX Runtime session with OpenVINO's CompiledGraph interface: run(feed) -> {output name: array}."""
 
-    def __init__(self, path, options: ort.SessionOptions, providers: list[str]):
-        self.session = open_session(path, options, providers)
+    def __init__(self, bundle: Bundle, name: str, options: ort.SessionOptions, providers: list[str]):
+        self.session = open_graph(bundle, name, options, providers)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -52,7 +52,7 @@ class VisionEncoder:
 
             self.graph = CompiledGraph(path, threads or default_threads())
         else:
-            self.graph = _OrtGraph(path, session_options(threads, spinning), PROVIDERS[device])
+            self.graph = _OrtGraph(bundle, path.name, session_options(threads, spinning), PROVIDERS[device])
         self.outputs = self.graph.outputs
         self.cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.cache_items = cache_items
