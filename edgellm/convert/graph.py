@@ -109,7 +109,9 @@ class GraphBuilder:
     def const(self, array: np.ndarray, name: str) -> str:
         name = self._fresh(name)
         array = np.asarray(array)  # (np.ascontiguousarray would turn a scalar into a 1-element vector)
-        if self.data is not None and self.data.wants(array):
+        # rotary tables are as long as the bundle: kept in the graph, so that bundles of one model at other lengths
+        # write the same data file (--share-weights-with)
+        if self.data is not None and self.data.wants(array) and not name.startswith("rope."):
             self.initializers.append(self.data.write(array, name))
         else:
             self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array) if array.ndim else array,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,9 +16,10 @@ from .. import __version__
 from ..errors import EdgeLLMError
 from ..format.blocks import QuantizedWeight
 from ..format import (DECODER_GRAPH, MANIFEST, VISION_GRAPH, EmbeddingsEntry, EmbeddingTable, Manifest, Quantization,
-                      Tokens, VisionSection, check_output, save_table, staging_folder, write_manifest)
-from ..modeling.family import TextFamily, VisionOptions
+                      Tokens, VisionSection, check_output, file_checksums, open_bundle, save_table, staging_folder,
+                      write_manifest)
 from ..format import encryption
+from ..modeling.family import TextFamily, VisionOptions
 from ..models import families, family_for
 from ..vision.processor import MediaTokens
 from .graph import DataFile, GraphBuilder, WeightPolicy
@@ -114,7 +116,8 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
             chunk_length: int, symmetric: bool | None, lm_head: str | None, accuracy_level: int, force: bool,
             progress: bool, vision_quantize: str | None, max_pixels: int | tuple[int, int] | None, static_vit: bool,
             reblock: bool, kv_cache: str, lora: str | Path | None = None, do_sample: bool = False,
-            encrypt: bool = False, key: bytes | str | None = None, key_file: str | Path | None = None) -> Path:
+            encrypt: bool = False, key: bytes | str | None = None, key_file: str | Path | None = None,
+            share_weights_with: str | Path | None = None) -> Path:
     """edgellm.convert, which documents the options and their defaults (None: the default for the source)."""
     if Path(src).suffix.lower() == ".gguf":
         check_gguf_options(quantize, group_size, symmetric, lm_head, reblock)
@@ -137,6 +140,10 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     out = Path(out)
     check_output(out, force)  # before any work
     material = encryption.key_material(key, key_file) if encrypt else None
+    if share_weights_with is not None:
+        if encrypt:
+            raise EdgeLLMError("--encrypt and --share-weights-with exclude each other (encrypted files never match)")
+        other = open_bundle(share_weights_with, verify=False)
     checkpoint = source = open_source(src)
     if lora is not None:  # merged under the checkpoint's own names, before a layout cuts fused tensors
         from .lora import LoRASource
@@ -224,6 +231,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
         generation.setdefault("eos_token_id", tokens["eos_token_ids"])
         (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         sealed = encrypt_files(stage, material) if encrypt else None
+        shared = share_files(stage, out, other) if share_weights_with is not None else {}
         manifest = Manifest(
             created_by=f"edgellm {__version__}", architecture=architecture, family=text_family,
             source={"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf",
@@ -233,13 +241,39 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
                                       kv_cache),
             tokens=Tokens(**tokens), graphs=graphs, embeddings=embeddings_entry,
             vision=VisionSection(family.name, parts.settings.to_json(), vision_quantize) if parts else None,
-            encryption=sealed)
+            encryption=sealed, shared=shared)
         write_manifest(stage, manifest)
     if progress:
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
         tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(quantize, g.matmul_formats, kv_cache)}) in "
                    f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return out
+
+
+def share_files(stage: Path, out: Path, other) -> dict:
+    """--share-weights-with: each weights file (graph data, embedding table) that is byte for byte the other bundle's
+    becomes a hard link to it: one file on disk, in the page cache and (mapped by ONNX Runtime) in memory for both.
+    (A symbolic link would not do: ONNX Runtime refuses external data that resolves outside the graph's folder.)
+    The decoder's data file must be one of them."""
+    shared = {}
+    for path in sorted(stage.iterdir()):
+        theirs = other.manifest.files.get(path.name)
+        if not path.name.endswith((".onnx.data", ".npy")) or theirs is None or theirs.bytes != path.stat().st_size:
+            continue
+        if file_checksums(path, ("sha256",))["sha256"] != theirs.sha256:
+            continue
+        staged = path.with_name(path.name + ".linking")
+        try:
+            os.link(other.path / path.name, staged)
+        except OSError as e:
+            raise EdgeLLMError(f"cannot link {other.path / path.name} into {out} ({e.strerror}): bundles that share "
+                               "weights must be on one file system") from None
+        os.replace(staged, path)
+        shared[path.name] = os.path.relpath(other.path.resolve() / path.name, out.resolve().parent / out.name)
+    if f"{DECODER_FILE}.data" not in shared:
+        raise EdgeLLMError(f"{out} cannot share its weights with {other.path}: its {DECODER_FILE}.data differs "
+                           "(another model, precision or conversion options; only -s and --chunk-length may differ)")
+    return shared
 
 
 def encrypt_files(stage: Path, material: bytes) -> dict:

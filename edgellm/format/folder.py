@@ -153,6 +153,10 @@ class Bundle:
         for name, info in self.manifest.files.items():
             kind, want = ("crc32", info.crc32) if info.crc32 else ("sha256", info.sha256)
             if file_checksums(self.path / name, (kind,))[kind] != want:
+                if name in self.manifest.shared:
+                    raise EdgeLLMError(f"{self.path / name}: the weights file shared with "
+                                       f"{self.path / self.manifest.shared[name]} changed since this bundle was made; "
+                                       "reconvert it")
                 raise EdgeLLMError(f"{self.path / name}: {kind.upper()} checksum does not match the manifest "
                                    "(corrupt file); reconvert the model")
 
@@ -173,8 +177,14 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for name, info in manifest.files.items():
         file = path / name
         if not file.is_file():
+            if name in manifest.shared:
+                raise EdgeLLMError(f"{path}: the bundle shares {name} with {path / manifest.shared[name]}, which is "
+                                   "missing; keep the bundles side by side, or reconvert without --share-weights-with")
             raise EdgeLLMError(f"{path}: bundle file {name} is missing; reconvert the model")
         size = file.stat().st_size
+        if size != info.bytes and name in manifest.shared:
+            raise EdgeLLMError(f"{file}: the weights file shared with {path / manifest.shared[name]} changed since "
+                               "this bundle was made (its size differs); reconvert it")
         if size != info.bytes:
             raise EdgeLLMError(f"{file}: {size} bytes where the manifest records {info.bytes} "
                                "(truncated or replaced); reconvert the model")

@@ -213,6 +213,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # {"cipher", "kdf": {...}, "salt": hex, "files": [names]} of an encrypted bundle (format.encryption)
     encryption: dict | None = None
+    shared: dict[str, str] = field(default_factory=dict)  # file -> the other bundle's, relative (a link to it)
 
     @property
     def size_bytes(self) -> int:
@@ -228,6 +229,8 @@ class Manifest:
             data["vision"] = self.vision.to_json()
         if self.encryption is not None:
             data["format_version"], data["encryption"] = ENCRYPTED_VERSION, self.encryption
+        if self.shared:
+            data["shared"] = self.shared
         data["files"] = {name: entry.to_json() for name, entry in self.files.items()}
         return data
 
@@ -253,6 +256,7 @@ class Manifest:
                        vision=VisionSection.from_json(data["vision"]) if "vision" in data else None,
                        source=data.get("source", {}), created_by=data.get("created_by", ""),
                        files={name: FileEntry(**_known(FileEntry, info)) for name, info in data["files"].items()},
-                       format_version=data["format_version"], encryption=data.get("encryption"))
+                       format_version=data["format_version"], encryption=data.get("encryption"),
+                       shared=dict(data.get("shared") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise EdgeLLMError(f"{where}: corrupt manifest ({type(e).__name__}: {e}); reconvert the model") from None
