@@ -31,6 +31,7 @@ QUANT_MODES = ("f32", "f16", "w8", "w4")
 # block types (GGUF's, or a pre-quantized checkpoint's) that -q w8 keeps as 8-bit blocks
 EIGHT_BIT_BLOCKS = {"Q8_0", "Q8_1", "Q8_K", "GPTQ 8-bit", "COMPRESSED-TENSORS 8-bit"}
 DECODER_FILE = "decoder.onnx"
+STEP_GRAPH, STEP_FILE = "decoder_step", "decoder_step.onnx"  # --static: the one-token graph beside the chunk one
 LM_HEAD_PIECE_BYTES = 32 << 20  # a larger quantized lm_head is stored in row pieces (see WeightPolicy)
 VISION_FILE = "vision.onnx"
 
@@ -117,7 +118,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
             progress: bool, vision_quantize: str | None, max_pixels: int | tuple[int, int] | None, static_vit: bool,
             reblock: bool, kv_cache: str, lora: str | Path | None = None, do_sample: bool = False,
             encrypt: bool = False, key: bytes | str | None = None, key_file: str | Path | None = None,
-            share_weights_with: str | Path | None = None) -> Path:
+            share_weights_with: str | Path | None = None, static: bool = False) -> Path:
     """edgellm.convert, which documents the options and their defaults (None: the default for the source)."""
     if Path(src).suffix.lower() == ".gguf":
         check_gguf_options(quantize, group_size, symmetric, lm_head, reblock)
@@ -188,6 +189,11 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     if seq_length > max_positions:
         raise EdgeLLMError(f"--seq-length {seq_length} is more than the {max_positions} positions the model "
                            "was trained for (max_position_embeddings in its config)")
+    if static:
+        if parts or kv_cache != "f32":
+            raise EdgeLLMError("--static applies to text models with the float KV cache (not to vision-language "
+                               "models or --kv-cache int8 yet)")
+        model.fixed_rows = (chunk_length, 1)  # the chunk's last row's logits, as prefill needs
     tokenizer_json = compact_merges(source.tokenizer_json())
     tokens = special_tokens(source, tokenizer_json)
     if parts:
@@ -204,6 +210,9 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
             weights = _Progress(_Reblocked(source, group_size, symmetric) if reblock else source, bar)
             model.build(g, weights, seq_length)
             save_graph(g, stage / DECODER_FILE)
+            if static:
+                write_step_graph(stage / DECODER_FILE, stage / STEP_FILE)
+                graphs[STEP_GRAPH] = STEP_FILE
             if parts:
                 vg = GraphBuilder(WeightPolicy(vision_quantize, group_size, symmetric, accuracy_level),
                                   data_file(stage, VISION_FILE))
@@ -248,6 +257,17 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
         tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(quantize, g.matmul_formats, kv_cache)}) in "
                    f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return out
+
+
+def write_step_graph(chunk_graph: Path, step_graph: Path) -> None:
+    """--static: the one-token decoder, which is the chunk decoder with one row where it has a chunk's (no node
+    depends on the row count: reshapes copy it), reading the same data file."""
+    model = onnx.load(chunk_graph, load_external_data=False)
+    axes = {"inputs_embeds": 1, "position_ids": 1, "logits_index": 0, "logits": 1}
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name in axes:
+            value.type.tensor_type.shape.dim[axes[value.name]].dim_value = 1
+    onnx.save_model(model, step_graph)
 
 
 def share_files(stage: Path, out: Path, other) -> dict:

@@ -221,7 +221,8 @@ class Model:
         x, _ = g.add_rms_norm(pick(pending), pick(residual), self.norm_weight(weights, "model.norm.weight"),
                               a.rms_norm_eps, "model.norm")
         logits = self.final_logits(g, g.linear(x, self.lm_head_weight(weights), "lm_head", policy=g.lm_head_policy))
-        g.output("logits", np.float32, [self.batch_dim(), "n_logits", a.vocab_size], value=logits)
+        n_logits = self.fixed_rows[1] if self.fixed_rows else "n_logits"
+        g.output("logits", np.float32, [self.batch_dim(), n_logits, a.vocab_size], value=logits)
 
     def sandwiched(self, g: GraphBuilder, weights, i: int, x: str, residual: str, ctx: dict,
                    norms: tuple[str, str, str]) -> tuple[str, str]:
@@ -250,11 +251,15 @@ class Model:
         x, residual = g.add_rms_norm(attn, residual, self.norm_weight(weights, f"{post}.weight"), a.rms_norm_eps, post)
         return self.mlp(g, weights, f"{prefix}.mlp", x), residual
 
+    # (sequence, n_logits) of a fixed-shape graph (convert --static), or None for dynamic axes
+    fixed_rows: tuple[int, int] | None = None
+
     def batch_dim(self) -> int | str:
         """The decoder's first dimension: "batch" where several sequences can run in one call (continuous batching
         in the server), else 1. A decoder whose positions have several rows, or that takes family inputs (which
-        describe one prompt's media), runs one sequence at a time."""
-        return "batch" if self.position_rows == 1 and type(self).extra_inputs is Model.extra_inputs else 1
+        describe one prompt's media), runs one sequence at a time, as a fixed-shape one does."""
+        can_batch = self.position_rows == 1 and type(self).extra_inputs is Model.extra_inputs
+        return "batch" if can_batch and self.fixed_rows is None else 1
 
     def declare_io(self, g: GraphBuilder, seq_length: int) -> dict:
         """The decoder contract the runtime relies on, shared by every family.
@@ -266,12 +271,13 @@ class Model:
         """
         a, batch = self.args, self.batch_dim()
         rows = "batch" if batch == "batch" else self.position_rows
+        sequence, n_logits = self.fixed_rows or ("sequence", "n_logits")
         ctx = {
-            "inputs_embeds": g.input("inputs_embeds", np.float32, [batch, "sequence", a.hidden_size]),
-            "position_ids": g.input("position_ids", np.int64, [rows, "sequence"]),
+            "inputs_embeds": g.input("inputs_embeds", np.float32, [batch, sequence, a.hidden_size]),
+            "position_ids": g.input("position_ids", np.int64, [rows, sequence]),
             "seqlens_k": g.input("seqlens_k", np.int32, [batch]),  # per sequence: its total length - 1
             "total_sequence_length": g.input("total_sequence_length", np.int32, []),
-            "logits_index": g.input("logits_index", np.int64, ["n_logits"]),
+            "logits_index": g.input("logits_index", np.int64, [n_logits]),
         }
         self.extra_inputs(g, ctx)
         kv_shape = [batch, a.num_key_value_heads, seq_length, a.head_dim]

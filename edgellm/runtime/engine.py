@@ -137,6 +137,15 @@ class Engine:
                                   PROVIDERS[device])
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.batched = not isinstance(inputs["inputs_embeds"][0], int)
+        # a fixed-shape bundle (convert --static): a chunk graph of fixed_rows rows, run padded, and a one-row graph
+        rows_in = inputs["inputs_embeds"][1]
+        self.fixed_rows = rows_in if isinstance(rows_in, int) else None
+        self.step_session = None
+        if "decoder_step" in bundle.manifest.graphs:
+            if device == "openvino":
+                raise EdgeLLMError("device openvino does not run --static bundles yet; use device cpu")
+            self.step_session = open_graph(bundle, bundle.manifest.graphs["decoder_step"],
+                                           session_options(threads, spinning), PROVIDERS[device])
         can_batch = self.batched and device != "openvino"
         if slots is None:
             slots = default_slots(bundle, device) if can_batch else 1
@@ -156,7 +165,8 @@ class Engine:
         self.layers, self.vocab_size = m.num_hidden_layers, m.vocab_size
         self.kv = lazy_zeros((self.layers, 2, slots, m.num_key_value_heads, self.seq_length, m.head_dim),
                              bundle.manifest.quantization.kv_dtype)
-        self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, np.ndarray, ort.OrtValue]] = {}
+        # (first slot, end, one-row graph) -> (its session, the binding, the one-position logits buffer and value)
+        self._bindings: dict[tuple, tuple[ort.InferenceSession, ort.IOBinding, np.ndarray, ort.OrtValue]] = {}
         rows = 1 if self.batched else inputs["position_ids"][0]
         self.slots = [Slot(i, rows, self.seq_length) for i in range(slots)]
         self.slot = self.slots[0]  # the sequence prefill, forward, decode and verify work on
@@ -167,19 +177,21 @@ class Engine:
             self.forward(np.zeros((MIN_OPENVINO_ROWS, m.hidden_size), np.float32), np.zeros(1, np.int64))
             self.reset()
 
-    def _bound(self, first: int, end: int) -> tuple[ort.IOBinding, np.ndarray, ort.OrtValue]:
+    def _bound(self, first: int, end: int, step: bool = False) -> tuple:
         """A binding of the cache slots first..end-1 as every layer's past and present (so the graph appends in
-        place), with a fixed buffer for one-position logits: made once per slot range."""
-        key = (first, end)
+        place), with a fixed buffer for one-position logits: made once per slot range (and graph: `step`, a
+        --static bundle's one-row graph)."""
+        key = (first, end, step)
         if key not in self._bindings:
-            binding = self.session.io_binding()
+            session = self.step_session if step else self.session
+            binding = session.io_binding()
             for i in range(self.layers):
                 for j, kind in enumerate(("key", "value")):
                     value = ort.OrtValue.ortvalue_from_numpy(self.kv[i, j, first:end])
                     binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
                     binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
             logits = np.zeros((end - first, 1, self.vocab_size), np.float32)
-            self._bindings[key] = binding, logits, ort.OrtValue.ortvalue_from_numpy(logits)
+            self._bindings[key] = session, binding, logits, ort.OrtValue.ortvalue_from_numpy(logits)
         return self._bindings[key]
 
     # the current slot's state, under the names the one-sequence engine has always had
@@ -275,7 +287,9 @@ class Engine:
                 "logits_index": np.ascontiguousarray(logits_index, np.int64)}
         for name, value in (self.extension.inputs(s, []) if extra is None else extra).items():
             feed[name] = np.ascontiguousarray(value)
-        if self.openvino is not None and s >= MIN_OPENVINO_ROWS:
+        if self.fixed_rows is not None:
+            logits = self._run_fixed(feed, start, s, logits_index)
+        elif self.openvino is not None and s >= MIN_OPENVINO_ROWS:
             logits = self._run_openvino(feed, start, s)
         else:
             logits = self._run_onnxruntime(feed, self._bound(slot.index, slot.index + 1), len(logits_index) == 1)[0]
@@ -307,15 +321,42 @@ class Engine:
         return logits
 
     def _run_onnxruntime(self, feed: dict[str, np.ndarray], bound, single: bool) -> np.ndarray:
-        b, step_logits, step_value = bound
+        session, b, step_logits, step_value = bound
         for name, value in feed.items():
             b.bind_cpu_input(name, value)
         if single:
             b.bind_ortvalue_output("logits", step_value)
         else:
             b.bind_output("logits")
-        self.session.run_with_iobinding(b)
+        session.run_with_iobinding(b)
         return step_logits.copy() if single else b.get_outputs()[-1].numpy()
+
+    def _run_fixed(self, feed: dict[str, np.ndarray], start: int, s: int, logits_index: np.ndarray) -> np.ndarray:
+        """A --static bundle's run: more rows than one, with the logits of one of them, through the chunk graph,
+        padded to its rows after the real ones (their keys and values land past the sequence, where the next
+        tokens overwrite them; causal attention keeps them out of the real rows); otherwise (one row, the logits of
+        several, or no room left for a whole chunk) row by row through the one-row graph. Returns the logits at
+        `logits_index`."""
+        slot, rows = self.slot.index, self.fixed_rows
+        if s == 1 or len(logits_index) > 1 or start + rows > self.seq_length:
+            out = []
+            for r in range(s):
+                one = {**feed, "inputs_embeds": feed["inputs_embeds"][:, r:r + 1],
+                       "position_ids": feed["position_ids"][:, r:r + 1], "seqlens_k": np.array([start + r], np.int32),
+                       "total_sequence_length": np.array(start + r + 1, np.int32),
+                       "logits_index": np.zeros(1, np.int64)}
+                out.append(self._run_onnxruntime(one, self._bound(slot, slot + 1, step=True), single=True)[0, 0])
+            return np.stack(out)[logits_index]
+        pad = rows - s
+        padded = {**feed,
+                  "inputs_embeds": np.concatenate([feed["inputs_embeds"], np.zeros(
+                      (1, pad, feed["inputs_embeds"].shape[2]), np.float32)], axis=1),
+                  "position_ids": np.concatenate([feed["position_ids"], feed["position_ids"][:, -1:]
+                                                  + np.arange(1, pad + 1, dtype=np.int64)], axis=1),
+                  "seqlens_k": np.array([start + rows - 1], np.int32),
+                  "total_sequence_length": np.array(start + rows, np.int32),
+                  "logits_index": np.asarray(logits_index, np.int64)}
+        return self._run_onnxruntime(padded, self._bound(slot, slot + 1), single=True)[0]
 
     def _run_openvino(self, feed: dict[str, np.ndarray], start: int, s: int) -> np.ndarray:
         """The chunk on OpenVINO (one slot): it reads the cache's layers in place and returns each layer's keys and
