@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--do-sample", action="store_true",
                    help="add the sampling head graph (penalty, temperature, top-k up to 64, top-p, min-p): sampled "
                         "answers draw from its candidates, so on an accelerator only those leave the device")
+    c.add_argument("--num-device", dest="num_devices", type=count(1), default=None, metavar="N",
+                   help="write the decoder as N graphs of contiguous layers (stages), each with its own KV cache, run "
+                        "on its own session: -c cpu,cpu (or any devices, one per stage) at run time")
     c.add_argument("--static", action="store_true",
                    help="fixed-shape decoder graphs (a --chunk-length chunk, padded and masked, and one token; the "
                         "KV cache of -s) for accelerators that take no dynamic shapes")
@@ -298,7 +301,8 @@ def cmd_convert(args) -> None:
             accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,
             max_pixels=args.max_pixels, static_vit=args.static_vit, reblock=args.reblock,
             kv_cache=args.kv_cache, lora=args.lora, do_sample=args.do_sample, encrypt=args.encrypt,
-            key_file=args.key_file, share_weights_with=args.share_weights_with, static=args.static)
+            key_file=args.key_file, share_weights_with=args.share_weights_with, static=args.static,
+            num_devices=args.num_devices)
 
 
 def _prompt_of(args) -> str:

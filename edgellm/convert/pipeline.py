@@ -118,7 +118,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
             progress: bool, vision_quantize: str | None, max_pixels: int | tuple[int, int] | None, static_vit: bool,
             reblock: bool, kv_cache: str, lora: str | Path | None = None, do_sample: bool = False,
             encrypt: bool = False, key: bytes | str | None = None, key_file: str | Path | None = None,
-            share_weights_with: str | Path | None = None, static: bool = False) -> Path:
+            share_weights_with: str | Path | None = None, static: bool = False, num_devices: int | None = None) -> Path:
     """edgellm.convert, which documents the options and their defaults (None: the default for the source)."""
     if Path(src).suffix.lower() == ".gguf":
         check_gguf_options(quantize, group_size, symmetric, lm_head, reblock)
@@ -189,6 +189,13 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     if seq_length > max_positions:
         raise EdgeLLMError(f"--seq-length {seq_length} is more than the {max_positions} positions the model "
                            "was trained for (max_position_embeddings in its config)")
+    layers = model.args.num_hidden_layers
+    if num_devices is not None and not 1 <= num_devices <= layers:
+        raise EdgeLLMError(f"--num-device must be from 1 to the {layers} layers of the model, got {num_devices}")
+    stages = [range(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(layers), num_devices or 1)]
+    if len(stages) > 1 and (parts or static or kv_cache != "f32"):
+        raise EdgeLLMError("--num-device applies to text models with the dynamic graph and the float KV cache (not "
+                           "with --static, --kv-cache int8 or vision-language models yet)")
     if static:
         if parts or kv_cache != "f32":
             raise EdgeLLMError("--static applies to text models with the float KV cache (not to vision-language "
@@ -203,13 +210,23 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     with staging_folder(out, overwrite=force) as stage:
         # Each weight is read, quantized and written before the next is read (GraphBuilder's DataFile), so the
         # conversion holds about one weight at a time.
-        g = GraphBuilder(WeightPolicy(quantize, group_size, symmetric, accuracy_level), data_file(stage, DECODER_FILE))
-        g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
         with tqdm(total=len(checkpoint.names()), desc="converting weights", unit="tensor", disable=not progress,
                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tensors{postfix} [{elapsed}<{remaining}]") as bar:
             weights = _Progress(_Reblocked(source, group_size, symmetric) if reblock else source, bar)
-            model.build(g, weights, seq_length)
-            save_graph(g, stage / DECODER_FILE)
+            formats: dict[str, int] = {}
+            for k, layer_range in enumerate(stages):  # one graph, or one per stage (--num-device)
+                graph_file = DECODER_FILE if k == 0 else stage_file(k)
+                g = GraphBuilder(WeightPolicy(quantize, group_size, symmetric, accuracy_level),
+                                 data_file(stage, graph_file))
+                g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
+                model.build(g, weights, seq_length, layer_range)
+                save_graph(g, stage / graph_file)
+                for kind, count in g.matmul_formats.items():
+                    formats[kind] = formats.get(kind, 0) + count
+                if k:
+                    graphs[f"{DECODER_GRAPH}_stage{k}"] = graph_file
+            g.matmul_formats = formats  # the last stage's builder (it holds the lm_head) speaks for all
+            head_file = graph_file
             if static:
                 write_step_graph(stage / DECODER_FILE, stage / STEP_FILE)
                 graphs[STEP_GRAPH] = STEP_FILE
@@ -221,7 +238,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
                 graphs[VISION_GRAPH] = VISION_FILE
             # a tied lm_head that keeps the table's blocks holds them for both (save_table compares them bit for bit)
             embeddings_entry = save_table(stage, model.embedding_table(weights), quantize,
-                                          stored_blocks(stage / DECODER_FILE, g.nbits_weights.get("lm_head")),
+                                          stored_blocks(stage / head_file, g.nbits_weights.get("lm_head")),
                                           model.embedding_multiplier)
             bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
         if do_sample:
@@ -257,6 +274,11 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
         tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(quantize, g.matmul_formats, kv_cache)}) in "
                    f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return out
+
+
+def stage_file(k: int) -> str:
+    """Stage k's graph file of a decoder written as stages (--num-device); stage 0 is decoder.onnx."""
+    return f"decoder_stage{k}.onnx"
 
 
 def write_step_graph(chunk_graph: Path, step_graph: Path) -> None:

@@ -204,17 +204,27 @@ class Model:
     def check_supported(self, seq_length: int) -> None:
         """Refuse, with the reason, what this family cannot build at this length (nothing in the shared decoder)."""
 
-    def build(self, g: GraphBuilder, weights, seq_length: int) -> None:
+    def build(self, g: GraphBuilder, weights, seq_length: int, layers: range | None = None) -> None:
+        """The decoder graph, or one stage of it (`layers`, contiguous: --num-device): a stage after the first takes
+        the residual stream and the last layer's output not yet added to it ("residual", "hidden"), and one before
+        the last gives them on ("next_residual", "next_hidden") instead of logits."""
         a = self.args
+        layers = layers if layers is not None else range(a.num_hidden_layers)
         self.check_supported(seq_length)
-        ctx = self.declare_io(g, seq_length)
+        ctx = self.declare_io(g, seq_length, layers)
         self.rotary(g, ctx, seq_length)
 
-        pending, residual = ctx["inputs_embeds"], None  # a layer's output joins the residual stream in the next norm
-        for i in range(a.num_hidden_layers):
+        # a layer's output joins the residual stream in the next norm
+        pending, residual = (ctx["inputs_embeds"], None) if layers.start == 0 else (ctx["hidden"], ctx["residual"])
+        for i in layers:
             x, residual = self.layer_input(g, weights, i, pending, residual)
             pending, residual = self.layer(g, weights, i, x, residual, ctx)
             pending = self.after_layer(g, i, pending, ctx)
+        if layers.stop < a.num_hidden_layers:
+            for name, value in (("next_hidden", pending), ("next_residual", residual)):
+                g.output(name, np.float32, [self.batch_dim(), self.fixed_rows[0] if self.fixed_rows else "sequence",
+                                            a.hidden_size], value=value)
+            return
 
         # Only the requested positions go through the final norm and the (large) lm_head.
         pick = lambda t: g.op("Gather", [t, ctx["logits_index"]], name="gather_logits_rows", axis=1)  # noqa: E731
@@ -261,7 +271,7 @@ class Model:
         can_batch = self.position_rows == 1 and type(self).extra_inputs is Model.extra_inputs
         return "batch" if can_batch and self.fixed_rows is None else 1
 
-    def declare_io(self, g: GraphBuilder, seq_length: int) -> dict:
+    def declare_io(self, g: GraphBuilder, seq_length: int, layers: range | None = None) -> dict:
         """The decoder contract the runtime relies on, shared by every family.
 
         past/present KV of every layer are [batch, kv_heads, seq_length, head_dim] and share one buffer: the
@@ -272,16 +282,20 @@ class Model:
         a, batch = self.args, self.batch_dim()
         rows = "batch" if batch == "batch" else self.position_rows
         sequence, n_logits = self.fixed_rows or ("sequence", "n_logits")
-        ctx = {
-            "inputs_embeds": g.input("inputs_embeds", np.float32, [batch, sequence, a.hidden_size]),
+        layers = layers if layers is not None else range(a.num_hidden_layers)
+        hidden = [batch, sequence, a.hidden_size]
+        ctx = {"inputs_embeds": g.input("inputs_embeds", np.float32, hidden)} if layers.start == 0 else {
+            "hidden": g.input("hidden", np.float32, hidden), "residual": g.input("residual", np.float32, hidden)}
+        ctx.update({
             "position_ids": g.input("position_ids", np.int64, [rows, sequence]),
             "seqlens_k": g.input("seqlens_k", np.int32, [batch]),  # per sequence: its total length - 1
             "total_sequence_length": g.input("total_sequence_length", np.int32, []),
-            "logits_index": g.input("logits_index", np.int64, [n_logits]),
-        }
+        })
+        if layers.stop == a.num_hidden_layers:
+            ctx["logits_index"] = g.input("logits_index", np.int64, [n_logits])
         self.extra_inputs(g, ctx)
         kv_shape = [batch, a.num_key_value_heads, seq_length, a.head_dim]
-        for i in range(a.num_hidden_layers):
+        for i in layers:
             for kind in ("key", "value"):
                 g.input(f"past_{kind}.{i}", np.float32, kv_shape)
                 g.output(f"present_{kind}.{i}", np.float32, kv_shape)

@@ -120,10 +120,12 @@ class Slot:
 
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True,
-                 profile_prefix: str | None = None, processor: Processor | None = None, slots: int | None = 1):
+                 profile_prefix: str | None = None, processor: Processor | None = None, slots: int | None = 1,
+                 stage_devices: list[str] | None = None):
         """`device` as check_device has accepted it (Model checks it before anything loads); `slots`: sequences the
         cache holds (more than one needs a decoder with a batch dimension, `batched`, on ONNX Runtime; None: as many
-        as memory.default_slots finds room for where the decoder can batch, else 1)."""
+        as memory.default_slots finds room for where the decoder can batch, else 1); `stage_devices`: one device
+        per stage of a decoder written as stages (convert --num-device)."""
         m = bundle.manifest.model
         if device == "openvino" and bundle.manifest.quantization.kv_cache != "f32":
             raise EdgeLLMError(f"device openvino cannot run this bundle's {bundle.manifest.quantization.kv_cache} KV "
@@ -133,8 +135,27 @@ class Engine:
         self.seq_length = bundle.manifest.seq_length
         self.chunk_length = bundle.manifest.chunk_length
         decoder = bundle.file(bundle.manifest.graphs[DECODER_GRAPH])
-        self.session = open_graph(bundle, decoder.name, session_options(threads, spinning, profile_prefix),
-                                  PROVIDERS[device])
+        graphs = bundle.manifest.graphs
+        stage_files = [decoder.name] + [graphs[f"{DECODER_GRAPH}_stage{k}"] for k in range(1, len(graphs))
+                                        if f"{DECODER_GRAPH}_stage{k}" in graphs]
+        stage_devices = stage_devices or [device]
+        if len(stage_devices) > 1 and len(stage_devices) != len(stage_files):
+            raise EdgeLLMError(f"this bundle's decoder is split for {len(stage_files)} devices; give "
+                               f"{len(stage_files)} (-c {','.join(['cpu'] * len(stage_files))}) or one"
+                               if len(stage_files) > 1 else "this bundle's decoder is one graph: write it as stages "
+                               "for several devices with `edgellm convert --num-device N`")
+        if len(stage_files) > 1 and "openvino" in stage_devices + [device]:
+            raise EdgeLLMError("device openvino does not run a decoder written as stages yet; use cpu devices")
+        # one session (and thread pool) per stage, on its device; stage 0 is "the" decoder session. Stages run in
+        # turn, so a pool that spins while another stage computes takes its cores: no spinning when there are several
+        spins = spinning and len(stage_files) == 1
+        self.stages = [open_graph(bundle, name, session_options(threads, spins, profile_prefix if k == 0 else None),
+                                  PROVIDERS[stage_devices[k] if len(stage_devices) > 1 else device])
+                       for k, name in enumerate(stage_files)]
+        self.session = self.stages[0]
+        self.stage_inputs = [[i.name for i in st.get_inputs() if not i.name.startswith("past_")] for st in self.stages]
+        self.stage_layers = [sorted(int(i.name.split(".")[1]) for i in st.get_inputs()
+                                    if i.name.startswith("past_key.")) for st in self.stages]
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.batched = not isinstance(inputs["inputs_embeds"][0], int)
         # a fixed-shape bundle (convert --static): a chunk graph of fixed_rows rows, run padded, and a one-row graph
@@ -177,15 +198,15 @@ class Engine:
             self.forward(np.zeros((MIN_OPENVINO_ROWS, m.hidden_size), np.float32), np.zeros(1, np.int64))
             self.reset()
 
-    def _bound(self, first: int, end: int, step: bool = False) -> tuple:
+    def _bound(self, first: int, end: int, step: bool = False, stage: int = 0) -> tuple:
         """A binding of the cache slots first..end-1 as every layer's past and present (so the graph appends in
-        place), with a fixed buffer for one-position logits: made once per slot range (and graph: `step`, a
-        --static bundle's one-row graph)."""
-        key = (first, end, step)
+        place), with a fixed buffer for one-position logits: made once per slot range and graph (`step`: a
+        --static bundle's one-row graph; `stage`: a stage of a decoder written as stages, binding its layers)."""
+        key = (first, end, step, stage)
         if key not in self._bindings:
-            session = self.step_session if step else self.session
+            session = self.step_session if step else self.stages[stage]
             binding = session.io_binding()
-            for i in range(self.layers):
+            for i in range(self.layers) if step else self.stage_layers[stage]:
                 for j, kind in enumerate(("key", "value")):
                     value = ort.OrtValue.ortvalue_from_numpy(self.kv[i, j, first:end])
                     binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
@@ -292,7 +313,7 @@ class Engine:
         elif self.openvino is not None and s >= MIN_OPENVINO_ROWS:
             logits = self._run_openvino(feed, start, s)
         else:
-            logits = self._run_onnxruntime(feed, self._bound(slot.index, slot.index + 1), len(logits_index) == 1)[0]
+            logits = self._run(feed, slot.index, slot.index + 1, len(logits_index) == 1)[0]
         slot.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
         return logits
 
@@ -313,12 +334,30 @@ class Engine:
                 "position_ids": steps, "seqlens_k": lengths, "total_sequence_length": np.array(lengths.max() + 1,
                                                                                                 np.int32),
                 "logits_index": np.zeros(1, np.int64)}
-        logits = self._run_onnxruntime(feed, self._bound(first, first + k), single=True)[:, 0]
+        logits = self._run(feed, first, first + k, single=True)[:, 0]
         for slot, token, step in zip(slots, token_ids, steps[:, 0]):
             slot.positions[:, len(slot)] = step
             slot.next_position = int(step) + 1
             slot.tokens.append(int(token))
         return logits
+
+    def _run(self, feed: dict[str, np.ndarray], first: int, end: int, single: bool, step: bool = False) -> np.ndarray:
+        """The decoder on cache slots first..end-1: one graph, or its stages in turn, each on its own session,
+        handing on the hidden state and residual stream (as arrays: the stages may sit on different devices)."""
+        if step or len(self.stages) == 1:
+            return self._run_onnxruntime(feed, self._bound(first, end, step), single)
+        carried = {}
+        for k in range(len(self.stages) - 1):
+            session, b, _, _ = self._bound(first, end, stage=k)
+            for name in self.stage_inputs[k]:
+                b.bind_cpu_input(name, carried.get(name, feed.get(name)))
+            b.bind_output("next_hidden")
+            b.bind_output("next_residual")
+            session.run_with_iobinding(b)
+            outputs = b.get_outputs()
+            carried = {"hidden": outputs[-2].numpy(), "residual": outputs[-1].numpy()}
+        last = {name: carried.get(name, feed.get(name)) for name in self.stage_inputs[-1]}
+        return self._run_onnxruntime(last, self._bound(first, end, stage=len(self.stages) - 1), single)
 
     def _run_onnxruntime(self, feed: dict[str, np.ndarray], bound, single: bool) -> np.ndarray:
         session, b, step_logits, step_value = bound
@@ -345,7 +384,7 @@ class Engine:
                        "position_ids": feed["position_ids"][:, r:r + 1], "seqlens_k": np.array([start + r], np.int32),
                        "total_sequence_length": np.array(start + r + 1, np.int32),
                        "logits_index": np.zeros(1, np.int64)}
-                out.append(self._run_onnxruntime(one, self._bound(slot, slot + 1, step=True), single=True)[0, 0])
+                out.append(self._run(one, slot, slot + 1, single=True, step=True)[0, 0])
             return np.stack(out)[logits_index]
         pad = rows - s
         padded = {**feed,
@@ -356,7 +395,7 @@ class Engine:
                   "seqlens_k": np.array([start + rows - 1], np.int32),
                   "total_sequence_length": np.array(start + rows, np.int32),
                   "logits_index": np.asarray(logits_index, np.int64)}
-        return self._run_onnxruntime(padded, self._bound(slot, slot + 1), single=True)[0]
+        return self._run(padded, slot, slot + 1, single=True)[0]
 
     def _run_openvino(self, feed: dict[str, np.ndarray], start: int, s: int) -> np.ndarray:
         """The chunk on OpenVINO (one slot): it reads the cache's layers in place and returns each layer's keys and

@@ -137,7 +137,10 @@ class Model:
         memory.default_slots finds room for, where the decoder can batch; else 1). key / key_file: an encrypted
         bundle's key (else $EDGELLM_KEY)."""
         started = time.perf_counter()
-        check_device(device)
+        stage_devices = device.split(",")  # one per stage of a decoder written as stages, or one for all
+        for one in stage_devices:
+            check_device(one)
+        device = stage_devices[0]
         self.bundle = open_bundle(path, verify=False)
         if self.bundle.encrypted:
             if device == "openvino":
@@ -170,7 +173,8 @@ class Model:
                 processor = processor_for(self.bundle)
                 self.vision = VisionEncoder(self.bundle, processor, device, threads, spinning)
             self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning,
-                                 profile_prefix=profile_prefix, processor=processor, slots=slots)
+                                 profile_prefix=profile_prefix, processor=processor, slots=slots,
+                                 stage_devices=stage_devices)
         except Exception:
             if verified:
                 verified.result()  # a corrupt file explains a failed load better than its parser's message

@@ -1,0 +1,61 @@
+"""Decoders written as stages (`--num-device N`): each stage a graph of contiguous layers with its own KV cache,
+run in turn (each on its own session, device and threads), passing hidden states on; the same answers as the one
+graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import CORPUS
+
+import edgellm
+from edgellm.errors import EdgeLLMError
+
+
+@pytest.mark.parametrize("arch,stages", [("llama", 2), ("gemma3", 2), ("olmo2", 2), ("qwen3", 2)])
+def test_a_split_decoder_answers_as_the_one_graph(tiny, tmp_path, arch, stages):
+    _, folder = tiny(arch)
+    options = dict(quantize="f32", seq_length=96, chunk_length=16, progress=False)
+    whole = edgellm.load(edgellm.convert(folder, tmp_path / "whole", **options))
+    bundle = edgellm.convert(folder, tmp_path / "split", num_devices=stages, **options)
+    split = edgellm.load(bundle, device=",".join(["cpu"] * stages))
+    assert len(split.engine.stages) == stages
+    ids = whole.tokenizer.encode(CORPUS.read_text())[:40]
+    np.testing.assert_allclose(split.logits(ids), whole.logits(ids), rtol=0, atol=2e-5)
+    greedy = dict(max_new_tokens=20, ignore_eos=True)
+    assert split.generate("Four score and seven", **greedy).token_ids == \
+        whole.generate("Four score and seven", **greedy).token_ids
+
+
+def test_three_stages_of_a_deeper_model(tmp_path):
+    """Five layers in three stages (2, 2, 1) against transformers itself."""
+    from test_text_models import check_parity, tiny_pair
+
+    ref_model, model = tiny_pair(tmp_path, "LlamaConfig", "LlamaForCausalLM", 31, num_hidden_layers=5)
+    split = edgellm.load(edgellm.convert(tmp_path, tmp_path / "split", quantize="f32", seq_length=128,
+                                         chunk_length=16, num_devices=3, progress=False), device="cpu,cpu,cpu")
+    assert split.engine.stage_layers == [[0, 1], [2, 3], [4]]
+    check_parity(ref_model, split)
+
+
+def test_a_split_bundle_batches_and_refuses_another_device_count(tiny, tmp_path):
+    _, folder = tiny("llama")
+    bundle = edgellm.convert(folder, tmp_path / "split", quantize="f32", seq_length=64, num_devices=2,
+                             progress=False)
+    with pytest.raises(EdgeLLMError, match="split for 2 devices; give 2"):
+        edgellm.load(bundle, device="cpu,cpu,cpu")
+    one = edgellm.load(bundle)  # one device for every stage
+    many = edgellm.load(bundle, device="cpu,cpu", slots=2)
+    engine = many.engine
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    tokens = []
+    for slot, ids in zip(engine.slots, prompts):
+        with engine.using(slot):
+            tokens.append(int(np.argmax(engine.prefill(ids))))
+    rows = engine.decode_batch(engine.slots, tokens)
+    for ids, token, row in zip(prompts, tokens, rows):
+        one.engine.reset()
+        one.engine.prefill(ids)
+        np.testing.assert_allclose(row, one.engine.decode(token), atol=2e-5, rtol=0)
+    with pytest.raises(EdgeLLMError, match="--num-device must be from 1 to the 2 layers"):
+        edgellm.convert(folder, tmp_path / "x", num_devices=3, progress=False)
