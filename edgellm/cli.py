@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-device", dest="num_devices", type=count(1), default=None, metavar="N",
                    help="write the decoder as N graphs of contiguous layers (stages), each with its own KV cache, run "
                         "on its own session: -c cpu,cpu (or any devices, one per stage) at run time")
+    c.add_argument("--lora-slots", type=count(0), default=0, metavar="N",
+                   help="compile LoRA branches beside the attention and MLP projections that up to N adapters fill "
+                        "at run time (--adapter; the server's model BUNDLE:NAME)")
+    c.add_argument("--lora-max-rank", type=count(1), default=16, metavar="R",
+                   help="the largest adapter rank the LoRA slots take (default 16)")
     c.add_argument("--static", action="store_true",
                    help="fixed-shape decoder graphs (a --chunk-length chunk, padded and masked, and one token; the "
                         "KV cache of -s) for accelerators that take no dynamic shapes")
@@ -136,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load even when the bundle needs more memory than is free")
         q.add_argument("--key-file", default=None, metavar="FILE",
                        help="an encrypted bundle's key (default: $EDGELLM_KEY)")
+        q.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                       help="a PEFT LoRA adapter for the bundle's LoRA slots (convert --lora-slots); run and chat "
+                            "answer with the last one given, serve offers each as the model BUNDLE:NAME (repeatable)")
         if prompt:
             q.add_argument("-n", "--max-new-tokens", type=count(0), default=256)
             q.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the model's)")
@@ -235,6 +243,11 @@ def _load(args, slots: int | None = 1, keep_prompts: bool = False):
     model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots,
                  key_file=vars(args).get("key_file"))
     print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms", file=sys.stderr)
+    args.adapter_names = []
+    for spec in vars(args).get("adapter") or []:
+        name, _, path = spec.rpartition("=")
+        args.adapter_names.append(model.load_adapter(path, name or None))
+        print(f"adapter {args.adapter_names[-1]} ({path}) loaded", file=sys.stderr)
     folder = vars(args).get("prompt_cache")
     if folder is not None or (keep_prompts and args.cache_mib):
         from .runtime.prompt_cache import PromptCache
@@ -258,6 +271,8 @@ def _sampling(model, args) -> dict:
             chosen[key] = value
     chosen["seed"] = args.seed
     chosen["prompt_lookup"] = args.prompt_lookup
+    if vars(args).get("adapter_names"):
+        chosen["adapter"] = args.adapter_names[-1]
     if args.draft:
         from . import load
 
@@ -302,7 +317,7 @@ def cmd_convert(args) -> None:
             max_pixels=args.max_pixels, static_vit=args.static_vit, reblock=args.reblock,
             kv_cache=args.kv_cache, lora=args.lora, do_sample=args.do_sample, encrypt=args.encrypt,
             key_file=args.key_file, share_weights_with=args.share_weights_with, static=args.static,
-            num_devices=args.num_devices)
+            num_devices=args.num_devices, lora_slots=args.lora_slots, lora_max_rank=args.lora_max_rank)
 
 
 def _prompt_of(args) -> str:

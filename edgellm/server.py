@@ -63,6 +63,7 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     arrived: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    model: str = ""  # the model id the answer names (the bundle's, or NAME:ADAPTER)
 
 
 # The settings' bounds are SamplingParams' own, but for OpenAI's cap on temperature.
@@ -359,7 +360,7 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
     def envelope(job: Job, piece: bool, **fields) -> dict:
         kind = ("chat.completion" + (".chunk" if piece else "")) if job.chat else "text_completion"
         return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id, "object": kind, "created": job.created,
-                "model": name, **fields}
+                "model": job.model, **fields}
 
     def choice(job: Job, text: str | None, finish: str | None, first: bool = False, calls=None) -> dict:
         if not job.chat:
@@ -375,10 +376,19 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
     def event(job: Job, **fields) -> str:
         return f"data: {json.dumps(envelope(job, True, **fields), ensure_ascii=False)}\n\n"
 
-    def start(body, chat: bool):
+    def served() -> list[str]:
+        """The model ids requests may name: the bundle's, and NAME:ADAPTER for each loaded LoRA adapter."""
+        return [name, *(f"{name}:{adapter}" for adapter in model.engine.adapters)]
+
+    def adapter_of(asked) -> str | None:
+        return asked.split(":", 1)[1] if isinstance(asked, str) and asked.startswith(f"{name}:") else None
+
+    def start(body, chat: bool, adapter: str | None = None):
         """Check the request and make its answer ready to prefill (a thread: tokenizing, images, the schema)."""
         job = parse(model, body, chat)
-        answer = model.start(job.prompt, max_new_tokens=job.max_tokens, started=job.arrived, **job.sampling)
+        job.model = f"{name}:{adapter}" if adapter else name
+        answer = model.start(job.prompt, max_new_tokens=job.max_tokens, started=job.arrived, adapter=adapter,
+                             **job.sampling)
         return job, answer
 
     def full() -> bool:
@@ -394,9 +404,10 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
             return busy()
         try:
             body = await read_json(request, max_request_bytes)
-            if isinstance(body, dict) and body.get("model") not in (None, "", name):
-                raise BadRequest(not_served(body["model"], name), "model", status=404)
-            job, answer = await run_in_threadpool(start, body, chat)
+            asked = body.get("model") if isinstance(body, dict) else None
+            if asked not in (None, "", *served()):
+                raise BadRequest(not_served(asked, name), "model", status=404)
+            job, answer = await run_in_threadpool(start, body, chat, adapter_of(asked))
         except BadRequest as e:
             metrics.finished("refused")
             return error(str(e), e.status, param=e.param,
@@ -475,19 +486,19 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
     async def completions(request: Request):
         return await complete(request, chat=False)
 
-    def model_card() -> dict:
-        return {"id": name, "object": "model", "created": int(model.bundle.path.stat().st_mtime), "owned_by": "edgellm",
-                "context_length": model.seq_length, "vision": model.vision is not None,
+    def model_card(served_id: str = name) -> dict:
+        return {"id": served_id, "object": "model", "created": int(model.bundle.path.stat().st_mtime),
+                "owned_by": "edgellm", "context_length": model.seq_length, "vision": model.vision is not None,
                 "chat_template": model.chat_template is not None}
 
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        return JSONResponse({"object": "list", "data": [model_card(one) for one in served()]})
 
     async def one_model(request: Request):
         asked = request.path_params["model"]
-        if asked != name:
+        if asked not in served():
             return error(not_served(asked, name), 404, "model", kind="not_found_error")
-        return JSONResponse(model_card())
+        return JSONResponse(model_card(asked))
 
     async def prometheus(request: Request):
         b = batchers[0] if batchers else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,26 @@ class WeightPolicy:
     @property
     def bits(self) -> int | None:
         return {"w4": 4, "w8": 8}.get(self.mode)
+
+
+@dataclass
+class LoraSlots:
+    """LoRA branches compiled into a decoder (convert --lora-slots): every targeted projection y = x W^T gains
+    + (x A) B, A [in, rank] and B [rank, out] (the adapter's scale folded in) graph inputs per sequence of the batch
+    that the runtime fills from a loaded adapter (zeros: none)."""
+
+    rank: int
+    batch: int | str  # the decoder's batch dimension
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    shapes: dict = field(default_factory=dict)  # projection -> [in, out], as compiled
+
+    def wants(self, name: str) -> bool:
+        return name.rsplit(".", 1)[-1] in self.targets
+
+
+def _in_out(weight) -> tuple[int, int]:
+    """(in, out) features of a projection's weight: [out, in] floats or blocks."""
+    return (weight.shape[1], weight.shape[0]) if isinstance(weight, np.ndarray) else (weight.k, weight.n)
 
 
 class DataFile:
@@ -80,6 +100,7 @@ class GraphBuilder:
         self.policy = policy
         self.data = data
         self.lm_head_policy = policy  # the converter may keep the lm_head at higher precision
+        self.lora: LoraSlots | None = None  # LoRA branches to compile beside the targeted projections
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -201,7 +222,17 @@ class GraphBuilder:
             y = self.op("MatMul", [x, w], name=name)
         if bias is not None:
             y = self.add(y, self.const(bias.astype(np.float32), f"{name}.bias"), name=f"{name}/bias")
+        if self.lora is not None and self.lora.wants(name):
+            y = self.add(y, self.lora_branch(x, name, *_in_out(weight)), name=f"{name}/lora")
         return y
+
+    def lora_branch(self, x: str, name: str, k: int, n: int) -> str:
+        """(x A) B of the projection `name` [in k, out n], A and B graph inputs (LoraSlots)."""
+        r, batch = self.lora.rank, self.lora.batch
+        self.lora.shapes[name] = [k, n]
+        a = self.input(f"lora_a.{name}", np.float32, [batch, k, r])
+        b = self.input(f"lora_b.{name}", np.float32, [batch, r, n])
+        return self.op("MatMul", [self.op("MatMul", [x, a], name=f"{name}/lora_a"), b], name=f"{name}/lora_b")
 
     def rounded(self, weight: np.ndarray | QuantizedWeight) -> np.ndarray:
         """A projection's weight as floats, rounded as this bundle's precision stores projections: for a family that
@@ -213,10 +244,24 @@ class GraphBuilder:
         return weight.astype(np.float16).astype(np.float32) if self.policy.mode == "f16" else weight
 
     def fused_linear(self, x: str, weights: list, name: str, biases: list | None = None,
-                     split: bool = True) -> list[str] | str | None:
+                     split: bool = True, parts: list[str] | None = None) -> list[str] | str | None:
         """Several projections of the same input as one matmul (QKV, gate+up), split afterwards unless split=False.
         Pre-quantized weights of different block formats cannot share a matmul: then they stay apart, or, with
-        split=False, None is returned."""
+        split=False, None is returned. `parts`: the projections' own names, for LoRA branches (LoraSlots)."""
+        if parts and self.lora is not None and all(self.lora.wants(p) for p in parts):
+            lora, self.lora = self.lora, None  # the fused matmul itself, then one branch per part beside it
+            try:
+                y = self.fused_linear(x, weights, name, biases, split=False)
+            finally:
+                self.lora = lora
+            if y is not None:
+                deltas = [self.lora_branch(x, p, *_in_out(w)) for p, w in zip(parts, weights)]
+                y = self.add(y, self.op("Concat", deltas, name=f"{name}/lora", axis=-1), name=f"{name}/lora_add")
+                if not split:
+                    return y
+                sizes = [_in_out(w)[1] for w in weights]
+                return self.op("Split", [y, self.ints(sizes, f"{name}/sizes")], name=f"{name}/split",
+                               outputs=len(sizes), axis=-1)
         sizes = [w.shape[0] if isinstance(w, np.ndarray) else w.n for w in weights]
         if all(isinstance(w, QuantizedWeight) for w in weights) and self.policy.bits is not None:
             fused = concat_rows(weights)

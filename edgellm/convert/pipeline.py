@@ -22,7 +22,7 @@ from ..format import encryption
 from ..modeling.family import TextFamily, VisionOptions
 from ..models import families, family_for
 from ..vision.processor import MediaTokens
-from .graph import DataFile, GraphBuilder, WeightPolicy
+from .graph import DataFile, GraphBuilder, LoraSlots, WeightPolicy
 from .kv_cache import CALIBRATION_TEXT, KV_CACHE_MODES, calibrate, quantize_cache, scales_from_ranges
 from .quantize import reblock
 from .source import ModelSource
@@ -118,7 +118,8 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
             progress: bool, vision_quantize: str | None, max_pixels: int | tuple[int, int] | None, static_vit: bool,
             reblock: bool, kv_cache: str, lora: str | Path | None = None, do_sample: bool = False,
             encrypt: bool = False, key: bytes | str | None = None, key_file: str | Path | None = None,
-            share_weights_with: str | Path | None = None, static: bool = False, num_devices: int | None = None) -> Path:
+            share_weights_with: str | Path | None = None, static: bool = False, num_devices: int | None = None,
+            lora_slots: int = 0, lora_max_rank: int = 16) -> Path:
     """edgellm.convert, which documents the options and their defaults (None: the default for the source)."""
     if Path(src).suffix.lower() == ".gguf":
         check_gguf_options(quantize, group_size, symmetric, lm_head, reblock)
@@ -196,6 +197,11 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     if len(stages) > 1 and (parts or static or kv_cache != "f32"):
         raise EdgeLLMError("--num-device applies to text models with the dynamic graph and the float KV cache (not "
                            "with --static, --kv-cache int8 or vision-language models yet)")
+    slots_for_lora = None
+    if lora_slots:
+        if kv_cache != "f32" or lora_max_rank < 1:
+            raise EdgeLLMError("--lora-slots needs the float KV cache and a --lora-max-rank of 1 or more")
+        slots_for_lora = LoraSlots(lora_max_rank, model.batch_dim() if not static else 1)
     if static:
         if parts or kv_cache != "f32":
             raise EdgeLLMError("--static applies to text models with the float KV cache (not to vision-language "
@@ -219,6 +225,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
                 g = GraphBuilder(WeightPolicy(quantize, group_size, symmetric, accuracy_level),
                                  data_file(stage, graph_file))
                 g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
+                g.lora = slots_for_lora
                 model.build(g, weights, seq_length, layer_range)
                 save_graph(g, stage / graph_file)
                 for kind, count in g.matmul_formats.items():
@@ -267,7 +274,8 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
                                       kv_cache),
             tokens=Tokens(**tokens), graphs=graphs, embeddings=embeddings_entry,
             vision=VisionSection(family.name, parts.settings.to_json(), vision_quantize) if parts else None,
-            encryption=sealed, shared=shared)
+            encryption=sealed, shared=shared,
+            lora={"slots": lora_slots, "rank": lora_max_rank, "shapes": slots_for_lora.shapes} if lora_slots else None)
         write_manifest(stage, manifest)
     if progress:
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20

@@ -214,6 +214,9 @@ class Manifest:
     # {"cipher", "kdf": {...}, "salt": hex, "files": [names]} of an encrypted bundle (format.encryption)
     encryption: dict | None = None
     shared: dict[str, str] = field(default_factory=dict)  # file -> the other bundle's, relative (a link to it)
+    # LoRA slots compiled into the decoder: {"slots": adapters held at once, "rank": the most a slot takes,
+    # "shapes": {projection: [in, out]}}
+    lora: dict | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -231,6 +234,8 @@ class Manifest:
             data["format_version"], data["encryption"] = ENCRYPTED_VERSION, self.encryption
         if self.shared:
             data["shared"] = self.shared
+        if self.lora:
+            data["lora"] = self.lora
         data["files"] = {name: entry.to_json() for name, entry in self.files.items()}
         return data
 
@@ -257,6 +262,6 @@ class Manifest:
                        source=data.get("source", {}), created_by=data.get("created_by", ""),
                        files={name: FileEntry(**_known(FileEntry, info)) for name, info in data["files"].items()},
                        format_version=data["format_version"], encryption=data.get("encryption"),
-                       shared=dict(data.get("shared") or {}))
+                       shared=dict(data.get("shared") or {}), lora=data.get("lora"))
         except (KeyError, TypeError, ValueError) as e:
             raise EdgeLLMError(f"{where}: corrupt manifest ({type(e).__name__}: {e}); reconvert the model") from None

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from ..convert.graph import GraphBuilder
 
 
+def qkv_parts(prefix: str, weights: list) -> list[str] | None:
+    """The names of q, k and v's projections when they are three weights (for LoRA branches); None when fused."""
+    return [f"{prefix}.{p}_proj" for p in "qkv"] if len(weights) == 3 else None
+
+
 @dataclass
 class ModelArgs:
     architecture: str
@@ -116,12 +121,13 @@ class Model:
 
     def project_qkv(self, g: GraphBuilder, weights, prefix: str, x: str) -> list[str]:
         ws, biases = self.qkv_weights(weights, prefix)
-        return g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases)
+        return g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, parts=qkv_parts(prefix, ws))
 
     def gate_up(self, g: GraphBuilder, weights, prefix: str, x: str) -> list[str]:
         """The MLP's gate and up projections of x, as one matmul."""
         return g.fused_linear(x, [weights.linear(f"{prefix}.gate_proj.weight"),
-                                  weights.linear(f"{prefix}.up_proj.weight")], f"{prefix}.gate_up_proj")
+                                  weights.linear(f"{prefix}.up_proj.weight")], f"{prefix}.gate_up_proj",
+                              parts=[f"{prefix}.gate_proj", f"{prefix}.up_proj"])
 
     def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
         gate, up = self.gate_up(g, weights, prefix, x)
@@ -141,7 +147,7 @@ class Model:
         packed = None
         if self.packed_qkv:
             ws, biases = self.qkv_weights(weights, prefix)
-            packed = g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, split=False)
+            packed = g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, split=False, parts=qkv_parts(prefix, ws))
         if packed is not None:
             rotary = self.rotates(i)
             out = g.op("GroupQueryAttention", [packed, "", "", *cache, *([cos, sin] if rotary else [])],

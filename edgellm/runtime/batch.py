@@ -108,7 +108,8 @@ class Batcher:
             self.cache.flush()
 
     def _save(self, slot: Slot) -> None:
-        self.cache.put(self.engine.snapshot(slot))
+        if slot.adapter is None:  # the cache holds base-model KV
+            self.cache.put(self.engine.snapshot(slot))
         self.unsaved.discard(slot)
 
     # --- the loop, on the Batcher's thread ----------------------------------------------------------------
@@ -145,8 +146,10 @@ class Batcher:
         keys = prompt.ids
         positions = prompt.positions if prompt.positions is not None else self.engine.text_positions(len(keys))
 
-        def shared(slot: Slot) -> int:
-            return common_prefix(slot, keys, positions, len(keys))
+        adapter = request.answer.adapter
+
+        def shared(slot: Slot) -> int:  # (a slot computed with another adapter shares nothing)
+            return common_prefix(slot, keys, positions, len(keys)) if slot.adapter == adapter else 0
 
         window = self._window()
 
@@ -162,6 +165,7 @@ class Batcher:
         self.free.remove(slot)
         request.slot = slot
         with self.engine.using(slot):
+            self.engine.set_adapter(adapter)
             request.chunks = self.engine.prefill_chunks(prompt.ids, media=prompt.media, positions=prompt.positions,
                                                         cache=self.cache)
         self.prefilling = request

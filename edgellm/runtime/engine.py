@@ -113,6 +113,7 @@ class Slot:
         self.tokens: list[int] = []
         self.positions = np.zeros((rows, seq_length), np.int64)
         self.next_position = 0
+        self.adapter: str | None = None  # the LoRA adapter its keys and values were computed with (LoRA slots)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -153,7 +154,11 @@ class Engine:
                                   PROVIDERS[stage_devices[k] if len(stage_devices) > 1 else device])
                        for k, name in enumerate(stage_files)]
         self.session = self.stages[0]
-        self.stage_inputs = [[i.name for i in st.get_inputs() if not i.name.startswith("past_")] for st in self.stages]
+        self.stage_inputs = [[i.name for i in st.get_inputs() if not i.name.startswith(("past_", "lora_"))]
+                             for st in self.stages]
+        # LoRA slots (convert --lora-slots): adapters by name, each {graph input: its array for one sequence}
+        self.lora = bundle.manifest.lora
+        self.adapters: dict[str, dict[str, np.ndarray]] = {}
         self.stage_layers = [sorted(int(i.name.split(".")[1]) for i in st.get_inputs()
                                     if i.name.startswith("past_key.")) for st in self.stages]
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
@@ -202,7 +207,8 @@ class Engine:
         """A binding of the cache slots first..end-1 as every layer's past and present (so the graph appends in
         place), with a fixed buffer for one-position logits: made once per slot range and graph (`step`: a
         --static bundle's one-row graph; `stage`: a stage of a decoder written as stages, binding its layers)."""
-        key = (first, end, step, stage)
+        adapters = tuple(self._slot_at(i).adapter for i in range(first, end)) if self.lora else ()
+        key = (first, end, step, stage, adapters)
         if key not in self._bindings:
             session = self.step_session if step else self.stages[stage]
             binding = session.io_binding()
@@ -211,9 +217,59 @@ class Engine:
                     value = ort.OrtValue.ortvalue_from_numpy(self.kv[i, j, first:end])
                     binding.bind_ortvalue_input(f"past_{kind}.{i}", value)
                     binding.bind_ortvalue_output(f"present_{kind}.{i}", value)
+            kept = []  # the LoRA inputs' arrays, alive as long as the binding
+            for name in (i.name for i in session.get_inputs() if i.name.startswith("lora_")):
+                kept.append(np.ascontiguousarray(np.stack([self._lora_array(a, name) for a in adapters])))
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(kept[-1]))
             logits = np.zeros((end - first, 1, self.vocab_size), np.float32)
-            self._bindings[key] = session, binding, logits, ort.OrtValue.ortvalue_from_numpy(logits)
-        return self._bindings[key]
+            self._bindings[key] = session, binding, logits, ort.OrtValue.ortvalue_from_numpy(logits), kept
+        return self._bindings[key][:4]
+
+    def _slot_at(self, index: int) -> Slot:
+        return next(s for s in self.slots if s.index == index)
+
+    def _lora_array(self, adapter: str | None, name: str) -> np.ndarray:
+        """An adapter's A [in, rank] or B [rank, out] for the graph input `name` (zeros where it adapts nothing)."""
+        if adapter is not None and name in self.adapters[adapter]:
+            return self.adapters[adapter][name]
+        k, n = self.lora["shapes"][name.split(".", 1)[1]]
+        return np.zeros((k, self.lora["rank"]) if name.startswith("lora_a.") else (self.lora["rank"], n), np.float32)
+
+    def add_adapter(self, name: str, modules: dict) -> None:
+        """Make an adapter (format.adapters' modules: A, B and scale per projection) loadable by name into the
+        bundle's LoRA slots; one clear error for one it cannot hold."""
+        if not self.lora:
+            raise EdgeLLMError("this bundle has no LoRA slots: convert it with --lora-slots N (or merge the adapter "
+                               "with --lora)")
+        if name not in self.adapters and len(self.adapters) >= self.lora["slots"]:
+            raise EdgeLLMError(f"the bundle's {self.lora['slots']} LoRA slot(s) are full; convert with more "
+                               "--lora-slots")
+        rank, arrays = self.lora["rank"], {}
+        for module, (a, b, scale) in modules.items():
+            if module not in self.lora["shapes"]:
+                covered = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in self.lora["shapes"]}))
+                raise EdgeLLMError(f"the adapter changes {module}, which the bundle's LoRA slots do not cover (they "
+                                   f"cover {covered})")
+            k, n = self.lora["shapes"][module]
+            if (b.shape[0], a.shape[1]) != (n, k):
+                raise EdgeLLMError(f"the adapter's {module} is {b.shape[0]}x{a.shape[1]}, the bundle's {n}x{k}: an "
+                                   "adapter of another model")
+            if a.shape[0] > rank:
+                raise EdgeLLMError(f"the adapter's rank {a.shape[0]} is more than the bundle's LoRA slots hold "
+                                   f"({rank}); convert with a larger --lora-max-rank")
+            pad = rank - a.shape[0]
+            arrays[f"lora_a.{module}"] = np.pad(a.T, ((0, 0), (0, pad))).astype(np.float32)
+            arrays[f"lora_b.{module}"] = np.pad((b * scale).T, ((0, pad), (0, 0))).astype(np.float32)
+        self.adapters[name] = arrays
+        self._bindings = {k: v for k, v in self._bindings.items() if name not in k[4]}  # a reloaded adapter
+
+    def set_adapter(self, name: str | None) -> None:
+        """The adapter the current slot computes with from now on; its cache was computed with another: dropped."""
+        if name is not None and name not in self.adapters:
+            raise EdgeLLMError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        if self.slot.adapter != name:
+            self.reset()
+            self.slot.adapter = name
 
     # the current slot's state, under the names the one-sequence engine has always had
     @property
@@ -441,7 +497,7 @@ class Engine:
             self.reset()
         if positions is None:
             positions = self.text_positions(len(keys))
-        if cache is not None and not all_logits:
+        if cache is not None and not all_logits and self.slot.adapter is None:  # the cache holds base-model KV
             entry, n = cache.longest(keys, positions, len(keys) - 1)
             if entry is not None and n > common_prefix(self.slot, keys, positions, len(keys) - 1):
                 self.restore(entry, n)

@@ -82,6 +82,7 @@ class Generation:
         self.history = list(prompt.ids)  # the prompt and the answer so far, as the sampler's penalty reads it
         self.text, self.emitted, self.hit_stop, self.first_at = "", 0, False, None
         self.done = max_new_tokens == 0
+        self.adapter: str | None = None  # the LoRA adapter the answer is computed with (a bundle's LoRA slots)
 
     def next_token(self, logits: np.ndarray) -> int:
         return self.sampler(logits, self.history)
@@ -294,11 +295,13 @@ class Model:
                                "(its --seq-length); shorten the prompt or reconvert with a larger --seq-length")
 
     # --- logits --------------------------------------------------------------------------------
-    def logits(self, prompt, images=None, videos=None, raw: bool = False, frames: int | None = None) -> np.ndarray:
+    def logits(self, prompt, images=None, videos=None, raw: bool = False, frames: int | None = None,
+               adapter: str | None = None) -> np.ndarray:
         """[prompt tokens, vocab] float32 logits, computed through the bundle's chunked prefill path. `prompt` is
-        token ids, a string or messages, as for generate()."""
+        token ids, a string or messages, as for generate(); `adapter`: a loaded LoRA adapter's name."""
         prompt = self.prepare(prompt, raw, images, videos, frames)
         self.check_length(len(prompt.ids))
+        self.engine.set_adapter(adapter)
         return self.engine.prefill(prompt.ids, all_logits=True, media=prompt.media, positions=prompt.positions)
 
     # --- generation ----------------------------------------------------------------------------
@@ -319,7 +322,7 @@ class Model:
               top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
               stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False, images=None,
               videos=None, frames: int | None = None, json_schema=None, tools=None, tool_choice=None,
-              started: float | None = None) -> Generation:
+              started: float | None = None, adapter: str | None = None) -> Generation:
         """An answer to write (settings as for stream()), its prompt prepared and checked; whoever drives it runs the
         prefill and feeds it each step's logits. `started`: when the request came (perf_counter), for its TTFT."""
         started = time.perf_counter() if started is None else started
@@ -342,8 +345,22 @@ class Model:
             sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids, self.think_tokens, prompt.ids)
         self.check_length(len(prompt.ids))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return Generation(prompt, sampler, StreamDecoder(self.tokenizer), stops, max_new_tokens,
-                          set() if ignore_eos else self.eos_token_ids, started, tools)
+        if adapter is not None and adapter not in self.engine.adapters:
+            raise EdgeLLMError(f"no adapter named {adapter!r}; loaded: {', '.join(self.engine.adapters) or 'none'}")
+        answer = Generation(prompt, sampler, StreamDecoder(self.tokenizer), stops, max_new_tokens,
+                            set() if ignore_eos else self.eos_token_ids, started, tools)
+        answer.adapter = adapter
+        return answer
+
+    def load_adapter(self, path, name: str | None = None) -> str:
+        """Load a PEFT LoRA adapter into the bundle's LoRA slots (convert --lora-slots) under `name` (default: its
+        folder's name); answers then take adapter=name (the server: "model": "BUNDLE:name"). Returns the name."""
+        from ..format.adapters import read_adapter
+
+        adapter = read_adapter(path)
+        name = name or adapter.folder.name
+        self.engine.add_adapter(name, adapter.modules)
+        return name
 
     def tool_spec(self, tools, tool_choice=None) -> Tools | None:
         """OpenAI `tools` and `tool_choice`, checked against this bundle's chat template (None: no tools offered)."""
@@ -379,6 +396,7 @@ class Model:
         self.last_result = result
         engine = self.engine
         vision_before = self.vision.encode_s if self.vision else 0.0
+        engine.set_adapter(answer.adapter)
         with prefill_progress(progress, engine.chunk_length) as on_chunk:
             logits = engine.prefill(prompt.ids, on_chunk=on_chunk, media=prompt.media, positions=prompt.positions,
                                     cache=self.prompt_cache)
@@ -399,7 +417,7 @@ class Model:
         tail = answer.finish()
         if tail:
             yield tail
-        if self.prompt_cache is not None:
+        if self.prompt_cache is not None and engine.slot.adapter is None:  # the cache holds base-model KV
             self.prompt_cache.put(engine.snapshot())
 
     def _next_tokens(self, logits: np.ndarray, sampler: Sampler, history: list[int], drafter, limit: int,
