@@ -93,6 +93,27 @@ def lying_safetensors(folder: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + size:])
 
 
+def converted(env, name: str, **options) -> Path:
+    """The tiny model converted with `options` (encrypt, num_devices...) into the case's scratch folder."""
+    import edgellm
+
+    return edgellm.convert(env.folder, env.tmp / name, quantize="f32", seq_length=64, progress=False, **options)
+
+
+def written(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def shared_then_changed(env) -> Path:
+    """A bundle sharing its weights file with another, whose file was then rewritten in place."""
+    first = converted(env, "s64")
+    second = converted(env, "s32", share_weights_with=first, chunk_length=32)
+    flip_byte(first / "decoder.onnx.data", 1000)
+    return second
+
+
 def convert(env, source, *options) -> list[str]:
     return ["convert", "-m", str(source), "-o", str(env.tmp / "out"), "-s", "64", *options]
 
@@ -177,6 +198,21 @@ CASES = [
          lambda e: run(copy_bundle(e, lambda b: (b / "tokenizer.json").unlink())), 2, "tokenizer.json is missing"),
     Case("load: an unknown device", "cli", lambda e: run(e.bundle, "Liberty", "-c", "tpu"), 2,
          "unknown device 'tpu'"),
+    Case("load: a bundle split for 2 devices given 3", "cli",
+         lambda e: run(converted(e, "split", num_devices=2), "Liberty", "-c", "cpu,cpu,cpu"), 2,
+         "split for 2 devices; give 2"),
+    Case("load: an encrypted bundle without its key", "cli",
+         lambda e: run(converted(e, "sealed", encrypt=True, key="a long enough key")), 2,
+         "the bundle is encrypted: give its key"),
+    Case("load: an encrypted bundle with a wrong key file", "cli",
+         lambda e: run(converted(e, "sealed", encrypt=True, key="a long enough key"), "Liberty", "--key-file",
+                       str(written(e.tmp / "key", "another key entirely"))), 2, "wrong key for this encrypted bundle"),
+    Case("load: a LoRA adapter folder without its weights", "cli",
+         lambda e: run(e.bundle, "Liberty", "--adapter", str(written(e.tmp / "a" / "adapter_config.json", "{}"
+                                                                          ).parent)), 2,
+         "no adapter_model.safetensors"),
+    Case("load: a shared weights file that changed", "cli",
+         lambda e: run(shared_then_changed(e)), 2, "changed since this bundle was made"),
     # --- run --------------------------------------------------------------------------------------------------------
     Case("run: a prompt over the context", "cli", lambda e: run(e.bundle, "truths " * 200, "-n", "2"), 2,
          "holds at most 96"),
