@@ -59,3 +59,22 @@ def test_a_split_bundle_batches_and_refuses_another_device_count(tiny, tmp_path)
         np.testing.assert_allclose(row, one.engine.decode(token), atol=2e-5, rtol=0)
     with pytest.raises(EdgeLLMError, match="--num-device must be from 1 to the 2 layers"):
         edgellm.convert(folder, tmp_path / "x", num_devices=3, progress=False)
+
+
+def test_prefill_chunks_are_pipelined_through_the_stages(tiny, tmp_path, monkeypatch):
+    """Each chunk's stages are queued on the stages' workers (stage 2 of a chunk beside stage 1 of the next); the
+    last position's logits are those of the stages run in turn."""
+    from edgellm.runtime import engine as engine_module
+
+    _, folder = tiny("llama")
+    split = edgellm.load(edgellm.convert(folder, tmp_path / "split", quantize="f32", seq_length=128, chunk_length=8,
+                                         num_devices=2, progress=False), device="cpu,cpu")
+    submitted = []
+    real = engine_module.StagePipeline.submit
+    monkeypatch.setattr(engine_module.StagePipeline, "submit",
+                        lambda self, *args: submitted.append(1) or real(self, *args))
+    ids = split.tokenizer.encode(CORPUS.read_text())[:60]
+    last = split.engine.prefill(ids)
+    assert len(submitted) == 8  # 60 tokens in chunks of 8
+    split.engine.reset()
+    np.testing.assert_allclose(last, split.logits(ids)[-1], rtol=0, atol=1e-5)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable
 
@@ -156,6 +157,7 @@ class Engine:
         self.session = self.stages[0]
         self.stage_inputs = [[i.name for i in st.get_inputs() if not i.name.startswith(("past_", "lora_"))]
                              for st in self.stages]
+        self._pipeline: StagePipeline | None = None  # set while prefill() pipelines a staged decoder's chunks
         # LoRA slots (convert --lora-slots): adapters by name, each {graph input: its array for one sequence}
         self.lora = bundle.manifest.lora
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
@@ -369,7 +371,8 @@ class Engine:
         elif self.openvino is not None and s >= MIN_OPENVINO_ROWS:
             logits = self._run_openvino(feed, start, s)
         else:
-            logits = self._run(feed, slot.index, slot.index + 1, len(logits_index) == 1)[0]
+            logits = self._run(feed, slot.index, slot.index + 1, len(logits_index) == 1)
+            logits = logits if isinstance(logits, Future) else logits[0]  # (a pipelined chunk's: to come)
         slot.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
         return logits
 
@@ -402,18 +405,26 @@ class Engine:
         handing on the hidden state and residual stream (as arrays: the stages may sit on different devices)."""
         if step or len(self.stages) == 1:
             return self._run_onnxruntime(feed, self._bound(first, end, step), single)
+        if self._pipeline is not None:  # a prefill chunk, handed to the stages' workers (StagePipeline)
+            return self._pipeline.submit(self, feed, first, end, single)
         carried = {}
-        for k in range(len(self.stages) - 1):
-            session, b, _, _ = self._bound(first, end, stage=k)
-            for name in self.stage_inputs[k]:
-                b.bind_cpu_input(name, carried.get(name, feed.get(name)))
-            b.bind_output("next_hidden")
-            b.bind_output("next_residual")
-            session.run_with_iobinding(b)
-            outputs = b.get_outputs()
-            carried = {"hidden": outputs[-2].numpy(), "residual": outputs[-1].numpy()}
-        last = {name: carried.get(name, feed.get(name)) for name in self.stage_inputs[-1]}
-        return self._run_onnxruntime(last, self._bound(first, end, stage=len(self.stages) - 1), single)
+        for k in range(len(self.stages)):
+            carried = self._run_stage(k, feed, carried, first, end, single)
+        return carried
+
+    def _run_stage(self, k: int, feed: dict, carried: dict, first: int, end: int, single: bool):
+        """Stage k on `feed` and the previous stage's hand-over: the next hand-over, or (the last stage) logits."""
+        if k == len(self.stages) - 1:
+            last = {name: carried.get(name, feed.get(name)) for name in self.stage_inputs[-1]}
+            return self._run_onnxruntime(last, self._bound(first, end, stage=k), single)
+        session, b, _, _ = self._bound(first, end, stage=k)
+        for name in self.stage_inputs[k]:
+            b.bind_cpu_input(name, carried.get(name, feed.get(name)))
+        b.bind_output("next_hidden")
+        b.bind_output("next_residual")
+        session.run_with_iobinding(b)
+        outputs = b.get_outputs()
+        return {"hidden": outputs[-2].numpy(), "residual": outputs[-1].numpy()}
 
     def _run_onnxruntime(self, feed: dict[str, np.ndarray], bound, single: bool) -> np.ndarray:
         session, b, step_logits, step_value = bound
@@ -469,10 +480,18 @@ class Engine:
                 positions: np.ndarray | None = None, cache: PromptCache | None = None) -> np.ndarray:
         """Compute the tokens after the reusable prefix (the current slot's, or a longer one from `cache`) in chunks;
         returns the last position's logits, or every new position's when all_logits (then nothing is reused)."""
-        chunks = self.prefill_chunks(token_ids, all_logits, media, positions, cache)
-        for done, todo in chunks:
-            if on_chunk:
-                on_chunk(done, todo)
+        # a decoder written as stages: stage k+1 of a chunk runs beside stage k of the next (each stage's own
+        # worker); the Batcher's chunks (prefill_chunks) stay in turn, between its decode steps
+        self._pipeline = StagePipeline(len(self.stages)) if len(self.stages) > 1 and not all_logits else None
+        try:
+            chunks = self.prefill_chunks(token_ids, all_logits, media, positions, cache)
+            for done, todo in chunks:
+                if on_chunk:
+                    on_chunk(done, todo)
+        finally:
+            pipeline, self._pipeline = self._pipeline, None
+            if pipeline is not None:
+                pipeline.close()
         return chunks.logits
 
     def prefill_chunks(self, token_ids: list[int], all_logits: bool = False, media: list | None = None,
@@ -527,7 +546,10 @@ class Engine:
                                         self.extension.inputs(end - begin, in_chunk)))
             begin = end
             yield end - start, todo
-        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+        if all_logits:
+            return np.concatenate(outputs)
+        last = outputs[-1].result()[0] if isinstance(outputs[-1], Future) else outputs[-1]
+        return last[-1]
 
     def verify(self, token_ids: list[int]) -> np.ndarray:
         """Run several tokens at once after the cache, with logits for each: [len(token_ids), vocab]."""
@@ -535,6 +557,33 @@ class Engine:
 
     def decode(self, token_id: int) -> np.ndarray:
         return self.forward(self.embed([token_id]), np.zeros(1, np.int64), [token_id])[0]
+
+
+class StagePipeline:
+    """Prefill chunks through the stages of a decoder written as stages, one worker thread per stage: stage k of a
+    chunk starts once stage k-1 of it and stage k of the chunk before are done, so consecutive chunks overlap
+    (ONNX Runtime releases the GIL while a session runs)."""
+
+    def __init__(self, stages: int):
+        self.workers = [ThreadPoolExecutor(1, thread_name_prefix=f"edgellm-stage{k}") for k in range(stages)]
+        self.futures: list[Future] = []
+
+    def submit(self, engine: "Engine", feed: dict, first: int, end: int, single: bool) -> Future:
+        """The chunk's stages queued in order; the future of its logits."""
+        previous = None
+        for k, worker in enumerate(self.workers):
+            previous = worker.submit(lambda k=k, before=previous: engine._run_stage(
+                k, feed, before.result() if before else {}, first, end, single))
+            self.futures.append(previous)
+        return previous
+
+    def close(self) -> None:
+        """Wait for every queued stage; the first error of any, raised."""
+        for worker in self.workers:
+            worker.shutdown(wait=True)
+        for future in self.futures:
+            if future.exception() is not None:
+                raise future.exception()
 
 
 class Chunks:
