@@ -79,3 +79,40 @@ def test_unreadable_or_unigram_models_are_one_clear_error(tmp_path):
         tokenizer_json(train("unigram"), "tokenizer.model")
     with pytest.raises(EdgeLLMError, match="not a readable sentencepiece model"):
         tokenizer_json(b"\x0a\xff\xff\xff", "tokenizer.model")
+
+
+def tiktoken_ranks(folder) -> dict[bytes, int]:
+    """The test tokenizer's byte-level BPE as tiktoken ranks: the 256 bytes, then each merge's result in order."""
+    from edgellm.convert.tiktoken_file import _byte_alphabet
+
+    unspell = {c: b for b, c in _byte_alphabet().items()}
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    ranks = {bytes([b]): b for b in range(256)}
+    for left, right in (m.split(" ") if isinstance(m, str) else m for m in model["merges"]):
+        token = bytes(unspell[c] for c in left + right)
+        ranks.setdefault(token, len(ranks))
+    return ranks
+
+
+def test_a_tiktoken_file_tokenizes_as_tiktoken_does(tiny, tmp_path):
+    """glm-4-9b-chat's tokenizer.model is a tiktoken file: read into a byte-level BPE with the same ids as the
+    tiktoken library's (the oracle), its special tokens from tokenizer_config.json."""
+    import base64
+
+    tiktoken = pytest.importorskip("tiktoken", reason="the oracle: pip install tiktoken")
+    from tokenizers import Tokenizer
+
+    from edgellm.convert.tiktoken_file import CL100K_SPLIT, tokenizer_json
+
+    _, folder = tiny("llama")
+    ranks = tiktoken_ranks(folder)
+    path = tmp_path / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(),
+                                                                                      key=lambda kv: kv[1])))
+    specials = {"<|user|>": len(ranks), "<|assistant|>": len(ranks) + 1}
+    oracle = tiktoken.Encoding("test", pat_str=CL100K_SPLIT, mergeable_ranks=ranks, special_tokens=specials)
+    config = {"added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in specials.items()}}
+    tok = Tokenizer.from_str(json.dumps(tokenizer_json(path, config)))
+    for text in TEXTS + ["numbers 1234567 and   spaces\n\n\tend", "<|user|>hi<|assistant|>"]:
+        assert tok.encode(text, add_special_tokens=False).ids == oracle.encode(text, allowed_special="all"), text
+        assert tok.decode(oracle.encode(text, allowed_special="all"), skip_special_tokens=False) == text

@@ -18,6 +18,7 @@ from ..errors import EdgeLLMError
 from ..format import QuantizedWeight
 from ..models import gguf_family
 from .sentencepiece import SPM_SPACE, implied_merges
+from .tiktoken_file import CL100K_SPLIT
 from .source import ModelSource
 
 # Tensors outside the layers, named alike by every family (the layers' names are each family's GGUFNames)
@@ -357,8 +358,7 @@ _BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "
 
 # --- tokenizer ---------------------------------------------------------------------------------
 # tokenizer.ggml.pre -> the split regex of the original Hugging Face tokenizer (None: GPT-2's own)
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = CL100K_SPLIT
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 

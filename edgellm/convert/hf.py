@@ -122,12 +122,15 @@ class HFSource(ModelSource):
         if path.is_file():
             return read_text(path)
         model = self.folder / "tokenizer.model"
-        if model.is_file():  # a sentencepiece model, as remote-code checkpoints often have alone
+        if model.is_file():  # a sentencepiece model or a tiktoken file, as remote-code checkpoints often have alone
+            from . import tiktoken_file
             from .sentencepiece import checkpoint_tokenizer
 
+            if tiktoken_file.is_tiktoken(model):
+                return json.dumps(tiktoken_file.tokenizer_json(model, self.tokenizer_config()))
             return json.dumps(checkpoint_tokenizer(model.read_bytes(), str(model), self.tokenizer_config()))
-        raise EdgeLLMError(f"{self.folder}: no tokenizer.json or sentencepiece tokenizer.model (edgellm reads "
-                           "either)")
+        raise EdgeLLMError(f"{self.folder}: no tokenizer.json or tokenizer.model (sentencepiece or tiktoken; "
+                           "edgellm reads any of them)")
 
     def tokenizer_config(self) -> dict:
         return read_json(self.folder / "tokenizer_config.json", {})
