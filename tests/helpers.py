@@ -68,9 +68,9 @@ TEXT_MODELS = {
     "minicpm": ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=12.0, attention_multiplier=0.25,
                                                             residual_multiplier=1.4 / 2 ** 0.5, logits_scaling=4.0),
                 15, as_minicpm),
-    # multi-head latent attention: a 16-wide latent query, a 32-wide key-value latent, 16 rotated dimensions
+    # multi-head latent attention: a 32-wide latent query, a 32-wide key-value latent, 16 rotated dimensions
     "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", dict(
-        pad_token_id=None, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=32, qk_nope_head_dim=16,
+        pad_token_id=None, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
         qk_rope_head_dim=16, v_head_dim=16,
         scale_emb=12, scale_depth=1.4, dim_model_base=16, rope_theta=10000.0), 16),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=None), 12),

@@ -42,8 +42,9 @@ def write_gguf(model, folder, path, arch: str, qtype, gguf_arch: str | None = No
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
+    if arch != "minicpm3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if arch == "gemma3":  # llama.cpp stores the global layers' rotary; the local base and query scale are implied
         rope = cfg.rope_parameters["full_attention"]
@@ -68,6 +69,11 @@ def write_gguf(model, folder, path, arch: str, qtype, gguf_arch: str | None = No
         w.add_sliding_window(0)
         for kind in ("long", "short"):
             w.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], np.float32))
+    if arch == "minicpm3":  # the latent ranks; the key is nope + rope wide, rope of it rotated
+        w.add_q_lora_rank(cfg.q_lora_rank)
+        w.add_kv_lora_rank(cfg.kv_lora_rank)
+        w.add_key_length(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        w.add_rope_dimension_count(cfg.qk_rope_head_dim)
     if arch in ("glm", "glm4"):  # rotary over half of each head
         w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if arch == "gemma2":  # the layer pattern and the query scale are implied
@@ -103,7 +109,7 @@ def write_gguf(model, folder, path, arch: str, qtype, gguf_arch: str | None = No
             data = llama_cpp_permute(data, heads)
         if arch in ("gemma", "gemma2", "gemma3") and name.endswith("norm.weight"):  # llama.cpp stores 1 + w
             data = data + 1
-        if data.ndim == 2:
+        if data.ndim == 2 and data.shape[1] % 32 == 0:  # (narrower rows stay float, as llama.cpp keeps them)
             w.add_tensor(gguf_name(name, arch), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gguf_name(name, arch), data)
@@ -118,7 +124,7 @@ def dequantized_copy(model, qtype):
     copied = type(model)(model.config).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for k, v in state.items():
-        if v.ndim == 2:
+        if v.ndim == 2 and v.shape[1] % 32 == 0:
             rounded = gguf.quants.dequantize(gguf.quants.quantize(v.numpy(), qtype), qtype).reshape(v.shape)
             state[k] = torch.from_numpy(np.ascontiguousarray(rounded, np.float32))
     copied.load_state_dict(state)
@@ -172,6 +178,11 @@ def test_tied_embedding_is_stored_once(tmp_path, monkeypatch, arch, qtype, share
 def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     ref_model, folder = tiny(arch)
     config = ref_model.config
+    if arch == "minicpm3":  # llama.cpp's MiniCPM3 constants: 12, 1.4 and a base width of 256
+        config = copy.deepcopy(ref_model.config)
+        config.scale_emb, config.scale_depth, config.dim_model_base = 12, 1.4, 256
+        ref_model = type(ref_model)(config).eval()
+        ref_model.load_state_dict(tiny(arch)[0].state_dict())
     if arch == "smollm3":  # llama.cpp's layers without rotary: every fourth (here: none of the two)
         config = copy.deepcopy(ref_model.config)
         config.no_rope_layer_interval = 4
@@ -206,7 +217,7 @@ def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
         assert err < DEQUANTIZED_BOUND[level], f"{arch} w8 at accuracy level {level}: {err:.2e}"
     # and so is the embedding table, as its own codes and scales (Gemma's sqrt(hidden) carried by the scales)
     scale = np.float32(config.hidden_size ** 0.5 if arch in ("gemma", "gemma2", "gemma3") else
-                       getattr(config, "embedding_multiplier", 1.0))
+                       getattr(config, "embedding_multiplier", None) or getattr(config, "scale_emb", 1.0))
     table = dequantized.model.embed_tokens.weight.detach().numpy() * scale
     np.testing.assert_allclose(kept.engine.embed(ids), table[ids], rtol=1e-6, atol=1e-6)
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..modeling.family import TextFamily
+from ..modeling.family import GGUFNames, TextFamily
 from ..modeling.layers import rope_tables
 from . import granite, minicpm
+from .llama import GGUF_LAYERS
 
 
 @dataclass
@@ -100,5 +101,23 @@ class Model(granite.Model):
         return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
 
 
+def gguf_config(meta: dict, config: dict) -> dict:
+    """llama.cpp stores the latent ranks and the key width; MiniCPM3's muP constants it takes as given (12, 1.4,
+    256), as it does the rotary width being the key's rotated part rather than a partial rotary."""
+    rope = meta["minicpm3.rope.dimension_count"]
+    return {"q_lora_rank": meta.get("minicpm3.attention.q_lora_rank"),
+            "kv_lora_rank": meta["minicpm3.attention.kv_lora_rank"], "qk_rope_head_dim": rope,
+            "qk_nope_head_dim": meta["minicpm3.attention.key_length"] - rope, "partial_rotary_factor": None,
+            "scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 256}
+
+
+# llama.cpp's MLA tensors, rows as they are
+GGUF_LAYERS_MINICPM3 = {**GGUF_LAYERS, "attn_q_a.weight": "self_attn.q_a_proj.weight",
+                        "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+                        "attn_q_b.weight": "self_attn.q_b_proj.weight",
+                        "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+                        "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+                        "attn_kv_b.weight": "self_attn.kv_b_proj.weight"}
 FAMILY = TextFamily(name="minicpm3", title="MiniCPM3", architectures=("MiniCPM3ForCausalLM",),
-                    model_args=ModelArgs, model=Model)
+                    model_args=ModelArgs, model=Model, gguf=GGUFNames("minicpm3", GGUF_LAYERS_MINICPM3,
+                                                                      config=gguf_config))
