@@ -180,3 +180,21 @@ def test_layouts_edgellm_cannot_compute_are_one_clear_error(tmp_path):
         with pytest.raises(EdgeLLMError, match=message):
             edgellm.convert(folder, tmp_path / f"{architecture}-bundle", progress=False)
         assert not (tmp_path / f"{architecture}-bundle").exists()
+
+
+def test_a_checkpoint_missing_a_tensor_of_its_layout_is_one_clear_error(tmp_path):
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    import edgellm
+    from edgellm.errors import EdgeLLMError
+
+    (tmp_path / "ok").mkdir()
+    tiny_pair(tmp_path / "ok", "GlmConfig", "GlmForCausalLM", 24, saved_as=as_chatglm, head_dim=32,
+              pad_token_id=None)
+    tensors = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    del tensors["transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"]
+    save_file(tensors, str(tmp_path / "ok" / "model.safetensors"))
+    with pytest.raises(EdgeLLMError, match="transformer.encoder.layers.1.mlp.dense_4h_to_h.weight .*not found"):
+        edgellm.convert(tmp_path / "ok", tmp_path / "broken", quantize="f32", progress=False)
+    assert not (tmp_path / "broken").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import EdgeLLMError
 from .quantize import QuantizedWeight
 
 
@@ -141,20 +142,22 @@ class MappedSource(WrappedSource):
     is the family's config, translated from the checkpoint's."""
 
     def __init__(self, source: ModelSource, config: dict, mapping: dict[str, tuple[str, np.ndarray | None]]):
-        self.source, self.config = source, config
+        self.source, self.config, self.mapping = source, config, mapping
         own = set(source.names())
-        self.mapping = {mine: (theirs, rows) for mine, (theirs, rows) in mapping.items() if theirs in own}
+        self._present = dict.fromkeys(mine for mine, (theirs, _) in mapping.items() if theirs in own)
 
     def names(self) -> list[str]:
-        return list(self.mapping)
+        return list(self._present)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.mapping
+        return name in self._present
 
     def _read(self, name: str, read):
         if name not in self.mapping:
-            raise KeyError(name)
+            raise EdgeLLMError(f"tensor {name} has no place in this checkpoint's layout")
         theirs, rows = self.mapping[name]
+        if theirs not in self.source:
+            raise EdgeLLMError(f"tensor {theirs} (this family's {name}) not found in the checkpoint")
         value = read(theirs)
         return value if rows is None else (value.take_rows(rows) if isinstance(value, QuantizedWeight)
                                            else value[rows])
