@@ -463,6 +463,7 @@ def cmd_chat(args) -> None:
 
 def cmd_bench(args) -> None:
     from .bench import bench, profile_decode
+    from .format import SAMPLING_HEAD_GRAPH
 
     model = _load(args)
     lengths = [int(x) for x in args.prompt_lengths.split(",") if x.strip()]
@@ -471,7 +472,7 @@ def cmd_bench(args) -> None:
         from .bench import bench_vision
 
         print(bench_vision(model, min(args.decode_tokens, 32), args.repeats))
-    if "sampling_head" in model.manifest.graphs:
+    if SAMPLING_HEAD_GRAPH in model.manifest.graphs:
         from .bench import bench_sampling
 
         print(bench_sampling(model))

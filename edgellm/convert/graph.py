@@ -248,21 +248,7 @@ class GraphBuilder:
         """Several projections of the same input as one matmul (QKV, gate+up), split afterwards unless split=False.
         Pre-quantized weights of different block formats cannot share a matmul: then they stay apart, or, with
         split=False, None is returned. `parts`: the projections' own names, for LoRA branches (LoraSlots)."""
-        if parts and self.lora is not None and all(self.lora.wants(p) for p in parts):
-            lora, self.lora = self.lora, None  # the fused matmul itself, then one branch per part beside it
-            try:
-                y = self.fused_linear(x, weights, name, biases, split=False)
-            finally:
-                self.lora = lora
-            if y is not None:
-                deltas = [self.lora_branch(x, p, *_in_out(w)) for p, w in zip(parts, weights)]
-                y = self.add(y, self.op("Concat", deltas, name=f"{name}/lora", axis=-1), name=f"{name}/lora_add")
-                if not split:
-                    return y
-                sizes = [_in_out(w)[1] for w in weights]
-                return self.op("Split", [y, self.ints(sizes, f"{name}/sizes")], name=f"{name}/split",
-                               outputs=len(sizes), axis=-1)
-        sizes = [w.shape[0] if isinstance(w, np.ndarray) else w.n for w in weights]
+        sizes = [_in_out(w)[1] for w in weights]
         if all(isinstance(w, QuantizedWeight) for w in weights) and self.policy.bits is not None:
             fused = concat_rows(weights)
             if fused is None:
@@ -274,6 +260,9 @@ class GraphBuilder:
             fused = np.concatenate([w if isinstance(w, np.ndarray) else w.dequantize() for w in weights])
         bias = None if biases is None else np.concatenate(biases)
         y = self.linear(x, fused, name, bias)
+        if parts and self.lora is not None and all(self.lora.wants(p) for p in parts):  # one branch per part
+            deltas = [self.lora_branch(x, p, *_in_out(w)) for p, w in zip(parts, weights)]
+            y = self.add(y, self.op("Concat", deltas, name=f"{name}/lora", axis=-1), name=f"{name}/lora_add")
         if not split:
             return y
         return self.op("Split", [y, self.ints(sizes, f"{name}/sizes")], name=f"{name}/split", outputs=len(sizes),

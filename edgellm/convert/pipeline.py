@@ -15,9 +15,9 @@ from tqdm import tqdm
 from .. import __version__
 from ..errors import EdgeLLMError
 from ..format.blocks import QuantizedWeight
-from ..format import (DECODER_GRAPH, MANIFEST, VISION_GRAPH, EmbeddingsEntry, EmbeddingTable, Manifest, Quantization,
-                      Tokens, VisionSection, check_output, file_checksums, open_bundle, save_table, staging_folder,
-                      write_manifest)
+from ..format import (DECODER_GRAPH, MANIFEST, SAMPLING_HEAD_GRAPH, STEP_GRAPH, VISION_GRAPH, EmbeddingsEntry,
+                      EmbeddingTable, Manifest, Quantization, Tokens, VisionSection, check_output, file_checksums,
+                      open_bundle, save_table, stage_graph, staging_folder, write_manifest)
 from ..format import encryption
 from ..modeling.family import TextFamily, VisionOptions
 from ..models import families, family_for
@@ -31,7 +31,7 @@ QUANT_MODES = ("f32", "f16", "w8", "w4")
 # block types (GGUF's, or a pre-quantized checkpoint's) that -q w8 keeps as 8-bit blocks
 EIGHT_BIT_BLOCKS = {"Q8_0", "Q8_1", "Q8_K", "GPTQ 8-bit", "COMPRESSED-TENSORS 8-bit"}
 DECODER_FILE = "decoder.onnx"
-STEP_GRAPH, STEP_FILE = "decoder_step", "decoder_step.onnx"  # --static: the one-token graph beside the chunk one
+STEP_FILE = "decoder_step.onnx"  # --static: the one-token graph beside the chunk one
 LM_HEAD_PIECE_BYTES = 32 << 20  # a larger quantized lm_head is stored in row pieces (see WeightPolicy)
 VISION_FILE = "vision.onnx"
 
@@ -197,16 +197,16 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
     if len(stages) > 1 and (parts or static or kv_cache != "f32"):
         raise EdgeLLMError("--num-device applies to text models with the dynamic graph and the float KV cache (not "
                            "with --static, --kv-cache int8 or vision-language models yet)")
-    slots_for_lora = None
-    if lora_slots:
-        if kv_cache != "f32" or lora_max_rank < 1:
-            raise EdgeLLMError("--lora-slots needs the float KV cache and a --lora-max-rank of 1 or more")
-        slots_for_lora = LoraSlots(lora_max_rank, model.batch_dim() if not static else 1)
     if static:
         if parts or kv_cache != "f32":
             raise EdgeLLMError("--static applies to text models with the float KV cache (not to vision-language "
                                "models or --kv-cache int8 yet)")
         model.fixed_rows = (chunk_length, 1)  # the chunk's last row's logits, as prefill needs
+    slots_for_lora = None
+    if lora_slots:
+        if kv_cache != "f32" or lora_max_rank < 1:
+            raise EdgeLLMError("--lora-slots needs the float KV cache and a --lora-max-rank of 1 or more")
+        slots_for_lora = LoraSlots(lora_max_rank, model.batch_dim())
     tokenizer_json = compact_merges(source.tokenizer_json())
     tokens = special_tokens(source, tokenizer_json)
     if parts:
@@ -221,7 +221,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
             weights = _Progress(_Reblocked(source, group_size, symmetric) if reblock else source, bar)
             formats: dict[str, int] = {}
             for k, layer_range in enumerate(stages):  # one graph, or one per stage (--num-device)
-                graph_file = DECODER_FILE if k == 0 else stage_file(k)
+                graph_file = DECODER_FILE if k == 0 else f"decoder_stage{k}.onnx"
                 g = GraphBuilder(WeightPolicy(quantize, group_size, symmetric, accuracy_level),
                                  data_file(stage, graph_file))
                 g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
@@ -231,9 +231,8 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
                 for kind, count in g.matmul_formats.items():
                     formats[kind] = formats.get(kind, 0) + count
                 if k:
-                    graphs[f"{DECODER_GRAPH}_stage{k}"] = graph_file
-            g.matmul_formats = formats  # the last stage's builder (it holds the lm_head) speaks for all
-            head_file = graph_file
+                    graphs[stage_graph(k)] = graph_file
+            head_file = graph_file  # (the last stage's graph holds the lm_head, `g` its builder)
             if static:
                 write_step_graph(stage / DECODER_FILE, stage / STEP_FILE)
                 graphs[STEP_GRAPH] = STEP_FILE
@@ -252,7 +251,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
             from .sampling_head import SAMPLING_HEAD_FILE, build_sampling_head
 
             save_graph(build_sampling_head(model.shape().vocab_size), stage / SAMPLING_HEAD_FILE)
-            graphs["sampling_head"] = SAMPLING_HEAD_FILE
+            graphs[SAMPLING_HEAD_GRAPH] = SAMPLING_HEAD_FILE
         if kv_cache == "int8":
             extension_for = family.processor(parts.settings.to_json()).decoder_extension if parts else None
             int8_cache(stage, embeddings_entry, tokenizer_json, seq_length, chunk_length, extension_for, progress)
@@ -270,8 +269,7 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
             source={"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf",
                     **({"adapter": checkpoint.adapter} if lora is not None else {})},
             model=model.shape(), seq_length=seq_length, chunk_length=chunk_length,
-            quantization=Quantization(quantize, group_size, symmetric, lm_head, accuracy_level, g.matmul_formats,
-                                      kv_cache),
+            quantization=Quantization(quantize, group_size, symmetric, lm_head, accuracy_level, formats, kv_cache),
             tokens=Tokens(**tokens), graphs=graphs, embeddings=embeddings_entry,
             vision=VisionSection(family.name, parts.settings.to_json(), vision_quantize) if parts else None,
             encryption=sealed, shared=shared,
@@ -279,14 +277,9 @@ def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int 
         write_manifest(stage, manifest)
     if progress:
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-        tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(quantize, g.matmul_formats, kv_cache)}) in "
+        tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(quantize, formats, kv_cache)}) in "
                    f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return out
-
-
-def stage_file(k: int) -> str:
-    """Stage k's graph file of a decoder written as stages (--num-device); stage 0 is decoder.onnx."""
-    return f"decoder_stage{k}.onnx"
 
 
 def write_step_graph(chunk_graph: Path, step_graph: Path) -> None:

@@ -193,6 +193,13 @@ class FileEntry:
 
 
 DECODER_GRAPH, VISION_GRAPH = "decoder", "vision"
+STEP_GRAPH = "decoder_step"  # --static: the one-row graph beside the fixed chunk (the "decoder")
+SAMPLING_HEAD_GRAPH = "sampling_head"  # --do-sample
+
+
+def stage_graph(k: int) -> str:
+    """The manifest's name of stage k (from 1) of a decoder written as stages; stage 0 is DECODER_GRAPH."""
+    return f"{DECODER_GRAPH}_stage{k}"
 
 
 @dataclass
@@ -217,6 +224,14 @@ class Manifest:
     # LoRA slots compiled into the decoder: {"slots": adapters held at once, "rank": the most a slot takes,
     # "shapes": {projection: [in, out]}}
     lora: dict | None = None
+
+    @property
+    def decoder_stages(self) -> list[str]:
+        """The decoder's graph files in order: one, or one per stage (convert --num-device)."""
+        stages = [self.graphs[DECODER_GRAPH]]
+        while stage_graph(len(stages)) in self.graphs:
+            stages.append(self.graphs[stage_graph(len(stages))])
+        return stages
 
     @property
     def size_bytes(self) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import EdgeLLMError
-from ..format import DECODER_GRAPH, Bundle, EmbeddingTable
+from ..format import DECODER_GRAPH, STEP_GRAPH, Bundle, EmbeddingTable
 from ..vision.processor import DecoderExtension, Processor
 from .memory import default_slots
 from .prompt_cache import CachedSequence, PromptCache
@@ -137,9 +137,7 @@ class Engine:
         self.seq_length = bundle.manifest.seq_length
         self.chunk_length = bundle.manifest.chunk_length
         decoder = bundle.file(bundle.manifest.graphs[DECODER_GRAPH])
-        graphs = bundle.manifest.graphs
-        stage_files = [decoder.name] + [graphs[f"{DECODER_GRAPH}_stage{k}"] for k in range(1, len(graphs))
-                                        if f"{DECODER_GRAPH}_stage{k}" in graphs]
+        stage_files = bundle.manifest.decoder_stages
         stage_devices = stage_devices or [device]
         if len(stage_devices) > 1 and len(stage_devices) != len(stage_files):
             raise EdgeLLMError(f"this bundle's decoder is split for {len(stage_files)} devices; give "
@@ -169,10 +167,10 @@ class Engine:
         rows_in = inputs["inputs_embeds"][1]
         self.fixed_rows = rows_in if isinstance(rows_in, int) else None
         self.step_session = None
-        if "decoder_step" in bundle.manifest.graphs:
+        if STEP_GRAPH in bundle.manifest.graphs:
             if device == "openvino":
                 raise EdgeLLMError("device openvino does not run --static bundles yet; use device cpu")
-            self.step_session = open_graph(bundle, bundle.manifest.graphs["decoder_step"],
+            self.step_session = open_graph(bundle, bundle.manifest.graphs[STEP_GRAPH],
                                            session_options(threads, spinning), PROVIDERS[device])
         can_batch = self.batched and device != "openvino"
         if slots is None:

@@ -13,7 +13,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from ..errors import EdgeLLMError
-from ..format import VISION_GRAPH, open_bundle
+from ..format import SAMPLING_HEAD_GRAPH, VISION_GRAPH, open_bundle
 from ..format.encryption import key_material
 from .chat import ChatTemplate, check_messages, message_texts, user_content
 from .engine import PROVIDERS, Engine, check_device, open_graph, session_options
@@ -196,7 +196,7 @@ class Model:
     def sampler(self, params: SamplingParams) -> Sampler:
         """The sampler of `params`: a sampled answer of a bundle with a sampling head (--do-sample) draws from the
         head's candidates, computed by its graph on the decoder's device."""
-        head = self.manifest.graphs.get("sampling_head")
+        head = self.manifest.graphs.get(SAMPLING_HEAD_GRAPH)
         if head is None or params.temperature <= 0:
             return Sampler(params)
         if self._sampling_head is None:
