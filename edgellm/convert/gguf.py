@@ -19,6 +19,7 @@ from ..format import QuantizedWeight
 from ..models import gguf_family
 from .sentencepiece import SPM_SPACE, implied_merges
 from .tiktoken_file import CL100K_SPLIT
+from .vocab import added_token, bos_prefix
 from .source import ModelSource
 
 # Tensors outside the layers, named alike by every family (the layers' names are each family's GGUFNames)
@@ -358,7 +359,6 @@ _BLOCK_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "
 
 # --- tokenizer ---------------------------------------------------------------------------------
 # tokenizer.ggml.pre -> the split regex of the original Hugging Face tokenizer (None: GPT-2's own)
-_LLAMA3_SPLIT = CL100K_SPLIT
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -369,7 +369,7 @@ def _byte_level_pre_tokenizer(pre: str | None) -> dict:
         return byte_level
     if pre == "smollm":
         return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    split = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+    split = {"llama-bpe": CL100K_SPLIT, "llama3": CL100K_SPLIT, "qwen2": _QWEN2_SPLIT,
              "deepseek-r1-qwen": _QWEN2_SPLIT}
     if pre not in split:
         raise EdgeLLMError(f"GGUF pre-tokenizer {pre!r} is not supported yet")
@@ -400,18 +400,11 @@ def gguf_tokenizer(reader, meta: dict, merges_by_rank: bool = False) -> dict:
         raise EdgeLLMError(f"GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 byte-level BPE, "
                            "and sentencepiece vocabularies whose merges follow the token order, as Gemma 3's)")
     # llama.cpp's CONTROL tokens (3) are special; USER_DEFINED ones (4, e.g. "\n\n" in Gemma) always match whole
-    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": kind == 3}
-             for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)]
+    added = [added_token(i, tok, kind == 3) for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)]
     post = None
     if meta.get("tokenizer.ggml.add_bos_token") and "tokenizer.ggml.bos_token_id" in meta:
         bos_id = meta["tokenizer.ggml.bos_token_id"]
-        bos = tokens[bos_id]
-        post = {"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+        post = bos_prefix(tokens[bos_id], bos_id)
     bpe = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
            "vocab": {tok: i for i, tok in enumerate(tokens)}, "merges": merges}

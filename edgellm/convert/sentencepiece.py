@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 
 from ..errors import EdgeLLMError
+from .vocab import add_config_tokens, added_token, bos_prefix
 
 SPM_SPACE = "\u2581"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -109,9 +110,8 @@ def tokenizer_json(data: bytes, where: str) -> dict:
     tokens = [text for text, _, _ in model["pieces"]]
     kinds = [kind for _, _, kind in model["pieces"]]
     unk = next((text for text, _, kind in model["pieces"] if kind == UNKNOWN), None)
-    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": kind == CONTROL}
-             for i, (tok, kind) in enumerate(zip(tokens, kinds)) if kind in (CONTROL, USER_DEFINED)]
+    added = [added_token(i, tok, kind == CONTROL) for i, (tok, kind) in enumerate(zip(tokens, kinds))
+             if kind in (CONTROL, USER_DEFINED)]
     # only normal pieces are merged into and from (a placeholder that joins nothing stands for the others)
     mergeable = [tok if kind == NORMAL else f"\0{i}\0" for i, (tok, kind) in enumerate(zip(tokens, kinds))]
     normalizers = []
@@ -148,22 +148,10 @@ def checkpoint_tokenizer(data: bytes, where: str, tokenizer_config: dict) -> dic
     model file lacks (a chat format's markers), and the BOS token before every text where `add_bos_token` (the
     default of sentencepiece-based tokenizers) asks for it."""
     tok = tokenizer_json(data, where)
-    vocab, known = tok["model"]["vocab"], {a["id"] for a in tok["added_tokens"]}
-    for key, entry in sorted((tokenizer_config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
-        if int(key) not in known and isinstance(entry, dict) and entry.get("content"):
-            if int(key) < len(vocab) and entry["content"] not in vocab:
-                raise EdgeLLMError(f"{where}: tokenizer_config.json names token {key} {entry['content']!r}, which the "
-                                   "model file holds as another piece")
-            tok["added_tokens"].append({"id": int(key), "content": entry["content"], "single_word": False,
-                                        "lstrip": False, "rstrip": False, "normalized": False,
-                                        "special": bool(entry.get("special", True))})
+    add_config_tokens(tok, tokenizer_config, where)
+    vocab = tok["model"]["vocab"]
     bos = tokenizer_config.get("bos_token")
     bos = bos.get("content") if isinstance(bos, dict) else bos
     if bos in vocab and tokenizer_config.get("add_bos_token", True):
-        tok["post_processor"] = {
-            "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                                                     {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [vocab[bos]], "tokens": [bos]}}}
+        tok["post_processor"] = bos_prefix(bos, vocab[bos])
     return tok

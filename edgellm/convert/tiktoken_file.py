@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from ..errors import EdgeLLMError
+from .vocab import add_config_tokens
 
 # the cl100k pre-tokenization pattern (Llama 3 and GLM-4 use it too)
 CL100K_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -61,16 +62,14 @@ def tokenizer_json(path: Path, tokenizer_config: dict) -> dict:
     merges = [[spell(left), spell(right)] for token in sorted(ranks, key=ranks.get) if len(token) > 1
               for left, right in [_last_merge(token, ranks)]]
     vocab = {spell(token): rank for token, rank in ranks.items()}
-    added = [{"id": int(key), "content": entry["content"], "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": bool(entry.get("special", True))}
-             for key, entry in sorted((tokenizer_config.get("added_tokens_decoder") or {}).items(),
-                                      key=lambda kv: int(kv[0])) if isinstance(entry, dict) and entry.get("content")]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": CL100K_SPLIT}, "behavior": "Isolated", "invert": False},
-                byte_level]},
-            "post_processor": None, "decoder": {**byte_level, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                      "vocab": vocab, "merges": merges}}
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+               {"type": "Split", "pattern": {"Regex": CL100K_SPLIT}, "behavior": "Isolated", "invert": False},
+               byte_level]},
+           "post_processor": None, "decoder": {**byte_level, "use_regex": True},
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                     "vocab": vocab, "merges": merges}}
+    add_config_tokens(tok, tokenizer_config, str(path))
+    return tok

@@ -177,9 +177,6 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for name, info in manifest.files.items():
         file = path / name
         if not file.is_file():
-            if name in manifest.shared:
-                raise EdgeLLMError(f"{path}: the bundle shares {name} with {path / manifest.shared[name]}, which is "
-                                   "missing; keep the bundles side by side, or reconvert without --share-weights-with")
             raise EdgeLLMError(f"{path}: bundle file {name} is missing; reconvert the model")
         size = file.stat().st_size
         if size != info.bytes and name in manifest.shared:

@@ -220,7 +220,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # {"cipher", "kdf": {...}, "salt": hex, "files": [names]} of an encrypted bundle (format.encryption)
     encryption: dict | None = None
-    shared: dict[str, str] = field(default_factory=dict)  # file -> the other bundle's, relative (a link to it)
+    shared: dict[str, str] = field(default_factory=dict)  # file -> the other bundle's it is a hard link to
     # LoRA slots compiled into the decoder: {"slots": adapters held at once, "rank": the most a slot takes,
     # "shapes": {projection: [in, out]}}
     lora: dict | None = None

@@ -189,11 +189,17 @@ class Model:
         """Declare inputs beyond the decoder contract (into ctx); the runtime feeds them through the family's
         processor (vision.processor.DecoderExtension)."""
 
+    def rotary_head_dim(self) -> int:
+        """The head width the rope type's tables are for (the rope's partial factor applies to it): the heads'
+        (multi-head latent attention: the keys' rotated part)."""
+        return self.args.head_dim
+
     def rotary(self, g: GraphBuilder, ctx: dict, seq_length: int) -> None:
         """Set ctx's "cos" and "sin" tables (and "position_ids" as rotary reads them)."""
-        cos, sin = rope_tables(self.args.rope, self.args.head_dim, seq_length)
-        if cos.shape[1] * 2 != self.args.head_dim and cos.shape[1] % 8:
-            raise EdgeLLMError(f"a partial rotary of {cos.shape[1] * 2} of the heads' {self.args.head_dim} dimensions: "
+        dim = self.rotary_head_dim()
+        cos, sin = rope_tables(self.args.rope, dim, seq_length)
+        if cos.shape[1] * 2 != dim and cos.shape[1] % 8:
+            raise EdgeLLMError(f"a partial rotary of {cos.shape[1] * 2} of the heads' {dim} dimensions: "
                                "ONNX Runtime's attention rotates a multiple of 16 dimensions only")
         ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..modeling.family import GGUFNames, TextFamily
-from ..modeling.layers import rope_tables
 from . import granite, minicpm
 from .llama import GGUF_LAYERS
 
@@ -51,9 +50,8 @@ class Model(granite.Model):
             scale *= (0.1 * a.rope["mscale_all_dim"] * math.log(a.rope["factor"]) + 1.0) ** 2
         return float(scale)
 
-    def rotary(self, g, ctx: dict, seq_length: int) -> None:
-        cos, sin = rope_tables(self.args.rope, self.args.qk_rope_head_dim, seq_length)
-        ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
+    def rotary_head_dim(self) -> int:
+        return self.args.qk_rope_head_dim
 
     def attention(self, g, weights, i: int, x: str, ctx: dict) -> str:
         a, prefix = self.args, f"model.layers.{i}.self_attn"

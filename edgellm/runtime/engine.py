@@ -191,8 +191,9 @@ class Engine:
         self.layers, self.vocab_size = m.num_hidden_layers, m.vocab_size
         self.kv = lazy_zeros((self.layers, 2, slots, m.num_key_value_heads, self.seq_length, m.head_dim),
                              bundle.manifest.quantization.kv_dtype)
-        # (first slot, end, one-row graph) -> (its session, the binding, the one-position logits buffer and value)
-        self._bindings: dict[tuple, tuple[ort.InferenceSession, ort.IOBinding, np.ndarray, ort.OrtValue]] = {}
+        # (first slot, end, one-row graph, stage, the slots' adapters) -> (its session, the binding, the one-position
+        # logits buffer and value, the LoRA inputs' arrays it binds)
+        self._bindings: dict[tuple, tuple] = {}
         rows = 1 if self.batched else inputs["position_ids"][0]
         self.slots = [Slot(i, rows, self.seq_length) for i in range(slots)]
         self.slot = self.slots[0]  # the sequence prefill, forward, decode and verify work on
@@ -263,10 +264,13 @@ class Engine:
         self.adapters[name] = arrays
         self._bindings = {k: v for k, v in self._bindings.items() if name not in k[4]}  # a reloaded adapter
 
-    def set_adapter(self, name: str | None) -> None:
-        """The adapter the current slot computes with from now on; its cache was computed with another: dropped."""
+    def check_adapter(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:
             raise EdgeLLMError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+
+    def set_adapter(self, name: str | None) -> None:
+        """The adapter the current slot computes with from now on; its cache was computed with another: dropped."""
+        self.check_adapter(name)
         if self.slot.adapter != name:
             self.reset()
             self.slot.adapter = name

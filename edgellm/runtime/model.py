@@ -345,8 +345,7 @@ class Model:
             sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids, self.think_tokens, prompt.ids)
         self.check_length(len(prompt.ids))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if adapter is not None and adapter not in self.engine.adapters:
-            raise EdgeLLMError(f"no adapter named {adapter!r}; loaded: {', '.join(self.engine.adapters) or 'none'}")
+        self.engine.check_adapter(adapter)
         answer = Generation(prompt, sampler, StreamDecoder(self.tokenizer), stops, max_new_tokens,
                             set() if ignore_eos else self.eos_token_ids, started, tools)
         answer.adapter = adapter
