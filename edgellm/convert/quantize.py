@@ -137,6 +137,18 @@ def _quantize_rows(n: int, k: int, rows_of, bits: int, block_size: int, symmetri
     return QuantizedWeight(bits, block_size, k, codes, scales, zero_points)
 
 
+def half_scales(scales: np.ndarray, bits: int) -> np.ndarray:
+    """4-bit blocks' scales as float16 values where float16 keeps them to 2^-11 (its normal range), far below what 4
+    bits round away. edgellm's CPU kernels store 4-bit blocks with float16 scales (half the bytes a scale takes):
+    a bundle whose scales already are float16 values gives them and ONNX Runtime's own kernels the same weights.
+    8-bit blocks keep float32 scales, which the kernels keep too (2^-11 is not far below what 8 bits round)."""
+    if bits != 4:
+        return scales.astype(np.float32)
+    half = scales.astype(np.float16)
+    kept = (np.abs(scales) >= 2.0 ** -14) & np.isfinite(half)
+    return np.where(kept, half.astype(np.float32), scales).astype(np.float32)
+
+
 def _round_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
     """(codes, scales, zero points or None) of the rows `w`."""
     n, k = w.shape
@@ -150,13 +162,13 @@ def _round_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
         mid = 1 << (bits - 1)
         idx = np.abs(blocks).argmax(axis=-1)[..., None]
         extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
-        scales = extreme / -mid
+        scales = half_scales(extreme / -mid, bits)
         safe = np.where(scales == 0, 1.0, scales)
         codes = np.clip(np.rint(blocks / safe[..., None]) + mid, 0, qmax)
         return codes.astype(np.uint8), scales.astype(np.float32), None
     lo = np.minimum(blocks.min(axis=-1), 0.0)
     hi = np.maximum(blocks.max(axis=-1), 0.0)
-    scales = (hi - lo) / qmax
+    scales = half_scales((hi - lo) / qmax, bits)
     safe = np.where(scales == 0, 1.0, scales)
     zero_points = np.clip(np.rint(-lo / safe), 0, qmax)
     codes = np.clip(np.rint(blocks / safe[..., None]) + zero_points[..., None], 0, qmax)

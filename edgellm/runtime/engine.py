@@ -23,6 +23,8 @@ import onnxruntime as ort
 
 from ..errors import EdgeLLMError
 from ..format import DECODER_GRAPH, STEP_GRAPH, Bundle, EmbeddingTable
+from ..kernels import KernelUse, library_path, swap
+from ..kernels import status as kernel_status
 from ..vision.processor import DecoderExtension, Processor
 from .memory import default_slots
 from .prompt_cache import CachedSequence, PromptCache
@@ -63,17 +65,31 @@ def open_session(path, options: ort.SessionOptions, providers: list[str]) -> ort
         raise EdgeLLMError(f"{path}: ONNX Runtime could not load the graph ({e})") from e
 
 
-def open_graph(bundle: Bundle, name: str, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def open_graph(bundle: Bundle, name: str, options: ort.SessionOptions, providers: list[str],
+               kernels: KernelUse | None = None) -> ort.InferenceSession:
     """A session of the bundle's graph file `name`; an encrypted bundle's graph and its data file are decrypted into
-    memory and handed to ONNX Runtime from there (nothing decrypted is written anywhere)."""
-    if not bundle.is_encrypted(name):
+    memory and handed to ONNX Runtime from there (nothing decrypted is written anywhere). On the CPU provider its
+    MatMulNBits run on edgellm's own kernels where they are in use (`kernels` records what ran)."""
+    encrypted = bundle.is_encrypted(name)
+    model = bytes(bundle.read(name)) if encrypted else None
+    if providers[0] == "CPUExecutionProvider":
+        use = kernels or KernelUse(kernel_status())
+        swapped = swap(model if encrypted else bundle.file(name).read_bytes(), use)
+        if swapped is not None:
+            options.register_custom_ops_library(str(library_path()))
+            if not encrypted:  # the data file stays where the graph names it
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 str(bundle.file(name).parent))
+            model = swapped
+    if encrypted:
+        data = [f for f in bundle.manifest.files if f == f"{name}.data"]
+        buffers = [np.frombuffer(bundle.read(f), np.uint8) for f in data]
+        if data:
+            options.add_external_initializers_from_files_in_memory(data, buffers, [b.nbytes for b in buffers])
+    if model is None:
         return open_session(bundle.file(name), options, providers)
-    data = [f for f in bundle.manifest.files if f == f"{name}.data"]
-    buffers = [np.frombuffer(bundle.read(f), np.uint8) for f in data]
-    if data:
-        options.add_external_initializers_from_files_in_memory(data, buffers, [b.nbytes for b in buffers])
     try:
-        return ort.InferenceSession(bytes(bundle.read(name)), options, providers=providers)
+        return ort.InferenceSession(model, options, providers=providers)
     except Exception as e:
         raise EdgeLLMError(f"{bundle.file(name)}: ONNX Runtime could not load the graph ({e})") from e
 
@@ -149,8 +165,9 @@ class Engine:
         # one session (and thread pool) per stage, on its device; stage 0 is "the" decoder session. Stages run in
         # turn, so a pool that spins while another stage computes takes its cores: no spinning when there are several
         spins = spinning and len(stage_files) == 1
+        self.kernels = KernelUse(kernel_status())  # which kernels run the decoder's matmuls
         self.stages = [open_graph(bundle, name, session_options(threads, spins, profile_prefix if k == 0 else None),
-                                  PROVIDERS[stage_devices[k] if len(stage_devices) > 1 else device])
+                                  PROVIDERS[stage_devices[k] if len(stage_devices) > 1 else device], self.kernels)
                        for k, name in enumerate(stage_files)]
         self.session = self.stages[0]
         self.stage_inputs = [[i.name for i in st.get_inputs() if not i.name.startswith(("past_", "lora_"))]
@@ -171,7 +188,7 @@ class Engine:
             if device == "openvino":
                 raise EdgeLLMError("device openvino does not run --static bundles yet; use device cpu")
             self.step_session = open_graph(bundle, bundle.manifest.graphs[STEP_GRAPH],
-                                           session_options(threads, spinning), PROVIDERS[device])
+                                           session_options(threads, spinning), PROVIDERS[device], self.kernels)
         can_batch = self.batched and device != "openvino"
         if slots is None:
             slots = default_slots(bundle, device) if can_batch else 1

@@ -1,0 +1,110 @@
+// edgellm's CPU matmul kernels: weights in blocks (4- or 8-bit codes, a scale per block of 16..256 inputs, and
+// either a constant zero point or a float minimum per block), activations rounded to int8 per block at run time
+// (as ONNX Runtime's MatMulNBits does at accuracy level 4 and llama.cpp does with its q8 blocks), integer dot
+// products per block, one float multiply-add per block.
+//
+// This header holds plain data and declarations only: each instruction-set file is compiled for its own target, so
+// no inline code may be shared between them (a linker could otherwise keep an AVX-512 copy for every caller).
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+namespace edgellm {
+
+// Instruction-set levels, lowest first. Each kernel file implements one; the dispatcher picks the highest the CPU
+// and the caller allow.
+enum Isa : int { kIsaNone = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAmx = 3 };
+
+// Outputs per panel: a panel holds 16 output rows of the weight, interleaved so that one 64-byte vector holds 4
+// consecutive inputs of each of the 16 (the operand layout of vpdpbusd and of AMX's int8 tiles).
+constexpr int kPanel = 16;
+
+// A weight [n outputs, k inputs] repacked at load. Panels follow each other; a panel is one stream of records
+// (reading it in order reads memory in order): a record holds `group` consecutive blocks, first their codes, then
+// their 16 scales each, then (min form) their 16 minimums each; `group` is 2 where one block's scales would leave
+// the next block's codes off a 64-byte boundary. A block's codes, for 8 bits: groups of 4 inputs, each 64 bytes
+// (output j's 4 codes at 4j..4j+3); for 4 bits: pairs of those groups in 64 bytes, the first in the low nibbles,
+// the second in the high ones. An output decodes as scale * (code - 2^(bits-1)) in the symmetric form, scale *
+// code + min in the min form.
+struct PackedWeight {
+  int64_t n = 0, k = 0;   // outputs; inputs before padding to whole blocks
+  int bits = 4;           // 4 or 8
+  int block = 32;         // inputs per block: a power of two, 16..256
+  int64_t k_blocks = 0;   // ceil(k / block)
+  int64_t panels = 0;     // ceil(n / 16)
+  bool mins = false;      // min form (zero points and minimums); else symmetric
+  bool half = true;       // scales and minimums stored as float16 (else float32)
+  size_t code_bytes = 0;  // one block's codes in one panel: block * 16 * bits / 8
+  size_t scale_bytes = 0; // one block's 16 scales (or minimums): 32 or 64
+  int group = 1;          // blocks per record
+  size_t record_bytes = 0;   // group * (code_bytes + scale_bytes * (mins ? 2 : 1)), a multiple of 64
+  size_t panel_bytes = 0; // ceil(k_blocks / group) records
+  uint8_t* data = nullptr;
+  size_t bytes = 0;       // panels * panel_bytes
+  // where block b of a panel lies: record b / group, at (b % group) * code_bytes (codes), scale_at + (b % group) *
+  // scale_bytes (scales), and min_at + the same (minimums), relative to the record
+  size_t scale_at = 0, min_at = 0;
+};
+
+// Activation rows rounded to int8 per block: x ~ scale * q, |q| <= 127, q = round-half-even(x * 127 / amax).
+struct QuantizedRows {
+  int64_t m = 0;         // rows
+  int64_t k_pad = 0;     // k_blocks * block: the rows' length, zero after k
+  int64_t k_blocks = 0;
+  int block = 0;
+  int8_t* q = nullptr;       // [m][k_pad]
+  float* scale = nullptr;    // [m][k_blocks]
+  int32_t* offset = nullptr; // [m][k_blocks]: -2^(bits-1) * sum(q) per block (the symmetric form's zero point)
+  // [m][k_blocks]: scale * sum(q) per block, what the min form's minimum multiplies. (The rounded sum, not x's
+  // own: then the rounding errors of a block meet the weight's true values, scale * code + min, which mostly
+  // cancel, not its codes, which are all positive.)
+  float* sum = nullptr;
+};
+
+// A parallel-for over [0, total): ONNX Runtime's intra-op pool inside a session, std::threads in the test API.
+struct Parallel {
+  void (*run)(void* context, void (*fn)(void*, size_t), size_t total, void* user) = nullptr;
+  void* context = nullptr;
+};
+
+// The kernels of one instruction set.
+struct IsaKernels {
+  // Rows [row0, row1) of x [m][k] into q (whose block, k_pad and k_blocks are set); zero_point = 2^(bits-1).
+  void (*quantize)(const float* x, int64_t k, int64_t row0, int64_t row1, int zero_point, QuantizedRows* q);
+  // y[r][n] for rows [row0, row0 + rows) (rows <= 8) and panels [p0, p1); y's rows are w.n apart.
+  void (*gemv)(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int rows, int64_t p0, int64_t p1,
+               float* y);
+  // Every row of q against panel p, through a per-thread scratch of the panel's widened codes.
+  void (*gemm_panel)(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y);
+};
+
+extern const IsaKernels kAvx2Kernels;
+extern const IsaKernels kAvx512Kernels;
+// AMX: the AVX-512 kernels' quantize and gemv, and this many-row kernel, which reads q's rows 16 at a time (the
+// driver pads them with zero rows)
+void amx_gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y);
+constexpr int kAmxRows = 16;
+
+// CPU features (cpu.cpp).
+bool cpu_has(Isa isa);          // the CPU and the OS support this level
+Isa best_isa();                 // the highest supported level
+const char* isa_name(Isa isa);  // "avx2", "avx512-vnni", "amx-int8", "none"
+bool amx_enable();              // asks Linux for the AMX tile state once; false if refused
+// Runs the AMX kernel on a sample in a child process and compares it with AVX-512's: 1 equal, 0 different, -1 the
+// child crashed (a compiler's or CPU's AMX fault), -2 no AMX.
+int amx_self_test();
+
+// Repacking (pack.cpp). Inputs in MatMulNBits' layout: codes [n][k_blocks_in][block * bits / 8] (4-bit: low nibble
+// first), scales [n * k_blocks_in], zero_points (nullable; 4-bit: two per byte per row, low first; 8-bit: one per
+// byte), minimums (nullable; [k_blocks][n], added as minimum * sum(x of the block)). widened_k > 0: the weight was
+// written for the input [x, block_sums(x), block_sums(x), ...] with x of widened_k values (the converter's
+// folded minimums): the part past widened_k becomes per-block minimums. Returns an error message or nullptr.
+const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t* zero_points, const float* mins,
+                        int64_t n, int64_t k, int bits, int block, int64_t widened_k, PackedWeight* out);
+void free_weight(PackedWeight* w);
+
+// y [m][n] = x [m][k] @ w^T with the kernels of `isa` (at most the CPU's), threads through `par`.
+void matmul(const PackedWeight& w, const float* x, int64_t m, float* y, Isa isa, const Parallel& par);
+
+}  // namespace edgellm

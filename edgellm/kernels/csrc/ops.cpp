@@ -1,0 +1,339 @@
+// The custom-op domain ONNX Runtime loads (SessionOptions.register_custom_ops_library), and a small C API through
+// which Python tests and tools call the kernels directly.
+//
+// Op ai.edgellm.kernels::MatMulBlocks, inputs as com.microsoft::MatMulNBits (A, B, scales, zero_points).
+// Attributes: K, N, bits, block_size as MatMulNBits; isa (the highest instruction-set level to use, kernels.h
+// Isa); widened_k (> 0: B was written for [A, block_sums(A), ...] with A of widened_k columns).
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels.h"
+#include "ort_abi.h"
+
+namespace edgellm {
+namespace {
+
+ort::Api g_api(nullptr);
+
+OrtStatus* error(const std::string& message) {
+  return g_api.get<ort::CreateStatusFn>(ort::kCreateStatus)(ORT_FAIL, ("edgellm kernels: " + message).c_str());
+}
+
+#define ORT_CHECK(call)                  \
+  do {                                   \
+    OrtStatus* status_ = (call);         \
+    if (status_ != nullptr) return status_; \
+  } while (0)
+
+struct TensorInfo {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+};
+
+OrtStatus* describe(const OrtValue* value, TensorInfo* out) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ORT_CHECK(g_api.get<ort::GetTensorTypeAndShapeFn>(ort::kGetTensorTypeAndShape)(value, &info));
+  size_t count = 0;
+  OrtStatus* status = g_api.get<ort::GetTensorElementTypeFn>(ort::kGetTensorElementType)(info, &out->type);
+  if (!status) status = g_api.get<ort::GetDimensionsCountFn>(ort::kGetDimensionsCount)(info, &count);
+  if (!status) {
+    out->shape.resize(count);
+    status = g_api.get<ort::GetDimensionsFn>(ort::kGetDimensions)(info, out->shape.data(), count);
+  }
+  g_api.get<ort::ReleaseTensorTypeAndShapeInfoFn>(ort::kReleaseTensorTypeAndShapeInfo)(info);
+  return status;
+}
+
+const void* data_of(const OrtValue* value) {
+  void* p = nullptr;
+  OrtStatus* status = g_api.get<ort::GetTensorMutableDataFn>(ort::kGetTensorMutableData)(
+      const_cast<OrtValue*>(value), &p);
+  return status ? nullptr : p;
+}
+
+// Once a weight is repacked, its source bytes are never read again. ONNX Runtime maps a bundle's data file into
+// memory (copy-on-write, never written); the pages the repacking read would stay in the process's resident set beside the packed copy. Where the
+// source lies in a file mapping, those pages are dropped from this process (the file and the page cache keep them,
+// so nothing is lost: a later read would fault them in again). Memory that is not a file mapping is left alone.
+void release_file_pages(const void* data, size_t bytes) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data), end = begin + bytes;
+  FILE* maps = fopen("/proc/self/maps", "r");
+  if (!maps) return;
+  char line[512];
+  bool file_backed = false;
+  while (fgets(line, sizeof line, maps)) {
+    unsigned long start = 0, stop = 0, inode = 0;
+    char perms[8] = {};
+    if (sscanf(line, "%lx-%lx %7s %*s %*s %lu", &start, &stop, perms, &inode) != 4) continue;
+    if (start <= begin && end <= stop) {
+      file_backed = inode != 0;  // ONNX Runtime maps tensors copy-on-write; it never writes to them
+      break;
+    }
+  }
+  fclose(maps);
+  if (!file_backed) return;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
+struct MatMulBlocks {
+  PackedWeight weight;
+  Isa isa = kIsaAvx2;
+  ~MatMulBlocks() { free_weight(&weight); }
+};
+
+OrtStatus* attribute(const OrtKernelInfo* info, const char* name, int64_t* out, int64_t fallback, bool required) {
+  OrtStatus* status = g_api.get<ort::KernelInfoGetAttributeInt64Fn>(ort::kKernelInfoGetAttribute_int64)(info, name,
+                                                                                                        out);
+  if (!status) return nullptr;
+  if (required) return status;
+  g_api.get<ort::ReleaseStatusFn>(ort::kReleaseStatus)(status);
+  *out = fallback;
+  return nullptr;
+}
+
+OrtStatus* constant_input(const OrtKernelInfo* info, size_t count, size_t index, const OrtValue** out) {
+  *out = nullptr;
+  if (index >= count) return nullptr;
+  int is_constant = 0;
+  OrtStatus* status = g_api.get<ort::KernelInfoGetConstantInputTensorFn>(ort::kKernelInfoGetConstantInput_tensor)(
+      info, index, &is_constant, out);
+  if (status) {  // an absent optional input
+    g_api.get<ort::ReleaseStatusFn>(ort::kReleaseStatus)(status);
+    *out = nullptr;
+    return nullptr;
+  }
+  if (*out && !is_constant) return error("input " + std::to_string(index) + " must be an initializer");
+  return nullptr;
+}
+
+OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  int64_t k = 0, n = 0, bits = 0, block = 0, isa = 0, widened_k = 0;
+  ORT_CHECK(attribute(info, "K", &k, 0, true));
+  ORT_CHECK(attribute(info, "N", &n, 0, true));
+  ORT_CHECK(attribute(info, "bits", &bits, 4, false));
+  ORT_CHECK(attribute(info, "block_size", &block, 0, true));
+  ORT_CHECK(attribute(info, "isa", &isa, best_isa(), false));
+  ORT_CHECK(attribute(info, "widened_k", &widened_k, 0, false));
+  size_t count = 0;
+  ORT_CHECK(g_api.get<ort::KernelInfoGetInputCountFn>(ort::kKernelInfo_GetInputCount)(info, &count));
+  const OrtValue* inputs[4] = {};
+  for (size_t i = 1; i < 4; ++i) ORT_CHECK(constant_input(info, count, i, &inputs[i]));
+  if (!inputs[1] || !inputs[2]) return error("the codes and scales must be initializers");
+  TensorInfo codes, scales;
+  ORT_CHECK(describe(inputs[1], &codes));
+  ORT_CHECK(describe(inputs[2], &scales));
+  const int64_t k_blocks = (k + block - 1) / block;
+  const int64_t blob = block * bits / 8;
+  int64_t code_count = 1, scale_count = 1;
+  for (int64_t d : codes.shape) code_count *= d;
+  for (int64_t d : scales.shape) scale_count *= d;
+  if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || code_count != n * k_blocks * blob)
+    return error("codes of an unexpected type or size");
+  if (scales.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scale_count != n * k_blocks)
+    return error("scales of an unexpected type or size");
+  const uint8_t* zero_points = nullptr;
+  if (inputs[3]) {
+    TensorInfo zp;
+    ORT_CHECK(describe(inputs[3], &zp));
+    if (zp.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) return error("zero points must be uint8");
+    zero_points = static_cast<const uint8_t*>(data_of(inputs[3]));
+  }
+  auto* op = new MatMulBlocks;
+  const char* problem = pack_weight(static_cast<const uint8_t*>(data_of(inputs[1])),
+                                    static_cast<const float*>(data_of(inputs[2])), zero_points, nullptr, n, k,
+                                    static_cast<int>(bits), static_cast<int>(block), widened_k, &op->weight);
+  if (problem) {
+    delete op;
+    return error(problem);
+  }
+  for (size_t i = 1; i < 4; ++i) {
+    if (!inputs[i]) continue;
+    TensorInfo t;
+    ORT_CHECK(describe(inputs[i], &t));
+    int64_t count_i = 1;
+    for (int64_t d : t.shape) count_i *= d;
+    release_file_pages(data_of(inputs[i]), static_cast<size_t>(count_i) * (i == 1 || i == 3 ? 1 : 4));
+  }
+  op->isa = std::min(static_cast<Isa>(isa), best_isa());
+  *kernel = op;
+  return nullptr;
+}
+
+void ort_parallel_for(void* context, void (*fn)(void*, size_t), size_t total, void* user) {
+  OrtStatus* status = g_api.get<ort::KernelContextParallelForFn>(ort::kKernelContext_ParallelFor)(
+      static_cast<const OrtKernelContext*>(context), fn, total, 0, user);
+  if (status) {  // no pool: run here
+    g_api.get<ort::ReleaseStatusFn>(ort::kReleaseStatus)(status);
+    for (size_t i = 0; i < total; ++i) fn(user, i);
+  }
+}
+
+OrtStatus* compute(void* kernel, OrtKernelContext* context) {
+  const auto* op = static_cast<MatMulBlocks*>(kernel);
+  const OrtValue* a = nullptr;
+  ORT_CHECK(g_api.get<ort::KernelContextGetInputFn>(ort::kKernelContext_GetInput)(context, 0, &a));
+  TensorInfo info;
+  ORT_CHECK(describe(a, &info));
+  if (info.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || info.shape.empty())
+    return error("input A must be a float tensor");
+  const int64_t k = info.shape.back();
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < info.shape.size(); ++i) m *= info.shape[i];
+  if (k != op->weight.k) return error("input A has " + std::to_string(k) + " columns, expected " +
+                                      std::to_string(op->weight.k));
+  std::vector<int64_t> shape = info.shape;
+  shape.back() = op->weight.n;
+  OrtValue* y = nullptr;
+  ORT_CHECK(g_api.get<ort::KernelContextGetOutputFn>(ort::kKernelContext_GetOutput)(context, 0, shape.data(),
+                                                                                    shape.size(), &y));
+  if (m == 0) return nullptr;
+  Parallel par{ort_parallel_for, context};
+  matmul(op->weight, static_cast<const float*>(data_of(a)), m, static_cast<float*>(const_cast<void*>(data_of(y))),
+         op->isa, par);
+  return nullptr;
+}
+
+const char* op_name(const OrtCustomOp*) { return "MatMulBlocks"; }
+const char* op_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
+ONNXTensorElementDataType input_type(const OrtCustomOp*, size_t index) {
+  return index == 1 || index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t input_count(const OrtCustomOp*) { return 4; }
+ONNXTensorElementDataType output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+size_t output_count(const OrtCustomOp*) { return 1; }
+void destroy(void* kernel) { delete static_cast<MatMulBlocks*>(kernel); }
+OrtCustomOpInputOutputCharacteristic input_characteristic(const OrtCustomOp*, size_t index) {
+  return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+OrtCustomOpInputOutputCharacteristic output_characteristic(const OrtCustomOp*, size_t) {
+  return INPUT_OUTPUT_REQUIRED;
+}
+OrtMemType input_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int start_version(const OrtCustomOp*) { return 1; }
+int end_version(const OrtCustomOp*) { return 1 << 30; }
+
+OrtCustomOp make_op() {
+  OrtCustomOp op;
+  memset(&op, 0, sizeof(op));
+  op.version = ort::kApiVersion;
+  op.GetName = op_name;
+  op.GetExecutionProviderType = op_provider;
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = input_count;
+  op.GetOutputType = output_type;
+  op.GetOutputTypeCount = output_count;
+  op.KernelDestroy = destroy;
+  op.GetInputCharacteristic = input_characteristic;
+  op.GetOutputCharacteristic = output_characteristic;
+  op.GetInputMemoryType = input_memory;
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  op.GetStartVersion = start_version;
+  op.GetEndVersion = end_version;
+  return op;
+}
+
+const OrtCustomOp g_matmul_blocks = make_op();
+
+// The test API's parallel-for: `threads` std::threads (the caller one of them) taking items in turn.
+struct ThreadCount {
+  int threads;
+};
+
+void thread_parallel_for(void* context, void (*fn)(void*, size_t), size_t total, void* user) {
+  const int threads = static_cast<int>(std::min<size_t>(static_cast<ThreadCount*>(context)->threads, total));
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i = next++; i < total; i = next++) fn(user, i);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace
+}  // namespace edgellm
+
+extern "C" {
+
+using namespace edgellm;
+
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                    const OrtApiBase* base) {
+  const OrtApi* table = base->GetApi(ort::kApiVersion);
+  if (!table) return nullptr;  // an ONNX Runtime older than 1.17: nothing registered (Python checks the version)
+  g_api = ort::Api(table);
+  static OrtCustomOpDomain* domain = [] {
+    OrtCustomOpDomain* d = nullptr;
+    OrtStatus* status = g_api.get<ort::CreateCustomOpDomainFn>(ort::kCreateCustomOpDomain)("ai.edgellm.kernels", &d);
+    if (status) return static_cast<OrtCustomOpDomain*>(nullptr);
+    status = g_api.get<ort::CustomOpDomainAddFn>(ort::kCustomOpDomain_Add)(d, &g_matmul_blocks);
+    return status ? static_cast<OrtCustomOpDomain*>(nullptr) : d;
+  }();
+  if (!domain) return error("could not create the custom-op domain");
+  return g_api.get<ort::AddCustomOpDomainFn>(ort::kAddCustomOpDomain)(options, domain);
+}
+
+// --- the C API of tests and tools (ctypes) -------------------------------------------------------------------
+
+__attribute__((visibility("default"))) int edgellm_best_isa() { return best_isa(); }
+
+__attribute__((visibility("default"))) int edgellm_cpu_has(int isa) { return cpu_has(static_cast<Isa>(isa)); }
+
+__attribute__((visibility("default"))) int edgellm_amx_self_test() { return amx_self_test(); }
+
+__attribute__((visibility("default"))) const char* edgellm_isa_name(int isa) { return isa_name(static_cast<Isa>(isa)); }
+
+__attribute__((visibility("default"))) void* edgellm_pack(const uint8_t* codes, const float* scales,
+                                                          const uint8_t* zero_points, const float* mins, int64_t n,
+                                                          int64_t k, int bits, int block, int64_t widened_k,
+                                                          char* message, size_t message_size) {
+  auto* w = new PackedWeight;
+  const char* problem = pack_weight(codes, scales, zero_points, mins, n, k, bits, block, widened_k, w);
+  if (problem) {
+    snprintf(message, message_size, "%s", problem);
+    delete w;
+    return nullptr;
+  }
+  return w;
+}
+
+// [bytes, half (1: float16 scales), min form (1), k (the input width)]
+__attribute__((visibility("default"))) void edgellm_packed_info(const void* weight, int64_t* out) {
+  const auto* w = static_cast<const PackedWeight*>(weight);
+  out[0] = static_cast<int64_t>(w->bytes);
+  out[1] = w->half;
+  out[2] = w->mins;
+  out[3] = w->k;
+}
+
+__attribute__((visibility("default"))) void edgellm_free(void* weight) {
+  auto* w = static_cast<PackedWeight*>(weight);
+  free_weight(w);
+  delete w;
+}
+
+// y [m][n] = x [m][k] @ w^T at instruction-set level `isa` (capped at the CPU's) on `threads` threads; returns the
+// level used.
+__attribute__((visibility("default"))) int edgellm_matmul(const void* weight, const float* x, int64_t m, float* y,
+                                                          int isa, int threads) {
+  const Isa level = std::min(static_cast<Isa>(isa), best_isa());
+  ThreadCount count{threads < 1 ? 1 : threads};
+  Parallel par{thread_parallel_for, &count};
+  matmul(*static_cast<const PackedWeight*>(weight), x, m, y, level, par);
+  return level;
+}
+
+}  // extern "C"

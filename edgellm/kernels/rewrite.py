@@ -1,0 +1,159 @@
+"""The load-time graph rewrite: a bundle's `com.microsoft.MatMulNBits` nodes become edgellm's `MatMulBlocks` (same
+inputs and attributes, the weights repacked when the session is created), so the bundle on disk stays a standard
+graph that ONNX Runtime's own kernels, OpenVINO or another provider run as it is.
+
+Two shapes of the converter's graphs are recognised: a MatMulNBits node alone, and one whose per-block minimums
+(GGUF Q4_1, Q4_K, ...) were folded into extra columns over ``Concat(x, block_sums(x), ...)`` (convert.quantize.
+fold_mins): that becomes one MatMulBlocks over x, which turns the extra columns back into minimums when it
+repacks, and the Concat and block sums go.
+Only nodes with int8 activations (accuracy_level 4, the contract the kernels keep) and weights as initializers are
+swapped; the rest stay ONNX Runtime's, and the reason is counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .proto import BYTES, VARINT, Field, Message, Node, int_attribute, names_used_in, tensor_ints, tensor_name
+
+DOMAIN = "ai.edgellm.kernels"
+OP = "MatMulBlocks"
+FLOAT, UINT8 = 1, 2  # TensorProto data types
+
+
+@dataclass
+class Rewrite:
+    model: bytes  # the graph to load (the original bytes when nothing was swapped)
+    swapped: int = 0  # MatMulNBits nodes now MatMulBlocks
+    kept: Counter = field(default_factory=Counter)  # reason -> MatMulNBits nodes left to ONNX Runtime
+
+
+class _Graph:
+    def __init__(self, graph: Message):
+        self.nodes = [Node.parse(d) for d in graph.all(1)]
+        self.initializers = {tensor_name(t): Message.parse(t) for t in graph.all(5)}
+        self.producer = {o: n for n in self.nodes for o in n.outputs if o}
+        self.readers: dict[str, list[Node]] = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                self.readers.setdefault(i, []).append(n)
+        # names read other than as a listed input of a node: graph outputs, and outer values read by subgraphs
+        self.implicit = names_used_in(graph) - set(self.readers)
+
+    def made_by(self, name: str, op_type: str) -> Node | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def block_sums_of(self, name: str, x: str) -> int | None:
+        """The width of x when `name` is ReduceSum(Reshape(x, [0, 0, blocks, block]), [-1]): block sums of x."""
+        total = self.made_by(name, "ReduceSum")
+        if total is None or not total.inputs:
+            return None
+        reshape = self.made_by(total.inputs[0], "Reshape")
+        if reshape is None or reshape.inputs[0] != x or reshape.inputs[1] not in self.initializers:
+            return None
+        shape = tensor_ints(self.initializers[reshape.inputs[1]].encode())
+        if not shape or len(shape) != 4 or shape[2] <= 0 or shape[3] <= 0:
+            return None
+        return shape[2] * shape[3]
+
+
+def _eligible(g: _Graph, node: Node) -> str | None:
+    """Why a MatMulNBits node stays ONNX Runtime's (None: it can be swapped)."""
+    if node.int_attribute("accuracy_level", 0) != 4:
+        return "float activations (accuracy level below 4)"
+    bits, block = node.int_attribute("bits", 4), node.int_attribute("block_size", 0)
+    if bits not in (4, 8):
+        return f"{bits}-bit codes"
+    if block not in (16, 32, 64, 128, 256):
+        return f"blocks of {block}"
+    if any(name for name in node.inputs[4:]):
+        return "g_idx or bias inputs"
+    weights = [name for name in node.inputs[1:4] if name]
+    if len(weights) < 2 or any(name not in g.initializers for name in weights):
+        return "weights computed in the graph"
+    if g.initializers[node.inputs[2]].first(2) != FLOAT:
+        return "non-float32 scales"
+    if len(node.inputs) > 3 and node.inputs[3] and g.initializers[node.inputs[3]].first(2) != UINT8:
+        return "float zero points"
+    return None
+
+
+def rewrite(model_bytes: bytes, isa: int) -> Rewrite:
+    """The model with every eligible MatMulNBits swapped for MatMulBlocks at instruction-set level `isa`."""
+    model = Message.parse(model_bytes)
+    graph_bytes = model.first(7)
+    if graph_bytes is None:
+        return Rewrite(model_bytes)
+    graph = Message.parse(graph_bytes)
+    g = _Graph(graph)
+    out = Rewrite(model_bytes)
+    replaced: dict[int, Node] = {}  # id(original node) -> its MatMulBlocks
+    bypassed: list[Node] = []  # nodes whose only reader was swapped away: dropped if nothing reads them now
+    for node in g.nodes:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        reason = _eligible(g, node)
+        if reason:
+            out.kept[reason] += 1
+            continue
+        x, k, n = node.inputs[0], node.int_attribute("K"), node.int_attribute("N")
+        inputs = [x] + [node.inputs[i] if i < len(node.inputs) else "" for i in (1, 2, 3)]
+        attributes = {"K": k, "N": n, "bits": node.int_attribute("bits", 4), "block_size":
+                      node.int_attribute("block_size"), "isa": isa}
+        concat = g.made_by(x, "Concat")
+        if concat is not None and len(concat.inputs) > 1:
+            sums = set(concat.inputs[1:])
+            width = g.block_sums_of(concat.inputs[1], concat.inputs[0]) if len(sums) == 1 else None
+            if width is None:
+                out.kept["an input built in an unknown way"] += 1
+                continue
+            inputs[0] = concat.inputs[0]
+            attributes["widened_k"] = width
+            bypassed.append(concat)
+        replaced[id(node)] = Node(OP, DOMAIN, inputs, list(node.outputs[:1]), node.name,
+                                  {name: int_attribute(name, v) for name, v in attributes.items()})
+        out.swapped += 1
+    if not out.swapped:
+        return out
+
+    nodes = [replaced.get(id(n), n) for n in g.nodes]
+    nodes = _without_dead(nodes, bypassed, graph)
+    # initializers only the removed nodes read (block shapes, axes) go with them
+    read = {i for n in nodes for i in n.inputs} | g.implicit
+    dropped = {i for n in g.nodes for i in n.inputs if i in g.initializers and i not in read}
+    fields, placed = [], False
+    for f in graph.fields:
+        if f.number == 1:
+            if not placed:
+                fields += [Field(1, BYTES, n.encode()) for n in nodes]
+                placed = True
+        elif not (f.number == 5 and tensor_name(f.value) in dropped):
+            fields.append(f)
+    opset = Message([Field(1, BYTES, DOMAIN.encode()), Field(2, VARINT, 1)])
+    model_fields = [Field(7, BYTES, Message(fields).encode()) if f.number == 7 else f for f in model.fields]
+    model_fields.append(Field(8, BYTES, opset.encode()))
+    out.model = Message(model_fields).encode()
+    return out
+
+
+def _without_dead(nodes: list[Node], candidates: list[Node], graph: Message) -> list[Node]:
+    """`nodes` without those of `candidates` (and, in turn, their inputs' producers among the bypassed kinds) that
+    nothing reads any more."""
+    reads = Counter(i for n in nodes for i in n.inputs)
+    kept = {n for node in nodes for sub in node.subgraphs() for n in names_used_in(sub)}
+    kept |= {Message.parse(o).string(1) for o in graph.all(12)}
+    producer = {o: node for node in nodes for o in node.outputs if o}
+    dead: set[int] = set()
+    todo = list(candidates)
+    while todo:
+        node = todo.pop()
+        if id(node) in dead or any(reads[o] or o in kept for o in node.outputs):
+            continue
+        dead.add(id(node))
+        for i in node.inputs:
+            reads[i] -= 1
+            if i in producer and producer[i].op_type in ("Reshape", "ReduceSum", "Concat"):
+                todo.append(producer[i])
+    return [n for n in nodes if id(n) not in dead]
