@@ -5,11 +5,14 @@ the engines alternating round by round; the table shows medians.
 
     .venv/bin/python benchmarks/random_model.py qwen2.5-1.5b M --gguf Q4_0     # M and M-q4_0.gguf, same weights
     .venv/bin/python benchmarks/edge_sizes.py --hf M --gguf M-q4_0.gguf [--rounds 3] [--devices cpu,openvino]
+    .venv/bin/python benchmarks/edge_sizes.py --gguf SmolLM2.gguf          # --hf: the GGUF's weights dequantized
 
-edgellm runs four bundles: the float folder converted with the defaults and with --kv-cache int8, the GGUF with its
-own blocks (the default) and the GGUF with --reblock; each on every --devices entry (openvino: prefill on OpenVINO,
-decode on ONNX Runtime; not the int8 cache, which OpenVINO cannot read). Peers, each used when installed (see
-compare.py's header): llama.cpp on the GGUF, onnxruntime-genai on its builder's int4 export of the float folder.
+edgellm runs up to four bundles (--bundles): the float folder converted with the defaults ("float") and with
+--kv-cache int8 ("int8-cache"), the GGUF with its own blocks ("gguf", the default) and with --reblock ("reblock");
+each on every --devices entry (openvino: prefill on OpenVINO, decode on ONNX Runtime; not the int8 cache, which
+OpenVINO cannot read) and with every --kernels setting (EDGELLM_KERNELS: off is ONNX Runtime's own kernels; a level
+this CPU lacks is skipped). Peers, each used when installed (see compare.py's header): llama.cpp on the GGUF,
+onnxruntime-genai on its builder's int4 export of the float folder.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ab import cpu_flags  # noqa: E402
-from compare import genai_export, last_line  # noqa: E402
+from compare import genai_export, hf_folder_from_gguf, last_line  # noqa: E402
 
 
 # --- what each engine reads per decoded token ---------------------------------------------------------------------
@@ -51,6 +54,41 @@ def matmul_nbits_bytes(graph: Path) -> int:
     quantized = {i for n in model.graph.node if n.op_type == "MatMulNBits" for i in n.input[1:]}
     for init in model.graph.initializer:
         if init.name not in quantized and init.data_type in (1, 10):  # float, float16 (widened at load)
+            total += 4 * int(np.prod(init.dims))
+    return total
+
+
+def kernel_bytes(graph: Path) -> int:
+    """Bytes edgellm's kernels stream per token: each MatMulNBits at accuracy level 4 in panels of 16 outputs, its
+    codes and a scale per block (float16 for 4-bit codes, and for 8-bit ones whose scales are float16 values;
+    float32 otherwise), and as many minimums where it has zero points or folded minimums; the rest as
+    matmul_nbits_bytes counts it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    inits = {i.name: i for i in model.graph.initializer}
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    total, counted = 0, set()
+    for node in model.graph.node:
+        a = {x.name: x.i for x in node.attribute}
+        if node.op_type != "MatMulNBits" or a.get("accuracy_level", 0) != 4:
+            continue
+        scales = numpy_helper.to_array(inits[node.input[2]])
+        source = made_by.get(node.input[0])
+        folded = source is not None and source.op_type == "Concat"
+        k = a["K"]
+        if folded:  # the input is [x, block_sums(x), ...]: the kernel reads x's blocks only
+            width = made_by[made_by[source.input[1]].input[0]]
+            k = int(np.prod(numpy_helper.to_array(inits[width.input[1]])[2:]))
+        blocks = -(-k // a["block_size"])
+        exact = np.array_equal(scales.astype(np.float16).astype(np.float32), scales)
+        scale = 2 if a["bits"] == 4 or exact else 4
+        minimums = folded or (len(node.input) > 3 and bool(node.input[3]))
+        total += -(-a["N"] // 16) * 16 * blocks * (a["block_size"] * a["bits"] // 8 + scale * (2 if minimums else 1))
+        counted.update(node.input[1:])
+    for init in model.graph.initializer:
+        if init.name not in counted and init.data_type in (1, 10):
             total += 4 * int(np.prod(init.dims))
     return total
 
@@ -94,6 +132,9 @@ spec = json.loads(sys.argv[1])
 sys.path.insert(0, spec["root"])
 rng = np.random.default_rng(spec["seed"])
 kind = spec["kind"]
+if "kernels" in spec:
+    import os
+    os.environ["EDGELLM_KERNELS"] = spec["kernels"]
 if kind == "llama.cpp":  # (before the clock starts: it imports edgellm)
     sys.path.insert(0, spec["root"] + "/benchmarks")
     from compare import llama_last_choice
@@ -133,6 +174,8 @@ else:
         return 0
 load_s = time.perf_counter() - started
 out = {"load_s": load_s}
+if kind == "edgellm":
+    out["kernels"] = engine.kernels.describe()
 for n in spec["prompts"]:
     ids = rng.integers(100, spec["vocab"], n).tolist()
     t = time.perf_counter(); prefill(ids); out[f"prefill {n}"] = n / (time.perf_counter() - t)
@@ -158,8 +201,10 @@ def measure(spec: dict) -> dict | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf", type=Path, required=True, help="the float Hugging Face folder")
+    p.add_argument("--hf", type=Path, help="the float Hugging Face folder (default: the GGUF's weights dequantized)")
     p.add_argument("--gguf", type=Path, required=True, help="a Q4_0 (or other) GGUF of the same weights")
+    p.add_argument("--bundles", default="float,int8-cache,gguf,reblock", help="the edgellm bundles to run")
+    p.add_argument("--kernels", default="off,avx2,avx512,amx", help="EDGELLM_KERNELS settings to run each with")
     p.add_argument("--prompts", default="128,512", help="prefill lengths")
     p.add_argument("--after", default="128,1024", help="context lengths that decoding is timed after")
     p.add_argument("--decode", type=int, default=32, help="tokens decoded per timing")
@@ -169,7 +214,16 @@ def main() -> None:
     args = p.parse_args()
 
     import edgellm
+    from edgellm.kernels import LEVELS, native
 
+    lib = native()
+    settings = []
+    for setting in args.kernels.split(","):
+        if setting != "off" and not (lib and lib.edgellm_cpu_has(LEVELS[setting])):
+            print(f"skipping kernels {setting}: {'not built' if lib is None else 'this CPU lacks it'}")
+        else:
+            settings.append(setting)
+    args.hf = args.hf or hf_folder_from_gguf(args.gguf)
     prompts, after = [int(x) for x in args.prompts.split(",")], [int(x) for x in args.after.split(",")]
     context = max(prompts + after) + args.decode + 8
     config = json.loads((args.hf / "config.json").read_text())
@@ -177,19 +231,23 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     engines = []  # (name, spec, bytes read per token at position 0, KV bytes per position)
     kv_f32 = kv_bytes_per_position(config, 4)
-    for label, src, options in (("float, -q w4", args.hf, {}), ("float, -q w4 --kv-cache int8", args.hf,
-                                                                 {"kv_cache": "int8"}),
-                                ("GGUF blocks", args.gguf, {}), ("GGUF --reblock", args.gguf, {"reblock": True})):
+    bundles = {"float": ("float, -q w4", args.hf, {}), "int8-cache": ("float, -q w4 --kv-cache int8", args.hf,
+                                                                      {"kv_cache": "int8"}),
+               "gguf": ("GGUF blocks", args.gguf, {}), "reblock": ("GGUF --reblock", args.gguf, {"reblock": True})}
+    for label, src, options in (bundles[b] for b in args.bundles.split(",")):
         started = time.perf_counter()
         bundle = edgellm.convert(src, work / label.replace(" ", "_"), seq_length=context, progress=False, **options)
         print(f"converted {label} in {time.perf_counter() - started:.1f} s")
-        weights = matmul_nbits_bytes(bundle / "decoder.onnx")
+        graph = bundle / "decoder.onnx"
         int8_cache = options.get("kv_cache") == "int8"
         for device in args.devices.split(","):
             if int8_cache and device == "openvino":  # OpenVINO cannot read the int8 cache's scales
                 continue
-            engines.append((f"edgellm {label} ({device})", {"kind": "edgellm", "path": str(bundle), "device": device},
-                            weights, kv_bytes_per_position(config, 1) if int8_cache else kv_f32))
+            for setting in settings:
+                weights = matmul_nbits_bytes(graph) if setting == "off" else kernel_bytes(graph)
+                engines.append((f"edgellm {label} ({device}, kernels {setting})",
+                                {"kind": "edgellm", "path": str(bundle), "device": device, "kernels": setting},
+                                weights, kv_bytes_per_position(config, 1) if int8_cache else kv_f32))
     try:
         import llama_cpp  # noqa: F401
 
@@ -224,8 +282,9 @@ def main() -> None:
           f"{args.decode} tokens per decode timing")
     print(f"host: {cpu_flags()}")
     print(f"read bandwidth probe ({args.threads} threads, numpy): {bandwidth:.1f} GB/s\n")
-    print("| engine | " + " | ".join(columns) + f" | MB read per token @{after[0]} | GB/s achieved @{after[0]} |")
-    print("|---|" + "---:|" * (len(columns) + 2))
+    print("| engine | " + " | ".join(columns) + f" | MB read per token @{after[0]} | GB/s achieved @{after[0]} "
+          "| of the probe |")
+    print("|---|" + "---:|" * (len(columns) + 3))
     medians = {}
     for name, spec, weights, kv in engines:
         if not results[name]:
@@ -234,9 +293,13 @@ def main() -> None:
         medians[name] = med
         read = weights + kv * after[0]
         achieved = read * med[f"decode @{after[0]}"] / 1e9
-        print(f"| {name} | " + " | ".join(f"{med[c]:.1f}" for c in columns) + f" | {read / 1e6:.0f} | {achieved:.1f} |")
-    peer = next((n for n in medians if n.startswith("llama.cpp")), None)
-    if peer:
+        print(f"| {name} | " + " | ".join(f"{med[c]:.1f}" for c in columns) + f" | {read / 1e6:.0f} | {achieved:.1f} "
+              f"| {achieved / bandwidth:.0%} |")
+    for name in medians:  # what each edgellm process said it ran its matmuls with
+        said = {run["kernels"] for run in results[name] if "kernels" in run}
+        if said:
+            print(f"- {name}: {'; '.join(sorted(said))}")
+    for peer in [n for n in medians if not n.startswith("edgellm")]:
         print(f"\nratios to {peer} (speed columns):")
         for name, med in medians.items():
             if name.startswith("edgellm"):
