@@ -167,6 +167,7 @@ def format_table(model, rows: list[dict]) -> str:
     threads = model.engine.session.get_session_options().intra_op_num_threads
     lines = [f"{m.architecture} {q.mode} ({formats}), bundle {size:.0f} MiB, "
              f"{threads} threads, load {model.load_s * 1000:.0f} ms",
+             f"matmuls: {model.engine.kernels.describe()}",
              f"{'prompt':>7} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MiB':>13}"]
     for r in rows:
         lines.append(f"{r['prompt_tokens']:>7} {r['ttft_ms']:>9.1f} {r['prefill_tok_s']:>14.0f} "

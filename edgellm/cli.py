@@ -57,11 +57,30 @@ def port(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+class VersionAction(argparse.Action):
+    """--version: edgellm's, ONNX Runtime's, and which matmul kernels sessions would run (found when asked: on an
+    AMX CPU that runs the kernels' self-test)."""
 
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show the versions and the kernels in use, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import onnxruntime
+
+        from . import __version__
+        from .kernels import status
+
+        try:
+            kernels = status().describe()
+        except EdgeLLMError as e:
+            parser.exit(2, f"edgellm: error: {e}\n")
+        print(f"edgellm {__version__} (onnxruntime {onnxruntime.__version__}; matmuls: {kernels})")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgellm", description="Convert LLMs to ONNX bundles and run them on the edge.")
-    p.add_argument("--version", action="version", version=f"edgellm {__version__}")
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     p.commands = sub.choices  # name -> the subcommand's parser
 
@@ -242,7 +261,7 @@ def _load(args, slots: int | None = 1, keep_prompts: bool = False):
 
     model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots,
                  key_file=vars(args).get("key_file"))
-    print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms", file=sys.stderr)
+    print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms ({model.engine.kernels.describe()})", file=sys.stderr)
     args.adapter_names = []
     for spec in vars(args).get("adapter") or []:
         name, _, path = spec.rpartition("=")

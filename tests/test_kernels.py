@@ -13,11 +13,13 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from helpers import relative_error
 
 import edgellm
 from edgellm import kernels
+from edgellm.kernels import swap
 from edgellm.convert.quantize import fold_mins
 from edgellm.errors import EdgeLLMError
 from edgellm.format.blocks import QuantizedWeight
@@ -115,16 +117,17 @@ def random_weight(rng, n: int, k: int, bits: int, block: int, form: str) -> Quan
 class Packed:
     """A weight repacked by a library (its C API), freed with the object."""
 
-    def __init__(self, lib, w: QuantizedWeight, widened_k: int = 0, mins: np.ndarray | None = None):
+    def __init__(self, lib, w: QuantizedWeight, widened_k: int = 0, mins: np.ndarray | None = None,
+                 glu: bool = False):
         codes, scales = w.packed_codes(), np.ascontiguousarray(w.scales.reshape(-1), np.float32)
         zero_points = w.packed_zero_points()
         mins = None if mins is None else np.ascontiguousarray(mins, np.float32)
         message = ctypes.create_string_buffer(256)
-        self.n, self.lib = w.n, lib
+        self.n, self.lib = w.n // 2 if glu else w.n, lib
         self.handle = lib.edgellm_pack(codes.ctypes.data, scales.ctypes.data,
                                        None if zero_points is None else zero_points.ctypes.data,
                                        None if mins is None else mins.ctypes.data, w.n, w.k, w.bits, w.block_size,
-                                       widened_k, message, 256)
+                                       widened_k, int(glu), message, 256)
         assert self.handle, message.value.decode()
         info = np.zeros(4, np.int64)
         lib.edgellm_packed_info(self.handle, info.ctypes.data)
@@ -209,13 +212,29 @@ def test_folded_minimums_are_read_back_as_minimums(level):
         assert relative_error(got, reference(x, original, half=packed.half)) < 1e-2
 
 
+def test_a_gated_weight_returns_silu_of_the_gate_times_up(level):
+    """A fused gate/up projection packed for the gated MLP: silu(x @ gate^T) * (x @ up^T), from the same matmul."""
+    lib, level = level
+    rng = np.random.default_rng(11)
+    for form in ("symmetric", "zero points"):
+        w = random_weight(rng, 96, 200, 4, 32, form)
+        plain, gated = Packed(lib, w), Packed(lib, w, glu=True)
+        for rows in (1, 5, 40):
+            x = rng.standard_normal((rows, 200)).astype(np.float32)
+            full = plain(x, level)
+            gate, up = full[:, :48].astype(np.float64), full[:, 48:]
+            assert relative_error(gated(x, level, threads=2), gate / (1 + np.exp(-gate)) * up) < 1e-6
+    with pytest.raises(AssertionError, match="halves of whole panels"):
+        Packed(lib, random_weight(rng, 40, 64, 4, 32, "symmetric"), glu=True)
+
+
 def test_a_bad_layout_is_one_clear_error():
     if LIB is None:
         pytest.skip("the kernel library is not built")
     message = ctypes.create_string_buffer(256)
     codes, scales = np.zeros(64, np.uint8), np.ones(4, np.float32)
     for bits, block, what in ((2, 32, "only 4- and 8-bit"), (4, 24, "power of two"), (4, 512, "power of two")):
-        assert not LIB.edgellm_pack(codes.ctypes.data, scales.ctypes.data, None, None, 4, 32, bits, block, 0,
+        assert not LIB.edgellm_pack(codes.ctypes.data, scales.ctypes.data, None, None, 4, 32, bits, block, 0, 0,
                                     message, 256)
         assert what in message.value.decode()
 
@@ -239,6 +258,9 @@ def test_a_bundle_runs_on_the_kernels_with_the_stock_answers(bundle, monkeypatch
     mine = load(path, "auto", monkeypatch)
     use = mine.engine.kernels
     assert use.status.active and use.swapped == 2 * 4 + 1 and not use.kept, use.describe()  # qkv, o, gate_up, down
+    ops = [n.op_type for n in onnx.load_from_string(swap((path / "decoder.onnx").read_bytes(), use)).graph.node]
+    assert ops.count("MatMulBlocks") == 9 and "MatMulNBits" not in ops
+    assert not {"Split", "Sigmoid"} & set(ops)  # the gated MLP's activation went into the gate/up matmul
     ids = stock.tokenizer.encode(open(__file__).read()[:400])
     exact = load(bundle("llama", "w4", accuracy_level=0), "auto", monkeypatch).logits(ids)
     mine_error, stock_error = (relative_error(m.logits(ids), exact) for m in (mine, stock))

@@ -67,7 +67,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.edgellm_isa_name.restype = ctypes.c_char_p
     lib.edgellm_pack.restype = ctypes.c_void_p
     lib.edgellm_pack.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2 + [
-        ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t]
+        ctypes.c_int64, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
     lib.edgellm_packed_info.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.edgellm_free.argtypes = [ctypes.c_void_p]
     lib.edgellm_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,

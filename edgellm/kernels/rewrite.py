@@ -5,7 +5,9 @@ graph that ONNX Runtime's own kernels, OpenVINO or another provider run as it is
 Two shapes of the converter's graphs are recognised: a MatMulNBits node alone, and one whose per-block minimums
 (GGUF Q4_1, Q4_K, ...) were folded into extra columns over ``Concat(x, block_sums(x), ...)`` (convert.quantize.
 fold_mins): that becomes one MatMulBlocks over x, which turns the extra columns back into minimums when it
-repacks, and the Concat and block sums go.
+repacks, and the Concat and block sums go. A fused gate/up projection followed by the gated MLP's activation,
+``Split -> silu(gate) = gate * Sigmoid(gate) -> * up``, becomes one MatMulBlocks that returns silu(gate) * up: four
+nodes and two passes over the activations less per layer.
 Only nodes with int8 activations (accuracy_level 4, the contract the kernels keep) and weights as initializers are
 swapped; the rest stay ONNX Runtime's, and the reason is counted.
 """
@@ -90,6 +92,7 @@ def rewrite(model_bytes: bytes, isa: int) -> Rewrite:
     g = _Graph(graph)
     out = Rewrite(model_bytes)
     replaced: dict[int, Node] = {}  # id(original node) -> its MatMulBlocks
+    removed: set[int] = set()  # nodes a MatMulBlocks took over
     bypassed: list[Node] = []  # nodes whose only reader was swapped away: dropped if nothing reads them now
     for node in g.nodes:
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
@@ -112,13 +115,19 @@ def rewrite(model_bytes: bytes, isa: int) -> Rewrite:
             inputs[0] = concat.inputs[0]
             attributes["widened_k"] = width
             bypassed.append(concat)
-        replaced[id(node)] = Node(OP, DOMAIN, inputs, list(node.outputs[:1]), node.name,
+        outputs = list(node.outputs[:1])
+        gated = _silu_glu(g, node)
+        if gated is not None:
+            outputs = list(gated[-1].outputs[:1])
+            attributes["glu"] = 1
+            removed |= {id(n) for n in gated}
+        replaced[id(node)] = Node(OP, DOMAIN, inputs, outputs, node.name,
                                   {name: int_attribute(name, v) for name, v in attributes.items()})
         out.swapped += 1
     if not out.swapped:
         return out
 
-    nodes = [replaced.get(id(n), n) for n in g.nodes]
+    nodes = [replaced.get(id(n), n) for n in g.nodes if id(n) not in removed]
     nodes = _without_dead(nodes, bypassed, graph)
     # initializers only the removed nodes read (block shapes, axes) go with them
     read = {i for n in nodes for i in n.inputs} | g.implicit
@@ -136,6 +145,34 @@ def rewrite(model_bytes: bytes, isa: int) -> Rewrite:
     model_fields.append(Field(8, BYTES, opset.encode()))
     out.model = Message(model_fields).encode()
     return out
+
+
+def _silu_glu(g: _Graph, node: Node) -> list[Node] | None:
+    """[Split, Sigmoid, Mul, Mul] when node's output is only split into equal gate and up halves (each a whole
+    number of the kernels' 16-output panels) that only become silu(gate) * up; else None."""
+    y = node.outputs[0]
+    split = g.readers.get(y, [None])[0]
+    if len(g.readers.get(y, [])) != 1 or y in g.implicit or split.op_type != "Split" or len(split.outputs) != 2:
+        return None
+    n = node.int_attribute("N")
+    sizes = tensor_ints(g.initializers[split.inputs[1]].encode()) if len(split.inputs) > 1 and \
+        split.inputs[1] in g.initializers else None
+    if split.int_attribute("axis", 0) != -1 or sizes != [n // 2, n // 2] or (n // 2) % 16:
+        return None
+    gate, up = split.outputs
+    gate_readers = g.readers.get(gate, [])
+    sigmoid = next((r for r in gate_readers if r.op_type == "Sigmoid"), None)
+    silu = next((r for r in gate_readers if r.op_type == "Mul"), None)
+    if len(gate_readers) != 2 or sigmoid is None or silu is None or sorted(silu.inputs) != sorted(
+            [gate, sigmoid.outputs[0]]) or g.readers.get(sigmoid.outputs[0]) != [silu]:
+        return None
+    times_up = g.readers.get(silu.outputs[0], [None])[0]
+    if (len(g.readers.get(silu.outputs[0], [])) != 1 or times_up.op_type != "Mul"
+            or sorted(times_up.inputs) != sorted([silu.outputs[0], up]) or g.readers.get(up) != [times_up]):
+        return None
+    if {gate, up, sigmoid.outputs[0], silu.outputs[0]} & g.implicit:
+        return None
+    return [split, sigmoid, silu, times_up]
 
 
 def _without_dead(nodes: list[Node], candidates: list[Node], graph: Message) -> list[Node]:

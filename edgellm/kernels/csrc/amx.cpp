@@ -71,7 +71,7 @@ inline __m512 load16(const uint8_t* p) {
 }
 
 template <int BITS, bool MINS, bool HALF>
-void gemm_panel_format(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y) {
+void gemm_panel_format(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y, int64_t ldy) {
   static thread_local Scratch scratch;
   const int bs = w->block;
   const int64_t kb = w->k_blocks;
@@ -129,24 +129,24 @@ void gemm_panel_format(const PackedWeight* w, const QuantizedRows* q, int64_t p,
       }
     }
     const int64_t rows = q->m - r0 < 16 ? q->m - r0 : 16;
-    for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + (r0 + r) * w->n + n0, keep, f[r]);
+    for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + (r0 + r) * ldy, keep, f[r]);
   }
   _tile_release();
 }
 
 }  // namespace
 
-void amx_gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y) {
+void amx_gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y, int64_t ldy) {
   const int key = (w->bits == 8) * 4 + w->mins * 2 + w->half;
   switch (key) {
-    case 0: return gemm_panel_format<4, false, false>(w, q, p, y);
-    case 1: return gemm_panel_format<4, false, true>(w, q, p, y);
-    case 2: return gemm_panel_format<4, true, false>(w, q, p, y);
-    case 3: return gemm_panel_format<4, true, true>(w, q, p, y);
-    case 4: return gemm_panel_format<8, false, false>(w, q, p, y);
-    case 5: return gemm_panel_format<8, false, true>(w, q, p, y);
-    case 6: return gemm_panel_format<8, true, false>(w, q, p, y);
-    default: return gemm_panel_format<8, true, true>(w, q, p, y);
+    case 0: return gemm_panel_format<4, false, false>(w, q, p, y, ldy);
+    case 1: return gemm_panel_format<4, false, true>(w, q, p, y, ldy);
+    case 2: return gemm_panel_format<4, true, false>(w, q, p, y, ldy);
+    case 3: return gemm_panel_format<4, true, true>(w, q, p, y, ldy);
+    case 4: return gemm_panel_format<8, false, false>(w, q, p, y, ldy);
+    case 5: return gemm_panel_format<8, false, true>(w, q, p, y, ldy);
+    case 6: return gemm_panel_format<8, true, false>(w, q, p, y, ldy);
+    default: return gemm_panel_format<8, true, true>(w, q, p, y, ldy);
   }
 }
 

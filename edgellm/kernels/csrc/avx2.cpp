@@ -78,7 +78,7 @@ inline __m256 load8(const uint8_t* p) {
 // Rows [row0, row0 + M) against one half (8 outputs) of panels [p0, p1).
 template <int M, int BITS, bool MINS, bool HALF>
 void gemv_half(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int64_t p0, int64_t p1, int half,
-               float* y) {
+               float* y, int64_t ldy) {
   const int bs = w->block;
   const int64_t kb = w->k_blocks;
   const size_t scale_half = HALF ? 16 : 32;
@@ -158,10 +158,9 @@ void gemv_half(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
         for (int r = 0; r < M; ++r) f[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sx[r][b]), f[r]);
       }
     }
-    const int64_t n0 = p * kPanel + half * 8;
-    const int64_t count = w->n - n0;
+    const int64_t count = w->n - (p * kPanel + half * 8);
     for (int r = 0; r < M; ++r) {
-      float* out = y + (row0 + r) * w->n + n0;
+      float* out = y + r * ldy + (p - p0) * kPanel + half * 8;
       if (count >= 8) {
         _mm256_storeu_ps(out, f[r]);
       } else if (count > 0) {
@@ -173,45 +172,75 @@ void gemv_half(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
 
 template <int BITS, bool MINS, bool HALF>
 void gemv_format(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int rows, int64_t p0, int64_t p1,
-                 float* y) {
+                 float* y, int64_t ldy) {
   for (int half = 0; half < 2; ++half) {
     // a panel whose second half holds no output (n % 16 <= 8 in the last panel) is skipped there
     for (int r = 0; r < rows;) {
       const int take = rows - r >= 4 ? 4 : rows - r;
       switch (take) {
-        case 1: gemv_half<1, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y); break;
-        case 2: gemv_half<2, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y); break;
-        case 3: gemv_half<3, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y); break;
-        default: gemv_half<4, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y); break;
+        case 1: gemv_half<1, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y + r * ldy, ldy); break;
+        case 2: gemv_half<2, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y + r * ldy, ldy); break;
+        case 3: gemv_half<3, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y + r * ldy, ldy); break;
+        default: gemv_half<4, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y + r * ldy, ldy); break;
       }
       r += take;
     }
   }
 }
 
-void gemv(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int rows, int64_t p0, int64_t p1, float* y) {
+void gemv(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int rows, int64_t p0, int64_t p1, float* y,
+          int64_t ldy) {
   const int key = (w->bits == 8) * 4 + w->mins * 2 + w->half;
   switch (key) {
-    case 0: return gemv_format<4, false, false>(w, q, row0, rows, p0, p1, y);
-    case 1: return gemv_format<4, false, true>(w, q, row0, rows, p0, p1, y);
-    case 2: return gemv_format<4, true, false>(w, q, row0, rows, p0, p1, y);
-    case 3: return gemv_format<4, true, true>(w, q, row0, rows, p0, p1, y);
-    case 4: return gemv_format<8, false, false>(w, q, row0, rows, p0, p1, y);
-    case 5: return gemv_format<8, false, true>(w, q, row0, rows, p0, p1, y);
-    case 6: return gemv_format<8, true, false>(w, q, row0, rows, p0, p1, y);
-    default: return gemv_format<8, true, true>(w, q, row0, rows, p0, p1, y);
+    case 0: return gemv_format<4, false, false>(w, q, row0, rows, p0, p1, y, ldy);
+    case 1: return gemv_format<4, false, true>(w, q, row0, rows, p0, p1, y, ldy);
+    case 2: return gemv_format<4, true, false>(w, q, row0, rows, p0, p1, y, ldy);
+    case 3: return gemv_format<4, true, true>(w, q, row0, rows, p0, p1, y, ldy);
+    case 4: return gemv_format<8, false, false>(w, q, row0, rows, p0, p1, y, ldy);
+    case 5: return gemv_format<8, false, true>(w, q, row0, rows, p0, p1, y, ldy);
+    case 6: return gemv_format<8, true, false>(w, q, row0, rows, p0, p1, y, ldy);
+    default: return gemv_format<8, true, true>(w, q, row0, rows, p0, p1, y, ldy);
   }
 }
 
-void gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y) {
+void gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y, int64_t ldy) {
   for (int64_t r0 = 0; r0 < q->m; r0 += 8) {
     const int rows = q->m - r0 < 8 ? static_cast<int>(q->m - r0) : 8;
-    gemv(w, q, r0, rows, p, p + 1, y);
+    gemv(w, q, r0, rows, p, p + 1, y + r0 * ldy, ldy);
+  }
+}
+
+// exp(x) to about 2 ulp, as exp16 in avx512.cpp: Taylor series of exp(r) to r^6, 2^n built in the exponent bits
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+void silu_glu(const float* y, int64_t ldy, int64_t rows, float* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int h = 0; h < kPanel; h += 8) {
+      const __m256 gate = _mm256_loadu_ps(y + r * ldy + h), up = _mm256_loadu_ps(y + r * ldy + kPanel + h);
+      const __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(
+          _mm256_setzero_ps(), gate))));
+      _mm256_storeu_ps(out + r * ldo + h, _mm256_mul_ps(silu, up));
+    }
   }
 }
 
 }  // namespace
 
-const IsaKernels kAvx2Kernels = {quantize, gemv, gemm_panel};
+const IsaKernels kAvx2Kernels = {quantize, gemv, gemm_panel, silu_glu};
 
 }  // namespace edgellm

@@ -61,7 +61,8 @@ inline __m512 load16(const uint8_t* p) {
 
 // Rows [row0, row0 + M) against panels [p0, p1): each block's codes are loaded and widened once for all M rows.
 template <int M, int BITS, bool MINS, bool HALF>
-void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int64_t p0, int64_t p1, float* y) {
+void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int64_t p0, int64_t p1, float* y,
+               int64_t ldy) {
   const int bs = w->block;
   const int64_t kb = w->k_blocks;
   const int group = w->group;
@@ -127,49 +128,75 @@ void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
     const int64_t n0 = p * kPanel;
     const int64_t count = w->n - n0 < kPanel ? w->n - n0 : kPanel;
     const __mmask16 keep = count == kPanel ? 0xffff : static_cast<__mmask16>((1u << count) - 1);
-    for (int r = 0; r < M; ++r) _mm512_mask_storeu_ps(y + (row0 + r) * w->n + n0, keep, f[r]);
+    for (int r = 0; r < M; ++r) _mm512_mask_storeu_ps(y + r * ldy + (p - p0) * kPanel, keep, f[r]);
   }
 }
 
 template <int BITS, bool MINS, bool HALF>
 void gemv_format(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int rows, int64_t p0, int64_t p1,
-                 float* y) {
+                 float* y, int64_t ldy) {
   switch (rows) {
-    case 1: return gemv_rows<1, BITS, MINS, HALF>(w, q, row0, p0, p1, y);
-    case 2: return gemv_rows<2, BITS, MINS, HALF>(w, q, row0, p0, p1, y);
-    case 3: return gemv_rows<3, BITS, MINS, HALF>(w, q, row0, p0, p1, y);
-    case 4: return gemv_rows<4, BITS, MINS, HALF>(w, q, row0, p0, p1, y);
-    case 5: return gemv_rows<5, BITS, MINS, HALF>(w, q, row0, p0, p1, y);
-    case 6: return gemv_rows<6, BITS, MINS, HALF>(w, q, row0, p0, p1, y);
-    case 7: return gemv_rows<7, BITS, MINS, HALF>(w, q, row0, p0, p1, y);
-    default: return gemv_rows<8, BITS, MINS, HALF>(w, q, row0, p0, p1, y);
+    case 1: return gemv_rows<1, BITS, MINS, HALF>(w, q, row0, p0, p1, y, ldy);
+    case 2: return gemv_rows<2, BITS, MINS, HALF>(w, q, row0, p0, p1, y, ldy);
+    case 3: return gemv_rows<3, BITS, MINS, HALF>(w, q, row0, p0, p1, y, ldy);
+    case 4: return gemv_rows<4, BITS, MINS, HALF>(w, q, row0, p0, p1, y, ldy);
+    case 5: return gemv_rows<5, BITS, MINS, HALF>(w, q, row0, p0, p1, y, ldy);
+    case 6: return gemv_rows<6, BITS, MINS, HALF>(w, q, row0, p0, p1, y, ldy);
+    case 7: return gemv_rows<7, BITS, MINS, HALF>(w, q, row0, p0, p1, y, ldy);
+    default: return gemv_rows<8, BITS, MINS, HALF>(w, q, row0, p0, p1, y, ldy);
   }
 }
 
-void gemv(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int rows, int64_t p0, int64_t p1, float* y) {
+void gemv(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int rows, int64_t p0, int64_t p1, float* y,
+          int64_t ldy) {
   const int key = (w->bits == 8) * 4 + w->mins * 2 + w->half;
   switch (key) {
-    case 0: return gemv_format<4, false, false>(w, q, row0, rows, p0, p1, y);
-    case 1: return gemv_format<4, false, true>(w, q, row0, rows, p0, p1, y);
-    case 2: return gemv_format<4, true, false>(w, q, row0, rows, p0, p1, y);
-    case 3: return gemv_format<4, true, true>(w, q, row0, rows, p0, p1, y);
-    case 4: return gemv_format<8, false, false>(w, q, row0, rows, p0, p1, y);
-    case 5: return gemv_format<8, false, true>(w, q, row0, rows, p0, p1, y);
-    case 6: return gemv_format<8, true, false>(w, q, row0, rows, p0, p1, y);
-    default: return gemv_format<8, true, true>(w, q, row0, rows, p0, p1, y);
+    case 0: return gemv_format<4, false, false>(w, q, row0, rows, p0, p1, y, ldy);
+    case 1: return gemv_format<4, false, true>(w, q, row0, rows, p0, p1, y, ldy);
+    case 2: return gemv_format<4, true, false>(w, q, row0, rows, p0, p1, y, ldy);
+    case 3: return gemv_format<4, true, true>(w, q, row0, rows, p0, p1, y, ldy);
+    case 4: return gemv_format<8, false, false>(w, q, row0, rows, p0, p1, y, ldy);
+    case 5: return gemv_format<8, false, true>(w, q, row0, rows, p0, p1, y, ldy);
+    case 6: return gemv_format<8, true, false>(w, q, row0, rows, p0, p1, y, ldy);
+    default: return gemv_format<8, true, true>(w, q, row0, rows, p0, p1, y, ldy);
   }
 }
 
 // Many rows: the panel's codes stay in the caches while every tile of 8 rows passes over them.
-void gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y) {
+void gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y, int64_t ldy) {
   for (int64_t r0 = 0; r0 < q->m; r0 += 8) {
     const int rows = q->m - r0 < 8 ? static_cast<int>(q->m - r0) : 8;
-    gemv(w, q, r0, rows, p, p + 1, y);
+    gemv(w, q, r0, rows, p, p + 1, y + r0 * ldy, ldy);
+  }
+}
+
+// exp(x) to about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^6, times 2^n
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+void silu_glu(const float* y, int64_t ldy, int64_t rows, float* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 gate = _mm512_loadu_ps(y + r * ldy), up = _mm512_loadu_ps(y + r * ldy + kPanel);
+    const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(
+        _mm512_setzero_ps(), gate))));
+    _mm512_storeu_ps(out + r * ldo, _mm512_mul_ps(silu, up));
   }
 }
 
 }  // namespace
 
-const IsaKernels kAvx512Kernels = {quantize, gemv, gemm_panel};
+const IsaKernels kAvx512Kernels = {quantize, gemv, gemm_panel, silu_glu};
 
 }  // namespace edgellm

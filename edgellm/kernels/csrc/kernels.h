@@ -35,6 +35,7 @@ struct PackedWeight {
   int64_t panels = 0;     // ceil(n / 16)
   bool mins = false;      // min form (zero points and minimums); else symmetric
   bool half = true;       // scales and minimums stored as float16 (else float32)
+  bool glu = false;       // rows [0, n/2) gate and [n/2, n) up projections, panels paired: gate, up, gate, up...
   size_t code_bytes = 0;  // one block's codes in one panel: block * 16 * bits / 8
   size_t scale_bytes = 0; // one block's 16 scales (or minimums): 32 or 64
   int group = 1;          // blocks per record
@@ -68,22 +69,26 @@ struct Parallel {
   void* context = nullptr;
 };
 
-// The kernels of one instruction set.
+// The kernels of one instruction set. Outputs go to y, whose rows are ldy floats apart: the gemv writes row row0
+// + r, panel p0 + i at y + r * ldy + 16 i; gemm_panel writes row r at y + r * ldy.
 struct IsaKernels {
   // Rows [row0, row1) of x [m][k] into q (whose block, k_pad and k_blocks are set); zero_point = 2^(bits-1).
   void (*quantize)(const float* x, int64_t k, int64_t row0, int64_t row1, int zero_point, QuantizedRows* q);
-  // y[r][n] for rows [row0, row0 + rows) (rows <= 8) and panels [p0, p1); y's rows are w.n apart.
+  // Rows [row0, row0 + rows) (rows <= 8) against panels [p0, p1), each block's codes widened once for all rows.
   void (*gemv)(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int rows, int64_t p0, int64_t p1,
-               float* y);
-  // Every row of q against panel p, through a per-thread scratch of the panel's widened codes.
-  void (*gemm_panel)(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y);
+               float* y, int64_t ldy);
+  // Every row of q against panel p, which stays in the caches while the rows pass over it.
+  void (*gemm_panel)(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y, int64_t ldy);
+  // out[r][j] = silu(y[r][j]) * y[r][16 + j] for j < 16 and `rows` rows (the gated MLP's activation, on a gate
+  // panel and its up panel side by side).
+  void (*silu_glu)(const float* y, int64_t ldy, int64_t rows, float* out, int64_t ldo);
 };
 
 extern const IsaKernels kAvx2Kernels;
 extern const IsaKernels kAvx512Kernels;
 // AMX: the AVX-512 kernels' quantize and gemv, and this many-row kernel, which reads q's rows 16 at a time (the
 // driver pads them with zero rows)
-void amx_gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y);
+void amx_gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y, int64_t ldy);
 constexpr int kAmxRows = 16;
 
 // CPU features (cpu.cpp).
@@ -99,12 +104,15 @@ int amx_self_test();
 // first), scales [n * k_blocks_in], zero_points (nullable; 4-bit: two per byte per row, low first; 8-bit: one per
 // byte), minimums (nullable; [k_blocks][n], added as minimum * sum(x of the block)). widened_k > 0: the weight was
 // written for the input [x, block_sums(x), block_sums(x), ...] with x of widened_k values (the converter's
-// folded minimums): the part past widened_k becomes per-block minimums. Returns an error message or nullptr.
+// folded minimums): the part past widened_k becomes per-block minimums. glu: the rows are a gate projection and an
+// up projection of n / 2 each (n / 2 a multiple of 16), whose panels are interleaved for matmul's silu_glu.
+// Returns an error message or nullptr.
 const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t* zero_points, const float* mins,
-                        int64_t n, int64_t k, int bits, int block, int64_t widened_k, PackedWeight* out);
+                        int64_t n, int64_t k, int bits, int block, int64_t widened_k, bool glu, PackedWeight* out);
 void free_weight(PackedWeight* w);
 
-// y [m][n] = x [m][k] @ w^T with the kernels of `isa` (at most the CPU's), threads through `par`.
+// y [m][n] = x [m][k] @ w^T with the kernels of `isa` (at most the CPU's), threads through `par`; for a glu
+// weight, y [m][n / 2] = silu(x @ gate^T) * (x @ up^T).
 void matmul(const PackedWeight& w, const float* x, int64_t m, float* y, Isa isa, const Parallel& par);
 
 }  // namespace edgellm

@@ -41,17 +41,39 @@ void quantize_item(void* user, size_t i) {
   job.kernels->quantize(job.x, job.w->k, r0, r1, job.zero_point, job.q);
 }
 
+// A glu weight's work is counted in pairs of panels (gate, up), each pair giving 16 outputs.
 void gemv_item(void* user, size_t i) {
   const Job& job = *static_cast<Job*>(user);
-  const int64_t p0 = static_cast<int64_t>(i) * job.per_item;
-  const int64_t p1 = std::min(job.w->panels, p0 + job.per_item);
-  for (int64_t r = 0; r < job.q->m; r += kGemvRows)
-    job.kernels->gemv(job.w, job.q, r, static_cast<int>(std::min(kGemvRows, job.q->m - r)), p0, p1, job.y);
+  const PackedWeight& w = *job.w;
+  const int64_t units = w.glu ? w.panels / 2 : w.panels;
+  const int64_t u0 = static_cast<int64_t>(i) * job.per_item, u1 = std::min(units, u0 + job.per_item);
+  for (int64_t r = 0; r < job.q->m; r += kGemvRows) {
+    const int rows = static_cast<int>(std::min(kGemvRows, job.q->m - r));
+    if (!w.glu) {
+      job.kernels->gemv(&w, job.q, r, rows, u0, u1, job.y + r * w.n + u0 * kPanel, w.n);
+      continue;
+    }
+    alignas(64) float pair[kGemvRows * 2 * kPanel];
+    for (int64_t u = u0; u < u1; ++u) {
+      job.kernels->gemv(&w, job.q, r, rows, 2 * u, 2 * u + 2, pair, 2 * kPanel);
+      job.kernels->silu_glu(pair, 2 * kPanel, rows, job.y + r * (w.n / 2) + u * kPanel, w.n / 2);
+    }
+  }
 }
 
 void gemm_item(void* user, size_t i) {
   const Job& job = *static_cast<Job*>(user);
-  job.kernels->gemm_panel(job.w, job.q, static_cast<int64_t>(i), job.y);
+  const PackedWeight& w = *job.w;
+  const int64_t u = static_cast<int64_t>(i);
+  if (!w.glu) {
+    job.kernels->gemm_panel(&w, job.q, u, job.y + u * kPanel, w.n);
+    return;
+  }
+  static thread_local std::vector<float> pair;
+  pair.resize(static_cast<size_t>(job.q->m) * 2 * kPanel);
+  job.kernels->gemm_panel(&w, job.q, 2 * u, pair.data(), 2 * kPanel);
+  job.kernels->gemm_panel(&w, job.q, 2 * u + 1, pair.data() + kPanel, 2 * kPanel);
+  job.kernels->silu_glu(pair.data(), 2 * kPanel, job.q->m, job.y + u * kPanel, w.n / 2);
 }
 
 void run(const Parallel& par, bool parallel, size_t total, void (*fn)(void*, size_t), Job* job) {
@@ -63,7 +85,8 @@ void run(const Parallel& par, bool parallel, size_t total, void (*fn)(void*, siz
 }
 
 const IsaKernels& kernels_for(Isa isa) {
-  static const IsaKernels amx = {kAvx512Kernels.quantize, kAvx512Kernels.gemv, amx_gemm_panel};
+  static const IsaKernels amx = {kAvx512Kernels.quantize, kAvx512Kernels.gemv, amx_gemm_panel,
+                                 kAvx512Kernels.silu_glu};
   if (isa >= kIsaAmx) return amx;
   if (isa >= kIsaAvx512) return kAvx512Kernels;
   return kAvx2Kernels;
@@ -102,11 +125,12 @@ void matmul(const PackedWeight& w, const float* x, int64_t m, float* y, Isa isa,
   job.per_item = std::max<int64_t>(1, m / 16);
   run(par, m * w.k >= kSerialQuantize, static_cast<size_t>((m + job.per_item - 1) / job.per_item), quantize_item,
       &job);
+  const int64_t units = w.glu ? w.panels / 2 : w.panels;
   if (m <= kGemvRows) {
-    job.per_item = std::max<int64_t>(1, w.panels / 32);
-    run(par, parallel, static_cast<size_t>((w.panels + job.per_item - 1) / job.per_item), gemv_item, &job);
+    job.per_item = std::max<int64_t>(1, units / 32);
+    run(par, parallel, static_cast<size_t>((units + job.per_item - 1) / job.per_item), gemv_item, &job);
   } else {
-    run(par, parallel, static_cast<size_t>(w.panels), gemm_item, &job);
+    run(par, parallel, static_cast<size_t>(units), gemm_item, &job);
   }
 }
 
@@ -131,7 +155,7 @@ int amx_self_test() {
             for (auto& v : x) v = static_cast<float>(static_cast<int32_t>(next())) * 1e-9f;
             PackedWeight w;
             if (pack_weight(codes.data(), scales.data(), zero_points ? zp.data() : nullptr, nullptr, n, k, bits,
-                            block, 0, &w))
+                            block, 0, false, &w))
               _exit(1);
             matmul(w, x.data(), m, y0.data(), kIsaAvx512, Parallel{});
             matmul(w, x.data(), m, y1.data(), kIsaAmx, Parallel{});

@@ -3,7 +3,8 @@
 //
 // Op ai.edgellm.kernels::MatMulBlocks, inputs as com.microsoft::MatMulNBits (A, B, scales, zero_points).
 // Attributes: K, N, bits, block_size as MatMulNBits; isa (the highest instruction-set level to use, kernels.h
-// Isa); widened_k (> 0: B was written for [A, block_sums(A), ...] with A of widened_k columns).
+// Isa); widened_k (> 0: B was written for [A, block_sums(A), ...] with A of widened_k columns); glu (1: the
+// output is silu(A @ gate^T) * (A @ up^T), N / 2 wide, where B's first N / 2 rows are the gate's).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -118,13 +119,14 @@ OrtStatus* constant_input(const OrtKernelInfo* info, size_t count, size_t index,
 }
 
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
-  int64_t k = 0, n = 0, bits = 0, block = 0, isa = 0, widened_k = 0;
+  int64_t k = 0, n = 0, bits = 0, block = 0, isa = 0, widened_k = 0, glu = 0;
   ORT_CHECK(attribute(info, "K", &k, 0, true));
   ORT_CHECK(attribute(info, "N", &n, 0, true));
   ORT_CHECK(attribute(info, "bits", &bits, 4, false));
   ORT_CHECK(attribute(info, "block_size", &block, 0, true));
   ORT_CHECK(attribute(info, "isa", &isa, best_isa(), false));
   ORT_CHECK(attribute(info, "widened_k", &widened_k, 0, false));
+  ORT_CHECK(attribute(info, "glu", &glu, 0, false));
   size_t count = 0;
   ORT_CHECK(g_api.get<ort::KernelInfoGetInputCountFn>(ort::kKernelInfo_GetInputCount)(info, &count));
   const OrtValue* inputs[4] = {};
@@ -152,7 +154,8 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
   auto* op = new MatMulBlocks;
   const char* problem = pack_weight(static_cast<const uint8_t*>(data_of(inputs[1])),
                                     static_cast<const float*>(data_of(inputs[2])), zero_points, nullptr, n, k,
-                                    static_cast<int>(bits), static_cast<int>(block), widened_k, &op->weight);
+                                    static_cast<int>(bits), static_cast<int>(block), widened_k, glu != 0,
+                                    &op->weight);
   if (problem) {
     delete op;
     return error(problem);
@@ -193,7 +196,7 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
   if (k != op->weight.k) return error("input A has " + std::to_string(k) + " columns, expected " +
                                       std::to_string(op->weight.k));
   std::vector<int64_t> shape = info.shape;
-  shape.back() = op->weight.n;
+  shape.back() = op->weight.glu ? op->weight.n / 2 : op->weight.n;
   OrtValue* y = nullptr;
   ORT_CHECK(g_api.get<ort::KernelContextGetOutputFn>(ort::kKernelContext_GetOutput)(context, 0, shape.data(),
                                                                                     shape.size(), &y));
@@ -298,10 +301,10 @@ __attribute__((visibility("default"))) const char* edgellm_isa_name(int isa) { r
 
 __attribute__((visibility("default"))) void* edgellm_pack(const uint8_t* codes, const float* scales,
                                                           const uint8_t* zero_points, const float* mins, int64_t n,
-                                                          int64_t k, int bits, int block, int64_t widened_k,
+                                                          int64_t k, int bits, int block, int64_t widened_k, int glu,
                                                           char* message, size_t message_size) {
   auto* w = new PackedWeight;
-  const char* problem = pack_weight(codes, scales, zero_points, mins, n, k, bits, block, widened_k, w);
+  const char* problem = pack_weight(codes, scales, zero_points, mins, n, k, bits, block, widened_k, glu != 0, w);
   if (problem) {
     snprintf(message, message_size, "%s", problem);
     delete w;
@@ -325,8 +328,8 @@ __attribute__((visibility("default"))) void edgellm_free(void* weight) {
   delete w;
 }
 
-// y [m][n] = x [m][k] @ w^T at instruction-set level `isa` (capped at the CPU's) on `threads` threads; returns the
-// level used.
+// y [m][n] (glu: [m][n / 2]) = x [m][k] @ w^T at instruction-set level `isa` (capped at the CPU's) on `threads`
+// threads; returns the level used.
 __attribute__((visibility("default"))) int edgellm_matmul(const void* weight, const float* x, int64_t m, float* y,
                                                           int isa, int threads) {
   const Isa level = std::min(static_cast<Isa>(isa), best_isa());

@@ -30,8 +30,9 @@ bool half_keeps_minimum(float f) { return fabsf(f) <= 65504.0f; }
 }  // namespace
 
 const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t* zero_points, const float* mins,
-                        int64_t n, int64_t k, int bits, int block, int64_t widened_k, PackedWeight* out) {
+                        int64_t n, int64_t k, int bits, int block, int64_t widened_k, bool glu, PackedWeight* out) {
   if (bits != 4 && bits != 8) return "only 4- and 8-bit blocks are supported";
+  if (glu && n % (2 * kPanel) != 0) return "a gated weight needs halves of whole panels";
   if (block < 16 || block > 256 || (block & (block - 1))) return "the block size must be a power of two in 16..256";
   if (n <= 0 || k <= 0) return "empty weight";
   const int64_t k_blocks_in = (k + block - 1) / block;  // the blocks the graph's weight holds
@@ -98,6 +99,7 @@ const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t
   w.panels = (n + kPanel - 1) / kPanel;
   w.mins = min_form;
   w.half = half;
+  w.glu = glu;
   w.code_bytes = static_cast<size_t>(block) * kPanel * bits / 8;
   w.scale_bytes = kPanel * (half ? 2 : 4);
   const size_t tail = w.scale_bytes * (min_form ? 2 : 1);
@@ -114,7 +116,8 @@ const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t
   for (int64_t p = 0; p < w.panels; ++p) {
     uint8_t* base = w.data + p * w.panel_bytes;
     for (int j = 0; j < kPanel; ++j) {
-      const int64_t row = p * kPanel + j;
+      // a glu weight's panels alternate between the gate's rows and the up projection's
+      const int64_t row = glu ? (p % 2) * (n / 2) + (p / 2) * kPanel + j : p * kPanel + j;
       if (row >= n) break;  // padding rows: zero codes and zero scales (and minimums) contribute nothing
       const uint8_t* source = codes + row * k_blocks_in * blob;
       for (int64_t b = 0; b < k_blocks; ++b) {
