@@ -267,7 +267,9 @@ def main() -> None:
         print(f"skipping onnxruntime-genai: {e}")
 
     results = {name: [] for name, *_ in engines}
+    probes = []  # the read-bandwidth probe, once a round among the engines (the host's bandwidth drifts too)
     for r in range(args.rounds):
+        probes.append(read_bandwidth(args.threads))
         for name, spec, *_ in engines:  # alternate, so that noise hits all alike
             got = measure({**spec, "name": name, "root": str(ROOT), "seed": r, "threads": args.threads,
                            "prompts": prompts, "after": after, "decode": args.decode, "context": context,
@@ -275,13 +277,14 @@ def main() -> None:
             if got:
                 results[name].append(got)
         print(f"round {r + 1} of {args.rounds} done")
-    bandwidth = read_bandwidth(args.threads)
+    bandwidth = statistics.median(probes)
 
     columns = [f"prefill {n}" for n in prompts] + [f"decode @{n}" for n in after] + ["load_s", "peak RSS MiB"]
     print(f"\n{args.hf.name} / {args.gguf.name}, {args.threads} threads, medians of {args.rounds} rounds, "
           f"{args.decode} tokens per decode timing")
     print(f"host: {cpu_flags()}")
-    print(f"read bandwidth probe ({args.threads} threads, numpy): {bandwidth:.1f} GB/s\n")
+    print(f"read bandwidth probe ({args.threads} threads, numpy sum of 1 GiB, once a round): median {bandwidth:.1f} "
+          f"GB/s (of {', '.join(f'{p:.1f}' for p in probes)})\n")
     print("| engine | " + " | ".join(columns) + f" | MB read per token @{after[0]} | GB/s achieved @{after[0]} "
           "| of the probe |")
     print("|---|" + "---:|" * (len(columns) + 3))

@@ -71,7 +71,7 @@ void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
   const float* dx[M];
   const int32_t* off[M];
   const float* sx[M];
-  for (int r = 0; r < M; ++r) {
+  _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) {
     xg[r] = reinterpret_cast<const int32_t*>(q->q + (row0 + r) * q->k_pad);
     dx[r] = q->scale + (row0 + r) * kb;
     off[r] = q->offset + (row0 + r) * kb;
@@ -81,13 +81,13 @@ void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w->data + p * w->panel_bytes;
     __m512 f[M];
-    for (int r = 0; r < M; ++r) f[r] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) f[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < kb; ++b) {
       const uint8_t* record = panel + (b / group) * w->record_bytes;
       const int64_t slot = b % group;
       const uint8_t* codes = record + slot * w->code_bytes;
       __m512i a0[M], a1[M];
-      for (int r = 0; r < M; ++r) {
+      _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) {
         a0[r] = MINS ? _mm512_setzero_si512() : _mm512_set1_epi32(off[r][b]);
         a1[r] = _mm512_setzero_si512();
       }
@@ -98,7 +98,7 @@ void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
           const __m512i v = _mm512_load_si512(codes + h * 64);
           const __m512i lo = _mm512_and_si512(v, low4);
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-          for (int r = 0; r < M; ++r) {
+          _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) {
             a0[r] = _mm512_dpbusd_epi32(a0[r], lo, _mm512_set1_epi32(xg[r][g0 + 2 * h]));
             a1[r] = _mm512_dpbusd_epi32(a1[r], hi, _mm512_set1_epi32(xg[r][g0 + 2 * h + 1]));
           }
@@ -109,26 +109,26 @@ void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
           _mm_prefetch(reinterpret_cast<const char*>(codes + g * 64 + 64 + kPrefetch), _MM_HINT_T0);
           const __m512i v0 = _mm512_load_si512(codes + g * 64);
           const __m512i v1 = _mm512_load_si512(codes + g * 64 + 64);
-          for (int r = 0; r < M; ++r) {
+          _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) {
             a0[r] = _mm512_dpbusd_epi32(a0[r], v0, _mm512_set1_epi32(xg[r][g0 + g]));
             a1[r] = _mm512_dpbusd_epi32(a1[r], v1, _mm512_set1_epi32(xg[r][g0 + g + 1]));
           }
         }
       }
       const __m512 d = load16<HALF>(record + w->scale_at + slot * w->scale_bytes);
-      for (int r = 0; r < M; ++r) {
+      _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) {
         const __m512 s = _mm512_mul_ps(d, _mm512_set1_ps(dx[r][b]));
         f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[r], a1[r])), s, f[r]);
       }
       if (MINS) {
         const __m512 mn = load16<HALF>(record + w->min_at + slot * w->scale_bytes);
-        for (int r = 0; r < M; ++r) f[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx[r][b]), f[r]);
+        _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) f[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx[r][b]), f[r]);
       }
     }
     const int64_t n0 = p * kPanel;
     const int64_t count = w->n - n0 < kPanel ? w->n - n0 : kPanel;
     const __mmask16 keep = count == kPanel ? 0xffff : static_cast<__mmask16>((1u << count) - 1);
-    for (int r = 0; r < M; ++r) _mm512_mask_storeu_ps(y + r * ldy + (p - p0) * kPanel, keep, f[r]);
+    _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) _mm512_mask_storeu_ps(y + r * ldy + (p - p0) * kPanel, keep, f[r]);
   }
 }
 
