@@ -181,9 +181,16 @@ def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
 
 
 def test_version(capsys):
+    """--version names edgellm's and ONNX Runtime's versions and the kernels sessions run their matmuls with."""
+    import onnxruntime
+
+    from edgellm.kernels import status
+
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
-    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"edgellm {edgellm.__version__}"
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"edgellm {edgellm.__version__} (onnxruntime {onnxruntime.__version__}; "
+                                               f"matmuls: {status().describe()})")
 
 
 def test_a_taken_port_is_one_clear_error_before_loading(small, capsys, monkeypatch):

@@ -269,11 +269,12 @@ def test_cli_convert_run_and_bench(tiny, tmp_path, capsys, monkeypatch):
     assert "the prompt is empty" in capsys.readouterr().err
     assert main(["bench", str(out), "--prompt-lengths", "8,32", "--decode-tokens", "4", "--repeats", "1"]) == 0
     table = capsys.readouterr().out
-    assert "prefill tok/s" in table and "peak RSS" in table and len(table.strip().splitlines()) == 4
+    assert "prefill tok/s" in table and "peak RSS" in table and len(table.strip().splitlines()) == 5
+    assert f"matmuls: {edgellm.load(out).engine.kernels.describe()}" in table  # which kernels the figures are of
     assert main(["bench", str(out), "--prompt-lengths", "8,40", "--decode-tokens", "2", "--repeats", "1",
                  "--profile"]) == 0
     profile = capsys.readouterr().out
-    assert "one decoded token after 40 " in profile and "GroupQueryAttention" in profile
+    assert "one decoded token after 40 " in profile and "DecoderAttention" in profile and "MatMulBlocks" in profile
     assert main(["run", str(tmp_path / "nothing"), "-p", "x"]) == 2
     assert "no such bundle folder" in capsys.readouterr().err
 

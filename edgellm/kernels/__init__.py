@@ -124,12 +124,13 @@ class KernelUse:
 
     status: KernelStatus
     swapped: int = 0  # MatMulNBits nodes on edgellm's kernels
+    attention: int = 0  # GroupQueryAttention nodes on edgellm's attention
     kept: Counter = field(default_factory=Counter)  # reason -> MatMulNBits nodes on ONNX Runtime's
 
     def describe(self) -> str:
         if not self.status.active:
             return self.status.describe()
-        text = f"edgellm kernels ({self.status.isa}): {self.swapped} matmuls"
+        text = f"edgellm kernels ({self.status.isa}): {self.swapped} matmuls, {self.attention} attention"
         if self.kept:
             text += "; ONNX Runtime's: " + ", ".join(f"{n} ({why})" for why, n in self.kept.items())
         return text
@@ -138,7 +139,7 @@ class KernelUse:
 def swap(model: bytes, use: KernelUse) -> bytes | None:
     """The graph with its eligible MatMulNBits on edgellm's kernels (None: nothing to swap, or they are not in
     use, which is logged once where the graph has MatMulNBits to give them)."""
-    if b"MatMulNBits" not in model:
+    if b"MatMulNBits" not in model and b"GroupQueryAttention" not in model:
         return None
     if not use.status.active:
         say_once(f"{use.status.describe()} run the 4/8-bit matmuls")
@@ -147,8 +148,9 @@ def swap(model: bytes, use: KernelUse) -> bytes | None:
 
     result = rewrite(model, use.status.level)
     use.swapped += result.swapped
+    use.attention += result.attention
     use.kept.update(result.kept)
-    return result.model if result.swapped else None
+    return result.model if result.swapped or result.attention else None
 
 
 _said: set[str] = set()

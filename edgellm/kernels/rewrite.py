@@ -8,6 +8,10 @@ fold_mins): that becomes one MatMulBlocks over x, which turns the extra columns 
 repacks, and the Concat and block sums go. A fused gate/up projection followed by the gated MLP's activation,
 ``Split -> silu(gate) = gate * Sigmoid(gate) -> * up``, becomes one MatMulBlocks that returns silu(gate) * up: four
 nodes and two passes over the activations less per layer.
+
+GroupQueryAttention nodes over a float cache whose attributes the library covers become DecoderAttention (the
+same inputs, outputs and attributes; csrc/attention.cpp): ONNX Runtime's kernel has a fixed cost per call that a
+small model's decoding and batched decoding feel.
 Only nodes with int8 activations (accuracy_level 4, the contract the kernels keep) and weights as initializers are
 swapped; the rest stay ONNX Runtime's, and the reason is counted.
 """
@@ -24,10 +28,18 @@ OP = "MatMulBlocks"
 FLOAT, UINT8 = 1, 2  # TensorProto data types
 
 
+ATTENTION_OP = "DecoderAttention"
+# GroupQueryAttention's attributes DecoderAttention computes; a node with any other (an int8 cache's quantization,
+# smooth softmax...) stays ONNX Runtime's
+ATTENTION_ATTRIBUTES = {"num_heads", "kv_num_heads", "scale", "softcap", "local_window_size", "do_rotary",
+                        "rotary_interleaved"}
+
+
 @dataclass
 class Rewrite:
     model: bytes  # the graph to load (the original bytes when nothing was swapped)
     swapped: int = 0  # MatMulNBits nodes now MatMulBlocks
+    attention: int = 0  # GroupQueryAttention nodes now DecoderAttention
     kept: Counter = field(default_factory=Counter)  # reason -> MatMulNBits nodes left to ONNX Runtime
 
 
@@ -95,6 +107,12 @@ def rewrite(model_bytes: bytes, isa: int) -> Rewrite:
     removed: set[int] = set()  # nodes a MatMulBlocks took over
     bypassed: list[Node] = []  # nodes whose only reader was swapped away: dropped if nothing reads them now
     for node in g.nodes:
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
+            if set(node.attributes) <= ATTENTION_ATTRIBUTES and len(node.inputs) <= 9 and len(node.outputs) == 3:
+                replaced[id(node)] = Node(ATTENTION_OP, DOMAIN, node.inputs, node.outputs, node.name,
+                                          node.attributes, node.rest)
+                out.attention += 1
+            continue
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
         reason = _eligible(g, node)
@@ -124,7 +142,7 @@ def rewrite(model_bytes: bytes, isa: int) -> Rewrite:
         replaced[id(node)] = Node(OP, DOMAIN, inputs, outputs, node.name,
                                   {name: int_attribute(name, v) for name, v in attributes.items()})
         out.swapped += 1
-    if not out.swapped:
+    if not out.swapped and not out.attention:
         return out
 
     nodes = [replaced.get(id(n), n) for n in g.nodes if id(n) not in removed]

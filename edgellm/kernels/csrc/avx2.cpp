@@ -9,26 +9,16 @@
 
 #pragma GCC target("avx2,fma,f16c")
 
+#include "simd_avx2.h"
+
 namespace edgellm {
 namespace {
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
 
 inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
   return _mm_cvtsi128_si32(s);
-}
-
-inline __m256i tail_mask(int64_t left) {  // lanes [0, left) set, left in 0..8
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lanes);
 }
 
 void quantize(const float* x, int64_t k, int64_t row0, int64_t row1, int zero_point, QuantizedRows* q) {
@@ -42,10 +32,10 @@ void quantize(const float* x, int64_t k, int64_t row0, int64_t row1, int zero_po
       const int64_t len = k - c0 < bs ? k - c0 : bs;
       __m256 vmax = _mm256_setzero_ps();
       for (int64_t i = 0; i < len; i += 8) {
-        const __m256 v = len - i >= 8 ? _mm256_loadu_ps(xr + c0 + i) : _mm256_maskload_ps(xr + c0 + i, tail_mask(len - i));
+        const __m256 v = len - i >= 8 ? _mm256_loadu_ps(xr + c0 + i) : _mm256_maskload_ps(xr + c0 + i, tail_mask8(len - i));
         vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
       }
-      const float amax = hmax(vmax);
+      const float amax = hmax8(vmax);
       const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
       const __m256 vinv = _mm256_set1_ps(inv);
       __m256i qsum = _mm256_setzero_si256();
@@ -53,7 +43,7 @@ void quantize(const float* x, int64_t k, int64_t row0, int64_t row1, int zero_po
         const int64_t left = len - i;
         __m256 v = _mm256_setzero_ps();
         if (left >= 8) v = _mm256_loadu_ps(xr + c0 + i);
-        else if (left > 0) v = _mm256_maskload_ps(xr + c0 + i, tail_mask(left));
+        else if (left > 0) v = _mm256_maskload_ps(xr + c0 + i, tail_mask8(left));
         const __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv));  // round half to even
         qsum = _mm256_add_epi32(qsum, qi);
         const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
@@ -164,7 +154,7 @@ void gemv_half(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
       if (count >= 8) {
         _mm256_storeu_ps(out, f[r]);
       } else if (count > 0) {
-        _mm256_maskstore_ps(out, tail_mask(count), f[r]);
+        _mm256_maskstore_ps(out, tail_mask8(count), f[r]);
       }
     }
   }
@@ -208,24 +198,6 @@ void gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float*
     const int rows = q->m - r0 < 8 ? static_cast<int>(q->m - r0) : 8;
     gemv(w, q, r0, rows, p, p + 1, y + r0 * ldy, ldy);
   }
-}
-
-// exp(x) to about 2 ulp, as exp16 in avx512.cpp: Taylor series of exp(r) to r^6, 2^n built in the exponent bits
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
 void silu_glu(const float* y, int64_t ldy, int64_t rows, float* out, int64_t ldo) {

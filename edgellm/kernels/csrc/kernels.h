@@ -91,6 +91,31 @@ extern const IsaKernels kAvx512Kernels;
 void amx_gemm_panel(const PackedWeight* w, const QuantizedRows* q, int64_t p, float* y, int64_t ldy);
 constexpr int kAmxRows = 16;
 
+// Attention over a KV cache (attention.cpp; ops.cpp reads the inputs): the arguments of one call.
+struct AttentionArgs {
+  int heads = 0, kv_heads = 0, d = 0;  // query heads, key/value heads, channels per head
+  int64_t batch = 0, s = 0;            // sequences, new rows per sequence
+  int64_t capacity = 0;                // positions the caches hold
+  const float* query = nullptr;        // [B, S, query_stride], head h at h * d
+  const float* key = nullptr;          // [B, S, key_stride], kv head j at j * d
+  const float* value = nullptr;
+  int64_t query_stride = 0, key_stride = 0, value_stride = 0;
+  const int32_t* seqlens_k = nullptr;  // [B]: positions held after this call, minus one
+  const float* cos = nullptr;          // [positions, rotary_dim / 2], when rotary_dim > 0
+  const float* sin = nullptr;
+  int rotary_dim = 0;                  // channels rotated (0: no rotary)
+  bool interleaved = false;
+  float scale = 1.0f, softcap = 0.0f;
+  int64_t window = -1;                 // > 0: attend to the last `window` positions, p included
+  float* present_key = nullptr;        // [B, KV, capacity, d]
+  float* present_value = nullptr;
+  float* output = nullptr;             // [B, S, H * d]
+};
+// Writes the new row s of sequence b into the caches (its key rotated).
+void attention_write_cache(const AttentionArgs& a, int64_t b, int64_t s);
+// The output of row s of sequence b for the query heads of key/value head j (after every new row is written).
+void attention_rows(const AttentionArgs& a, int64_t b, int j, int64_t s);
+
 // CPU features (cpu.cpp).
 bool cpu_has(Isa isa);          // the CPU and the OS support this level
 Isa best_isa();                 // the highest supported level

@@ -1,12 +1,17 @@
 // The custom-op domain ONNX Runtime loads (SessionOptions.register_custom_ops_library), and a small C API through
 // which Python tests and tools call the kernels directly.
 //
+// Op ai.edgellm.kernels::DecoderAttention: com.microsoft::GroupQueryAttention's float32 inputs 0-8 (query, key,
+// value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache), outputs and attributes
+// num_heads, kv_num_heads, scale, softcap, local_window_size, do_rotary, rotary_interleaved (attention.cpp).
+//
 // Op ai.edgellm.kernels::MatMulBlocks, inputs as com.microsoft::MatMulNBits (A, B, scales, zero_points).
 // Attributes: K, N, bits, block_size as MatMulNBits; isa (the highest instruction-set level to use, kernels.h
 // Isa); widened_k (> 0: B was written for [A, block_sums(A), ...] with A of widened_k columns); glu (1: the
 // output is silu(A @ gate^T) * (A @ up^T), N / 2 wide, where B's first N / 2 rows are the gate's).
 #include <stdio.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -173,6 +178,148 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
   return nullptr;
 }
 
+OrtStatus* float_attribute(const OrtKernelInfo* info, const char* name, float* out, float fallback) {
+  OrtStatus* status = g_api.get<ort::KernelInfoGetAttributeFloatFn>(ort::kKernelInfoGetAttribute_float)(info, name,
+                                                                                                        out);
+  if (status) {
+    g_api.get<ort::ReleaseStatusFn>(ort::kReleaseStatus)(status);
+    *out = fallback;
+  }
+  return nullptr;
+}
+
+struct Attention {
+  int heads = 0, kv_heads = 0;
+  bool rotary = false, interleaved = false;
+  float scale = 0.0f, softcap = 0.0f;
+  int64_t window = -1;
+};
+
+OrtStatus* create_attention(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  int64_t heads = 0, kv_heads = 0, window = -1, rotary = 0, interleaved = 0;
+  ORT_CHECK(attribute(info, "num_heads", &heads, 0, true));
+  ORT_CHECK(attribute(info, "kv_num_heads", &kv_heads, 0, true));
+  ORT_CHECK(attribute(info, "local_window_size", &window, -1, false));
+  ORT_CHECK(attribute(info, "do_rotary", &rotary, 0, false));
+  ORT_CHECK(attribute(info, "rotary_interleaved", &interleaved, 0, false));
+  if (heads <= 0 || kv_heads <= 0 || heads % kv_heads) return error("num_heads must be a multiple of kv_num_heads");
+  auto* op = new Attention;
+  op->heads = static_cast<int>(heads);
+  op->kv_heads = static_cast<int>(kv_heads);
+  op->window = window;
+  op->rotary = rotary != 0;
+  op->interleaved = interleaved != 0;
+  float_attribute(info, "scale", &op->scale, 0.0f);
+  float_attribute(info, "softcap", &op->softcap, 0.0f);
+  *kernel = op;
+  return nullptr;
+}
+
+struct AttentionJob {
+  const AttentionArgs* args;
+  int64_t items_per_sequence;  // kv_heads * s
+};
+
+void attention_item(void* user, size_t i) {
+  const auto& job = *static_cast<AttentionJob*>(user);
+  const AttentionArgs& a = *job.args;
+  const int64_t b = static_cast<int64_t>(i) / job.items_per_sequence, rest = static_cast<int64_t>(i) %
+                                                                            job.items_per_sequence;
+  attention_rows(a, b, static_cast<int>(rest / a.s), rest % a.s);
+}
+
+void ort_parallel_for(void* context, void (*fn)(void*, size_t), size_t total, void* user);
+
+OrtStatus* compute_attention(void* kernel, OrtKernelContext* context) {
+  const auto* op = static_cast<Attention*>(kernel);
+  const OrtValue* in[9] = {};
+  for (size_t i = 0; i < 9; ++i)
+    ORT_CHECK(g_api.get<ort::KernelContextGetInputFn>(ort::kKernelContext_GetInput)(context, i, &in[i]));
+  if (!in[0] || !in[3] || !in[4] || !in[5]) return error("attention needs query, past_key, past_value, seqlens_k");
+  TensorInfo query, past, lengths;
+  ORT_CHECK(describe(in[0], &query));
+  ORT_CHECK(describe(in[3], &past));
+  ORT_CHECK(describe(in[5], &lengths));
+  if (query.shape.size() != 3 || past.shape.size() != 4) return error("attention: unexpected input ranks");
+  AttentionArgs a;
+  a.heads = op->heads;
+  a.kv_heads = op->kv_heads;
+  a.batch = query.shape[0];
+  a.s = query.shape[1];
+  a.d = static_cast<int>(past.shape[3]);
+  a.capacity = past.shape[2];
+  if (past.shape[0] != a.batch || past.shape[1] != a.kv_heads || lengths.shape.size() != 1 ||
+      lengths.shape[0] != a.batch)
+    return error("attention: the caches or seqlens_k do not match the query's batch");
+  a.query = static_cast<const float*>(data_of(in[0]));
+  if (in[1] == nullptr) {  // packed [q heads, k heads, v heads]
+    if (query.shape[2] != static_cast<int64_t>(a.heads + 2 * a.kv_heads) * a.d)
+      return error("attention: packed query of an unexpected width");
+    a.query_stride = a.key_stride = a.value_stride = query.shape[2];
+    a.key = a.query + a.heads * a.d;
+    a.value = a.query + (a.heads + a.kv_heads) * a.d;
+  } else {
+    if (!in[2] || query.shape[2] != static_cast<int64_t>(a.heads) * a.d) return error("attention: unexpected query");
+    a.query_stride = query.shape[2];
+    a.key_stride = a.value_stride = static_cast<int64_t>(a.kv_heads) * a.d;
+    a.key = static_cast<const float*>(data_of(in[1]));
+    a.value = static_cast<const float*>(data_of(in[2]));
+  }
+  a.seqlens_k = static_cast<const int32_t*>(data_of(in[5]));
+  int64_t positions = 0;
+  if (op->rotary) {
+    if (!in[7] || !in[8]) return error("attention: do_rotary needs cos_cache and sin_cache");
+    TensorInfo table;
+    ORT_CHECK(describe(in[7], &table));
+    if (table.shape.size() != 2 || table.shape[1] * 2 > a.d) return error("attention: unexpected rotary tables");
+    a.rotary_dim = static_cast<int>(table.shape[1] * 2);
+    positions = table.shape[0];
+    a.cos = static_cast<const float*>(data_of(in[7]));
+    a.sin = static_cast<const float*>(data_of(in[8]));
+  }
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int64_t last = a.seqlens_k[b], first = last + 1 - a.s;
+    if (first < 0 || last >= a.capacity || (op->rotary && last >= positions))
+      return error("attention: seqlens_k[" + std::to_string(b) + "] = " + std::to_string(last) +
+                   " is outside the cache or the rotary tables");
+  }
+  a.interleaved = op->interleaved;
+  a.scale = op->scale != 0.0f ? op->scale : 1.0f / sqrtf(static_cast<float>(a.d));
+  a.softcap = op->softcap;
+  a.window = op->window;
+
+  std::vector<int64_t> out_shape = {a.batch, a.s, static_cast<int64_t>(a.heads) * a.d};
+  OrtValue* out[3] = {};
+  ORT_CHECK(g_api.get<ort::KernelContextGetOutputFn>(ort::kKernelContext_GetOutput)(context, 0, out_shape.data(), 3,
+                                                                                    &out[0]));
+  for (size_t i = 1; i < 3; ++i)
+    ORT_CHECK(g_api.get<ort::KernelContextGetOutputFn>(ort::kKernelContext_GetOutput)(context, i, past.shape.data(),
+                                                                                      4, &out[i]));
+  a.output = static_cast<float*>(const_cast<void*>(data_of(out[0])));
+  a.present_key = static_cast<float*>(const_cast<void*>(data_of(out[1])));
+  a.present_value = static_cast<float*>(const_cast<void*>(data_of(out[2])));
+  const size_t cache_bytes = static_cast<size_t>(a.batch * a.kv_heads * a.capacity * a.d) * sizeof(float);
+  if (a.present_key != data_of(in[3])) memcpy(a.present_key, data_of(in[3]), cache_bytes);  // not bound in place
+  if (a.present_value != data_of(in[4])) memcpy(a.present_value, data_of(in[4]), cache_bytes);
+
+  for (int64_t b = 0; b < a.batch; ++b)
+    for (int64_t s = 0; s < a.s; ++s) attention_write_cache(a, b, s);
+  AttentionJob job{&a, a.kv_heads * a.s};
+  const size_t items = static_cast<size_t>(a.batch * job.items_per_sequence);
+  // work: every query head's row against its positions; small calls stay on this thread
+  int64_t work = 0;
+  for (int64_t b = 0; b < a.batch; ++b) work += (a.seqlens_k[b] + 1) * a.s;
+  work *= static_cast<int64_t>(a.heads) * a.d;
+  if (items > 1 && work > (1 << 17)) {
+    ort_parallel_for(context, attention_item, items, &job);
+  } else {
+    for (size_t i = 0; i < items; ++i) attention_item(&job, i);
+  }
+  return nullptr;
+}
+
+void destroy_attention(void* kernel) { delete static_cast<Attention*>(kernel); }
+
 void ort_parallel_for(void* context, void (*fn)(void*, size_t), size_t total, void* user) {
   OrtStatus* status = g_api.get<ort::KernelContextParallelForFn>(ort::kKernelContext_ParallelFor)(
       static_cast<const OrtKernelContext*>(context), fn, total, 0, user);
@@ -223,6 +370,16 @@ OrtCustomOpInputOutputCharacteristic output_characteristic(const OrtCustomOp*, s
   return INPUT_OUTPUT_REQUIRED;
 }
 OrtMemType input_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+
+const char* attention_name(const OrtCustomOp*) { return "DecoderAttention"; }
+ONNXTensorElementDataType attention_input_type(const OrtCustomOp*, size_t index) {
+  return index == 5 || index == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t attention_input_count(const OrtCustomOp*) { return 9; }
+size_t attention_output_count(const OrtCustomOp*) { return 3; }
+OrtCustomOpInputOutputCharacteristic attention_input_characteristic(const OrtCustomOp*, size_t index) {
+  return index == 1 || index == 2 || index >= 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
 int start_version(const OrtCustomOp*) { return 1; }
 int end_version(const OrtCustomOp*) { return 1 << 30; }
 
@@ -248,6 +405,21 @@ OrtCustomOp make_op() {
 }
 
 const OrtCustomOp g_matmul_blocks = make_op();
+
+OrtCustomOp make_attention_op() {
+  OrtCustomOp op = make_op();
+  op.GetName = attention_name;
+  op.GetInputType = attention_input_type;
+  op.GetInputTypeCount = attention_input_count;
+  op.GetOutputTypeCount = attention_output_count;
+  op.GetInputCharacteristic = attention_input_characteristic;
+  op.KernelDestroy = destroy_attention;
+  op.CreateKernelV2 = create_attention;
+  op.KernelComputeV2 = compute_attention;
+  return op;
+}
+
+const OrtCustomOp g_decoder_attention = make_attention_op();
 
 // The test API's parallel-for: `threads` std::threads (the caller one of them) taking items in turn.
 struct ThreadCount {
@@ -282,8 +454,11 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     OrtCustomOpDomain* d = nullptr;
     OrtStatus* status = g_api.get<ort::CreateCustomOpDomainFn>(ort::kCreateCustomOpDomain)("ai.edgellm.kernels", &d);
     if (status) return static_cast<OrtCustomOpDomain*>(nullptr);
-    status = g_api.get<ort::CustomOpDomainAddFn>(ort::kCustomOpDomain_Add)(d, &g_matmul_blocks);
-    return status ? static_cast<OrtCustomOpDomain*>(nullptr) : d;
+    for (const OrtCustomOp* op : {&g_matmul_blocks, &g_decoder_attention}) {
+      status = g_api.get<ort::CustomOpDomainAddFn>(ort::kCustomOpDomain_Add)(d, op);
+      if (status) return static_cast<OrtCustomOpDomain*>(nullptr);
+    }
+    return d;
   }();
   if (!domain) return error("could not create the custom-op domain");
   return g_api.get<ort::AddCustomOpDomainFn>(ort::kAddCustomOpDomain)(options, domain);

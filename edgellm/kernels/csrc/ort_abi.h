@@ -88,6 +88,7 @@ enum Entry : size_t {
   kGetDimensionsCount = 61,
   kGetDimensions = 62,
   kGetTensorTypeAndShape = 65,
+  kKernelInfoGetAttribute_float = 85,
   kKernelInfoGetAttribute_int64 = 86,
   kKernelContext_GetInput = 90,
   kKernelContext_GetOutput = 91,
@@ -109,6 +110,7 @@ using GetTensorElementTypeFn = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, 
 using GetDimensionsCountFn = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*);
 using GetDimensionsFn = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
 using GetTensorTypeAndShapeFn = OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+using KernelInfoGetAttributeFloatFn = OrtStatus* (*)(const OrtKernelInfo*, const char*, float*);
 using KernelInfoGetAttributeInt64Fn = OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*);
 using KernelContextGetInputFn = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
 using KernelContextGetOutputFn = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
