@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from helpers import relative_error
 
 import edgellm
 from edgellm import kernels
 from edgellm.kernels import swap
+from edgellm.kernels.rewrite import DOMAIN
 from edgellm.convert.quantize import fold_mins
 from edgellm.errors import EdgeLLMError
 from edgellm.format.blocks import QuantizedWeight
@@ -305,3 +307,101 @@ def test_the_rewrite_leaves_float_activations_and_float_graphs_alone(bundle, mon
     exact = load(bundle("llama", "w4", accuracy_level=0), "auto", monkeypatch).engine.kernels
     assert exact.swapped == 0 and exact.kept == {"float activations (accuracy level below 4)": 9}
     assert load(bundle("llama", "f32"), "auto", monkeypatch).engine.kernels.swapped == 0
+
+
+# --- attention ---------------------------------------------------------------------------------------------------
+
+def attention_session(op: str, domain: str, attributes: dict, packed: bool, rotary: bool):
+    from onnx import TensorProto, helper
+
+    inputs = ["query", "" if packed else "key", "" if packed else "value", "past_key", "past_value", "seqlens_k",
+              "total"] + (["cos", "sin"] if rotary else [])
+    declared = [helper.make_tensor_value_info(n, TensorProto.INT32 if n in ("seqlens_k", "total") else
+                                              TensorProto.FLOAT, None) for n in inputs if n]
+    node = helper.make_node(op, inputs, ["out", "present_key", "present_value"], domain=domain, **attributes)
+    graph = helper.make_graph([node], "attention", declared,
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                               for n in ("out", "present_key", "present_value")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
+                              ir_version=10)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if domain == DOMAIN:
+        options.register_custom_ops_library(str(kernels.library_path()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+ATTENTION_CASES = {  # (heads, kv heads, head size, packed, rotary dims, interleaved, window, softcap, scale)
+    "packed, rotary": (8, 2, 32, True, 32, False, -1, 0.0, 0.0),
+    "separate q/k/v, no rotary": (4, 4, 16, False, 0, False, -1, 0.0, 0.0),
+    "partial interleaved rotary": (6, 3, 32, True, 16, True, -1, 0.0, 0.0),
+    "window and softcap": (4, 1, 16, True, 16, False, 5, 3.0, 0.2),
+    "multi-query, head 64": (4, 1, 64, False, 0, False, -1, 0.0, 0.125),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_matches_group_query_attention(case):
+    """DecoderAttention against ONNX Runtime's GroupQueryAttention on the same inputs: new rows of sequences at
+    different lengths (decoding, S = 1), a chunk of rows after a past (prefill, S = 7), the caches bound in place (as
+    the engine binds them) and not (copied first)."""
+    if LIB is None:
+        pytest.skip("the kernel library is not built")
+    heads, kv_heads, d, packed, rotary_dim, interleaved, window, softcap, scale = ATTENTION_CASES[case]
+    attributes = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary_dim > 0),
+                      rotary_interleaved=int(interleaved))
+    if window > 0:
+        attributes["local_window_size"] = window
+    if softcap:
+        attributes["softcap"] = softcap
+    if scale:
+        attributes["scale"] = scale
+    stock = attention_session("GroupQueryAttention", "com.microsoft", attributes, packed, rotary_dim > 0)
+    mine = attention_session("DecoderAttention", DOMAIN, attributes, packed, rotary_dim > 0)
+    rng = np.random.default_rng(len(case))
+    capacity = 40
+    for batch, s, lengths in ((1, 1, [13]), (3, 1, [0, 9, 30]), (1, 7, [7]), (1, 7, [20])):
+        feed = {"seqlens_k": np.array(lengths, np.int32) + s - 1, "total": np.array(max(lengths) + s, np.int32)}
+        width = (heads + 2 * kv_heads) * d if packed else heads * d
+        feed["query"] = rng.standard_normal((batch, s, width)).astype(np.float32)
+        if not packed:
+            feed["key"] = rng.standard_normal((batch, s, kv_heads * d)).astype(np.float32)
+            feed["value"] = rng.standard_normal((batch, s, kv_heads * d)).astype(np.float32)
+        if rotary_dim:
+            angles = np.arange(capacity)[:, None] * (0.3 / (1 + np.arange(rotary_dim // 2)))[None]
+            feed["cos"], feed["sin"] = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        past = rng.standard_normal((2, batch, kv_heads, capacity, d)).astype(np.float32)
+        results = {}
+        for name, session in (("stock", stock), ("mine", mine)):
+            caches = past.copy()
+            binding = session.io_binding()
+            for key, value in feed.items():
+                binding.bind_cpu_input(key, value)
+            for i, kind in enumerate(("key", "value")):  # in place, as the engine binds them
+                value = ort.OrtValue.ortvalue_from_numpy(caches[i])
+                binding.bind_ortvalue_input(f"past_{kind}", value)
+                binding.bind_ortvalue_output(f"present_{kind}", value)
+            binding.bind_output("out")
+            session.run_with_iobinding(binding)
+            results[name] = (binding.get_outputs()[-1].numpy(), caches)  # "out", bound last
+            if name == "mine":  # and not in place: the past is copied into fresh present buffers
+                apart = session.run(None, {**feed, "past_key": past[0], "past_value": past[1]})
+                np.testing.assert_allclose(apart[0], results[name][0], rtol=1e-6, atol=1e-6)
+                np.testing.assert_array_equal(np.stack(apart[1:]), caches)
+        (want, want_caches), (got, got_caches) = results["stock"], results["mine"]
+        for b, length in enumerate(lengths):  # positions past each sequence's end hold the stock kernel's leftovers
+            np.testing.assert_allclose(got_caches[:, b, :, :length + s], want_caches[:, b, :, :length + s],
+                                       rtol=1e-6, atol=1e-6)
+        assert relative_error(got, want) < 1e-5, (batch, s, lengths)
+
+
+def test_attention_outside_the_cache_is_one_clear_error():
+    if LIB is None:
+        pytest.skip("the kernel library is not built")
+    session = attention_session("DecoderAttention", DOMAIN, dict(num_heads=2, kv_num_heads=1), True,
+                                False)
+    feed = {"query": np.zeros((1, 1, 4 * 8), np.float32), "past_key": np.zeros((1, 1, 4, 8), np.float32),
+            "past_value": np.zeros((1, 1, 4, 8), np.float32), "seqlens_k": np.array([4], np.int32),
+            "total": np.array(5, np.int32)}
+    with pytest.raises(Exception, match="seqlens_k\\[0\\] = 4 is outside the cache"):
+        session.run(None, feed)
