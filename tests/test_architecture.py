@@ -95,6 +95,8 @@ def test_converter_and_runtime_meet_only_in_the_bundle_format():
         assert not {m for m in edgellm_imports(path) if m.split(".")[0] == "runtime"}, path
     for path in sources("format"):  # the format stands alone
         assert {m.split(".")[0] for m in edgellm_imports(path)} <= {"format", "errors"}, path
+    for path in sources("kernels"):  # so do the kernels, which the runtime swaps into its sessions
+        assert {m.split(".")[0] for m in edgellm_imports(path)} <= {"kernels", "errors"}, path
 
 
 def test_no_protocol_lookups_by_attribute_name():

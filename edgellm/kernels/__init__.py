@@ -1,10 +1,11 @@
-"""edgellm's own CPU matmul kernels, loaded into ONNX Runtime as the custom-op domain ai.edgellm.kernels.
+"""edgellm's own CPU kernels, loaded into ONNX Runtime as the custom-op domain ai.edgellm.kernels.
 
 The C++ library (csrc/) is compiled by `pip install` with the machine's compiler and picks its instruction set at
 run time: AVX2 (the floor), AVX-512 VNNI, AMX. When a session is opened on the cpu device, the bundle's
-MatMulNBits nodes are swapped for the library's MatMulBlocks (rewrite.py), which repacks each weight once: decode
-streams every weight block once for all rows at the memory's speed, prefill multiplies int8 blocks on the widest
-units the CPU has. Where the library cannot run (not built, ONNX Runtime older than 1.17, a CPU without AVX2, or
+MatMulNBits nodes are swapped for the library's MatMulBlocks and its GroupQueryAttention nodes for DecoderAttention
+(rewrite.py; docs/architecture.md, "The kernels"). MatMulBlocks repacks each weight once: decoding streams every
+weight block once for all rows at the memory's speed, prefill multiplies int8 blocks on the widest units the CPU
+has. Where the library cannot run (not built, ONNX Runtime older than 1.17, a CPU without AVX2, or
 EDGELLM_KERNELS=off) ONNX Runtime's own kernels run the bundle as it is, and the reason is logged once.
 
 EDGELLM_KERNELS: `auto` (default: the best level the CPU has), `off`, or a highest level to use: `avx2`,
@@ -34,7 +35,10 @@ log = logging.getLogger("edgellm.kernels")
 
 
 def library_path() -> Path | None:
-    """The built library (setup.py compiles it next to this file), or None."""
+    """The built library (setup.py compiles it next to this file; EDGELLM_KERNELS_LIBRARY names another build, to
+    compare builds), or None."""
+    if os.environ.get("EDGELLM_KERNELS_LIBRARY"):
+        return Path(os.environ["EDGELLM_KERNELS_LIBRARY"])
     found = sorted(Path(__file__).parent.glob("_native*.so"))
     return found[0] if found else None
 

@@ -85,9 +85,8 @@ void gemm_panel_format(const PackedWeight* w, const QuantizedRows* q, int64_t p,
   const uint8_t* panel = w->data + p * w->panel_bytes;
   const __m512i low4 = _mm512_set1_epi8(0x0f);
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* record = panel + (b / w->group) * w->record_bytes;
-    const int64_t slot = b % w->group;
-    const uint8_t* source = record + slot * w->code_bytes;
+    const uint32_t* at = w->offsets + 3 * b;
+    const uint8_t* source = panel + at[0];
     uint8_t* out = codes + b * groups * 64;
     if (BITS == 4) {
       for (int h = 0; h < groups / 2; ++h) {
@@ -98,8 +97,8 @@ void gemm_panel_format(const PackedWeight* w, const QuantizedRows* q, int64_t p,
     } else {
       memcpy(out, source, w->code_bytes);
     }
-    _mm512_store_ps(scales + b * kPanel, load16<HALF>(record + w->scale_at + slot * w->scale_bytes));
-    if (MINS) _mm512_store_ps(mins + b * kPanel, load16<HALF>(record + w->min_at + slot * w->scale_bytes));
+    _mm512_store_ps(scales + b * kPanel, load16<HALF>(panel + at[1]));
+    if (MINS) _mm512_store_ps(mins + b * kPanel, load16<HALF>(panel + at[2]));
   }
 
   configure(step);

@@ -65,14 +65,17 @@ inline __m256 load8(const uint8_t* p) {
   return _mm256_load_ps(reinterpret_cast<const float*>(p));
 }
 
-// Rows [row0, row0 + M) against one half (8 outputs) of panels [p0, p1).
-template <int M, int BITS, bool MINS, bool HALF>
-void gemv_half(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int64_t p0, int64_t p1, int half,
-               float* y, int64_t ldy) {
+// Reading a panel, ask for the bytes this far ahead (as avx512.cpp does).
+constexpr int kPrefetch = 4096;
+
+// Rows [row0, row0 + M) against panels [p0, p1): both halves of each panel (8 outputs each) in one pass where
+// HALVES is 2 (few rows: the registers hold both), else the half `half` alone.
+template <int M, int BITS, bool MINS, bool HALF, int HALVES>
+void gemv_halves(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int64_t p0, int64_t p1, int half,
+                 float* y, int64_t ldy) {
   const int bs = w->block;
   const int64_t kb = w->k_blocks;
   const size_t scale_half = HALF ? 16 : 32;
-  const int group = w->group;
   const __m256i low4 = _mm256_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i sixteens = _mm256_set1_epi16(16);
@@ -86,75 +89,94 @@ void gemv_half(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
     off[r] = q->offset + (row0 + r) * kb;
     sx[r] = q->sum + (row0 + r) * kb;
   }
+  const int first = HALVES == 2 ? 0 : half;
   const int groups = bs / 4;
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w->data + p * w->panel_bytes;
-    __m256 f[M];
-    for (int r = 0; r < M; ++r) f[r] = _mm256_setzero_ps();
+    __m256 f[HALVES][M];
+    _Pragma("GCC unroll 2") for (int e = 0; e < HALVES; ++e)
+      _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r) f[e][r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < kb; ++b) {
-      const uint8_t* record = panel + (b / group) * w->record_bytes;
-      const int64_t slot = b % group;
-      const uint8_t* codes = record + slot * w->code_bytes + half * 32;
-      __m256i a[M];
-      for (int r = 0; r < M; ++r) a[r] = MINS ? _mm256_setzero_si256() : _mm256_set1_epi32(off[r][b]);
+      const uint32_t* at = w->offsets + 3 * b;
+      const uint8_t* codes = panel + at[0];
+      __m256i a[HALVES][M];
+      _Pragma("GCC unroll 2") for (int e = 0; e < HALVES; ++e)
+        _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r)
+          a[e][r] = MINS ? _mm256_setzero_si256() : _mm256_set1_epi32(off[r][b]);
       const int64_t g0 = b * groups;
       if (BITS == 4) {
         // int16 sums: each vpmaddubsw lane is at most 2 * 15 * 127; four pairs of groups stay below 32767
-        __m256i s[M];
-        for (int r = 0; r < M; ++r) s[r] = _mm256_setzero_si256();
+        __m256i s[HALVES][M];
+        _Pragma("GCC unroll 2") for (int e = 0; e < HALVES; ++e)
+          _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r) s[e][r] = _mm256_setzero_si256();
         for (int h = 0; h < groups / 2; ++h) {
-          const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + h * 64));
-          const __m256i lo = _mm256_and_si256(v, low4);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-          for (int r = 0; r < M; ++r) {
-            const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xg[r][g0 + 2 * h])),
-                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xg[r][g0 + 2 * h + 1])));
-            s[r] = _mm256_add_epi16(s[r], t);
+          if (first == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + h * 64 + kPrefetch), _MM_HINT_T0);
+          _Pragma("GCC unroll 2") for (int e = 0; e < HALVES; ++e) {
+            const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + h * 64 + (first + e) * 32));
+            const __m256i lo = _mm256_and_si256(v, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r) {
+              const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xg[r][g0 + 2 * h])),
+                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xg[r][g0 + 2 * h + 1])));
+              s[e][r] = _mm256_add_epi16(s[e][r], t);
+            }
           }
           if ((h & 3) == 3 || h == groups / 2 - 1) {
-            for (int r = 0; r < M; ++r) {
-              a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(s[r], ones));
-              s[r] = _mm256_setzero_si256();
-            }
+            _Pragma("GCC unroll 2") for (int e = 0; e < HALVES; ++e)
+              _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r) {
+                a[e][r] = _mm256_add_epi32(a[e][r], _mm256_madd_epi16(s[e][r], ones));
+                s[e][r] = _mm256_setzero_si256();
+              }
           }
         }
       } else {
         // 8-bit codes as 16 * high nibble + low nibble, each product sum bounded as for 4 bits
-        __m256i lo_sum[M], hi_sum[M];
-        for (int r = 0; r < M; ++r) lo_sum[r] = hi_sum[r] = _mm256_setzero_si256();
+        __m256i lo_sum[HALVES][M], hi_sum[HALVES][M];
+        _Pragma("GCC unroll 2") for (int e = 0; e < HALVES; ++e)
+          _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r) lo_sum[e][r] = hi_sum[e][r] = _mm256_setzero_si256();
         for (int g = 0; g < groups; ++g) {
-          const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + g * 64));
-          const __m256i lo = _mm256_and_si256(v, low4);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-          for (int r = 0; r < M; ++r) {
-            const __m256i xv = _mm256_set1_epi32(xg[r][g0 + g]);
-            lo_sum[r] = _mm256_add_epi16(lo_sum[r], _mm256_maddubs_epi16(lo, xv));
-            hi_sum[r] = _mm256_add_epi16(hi_sum[r], _mm256_maddubs_epi16(hi, xv));
+          if (first == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + g * 64 + kPrefetch), _MM_HINT_T0);
+          _Pragma("GCC unroll 2") for (int e = 0; e < HALVES; ++e) {
+            const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + g * 64 + (first + e) * 32));
+            const __m256i lo = _mm256_and_si256(v, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r) {
+              const __m256i xv = _mm256_set1_epi32(xg[r][g0 + g]);
+              lo_sum[e][r] = _mm256_add_epi16(lo_sum[e][r], _mm256_maddubs_epi16(lo, xv));
+              hi_sum[e][r] = _mm256_add_epi16(hi_sum[e][r], _mm256_maddubs_epi16(hi, xv));
+            }
           }
           if ((g & 7) == 7 || g == groups - 1) {
-            for (int r = 0; r < M; ++r) {
-              a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(_mm256_madd_epi16(lo_sum[r], ones),
-                                                             _mm256_madd_epi16(hi_sum[r], sixteens)));
-              lo_sum[r] = hi_sum[r] = _mm256_setzero_si256();
-            }
+            _Pragma("GCC unroll 2") for (int e = 0; e < HALVES; ++e)
+              _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r) {
+                a[e][r] = _mm256_add_epi32(a[e][r], _mm256_add_epi32(_mm256_madd_epi16(lo_sum[e][r], ones),
+                                                                     _mm256_madd_epi16(hi_sum[e][r], sixteens)));
+                lo_sum[e][r] = hi_sum[e][r] = _mm256_setzero_si256();
+              }
           }
         }
       }
-      const __m256 d = load8<HALF>(record + w->scale_at + slot * w->scale_bytes + half * scale_half);
-      for (int r = 0; r < M; ++r)
-        f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_mul_ps(d, _mm256_set1_ps(dx[r][b])), f[r]);
-      if (MINS) {
-        const __m256 mn = load8<HALF>(record + w->min_at + slot * w->scale_bytes + half * scale_half);
-        for (int r = 0; r < M; ++r) f[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sx[r][b]), f[r]);
+      _Pragma("GCC unroll 2") for (int e = 0; e < HALVES; ++e) {
+        const __m256 d = load8<HALF>(panel + at[1] + (first + e) * scale_half);
+        _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r)
+          f[e][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[e][r]), _mm256_mul_ps(d, _mm256_set1_ps(dx[r][b])),
+                                    f[e][r]);
+        if (MINS) {
+          const __m256 mn = load8<HALF>(panel + at[2] + (first + e) * scale_half);
+          _Pragma("GCC unroll 4") for (int r = 0; r < M; ++r)
+            f[e][r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sx[r][b]), f[e][r]);
+        }
       }
     }
-    const int64_t count = w->n - (p * kPanel + half * 8);
-    for (int r = 0; r < M; ++r) {
-      float* out = y + r * ldy + (p - p0) * kPanel + half * 8;
-      if (count >= 8) {
-        _mm256_storeu_ps(out, f[r]);
-      } else if (count > 0) {
-        _mm256_maskstore_ps(out, tail_mask8(count), f[r]);
+    for (int e = 0; e < HALVES; ++e) {
+      const int64_t count = w->n - (p * kPanel + (first + e) * 8);
+      for (int r = 0; r < M; ++r) {
+        float* out = y + r * ldy + (p - p0) * kPanel + (first + e) * 8;
+        if (count >= 8) {
+          _mm256_storeu_ps(out, f[e][r]);
+        } else if (count > 0) {
+          _mm256_maskstore_ps(out, tail_mask8(count), f[e][r]);
+        }
       }
     }
   }
@@ -163,15 +185,17 @@ void gemv_half(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
 template <int BITS, bool MINS, bool HALF>
 void gemv_format(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int rows, int64_t p0, int64_t p1,
                  float* y, int64_t ldy) {
-  for (int half = 0; half < 2; ++half) {
-    // a panel whose second half holds no output (n % 16 <= 8 in the last panel) is skipped there
+  if (rows == 1) return gemv_halves<1, BITS, MINS, HALF, 2>(w, q, row0, p0, p1, 0, y, ldy);
+  if (rows == 2) return gemv_halves<2, BITS, MINS, HALF, 2>(w, q, row0, p0, p1, 0, y, ldy);
+  for (int half = 0; half < 2; ++half) {  // more rows: each half of the panels in its own pass
     for (int r = 0; r < rows;) {
       const int take = rows - r >= 4 ? 4 : rows - r;
+      float* out = y + r * ldy;
       switch (take) {
-        case 1: gemv_half<1, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y + r * ldy, ldy); break;
-        case 2: gemv_half<2, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y + r * ldy, ldy); break;
-        case 3: gemv_half<3, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y + r * ldy, ldy); break;
-        default: gemv_half<4, BITS, MINS, HALF>(w, q, row0 + r, p0, p1, half, y + r * ldy, ldy); break;
+        case 1: gemv_halves<1, BITS, MINS, HALF, 1>(w, q, row0 + r, p0, p1, half, out, ldy); break;
+        case 2: gemv_halves<2, BITS, MINS, HALF, 1>(w, q, row0 + r, p0, p1, half, out, ldy); break;
+        case 3: gemv_halves<3, BITS, MINS, HALF, 1>(w, q, row0 + r, p0, p1, half, out, ldy); break;
+        default: gemv_halves<4, BITS, MINS, HALF, 1>(w, q, row0 + r, p0, p1, half, out, ldy); break;
       }
       r += take;
     }

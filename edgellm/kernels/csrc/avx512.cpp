@@ -65,7 +65,6 @@ void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
                int64_t ldy) {
   const int bs = w->block;
   const int64_t kb = w->k_blocks;
-  const int group = w->group;
   const __m512i low4 = _mm512_set1_epi8(0x0f);
   const int32_t* xg[M];
   const float* dx[M];
@@ -83,9 +82,8 @@ void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
     __m512 f[M];
     _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) f[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < kb; ++b) {
-      const uint8_t* record = panel + (b / group) * w->record_bytes;
-      const int64_t slot = b % group;
-      const uint8_t* codes = record + slot * w->code_bytes;
+      const uint32_t* at = w->offsets + 3 * b;
+      const uint8_t* codes = panel + at[0];
       __m512i a0[M], a1[M];
       _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) {
         a0[r] = MINS ? _mm512_setzero_si512() : _mm512_set1_epi32(off[r][b]);
@@ -115,13 +113,13 @@ void gemv_rows(const PackedWeight* w, const QuantizedRows* q, int64_t row0, int6
           }
         }
       }
-      const __m512 d = load16<HALF>(record + w->scale_at + slot * w->scale_bytes);
+      const __m512 d = load16<HALF>(panel + at[1]);
       _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) {
         const __m512 s = _mm512_mul_ps(d, _mm512_set1_ps(dx[r][b]));
         f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[r], a1[r])), s, f[r]);
       }
       if (MINS) {
-        const __m512 mn = load16<HALF>(record + w->min_at + slot * w->scale_bytes);
+        const __m512 mn = load16<HALF>(panel + at[2]);
         _Pragma("GCC unroll 8") for (int r = 0; r < M; ++r) f[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx[r][b]), f[r]);
       }
     }

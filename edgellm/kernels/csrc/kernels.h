@@ -21,9 +21,9 @@ enum Isa : int { kIsaNone = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAmx = 3 };
 constexpr int kPanel = 16;
 
 // A weight [n outputs, k inputs] repacked at load. Panels follow each other; a panel is one stream of records
-// (reading it in order reads memory in order): a record holds `group` consecutive blocks, first their codes, then
-// their 16 scales each, then (min form) their 16 minimums each; `group` is 2 where one block's scales would leave
-// the next block's codes off a 64-byte boundary. A block's codes, for 8 bits: groups of 4 inputs, each 64 bytes
+// (reading it in order reads memory in order): a record holds `group` consecutive blocks (the last one may hold
+// fewer), first their codes, then their 16 scales each, then (min form) their 16 minimums each; `group` is 2 where
+// one block's scales would leave the next block's codes off a 64-byte boundary. A block's codes, for 8 bits: groups of 4 inputs, each 64 bytes
 // (output j's 4 codes at 4j..4j+3); for 4 bits: pairs of those groups in 64 bytes, the first in the low nibbles,
 // the second in the high ones. An output decodes as scale * (code - 2^(bits-1)) in the symmetric form, scale *
 // code + min in the min form.
@@ -39,13 +39,12 @@ struct PackedWeight {
   size_t code_bytes = 0;  // one block's codes in one panel: block * 16 * bits / 8
   size_t scale_bytes = 0; // one block's 16 scales (or minimums): 32 or 64
   int group = 1;          // blocks per record
-  size_t record_bytes = 0;   // group * (code_bytes + scale_bytes * (mins ? 2 : 1)), a multiple of 64
-  size_t panel_bytes = 0; // ceil(k_blocks / group) records
+  size_t panel_bytes = 0; // the records of a panel, padded to 64 bytes
   uint8_t* data = nullptr;
   size_t bytes = 0;       // panels * panel_bytes
-  // where block b of a panel lies: record b / group, at (b % group) * code_bytes (codes), scale_at + (b % group) *
-  // scale_bytes (scales), and min_at + the same (minimums), relative to the record
-  size_t scale_at = 0, min_at = 0;
+  // where block b lies in every panel: its codes at offsets[3 b], its scales at offsets[3 b + 1], its minimums at
+  // offsets[3 b + 2], in bytes from the panel's start
+  uint32_t* offsets = nullptr;
 };
 
 // Activation rows rounded to int8 per block: x ~ scale * q, |q| <= 127, q = round-half-even(x * 127 / amax).

@@ -2,6 +2,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include <vector>
 
@@ -26,6 +27,15 @@ bool half_keeps_scale(float f) {
 // a minimum is added to scale * code: float16's absolute step below its normal range (2^-24) is far below the
 // scales that float16 keeps, so any minimum in range will do
 bool half_keeps_minimum(float f) { return fabsf(f) <= 65504.0f; }
+
+// Decoding streams the weights end to end, 4 KiB apart in pages where the memory has no huge pages: a TLB miss
+// per page, and the prefetchers stop at page ends. Asked for before the first write, Linux backs the 2 MiB-aligned
+// part of a buffer with huge pages (where THP is "madvise" or "always"); the edges keep small ones.
+void advise_huge_pages(void* data, size_t bytes) {
+  const uintptr_t huge = 2u << 20, begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (begin + huge - 1) / huge * huge, last = (begin + bytes) / huge * huge;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+}
 
 }  // namespace
 
@@ -104,13 +114,27 @@ const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t
   w.scale_bytes = kPanel * (half ? 2 : 4);
   const size_t tail = w.scale_bytes * (min_form ? 2 : 1);
   w.group = tail % 64 == 0 ? 1 : 2;
-  w.scale_at = w.group * w.code_bytes;
-  w.min_at = w.scale_at + w.group * w.scale_bytes;
-  w.record_bytes = w.group * (w.code_bytes + tail);
-  w.panel_bytes = (k_blocks + w.group - 1) / w.group * w.record_bytes;
+  w.offsets = static_cast<uint32_t*>(malloc(static_cast<size_t>(k_blocks) * 3 * sizeof(uint32_t)));
+  if (!w.offsets) return "out of memory while repacking a weight";
+  size_t at = 0;
+  for (int64_t first = 0; first < k_blocks; first += w.group) {  // record by record
+    const int64_t in_record = k_blocks - first < w.group ? k_blocks - first : w.group;
+    for (int64_t slot = 0; slot < in_record; ++slot) {
+      uint32_t* o = w.offsets + (first + slot) * 3;
+      o[0] = static_cast<uint32_t>(at + slot * w.code_bytes);
+      o[1] = static_cast<uint32_t>(at + in_record * w.code_bytes + slot * w.scale_bytes);
+      o[2] = static_cast<uint32_t>(at + in_record * (w.code_bytes + w.scale_bytes) + slot * w.scale_bytes);
+    }
+    at += in_record * (w.code_bytes + tail);
+  }
+  w.panel_bytes = (at + 63) / 64 * 64;
   w.bytes = w.panel_bytes * w.panels;
   w.data = static_cast<uint8_t*>(aligned_alloc(64, w.bytes));
-  if (!w.data) return "out of memory while repacking a weight";
+  if (!w.data) {
+    free(w.offsets);
+    return "out of memory while repacking a weight";
+  }
+  advise_huge_pages(w.data, w.bytes);
   memset(w.data, 0, w.bytes);
 
   for (int64_t p = 0; p < w.panels; ++p) {
@@ -121,9 +145,8 @@ const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t
       if (row >= n) break;  // padding rows: zero codes and zero scales (and minimums) contribute nothing
       const uint8_t* source = codes + row * k_blocks_in * blob;
       for (int64_t b = 0; b < k_blocks; ++b) {
-        uint8_t* record = base + (b / w.group) * w.record_bytes;
-        const size_t slot = static_cast<size_t>(b % w.group);
-        uint8_t* c = record + slot * w.code_bytes + j * 4;
+        const uint32_t* o = w.offsets + b * 3;
+        uint8_t* c = base + o[0] + j * 4;
         const uint8_t* s = source + b * blob;
         if (bits == 8) {  // 4 codes of a group are consecutive in both layouts
           for (int g = 0; g < block / 4; ++g) memcpy(c + g * 64, s + g * 4, 4);
@@ -144,8 +167,8 @@ const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t
         }
         const float sc = static_cast<float>(scale[row * k_blocks + b]);
         const float m = min_form ? static_cast<float>(minimum[row * k_blocks + b]) : 0.0f;
-        uint8_t* scale_out = record + w.scale_at + slot * w.scale_bytes;
-        uint8_t* min_out = record + w.min_at + slot * w.scale_bytes;
+        uint8_t* scale_out = base + o[1];
+        uint8_t* min_out = base + o[2];
         if (half) {
           reinterpret_cast<uint16_t*>(scale_out)[j] = to_half(sc);
           if (min_form) reinterpret_cast<uint16_t*>(min_out)[j] = to_half(m);
@@ -162,7 +185,9 @@ const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t
 
 void free_weight(PackedWeight* w) {
   free(w->data);
+  free(w->offsets);
   w->data = nullptr;
+  w->offsets = nullptr;
 }
 
 }  // namespace edgellm
