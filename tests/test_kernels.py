@@ -48,6 +48,8 @@ def emulated_amx(tmp_path_factory):
     if LIB is None or LIB.edgellm_cpu_has(LEVELS["amx"]) or not LIB.edgellm_cpu_has(LEVELS["avx512"]):
         return None
     csrc = Path(kernels.__file__).parent / "csrc"
+    if not shutil.which("g++") or not (csrc / "amx.cpp").is_file():
+        return None
     out = tmp_path_factory.mktemp("amx-emulation") / "libemulated.so"
     done = subprocess.run(["g++", "-O2", "-std=c++17", "-fPIC", "-shared", "-DEDGELLM_AMX_EMULATION", "-o", str(out),
                            *sorted(str(p) for p in csrc.glob("*.cpp")), "-pthread"], capture_output=True, text=True)
@@ -62,7 +64,8 @@ def level(request, emulated_amx):
         pytest.skip("the kernel library is not built")
     if request.param == "amx-emulated":
         if emulated_amx is None:
-            pytest.skip("this CPU runs AMX itself (tested as amx) or has no AVX-512 for the model's epilogue")
+            pytest.skip("this CPU runs AMX itself (tested as amx), has no AVX-512 for the model's epilogue, or g++ "
+                        "or the kernels' sources are missing")
         return emulated_amx, LEVELS["amx"]
     if not LIB.edgellm_cpu_has(LEVELS[request.param]):
         pytest.skip(f"this CPU (or OS) does not run {request.param} "
@@ -263,6 +266,8 @@ def test_a_bundle_runs_on_the_kernels_with_the_stock_answers(bundle, monkeypatch
     ops = [n.op_type for n in onnx.load_from_string(swap((path / "decoder.onnx").read_bytes(), use)).graph.node]
     assert ops.count("MatMulBlocks") == 9 and "MatMulNBits" not in ops
     assert not {"Split", "Sigmoid"} & set(ops)  # the gated MLP's activation went into the gate/up matmul
+    # and the RMS norms into the matmuls they feed (qkv, gate/up, and the final norm into the lm_head)
+    assert not {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"} & set(ops)
     ids = stock.tokenizer.encode(open(__file__).read()[:400])
     exact = load(bundle("llama", "w4", accuracy_level=0), "auto", monkeypatch).logits(ids)
     mine_error, stock_error = (relative_error(m.logits(ids), exact) for m in (mine, stock))
@@ -298,6 +303,23 @@ def test_without_the_library_onnx_runtime_runs_the_bundle_saying_so_once(bundle,
         assert first.generate("Hello", max_new_tokens=4).token_ids
     finally:
         kernels.native.cache_clear()
+        kernels._status.cache_clear()
+
+
+def test_a_library_of_another_version_is_not_used(bundle, monkeypatch, caplog):
+    """A stale build (the Python side updated, the library not rebuilt) would be handed ops it does not know: it is
+    refused, saying how to rebuild, and ONNX Runtime's kernels run the bundle."""
+    if LIB is None:
+        pytest.skip("the kernel library is not built")
+    monkeypatch.setattr(kernels, "VERSION", kernels.VERSION + 1)
+    kernels._status.cache_clear()
+    kernels._said.clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="edgellm.kernels"):
+            model = edgellm.load(bundle("llama", "w4"))
+        assert "built from another version of edgellm" in model.engine.kernels.describe()
+        assert "pip install -e ." in caplog.text and model.generate("Hi", max_new_tokens=3).token_ids
+    finally:
         kernels._status.cache_clear()
 
 

@@ -30,6 +30,7 @@ LEVELS = {"avx2": 1, "avx512": 2, "amx": 3}  # kernels.h Isa
 NAMES = {1: "avx2", 2: "avx512-vnni", 3: "amx-int8"}
 SWITCH = "EDGELLM_KERNELS"
 MIN_ORT = (1, 17)  # KernelContext_ParallelFor, the newest entry of the C API the library uses
+VERSION = 1  # the ops and attributes rewrite.py emits; csrc/ops.cpp's edgellm_version() must say the same
 
 log = logging.getLogger("edgellm.kernels")
 
@@ -108,6 +109,13 @@ def _status(_switch: str) -> KernelStatus:
     if lib is None:
         return KernelStatus(False, 0, "the kernel library was not built: reinstall edgellm where a C++ compiler "
                                       "(g++) is installed")
+    try:
+        built = lib.edgellm_version()
+    except AttributeError:  # a build from before the library said its version
+        built = 0
+    if built != VERSION:
+        return KernelStatus(False, 0, f"the kernel library was built from another version of edgellm ({built}, this "
+                                      f"one needs {VERSION}): reinstall edgellm (pip install -e .) to rebuild it")
     best = lib.edgellm_best_isa()
     if best == 0:
         return KernelStatus(False, 0, "this CPU has no AVX2")

@@ -3,8 +3,8 @@
 is written back byte for byte.
 
 Field numbers are onnx.proto's: ModelProto (opset_import 8, graph 7), GraphProto (node 1, initializer 5, output 12),
-NodeProto (input 1, output 2, name 3, op_type 4, attribute 5, domain 7), AttributeProto (name 1, i 3, g 6, ints 8,
-graphs 11, type 20), TensorProto (dims 1, data_type 2, int64_data 7, name 8, raw_data 9), OperatorSetIdProto
+NodeProto (input 1, output 2, name 3, op_type 4, attribute 5, domain 7), AttributeProto (name 1, f 2, i 3, g 6,
+ints 8, graphs 11, type 20), TensorProto (dims 1, data_type 2, int64_data 7, name 8, raw_data 9), OperatorSetIdProto
 (domain 1, version 2).
 """
 
@@ -126,6 +126,10 @@ class Node:
         value = a.first(3, 0)
         return value - (1 << 64) if value >= 1 << 63 else value
 
+    def float_attribute(self, name: str, default: float | None = None) -> float | None:
+        a = self.attributes.get(name)
+        return default if a is None else struct.unpack("<f", struct.pack("<I", a.first(2, 0)))[0]
+
     def subgraphs(self) -> list[Message]:
         return [Message.parse(g) for a in self.attributes.values() for g in a.all(6) + a.all(11)]
 
@@ -143,6 +147,11 @@ class Node:
 
 def int_attribute(name: str, value: int) -> Message:
     return Message([Field(1, BYTES, name.encode()), Field(3, VARINT, value), Field(20, VARINT, 2)])  # type INT
+
+
+def float_attribute(name: str, value: float) -> Message:
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    return Message([Field(1, BYTES, name.encode()), Field(2, FIXED32, bits), Field(20, VARINT, 1)])  # type FLOAT
 
 
 def tensor_name(data: bytes) -> str:

@@ -7,7 +7,9 @@ Two shapes of the converter's graphs are recognised: a MatMulNBits node alone, a
 fold_mins): that becomes one MatMulBlocks over x, which turns the extra columns back into minimums when it
 repacks, and the Concat and block sums go. A fused gate/up projection followed by the gated MLP's activation,
 ``Split -> silu(gate) = gate * Sigmoid(gate) -> * up``, becomes one MatMulBlocks that returns silu(gate) * up: four
-nodes and two passes over the activations less per layer.
+nodes and two passes over the activations less per layer. The RMS norm that feeds a swapped matmul, alone
+(SimplifiedLayerNormalization) or after the residual add (SkipSimplifiedLayerNormalization, whose sum the matmul
+then returns as its second output), goes into it too: a node less before each.
 
 GroupQueryAttention nodes over a float cache whose attributes the library covers become DecoderAttention (the
 same inputs, outputs and attributes; csrc/attention.cpp): ONNX Runtime's kernel has a fixed cost per call that a
@@ -21,7 +23,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .proto import BYTES, VARINT, Field, Message, Node, int_attribute, names_used_in, tensor_ints, tensor_name
+from .proto import (BYTES, VARINT, Field, Message, Node, float_attribute, int_attribute, names_used_in, tensor_ints,
+                    tensor_name)
 
 DOMAIN = "ai.edgellm.kernels"
 OP = "MatMulBlocks"
@@ -147,6 +150,7 @@ def rewrite(model_bytes: bytes, isa: int) -> Rewrite:
 
     nodes = [replaced.get(id(n), n) for n in g.nodes if id(n) not in removed]
     nodes = _without_dead(nodes, bypassed, graph)
+    nodes = _with_norms_fused(nodes, g.implicit)
     # initializers only the removed nodes read (block shapes, axes) go with them
     read = {i for n in nodes for i in n.inputs} | g.implicit
     dropped = {i for n in g.nodes for i in n.inputs if i in g.initializers and i not in read}
@@ -191,6 +195,37 @@ def _silu_glu(g: _Graph, node: Node) -> list[Node] | None:
     if {gate, up, sigmoid.outputs[0], silu.outputs[0]} & g.implicit:
         return None
     return [split, sigmoid, silu, times_up]
+
+
+def _with_norms_fused(nodes: list[Node], implicit: set[str]) -> list[Node]:
+    """Each MatMulBlocks whose input is an RMS norm's output that nothing else reads takes the norm in: inputs 4-5
+    (the residual to add first, or empty, and the norm's weight), attribute norm_epsilon, and the norm's residual
+    sum as its second output where anything reads it."""
+    reads = Counter(i for n in nodes for i in n.inputs)
+    producer = {o: n for n in nodes for o in n.outputs if o}
+    fused: set[int] = set()
+    for node in nodes:
+        if node.op_type != OP or node.domain != DOMAIN or reads[node.inputs[0]] != 1 or node.inputs[0] in implicit:
+            continue
+        norm = producer.get(node.inputs[0])
+        if norm is None or norm.outputs[0] != node.inputs[0] or id(norm) in fused:
+            continue
+        if norm.op_type == "SimplifiedLayerNormalization" and norm.domain in ("", "ai.onnx"):
+            if norm.int_attribute("axis", -1) != -1 or len(norm.inputs) != 2 or any(o for o in norm.outputs[1:]):
+                continue
+            skip, total = "", None
+        elif norm.op_type == "SkipSimplifiedLayerNormalization" and norm.domain == "com.microsoft":
+            if len(norm.inputs) != 3 or any(o and (reads[o] or o in implicit) for o in norm.outputs[1:3]):
+                continue
+            skip, total = norm.inputs[1], (norm.outputs[3] if len(norm.outputs) > 3 and norm.outputs[3] else None)
+        else:
+            continue
+        node.inputs = [norm.inputs[0], node.inputs[1], node.inputs[2], node.inputs[3], skip, norm.inputs[-1]]
+        node.attributes["norm_epsilon"] = float_attribute("norm_epsilon", norm.float_attribute("epsilon", 1e-5))
+        if total is not None:
+            node.outputs = [node.outputs[0], total]
+        fused.add(id(norm))
+    return [n for n in nodes if id(n) not in fused]
 
 
 def _without_dead(nodes: list[Node], candidates: list[Node], graph: Message) -> list[Node]:

@@ -135,6 +135,10 @@ const char* pack_weight(const uint8_t* codes, const float* scales, const uint8_t
                         int64_t n, int64_t k, int bits, int block, int64_t widened_k, bool glu, PackedWeight* out);
 void free_weight(PackedWeight* w);
 
+// out [m][k] = s / sqrt(mean(s^2) + eps) * gamma per row, s = x + skip (skip nullable); total, nullable, gets s.
+void rms_norm(const float* x, const float* skip, const float* gamma, int64_t m, int64_t k, float eps, float* total,
+              float* out);
+
 // y [m][n] = x [m][k] @ w^T with the kernels of `isa` (at most the CPU's), threads through `par`; for a glu
 // weight, y [m][n / 2] = silu(x @ gate^T) * (x @ up^T).
 void matmul(const PackedWeight& w, const float* x, int64_t m, float* y, Isa isa, const Parallel& par);

@@ -94,6 +94,21 @@ const IsaKernels& kernels_for(Isa isa) {
 
 }  // namespace
 
+void rms_norm(const float* x, const float* skip, const float* gamma, int64_t m, int64_t k, float eps, float* total,
+              float* out) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * k;
+    float* s = total ? total + r * k : out + r * k;
+    float squares = 0.0f;
+    for (int64_t i = 0; i < k; ++i) {
+      s[i] = skip ? xr[i] + skip[r * k + i] : xr[i];
+      squares += s[i] * s[i];
+    }
+    const float scale = 1.0f / std::sqrt(squares / static_cast<float>(k) + eps);
+    for (int64_t i = 0; i < k; ++i) out[r * k + i] = s[i] * scale * gamma[i];
+  }
+}
+
 void matmul(const PackedWeight& w, const float* x, int64_t m, float* y, Isa isa, const Parallel& par) {
   static thread_local Scratch scratch;
   if (isa < kIsaAvx2) return;  // the library registers nothing on such a CPU

@@ -8,7 +8,9 @@
 // Op ai.edgellm.kernels::MatMulBlocks, inputs as com.microsoft::MatMulNBits (A, B, scales, zero_points).
 // Attributes: K, N, bits, block_size as MatMulNBits; isa (the highest instruction-set level to use, kernels.h
 // Isa); widened_k (> 0: B was written for [A, block_sums(A), ...] with A of widened_k columns); glu (1: the
-// output is silu(A @ gate^T) * (A @ up^T), N / 2 wide, where B's first N / 2 rows are the gate's).
+// output is silu(A @ gate^T) * (A @ up^T), N / 2 wide, where B's first N / 2 rows are the gate's). With
+// norm_epsilon, A is first RMS-normalized (the norm of the decoder blocks): A' = s / sqrt(mean(s^2) + eps) * gamma
+// with s = A + skip (input 4, optional) and gamma input 5; output 1 (optional) is s.
 #include <stdio.h>
 #include <stdlib.h>
 #include <math.h>
@@ -95,6 +97,7 @@ void release_file_pages(const void* data, size_t bytes) {
 struct MatMulBlocks {
   PackedWeight weight;
   Isa isa = kIsaAvx2;
+  float norm_epsilon = -1.0f;  // >= 0: the input is RMS-normalized first
   ~MatMulBlocks() { free_weight(&weight); }
 };
 
@@ -106,6 +109,15 @@ OrtStatus* attribute(const OrtKernelInfo* info, const char* name, int64_t* out, 
   g_api.get<ort::ReleaseStatusFn>(ort::kReleaseStatus)(status);
   *out = fallback;
   return nullptr;
+}
+
+void float_attribute(const OrtKernelInfo* info, const char* name, float* out, float fallback) {
+  OrtStatus* status = g_api.get<ort::KernelInfoGetAttributeFloatFn>(ort::kKernelInfoGetAttribute_float)(info, name,
+                                                                                                        out);
+  if (status) {
+    g_api.get<ort::ReleaseStatusFn>(ort::kReleaseStatus)(status);
+    *out = fallback;
+  }
 }
 
 OrtStatus* constant_input(const OrtKernelInfo* info, size_t count, size_t index, const OrtValue** out) {
@@ -165,6 +177,7 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
     delete op;
     return error(problem);
   }
+  float_attribute(info, "norm_epsilon", &op->norm_epsilon, -1.0f);
   for (size_t i = 1; i < 4; ++i) {
     if (!inputs[i]) continue;
     TensorInfo t;
@@ -175,16 +188,6 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*
   }
   op->isa = std::min(static_cast<Isa>(isa), best_isa());
   *kernel = op;
-  return nullptr;
-}
-
-OrtStatus* float_attribute(const OrtKernelInfo* info, const char* name, float* out, float fallback) {
-  OrtStatus* status = g_api.get<ort::KernelInfoGetAttributeFloatFn>(ort::kKernelInfoGetAttribute_float)(info, name,
-                                                                                                        out);
-  if (status) {
-    g_api.get<ort::ReleaseStatusFn>(ort::kReleaseStatus)(status);
-    *out = fallback;
-  }
   return nullptr;
 }
 
@@ -347,27 +350,42 @@ OrtStatus* compute(void* kernel, OrtKernelContext* context) {
   OrtValue* y = nullptr;
   ORT_CHECK(g_api.get<ort::KernelContextGetOutputFn>(ort::kKernelContext_GetOutput)(context, 0, shape.data(),
                                                                                     shape.size(), &y));
+  const float* x = static_cast<const float*>(data_of(a));
+  if (op->norm_epsilon >= 0.0f) {  // the decoder block's RMS norm, and its residual sum as output 1
+    const OrtValue *skip = nullptr, *gamma = nullptr;
+    ORT_CHECK(g_api.get<ort::KernelContextGetInputFn>(ort::kKernelContext_GetInput)(context, 4, &skip));
+    ORT_CHECK(g_api.get<ort::KernelContextGetInputFn>(ort::kKernelContext_GetInput)(context, 5, &gamma));
+    if (!gamma) return error("a normalized input needs the norm's weight (input 5)");
+    OrtValue* total = nullptr;
+    ORT_CHECK(g_api.get<ort::KernelContextGetOutputFn>(ort::kKernelContext_GetOutput)(context, 1, info.shape.data(),
+                                                                                      info.shape.size(), &total));
+    static thread_local std::vector<float> normalized;
+    normalized.resize(static_cast<size_t>(m * k));
+    rms_norm(x, skip ? static_cast<const float*>(data_of(skip)) : nullptr, static_cast<const float*>(data_of(gamma)),
+             m, k, op->norm_epsilon, total ? static_cast<float*>(const_cast<void*>(data_of(total))) : nullptr,
+             normalized.data());
+    x = normalized.data();
+  }
   if (m == 0) return nullptr;
   Parallel par{ort_parallel_for, context};
-  matmul(op->weight, static_cast<const float*>(data_of(a)), m, static_cast<float*>(const_cast<void*>(data_of(y))),
-         op->isa, par);
+  matmul(op->weight, x, m, static_cast<float*>(const_cast<void*>(data_of(y))), op->isa, par);
   return nullptr;
 }
 
 const char* op_name(const OrtCustomOp*) { return "MatMulBlocks"; }
 const char* op_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-ONNXTensorElementDataType input_type(const OrtCustomOp*, size_t index) {
+ONNXTensorElementDataType input_type(const OrtCustomOp*, size_t index) {  // A, B, scales, zero points, skip, gamma
   return index == 1 || index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-size_t input_count(const OrtCustomOp*) { return 4; }
+size_t input_count(const OrtCustomOp*) { return 6; }
 ONNXTensorElementDataType output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-size_t output_count(const OrtCustomOp*) { return 1; }
+size_t output_count(const OrtCustomOp*) { return 2; }
 void destroy(void* kernel) { delete static_cast<MatMulBlocks*>(kernel); }
 OrtCustomOpInputOutputCharacteristic input_characteristic(const OrtCustomOp*, size_t index) {
-  return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
-OrtCustomOpInputOutputCharacteristic output_characteristic(const OrtCustomOp*, size_t) {
-  return INPUT_OUTPUT_REQUIRED;
+OrtCustomOpInputOutputCharacteristic output_characteristic(const OrtCustomOp*, size_t index) {
+  return index >= 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 OrtMemType input_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 
@@ -377,6 +395,9 @@ ONNXTensorElementDataType attention_input_type(const OrtCustomOp*, size_t index)
 }
 size_t attention_input_count(const OrtCustomOp*) { return 9; }
 size_t attention_output_count(const OrtCustomOp*) { return 3; }
+OrtCustomOpInputOutputCharacteristic attention_output_characteristic(const OrtCustomOp*, size_t) {
+  return INPUT_OUTPUT_REQUIRED;
+}
 OrtCustomOpInputOutputCharacteristic attention_input_characteristic(const OrtCustomOp*, size_t index) {
   return index == 1 || index == 2 || index >= 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
@@ -413,6 +434,7 @@ OrtCustomOp make_attention_op() {
   op.GetInputTypeCount = attention_input_count;
   op.GetOutputTypeCount = attention_output_count;
   op.GetInputCharacteristic = attention_input_characteristic;
+  op.GetOutputCharacteristic = attention_output_characteristic;
   op.KernelDestroy = destroy_attention;
   op.CreateKernelV2 = create_attention;
   op.KernelComputeV2 = compute_attention;
@@ -465,6 +487,10 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
 }
 
 // --- the C API of tests and tools (ctypes) -------------------------------------------------------------------
+
+// The graph rewrite (edgellm/kernels/rewrite.py) emits the ops and attributes of this version; Python refuses a
+// library of another (a stale build after an update) and runs ONNX Runtime's kernels instead.
+__attribute__((visibility("default"))) int edgellm_version() { return 1; }
 
 __attribute__((visibility("default"))) int edgellm_best_isa() { return best_isa(); }
 
