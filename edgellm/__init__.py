@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from . import convert as _converter_package  # noqa: E402,F401  (bound first, so that the function below wins)
-from .errors import EdgeLLMError  # noqa: E402
+from . import convert as _converter_package  # noqa: F401  (bound first, so that the function below wins)
+from ._version import __version__
+from .errors import EdgeLLMError
 
 
 def load(path, device: str = "cpu", threads: int | None = None, verify: bool = True, **options):

@@ -67,7 +67,7 @@ class VersionAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         import onnxruntime
 
-        from . import __version__
+        from ._version import __version__
         from .kernels import status
 
         try:

@@ -28,11 +28,11 @@ def sources(*parts: str) -> list[Path]:
     return found
 
 
-def edgellm_imports(path: Path) -> set[str]:
+def edgellm_imports(path: Path, tree: ast.AST | None = None) -> set[str]:
     """The edgellm modules `path` imports, as dotted names relative to the package (e.g. "convert.graph")."""
     package = ".".join(path.relative_to(PACKAGE).parent.parts)
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree or ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".") if package else []
@@ -86,6 +86,32 @@ def test_the_runtime_and_the_shared_decoder_name_no_family():
     for path in sources("runtime", "format", "vision", "modeling/decoder.py", "modeling/family.py"):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             assert not pattern.search(line.replace("llama.cpp", "")), f"{path.relative_to(PACKAGE)}:{number}: {line}"
+
+
+def imports_at_load(path: Path) -> set[str]:
+    """edgellm_imports(path) less those under `if TYPE_CHECKING:` (annotations only: they load nothing)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = [ast.Pass()]
+    return edgellm_imports(path, tree)
+
+
+def test_the_package_parts_import_each_other_without_a_cycle():
+    """Between the package's parts (a subpackage or a top-level module), imports run one way: what two parts share
+    lives below both (e.g. `checkpoint`, which the families and the converter both read), never in one of them."""
+    parts: dict[str, set[str]] = {}
+    for path in sources("."):
+        part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        parts.setdefault(part, set()).update(m.split(".")[0] or "__init__" for m in imports_at_load(path))
+    for part, uses in parts.items():
+        uses.discard(part)
+    order: list[str] = []  # a topological order, found by peeling off parts that use only placed ones
+    while len(order) < len(parts):
+        ready = sorted(p for p, uses in parts.items() if p not in order and uses <= set(order))
+        assert ready, f"an import cycle among: { {p: sorted(u - set(order)) for p, u in parts.items() if p not in order} }"
+        order += ready
+    assert order.index("models") < order.index("convert") and order.index("checkpoint") < order.index("models")
 
 
 def test_converter_and_runtime_meet_only_in_the_bundle_format():

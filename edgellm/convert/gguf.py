@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import ModelSource
 from ..errors import EdgeLLMError
 from ..format import QuantizedWeight
 from ..models import gguf_family
 from .sentencepiece import SPM_SPACE, implied_merges
 from .tiktoken_file import CL100K_SPLIT
 from .vocab import added_token, bos_prefix
-from .source import ModelSource
 
 # Tensors outside the layers, named alike by every family (the layers' names are each family's GGUFNames)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import ModelSource
 from ..errors import EdgeLLMError
-from .source import ModelSource
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import ModelSource, WrappedSource
 from ..errors import EdgeLLMError
 from ..format.adapters import read_adapter
 from .quantize import QuantizedWeight
-from .source import ModelSource, WrappedSource
 
 
 class LoRASource(WrappedSource):

@@ -12,20 +12,37 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from .. import __version__
+from .._version import __version__
+from ..checkpoint import ModelSource
 from ..errors import EdgeLLMError
+from ..format import (
+    DECODER_GRAPH,
+    MANIFEST,
+    SAMPLING_HEAD_GRAPH,
+    STEP_GRAPH,
+    VISION_GRAPH,
+    EmbeddingsEntry,
+    EmbeddingTable,
+    Manifest,
+    Quantization,
+    Tokens,
+    VisionSection,
+    check_output,
+    encryption,
+    file_checksums,
+    open_bundle,
+    save_table,
+    stage_graph,
+    staging_folder,
+    write_manifest,
+)
 from ..format.blocks import QuantizedWeight
-from ..format import (DECODER_GRAPH, MANIFEST, SAMPLING_HEAD_GRAPH, STEP_GRAPH, VISION_GRAPH, EmbeddingsEntry,
-                      EmbeddingTable, Manifest, Quantization, Tokens, VisionSection, check_output, file_checksums,
-                      open_bundle, save_table, stage_graph, staging_folder, write_manifest)
-from ..format import encryption
 from ..modeling.family import TextFamily, VisionOptions
 from ..models import families, family_for
 from ..vision.processor import MediaTokens
 from .graph import DataFile, GraphBuilder, LoraSlots, WeightPolicy
 from .kv_cache import CALIBRATION_TEXT, KV_CACHE_MODES, calibrate, quantize_cache, scales_from_ranges
 from .quantize import reblock
-from .source import ModelSource
 
 QUANT_MODES = ("f32", "f16", "w8", "w4")
 # block types (GGUF's, or a pre-quantized checkpoint's) that -q w8 keeps as 8-bit blocks

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..checkpoint import ModelSource, WrappedSource
 from ..errors import EdgeLLMError
 from ..format.blocks import QuantizedWeight
-from .source import ModelSource, WrappedSource
 
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
 PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales"),

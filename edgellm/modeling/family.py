@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
-    from ..convert.source import ModelSource
+    from ..checkpoint import ModelSource
     from ..vision.processor import Processor
     from .decoder import Model
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..convert.source import MappedSource, ModelSource
+from ..checkpoint import MappedSource, ModelSource
 from ..errors import EdgeLLMError
 from ..modeling import decoder
 from ..modeling.family import GGUFNames, TextFamily

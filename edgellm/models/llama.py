@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from ..convert.source import MappedSource, ModelSource
+from ..checkpoint import MappedSource, ModelSource
 from ..modeling.decoder import Model, ModelArgs
 from ..modeling.family import GGUFNames, TextFamily
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...convert.source import ModelSource, PrefixRename, RenamedSource
+from ...checkpoint import ModelSource, PrefixRename, RenamedSource
 from ...errors import EdgeLLMError
 from ...modeling.family import VisionOptions, VisionParts
 from .. import gemma3

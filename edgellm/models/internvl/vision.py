@@ -8,12 +8,11 @@ renamed onto them by `OriginalLayout`, so the graph code below is written once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from typing import TYPE_CHECKING
-
-from ...convert.source import ModelSource, PrefixRename, RenamedSource
+from ...checkpoint import ModelSource, PrefixRename, RenamedSource
 from ...errors import EdgeLLMError
 from ...modeling import layers
 from ...modeling.family import VisionOptions, VisionParts

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...convert.source import ModelSource, PrefixRename, RenamedSource
+from ...checkpoint import ModelSource, PrefixRename, RenamedSource
 from ...errors import EdgeLLMError
 from ...modeling import layers
 from ...modeling.family import VisionOptions, VisionParts

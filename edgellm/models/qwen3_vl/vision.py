@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...convert.source import ModelSource
+from ...checkpoint import ModelSource
 from ...modeling import layers
 from ...modeling.family import VisionOptions, VisionParts
 from ...modeling.layers import activation
-from ..qwen2_vl import vision as qwen2_vl
 from .. import qwen3
+from ..qwen2_vl import vision as qwen2_vl
 from .language import Model
 from .processing import Settings
 

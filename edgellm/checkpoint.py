@@ -1,11 +1,13 @@
-"""What a checkpoint reader provides to the converter, whatever the file format."""
+"""What a checkpoint reader provides, whatever the file format: the converter reads checkpoints through it, and
+model families adapt their checkpoints (renamed tensors, vision towers) with it. It sits below both, so neither
+imports the other to share it."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import EdgeLLMError
-from .quantize import QuantizedWeight
+from .errors import EdgeLLMError
+from .format.blocks import QuantizedWeight
 
 
 class ModelSource:
