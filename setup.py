@@ -13,7 +13,8 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     native.append(Extension(
         "edgellm.kernels._native",
         sources=[f"edgellm/kernels/csrc/{name}" for name in SOURCES],
-        depends=[f"edgellm/kernels/csrc/{name}" for name in ("kernels.h", "ort_abi.h", "simd_avx2.h", "amx_emulation.h")],
+        depends=[f"edgellm/kernels/csrc/{name}"
+                 for name in ("kernels.h", "ort_abi.h", "simd_avx2.h", "amx_emulation.h")],
         language="c++",
         # each instruction-set file selects its own target with a pragma; the rest stays baseline x86-64
         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wno-maybe-uninitialized"],

@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from ab import cpu_flags  # noqa: E402
 from compare import genai_export, hf_folder_from_gguf, last_line  # noqa: E402
 
-
 # --- what each engine reads per decoded token ---------------------------------------------------------------------
 
 def matmul_nbits_bytes(graph: Path) -> int:
@@ -289,7 +288,7 @@ def main() -> None:
           "| of the probe |")
     print("|---|" + "---:|" * (len(columns) + 3))
     medians = {}
-    for name, spec, weights, kv in engines:
+    for name, _spec, weights, kv in engines:
         if not results[name]:
             continue
         med = {c: statistics.median(run[c] for run in results[name]) for c in columns}

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import edgellm  # noqa: E402
 from ab import cpu_flags  # noqa: E402
+
+import edgellm  # noqa: E402
 from edgellm.demo import gemma3_270m_gguf, smollm2_gguf  # noqa: E402
 from edgellm.kernels import LEVELS, native  # noqa: E402
 

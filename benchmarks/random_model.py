@@ -28,11 +28,12 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import QWEN_VL_MARKERS as MARKERS  # noqa: E402
-from helpers import QWEN_VL_TEMPLATE, write_random_bf16, write_tokenizer  # noqa: E402
 from test_gemma3_vl import GEMMA_TEMPLATE  # noqa: E402
 from test_gemma3_vl import MARKERS as GEMMA_MARKERS  # noqa: E402
 from test_internvl import INTERNVL_TEMPLATE  # noqa: E402
+
+from helpers import QWEN_VL_MARKERS as MARKERS  # noqa: E402
+from helpers import QWEN_VL_TEMPLATE, write_random_bf16, write_tokenizer  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,

@@ -94,7 +94,7 @@ def bench_vision(model, decode_tokens: int = 32, repeats: int = 3) -> str:
             except EdgeLLMError as e:  # e.g. a long video in a short bundle: say so, keep the other rows
                 lines.append(f"{label:<16} {str(e)}")
                 continue
-            med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
+            med = lambda f, runs=runs: statistics.median(f(r) for r in runs)  # noqa: E731
             prefill = med(lambda r: r.prompt_tokens / max(r.ttft_s - r.vision_s, 1e-9))
             lines.append(f"{label:<16} {runs[0].prompt_tokens:>7} {med(lambda r: r.vision_s) * 1000:>10.0f} "
                          f"{med(lambda r: r.ttft_s) * 1000:>9.0f} {prefill:>14.0f} "

@@ -51,7 +51,7 @@ class Metrics:
                 if result.decode_tokens_per_s > 0:
                     self.speed.observe(result.decode_tokens_per_s)
 
-    def text(self, gauges: dict[str, tuple[float, str]] = {}) -> str:
+    def text(self, gauges: dict[str, tuple[float, str]] | None = None) -> str:
         """The counters, and `gauges` {name: (value, help)} read at this moment."""
         with self.lock:
             lines = ["# HELP edgellm_requests_total Requests by how they ended.",
@@ -65,7 +65,7 @@ class Metrics:
                       "# HELP edgellm_decode_tokens_per_second Decode speed per request.",
                       "# TYPE edgellm_decode_tokens_per_second histogram",
                       *self.speed.lines("edgellm_decode_tokens_per_second")]
-        for key, (value, meaning) in gauges.items():
+        for key, (value, meaning) in (gauges or {}).items():
             lines += [f"# HELP edgellm_{key} {meaning}", f"# TYPE edgellm_{key} gauge", f"edgellm_{key} {value:g}"]
         lines += ["# HELP edgellm_resident_memory_bytes The server's resident memory.",
                   "# TYPE edgellm_resident_memory_bytes gauge", f"edgellm_resident_memory_bytes {resident_bytes()}"]

@@ -4,9 +4,16 @@ bundles; what builds them is in helpers.py."""
 from __future__ import annotations
 
 import pytest
-from helpers import make_tiny_model
 
 import edgellm
+from helpers import make_tiny_model
+
+
+def pytest_collection_modifyitems(items):
+    """browser and soak tests are slow tests too: `-m "not slow"` leaves them out without naming them."""
+    for item in items:
+        if item.get_closest_marker("browser") or item.get_closest_marker("soak"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from helpers import running_server
 
 import edgellm
 from edgellm.cli import main
@@ -19,6 +18,7 @@ from edgellm.errors import EdgeLLMError
 from edgellm.runtime.batch import Batcher
 from edgellm.runtime.prompt_cache import FILE_SUFFIX, PromptCache
 from edgellm.server import create_app
+from helpers import running_server
 
 PROMPTS = ["When in the Course of human events", "We hold these truths", "Liberty", "the pursuit of Happiness",
            "Governments are instituted among Men", "deriving their just powers", "from the consent of the governed",

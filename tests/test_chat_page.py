@@ -7,10 +7,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers import browser_on, pace_generations, running_server, wait_for
 
 import edgellm
 from edgellm.server import create_app
+from helpers import browser_on, pace_generations, running_server, wait_for
+
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import pytest
 
 from helpers import write_random_bf16, write_tokenizer
 
+pytestmark = pytest.mark.slow  # converts in a child process and reads its peak memory
+
 HIDDEN, INTERMEDIATE = 512, 1536
 
 

@@ -10,10 +10,10 @@ import tempfile
 
 import numpy as np
 import pytest
-from helpers import CORPUS
 
 import edgellm
 from edgellm.errors import EdgeLLMError
+from helpers import CORPUS
 
 pytest.importorskip("cryptography", reason="encrypted bundles need it: pip install 'edgellm[encrypt]'")
 KEY = "correct horse battery staple"
@@ -31,6 +31,7 @@ def files_under(folder) -> dict:
     return found
 
 
+@pytest.mark.slow  # scrypt, a conversion and a load per case
 @pytest.mark.parametrize("arch,quant", [("llama", "w4"), ("gemma3", "f32")])
 def test_an_encrypted_bundle_answers_as_the_plain_one_and_writes_nothing_decrypted(tiny, tmp_path, monkeypatch,
                                                                                   arch, quant):

@@ -31,6 +31,7 @@ def larger_model(folder: Path) -> Path:
     """A random Llama of 18M parameters: its conversion writes for long enough to be killed part-way."""
     import torch
     import transformers
+
     from helpers import write_tokenizer
 
     folder.mkdir(parents=True)
@@ -42,6 +43,7 @@ def larger_model(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_conversion_killed_at_random_points_leaves_nothing_behind(tmp_path):
     """SIGKILL while the bundle is being written (at random moments after its staging folder appears): no bundle
     appears at the output, and the next conversion removes what the killed ones left and succeeds."""
@@ -49,7 +51,7 @@ def test_a_conversion_killed_at_random_points_leaves_nothing_behind(tmp_path):
     out = tmp_path / "bundle"
     rng = random.Random(0)
     killed_while_writing = 0
-    for attempt in range(5):
+    for _attempt in range(5):
         process = subprocess.Popen(convert_command(folder, out), cwd=ROOT, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         before = set(leftovers(out))

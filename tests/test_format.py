@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from edgellm.errors import EdgeLLMError
-from edgellm.format import (ArrayRef, EmbeddingsEntry, EmbeddingTable, Manifest, QuantizedWeight, open_bundle,
-                            save_table, write_manifest)
+from edgellm.format import (
+    ArrayRef,
+    EmbeddingsEntry,
+    EmbeddingTable,
+    Manifest,
+    QuantizedWeight,
+    open_bundle,
+    save_table,
+    write_manifest,
+)
 
 VERSION_1 = {  # a bundle written before CRC-32 and the tied table (format 1, a float table of its own)
     "format": "edgellm-bundle", "format_version": 1, "created_by": "edgellm 0.1.0", "architecture": "LlamaForCausalLM",

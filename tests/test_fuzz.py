@@ -16,6 +16,8 @@ from edgellm.errors import EdgeLLMError
 from edgellm.runtime.sampling import Sampler, SamplingParams
 from edgellm.server import BadRequest, parse
 
+pytestmark = pytest.mark.slow  # hypothesis: hundreds of generated requests and settings
+
 SCALARS = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import CORPUS, gguf_reference, reference_logits, relative_error
 
 import edgellm
 from edgellm.demo import gemma3_270m_gguf
+from helpers import CORPUS, gguf_reference, reference_logits, relative_error
+
+pytestmark = pytest.mark.slow  # the real Gemma 3 270M, against transformers
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):\n",
            "The three primary colours are"]

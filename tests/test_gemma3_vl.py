@@ -11,11 +11,20 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import check_images_on_openvino, check_images_with_an_int8_cache
-from helpers import (IMAGE_QUESTION, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy, check_image_logits,
-                     picture, write_clip, write_tokenizer)
 
 import edgellm
+from helpers import (
+    IMAGE_QUESTION,
+    TWO_IMAGES,
+    check_chat_keeps_an_image,
+    check_image_greedy,
+    check_image_logits,
+    check_images_on_openvino,
+    check_images_with_an_int8_cache,
+    picture,
+    write_clip,
+    write_tokenizer,
+)
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -160,6 +169,7 @@ def test_chat_reuses_images_across_turns(gemma_vl):
     check_chat_keeps_an_image(gemma_vl[2], picture(112, 112, 8))
 
 
+@pytest.mark.slow  # a whole conversion and answer through the CLI
 def test_cli_converts_quantized_and_answers_about_images_and_video(gemma_vl, tmp_path, capsys):
     from edgellm.cli import main
 

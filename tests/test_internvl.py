@@ -10,12 +10,21 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import check_images_on_openvino, check_images_with_an_int8_cache
-from helpers import (IMAGE_QUESTION, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy, check_image_logits,
-                     picture, write_clip, write_tokenizer)
 from PIL import Image
 
 import edgellm
+from helpers import (
+    IMAGE_QUESTION,
+    TWO_IMAGES,
+    check_chat_keeps_an_image,
+    check_image_greedy,
+    check_image_logits,
+    check_images_on_openvino,
+    check_images_with_an_int8_cache,
+    picture,
+    write_clip,
+    write_tokenizer,
+)
 
 INTERNVL_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
@@ -300,9 +309,8 @@ def test_server_takes_images_as_data_urls(internvl):
     import concurrent.futures
 
     openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
-    from helpers import running_server
-
     from edgellm.server import create_app
+    from helpers import running_server
 
     images = []
     for seed in (4, 5):
@@ -330,11 +338,11 @@ def test_server_takes_images_as_data_urls(internvl):
         assert client.models.retrieve("internvl").model_extra["vision"] is True
 
 
+@pytest.mark.browser
 def test_the_chat_page_sends_a_picked_image(internvl, tmp_path):
     """The page's image picker (shown for a vision bundle) sends the image with the question, in Chromium."""
-    from helpers import browser_on, running_server, wait_for
-
     from edgellm.server import create_app
+    from helpers import browser_on, running_server, wait_for
 
     path = tmp_path / "picture.png"
     picture(120, 80, 6).save(path)

@@ -16,15 +16,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import relative_error
 
 import edgellm
 from edgellm import kernels
-from edgellm.kernels import swap
-from edgellm.kernels.rewrite import DOMAIN
 from edgellm.convert.quantize import fold_mins
 from edgellm.errors import EdgeLLMError
 from edgellm.format.blocks import QuantizedWeight
+from edgellm.kernels import swap
+from edgellm.kernels.rewrite import DOMAIN
+from helpers import relative_error
 
 LIB = kernels.native()
 LEVELS = {"avx2": 1, "avx512": 2, "amx": 3}
@@ -57,12 +57,13 @@ def emulated_amx(tmp_path_factory):
     return kernels.bind(ctypes.CDLL(str(out)))
 
 
-@pytest.fixture(params=["avx2", "avx512", "amx", "amx-emulated"])
-def level(request, emulated_amx):
+@pytest.fixture(params=["avx2", "avx512", "amx", pytest.param("amx-emulated", marks=pytest.mark.slow)])  # (compiles)
+def level(request):
     """(library, level) for each instruction-set level this CPU runs."""
     if LIB is None:
         pytest.skip("the kernel library is not built")
     if request.param == "amx-emulated":
+        emulated_amx = request.getfixturevalue("emulated_amx")
         if emulated_amx is None:
             pytest.skip("this CPU runs AMX itself (tested as amx), has no AVX-512 for the model's epilogue, or g++ "
                         "or the kernels' sources are missing")
@@ -153,7 +154,8 @@ class Packed:
 # --- every layout, every level ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("form", ["symmetric", "zero points", "minimums"])
-@pytest.mark.parametrize("block", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("block", [pytest.param(b, marks=[] if b == 32 else [pytest.mark.slow])  # (GGUF's size)
+                                   for b in (16, 32, 64, 128, 256)])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_every_block_layout_matches_numpy(level, bits, block, form):
     lib, level = level

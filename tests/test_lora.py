@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pytest
-from helpers import CORPUS, reference_logits, relative_error
 
 import edgellm
 from edgellm.errors import EdgeLLMError
+from helpers import CORPUS, reference_logits, relative_error
 
 peft = pytest.importorskip("peft", reason="the oracle: pip install peft")
 
@@ -107,9 +107,9 @@ def test_adapters_fill_compiled_slots_at_run_time(tiny, tmp_path):
 def test_the_server_answers_with_the_adapter_a_request_names(tiny, tmp_path):
     """"model": "BUNDLE:ADAPTER" picks a loaded adapter; /v1/models lists each; the official client drives it."""
     import openai
-    from helpers import running_server
 
     from edgellm.server import create_app
+    from helpers import running_server
 
     ref_model, folder = tiny("qwen2")
     adapter(ref_model, tmp_path / "style", 9)

@@ -7,10 +7,10 @@ import logging
 
 import httpx
 import pytest
-from helpers import running_server
 
 import edgellm
 from edgellm.server import create_app
+from helpers import running_server
 
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "When in the Course of human"}]

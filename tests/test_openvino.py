@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import OPENVINO_MISSING, TEXT_MODELS, reference_logits, relative_error
 
 import edgellm
 from edgellm.cli import main
 from edgellm.errors import EdgeLLMError
+from helpers import OPENVINO_MISSING, TEXT_MODELS, reference_logits, relative_error
 
 try:
     import openvino  # noqa: F401

@@ -11,10 +11,10 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import CORPUS, reference_logits, relative_error
 
 import edgellm
 from edgellm.errors import EdgeLLMError
+from helpers import CORPUS, reference_logits, relative_error
 
 GROUP = 32
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

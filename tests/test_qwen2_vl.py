@@ -10,13 +10,25 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import check_images_on_openvino, check_images_with_an_int8_cache
-from helpers import (IMAGE_QUESTION, QWEN_VL_TEMPLATE, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy,
-                     check_image_logits, check_patches, picture, qwen_vl_inputs, write_clip, write_tokenizer)
-from helpers import QWEN_VL_MARKERS as MARKERS
-from helpers import qwen_vl_text as hf_text
 
 import edgellm
+from helpers import (
+    IMAGE_QUESTION,
+    QWEN_VL_TEMPLATE,
+    TWO_IMAGES,
+    check_chat_keeps_an_image,
+    check_image_greedy,
+    check_image_logits,
+    check_images_on_openvino,
+    check_images_with_an_int8_cache,
+    check_patches,
+    picture,
+    qwen_vl_inputs,
+    write_clip,
+    write_tokenizer,
+)
+from helpers import QWEN_VL_MARKERS as MARKERS
+from helpers import qwen_vl_text as hf_text
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 24  # at most 24 merged tokens (96 patches) per image
 PREPROCESSOR = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
@@ -176,6 +188,7 @@ def test_mrope_positions_follow_the_image_grid():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # a whole conversion and answer through the CLI
 def test_cli_converts_with_a_pixel_budget_and_answers_about_images_and_video(qwen_vl, tmp_path, capsys):
     from edgellm.cli import main
 

@@ -10,13 +10,24 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import check_images_on_openvino, check_images_with_an_int8_cache
-from helpers import (IMAGE_QUESTION, QWEN_VL_TEMPLATE, TWO_IMAGES, check_chat_keeps_an_image, check_image_greedy,
-                     check_image_logits, check_patches, picture, qwen_vl_inputs, write_tokenizer)
-from helpers import QWEN_VL_MARKERS as MARKERS
-from helpers import qwen_vl_text as hf_text
 
 import edgellm
+from helpers import (
+    IMAGE_QUESTION,
+    QWEN_VL_TEMPLATE,
+    TWO_IMAGES,
+    check_chat_keeps_an_image,
+    check_image_greedy,
+    check_image_logits,
+    check_images_on_openvino,
+    check_images_with_an_int8_cache,
+    check_patches,
+    picture,
+    qwen_vl_inputs,
+    write_tokenizer,
+)
+from helpers import QWEN_VL_MARKERS as MARKERS
+from helpers import qwen_vl_text as hf_text
 
 PREPROCESSOR = {"min_pixels": 32 * 32, "max_pixels": 32 * 32 * 24, "patch_size": 16, "temporal_patch_size": 2,
                 "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3,
@@ -134,6 +145,7 @@ def test_chat_reuses_images_across_turns(qwen3_vl):
     check_chat_keeps_an_image(qwen3_vl[2], picture(112, 112, 8))
 
 
+@pytest.mark.slow  # a whole conversion and answer through the CLI
 def test_cli_converts_quantized_and_answers_about_an_image(qwen3_vl, tmp_path, capsys):
     from edgellm.cli import main
 
@@ -161,6 +173,7 @@ def test_video_prompt_matches_transformers_on_the_same_frames(qwen3_vl, tmp_path
     """20 frames at 10 fps, sampled at 2 fps: frames 0, 6, 13, 19 (evenly spread), two temporal patches written
     as "<0.3 seconds>" and "<1.6 seconds>" blocks, each placed like an image."""
     import av
+
     from helpers import write_clip
 
     model_hf, folder, bundle = qwen3_vl

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from helpers import reference_logits, relative_error
 from test_text_models import check_parity, corpus_ids, tiny_pair
+
+from helpers import reference_logits, relative_error
 
 
 def rewrite(folder, tensors: dict, config: dict) -> None:

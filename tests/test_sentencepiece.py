@@ -9,10 +9,10 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import CORPUS
 
 import edgellm
 from edgellm.errors import EdgeLLMError
+from helpers import CORPUS
 
 sentencepiece = pytest.importorskip("sentencepiece", reason="the oracle: pip install sentencepiece")
 

@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 import pytest
-from helpers import CORPUS
 
 import edgellm
 from edgellm.errors import EdgeLLMError
+from helpers import CORPUS
 
 
 def test_a_bundle_of_another_length_shares_the_weights_file(tiny, tmp_path):

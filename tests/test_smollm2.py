@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CORPUS, gguf_reference, relative_error
 
 import edgellm
 from edgellm.demo import smollm2_gguf
+from helpers import CORPUS, gguf_reference, relative_error
+
+pytestmark = pytest.mark.slow  # the real SmolLM2-135M, against transformers
 
 QUESTIONS = {"What is the capital of Germany?": "Berlin", "What is the capital of Japan?": "Tokyo",
              "Which planet is known as the Red Planet?": "Mars"}

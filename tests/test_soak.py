@@ -6,9 +6,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from soak import soak  # noqa: E402
+
+pytestmark = pytest.mark.soak
 
 
 def test_a_short_soak_fails_nothing_and_leaks_nothing(bundle):

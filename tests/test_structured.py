@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 import pytest
-from helpers import running_server
 from starlette.testclient import TestClient
 
 import edgellm
 from edgellm.errors import EdgeLLMError
 from edgellm.server import create_app
+from helpers import running_server
 
 pytest.importorskip("llguidance", reason="the structured extra is not installed (pip install -e '.[structured]')")
 jsonschema = pytest.importorskip("jsonschema")

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from helpers import CORPUS, DEQUANTIZED_BOUND, TEXT_MODELS, reference_greedy, reference_logits, relative_error
 
 import edgellm
+from helpers import CORPUS, DEQUANTIZED_BOUND, TEXT_MODELS, reference_greedy, reference_logits, relative_error
 
 ARCHS = sorted(TEXT_MODELS)  # one tiny model per text family of the registry (test_architecture checks it)
 # Max-abs logit error relative to the reference's logit scale (max |logit|), per precision. f32 is the issue's
@@ -26,6 +26,7 @@ def tiny_pair(tmp_path, config_class: str, model_class: str, seed: int, saved_as
     `saved_as(folder, model)`, if given); its f32 bundle of 128 positions in chunks of 16, loaded)."""
     import torch
     import transformers
+
     from helpers import TINY, write_tokenizer
 
     vocab = write_tokenizer(tmp_path)

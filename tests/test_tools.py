@@ -10,12 +10,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from helpers import running_server
 
 import edgellm
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.tools import Tools, tool_format
 from edgellm.server import create_app
+from helpers import running_server
 
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
 pytest.importorskip("llguidance", reason="tool_choice 'required' needs the structured extra")

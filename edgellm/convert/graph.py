@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..format import QuantizedWeight
 from ..modeling.layers import MS
 from .quantize import concat_rows, fold_mins, folded_sums_copies, quantize, row_pieces
+
 OPSET = 17
 IR_VERSION = 10  # onnx 1.23 writes IR 12 by default, which ONNX Runtime 1.31 refuses
 DTYPES = {np.float32: TensorProto.FLOAT, np.int64: TensorProto.INT64, np.int32: TensorProto.INT32}
@@ -147,14 +148,14 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=base, domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def branch(self) -> "GraphBuilder":
+    def branch(self) -> GraphBuilder:
         """A builder for an If branch: it may read this graph's values, and its names stay unique in the model. Its
         constants (a few numbers each) stay inside the graph."""
         sub = GraphBuilder(self.policy)
         sub._count = self._count
         return sub
 
-    def if_then_else(self, condition: str, then: tuple["GraphBuilder", str], otherwise: tuple["GraphBuilder", str],
+    def if_then_else(self, condition: str, then: tuple[GraphBuilder, str], otherwise: tuple[GraphBuilder, str],
                      name: str) -> str:
         """One float tensor: the `then` branch's value when `condition` (a bool scalar) holds, else `otherwise`'s."""
         graphs = []

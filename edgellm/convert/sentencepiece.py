@@ -87,7 +87,7 @@ def implied_merges(tokens: list[str]) -> list[list[str]]:
     does), and, for one merged token, the split with the longer left part first (transformers' rule)."""
     index = {tok: i for i, tok in enumerate(tokens)}
     merges = []
-    for rank, tok in sorted((i, t) for t, i in index.items()):
+    for _rank, tok in sorted((i, t) for t, i in index.items()):
         for cut in range(len(tok) - 1, 0, -1):
             left, right = tok[:cut], tok[cut:]
             if left in index and right in index:

@@ -51,7 +51,7 @@ def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
 def tokenizer_json(path: Path, tokenizer_config: dict) -> dict:
     ranks: dict[bytes, int] = {}
     try:
-        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):  # noqa: B007 (the error names it)
             if line.strip():
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)

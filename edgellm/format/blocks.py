@@ -53,12 +53,12 @@ class QuantizedWeight:
             w = w[:, np.argsort(self.k_order)]
         return w
 
-    def scaled(self, factor: np.float32) -> "QuantizedWeight":
+    def scaled(self, factor: np.float32) -> QuantizedWeight:
         """The same codes decoding to factor * w."""
         return QuantizedWeight(self.bits, self.block_size, self.k, self.codes, self.scales * factor,
                                self.zero_points, None if self.mins is None else self.mins * factor, self.k_order)
 
-    def take_rows(self, rows: np.ndarray | slice) -> "QuantizedWeight":
+    def take_rows(self, rows: np.ndarray | slice) -> QuantizedWeight:
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return QuantizedWeight(self.bits, self.block_size, self.k, self.codes[rows], self.scales[rows],
                                pick(self.zero_points), pick(self.mins), self.k_order)

@@ -10,9 +10,8 @@ import shutil
 import time
 import zlib
 from contextlib import contextmanager
-from pathlib import Path
-
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import EdgeLLMError
 from . import encryption

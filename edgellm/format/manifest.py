@@ -5,7 +5,6 @@ JSON spelling, and they read every format version the runtime opens."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Union
 
 import numpy as np
 
@@ -103,7 +102,7 @@ class ArrayRef:
 
 
 # A part of the embedding table: a .npy file's name, an array inside another file, or one such array per row piece.
-TablePart = Union[str, ArrayRef, list]
+TablePart = str | ArrayRef | list
 
 
 def _part_from_json(value) -> TablePart:
@@ -142,7 +141,7 @@ class EmbeddingsEntry:
         return {name: part for name, part in parts.items() if part is not None}
 
     @classmethod
-    def from_json(cls, data) -> "EmbeddingsEntry":
+    def from_json(cls, data) -> EmbeddingsEntry:
         if isinstance(data, str):
             return cls(values=data)
         parts = {k: _part_from_json(v) for k, v in data.items() if k in ("codes", *cls.BLOCK_PARTS)}
@@ -177,7 +176,7 @@ class VisionSection:
         return {"family": self.family, **self.settings, "quantization": self.quantization}
 
     @classmethod
-    def from_json(cls, data: dict) -> "VisionSection":
+    def from_json(cls, data: dict) -> VisionSection:
         settings = {k: v for k, v in data.items() if k not in ("family", "quantization")}
         return cls(data["family"], settings, data.get("quantization", "f32"))
 
@@ -255,7 +254,7 @@ class Manifest:
         return data
 
     @classmethod
-    def from_json(cls, data: dict, where: str = MANIFEST) -> "Manifest":
+    def from_json(cls, data: dict, where: str = MANIFEST) -> Manifest:
         version = data.get("format_version") if isinstance(data, dict) else None
         if version is not None and data.get("format") == FORMAT and isinstance(version, int) \
                 and version > ENCRYPTED_VERSION:

@@ -19,7 +19,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import onnxruntime as ort
@@ -60,7 +60,7 @@ class KernelStatus:
         return f"edgellm kernels ({self.isa}" + (f"; {self.reason})" if self.reason else ")")
 
 
-@lru_cache(maxsize=None)
+@cache
 def native() -> ctypes.CDLL | None:
     """The library's C API (ctypes), for the status checks, tests and tools; None where it is not built."""
     path = library_path()
@@ -97,7 +97,7 @@ def status() -> KernelStatus:
     return _status(os.environ.get(SWITCH, "auto"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _status(_switch: str) -> KernelStatus:
     wanted = requested_level()
     if wanted is None:

@@ -61,7 +61,7 @@ class Message:
     fields: list[Field] = field(default_factory=list)
 
     @classmethod
-    def parse(cls, data: bytes) -> "Message":
+    def parse(cls, data: bytes) -> Message:
         data = memoryview(data)
         fields, at = [], 0
         while at < len(data):
@@ -113,7 +113,7 @@ class Node:
     rest: list[Field] = field(default_factory=list)  # doc string, metadata: kept as they are
 
     @classmethod
-    def parse(cls, data: bytes) -> "Node":
+    def parse(cls, data: bytes) -> Node:
         m = Message.parse(data)
         attributes = {Message.parse(a).string(1): Message.parse(a) for a in m.all(5)}
         rest = [f for f in m.fields if f.number not in (1, 2, 3, 4, 5, 7)]

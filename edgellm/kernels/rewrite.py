@@ -23,8 +23,18 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .proto import (BYTES, VARINT, Field, Message, Node, float_attribute, int_attribute, names_used_in, tensor_ints,
-                    tensor_name)
+from .proto import (
+    BYTES,
+    VARINT,
+    Field,
+    Message,
+    Node,
+    float_attribute,
+    int_attribute,
+    names_used_in,
+    tensor_ints,
+    tensor_name,
+)
 
 DOMAIN = "ai.edgellm.kernels"
 OP = "MatMulBlocks"

@@ -47,7 +47,7 @@ class ModelArgs:
     layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" or "full_attention" (all full when empty)
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         heads = config["num_attention_heads"]
         window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
         layers = config["num_hidden_layers"]

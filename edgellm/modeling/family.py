@@ -8,8 +8,9 @@ vision graph, and the processor the runtime prepares images and prompts with.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
@@ -49,9 +50,9 @@ class TextFamily:
     gguf: GGUFNames | None = None
     # checkpoints of some of `architectures` stored in another layout (remote code): architecture -> the view of
     # such a source under this family's names, with its config translated
-    layouts: Mapping[str, Callable[["ModelSource"], "ModelSource"]] = field(default_factory=dict)
+    layouts: Mapping[str, Callable[[ModelSource], ModelSource]] = field(default_factory=dict)
 
-    def decoder(self, config: dict) -> "Model":
+    def decoder(self, config: dict) -> Model:
         return self.model(self.model_args.from_config(config))
 
 
@@ -67,11 +68,11 @@ class VisionOptions:
 class VisionParts:
     """A vision-language checkpoint taken apart by its family's `split`."""
 
-    text: "ModelSource"  # the decoder's weights under text-family names, with the decoder's own config
-    decoder: "Model"  # the decoder graph builder, with the family's extensions
+    text: ModelSource  # the decoder's weights under text-family names, with the decoder's own config
+    decoder: Model  # the decoder graph builder, with the family's extensions
     text_family: str  # the text family the decoder extends (the manifest's "family")
     vision: Any  # the vision graph builder: .build(g, weights)
-    vision_weights: "ModelSource"
+    vision_weights: ModelSource
     settings: Any  # the family's processor settings (a dataclass), stored in the manifest
 
 
@@ -80,6 +81,6 @@ class VisionLanguageFamily:
     name: str
     title: str
     architectures: tuple[str, ...]
-    split: Callable[["ModelSource", VisionOptions], VisionParts]
-    processor: type["Processor"]  # made from the manifest's vision settings at run time
+    split: Callable[[ModelSource, VisionOptions], VisionParts]
+    processor: type[Processor]  # made from the manifest's vision settings at run time
     static_vit: bool = False  # the vision graph can be built for one fixed input size

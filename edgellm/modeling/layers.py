@@ -9,8 +9,9 @@ imports ONNX, so a family module stays cheap to import for the runtime, which on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from functools import lru_cache
-from typing import Union
+from functools import cache
 
 from ..errors import EdgeLLMError
 from ..modeling.family import TextFamily, VisionLanguageFamily
 
-Family = Union[TextFamily, VisionLanguageFamily]
+Family = TextFamily | VisionLanguageFamily
 
 
 def names() -> list[str]:
@@ -21,7 +20,7 @@ def names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__))
 
 
-@lru_cache(maxsize=None)
+@cache
 def get(name: str) -> Family:
     """The family called `name` (a module or folder of this package)."""
     if name not in names():

@@ -11,7 +11,7 @@ from .llama import GGUF_LAYERS
 
 class ModelArgs(decoder.ModelArgs):
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         act = config.get("hidden_act") or "gelu_pytorch_tanh"
         return super().from_config({"tie_word_embeddings": True, **config,  # the original releases' "gelu" meant tanh
                                     "hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act})

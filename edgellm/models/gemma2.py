@@ -12,7 +12,7 @@ from . import gemma3
 
 class ModelArgs(gemma3.ModelArgs):
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         layers = config["num_hidden_layers"]
         config = {"layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
                   **config}

@@ -28,7 +28,7 @@ class ModelArgs(decoder.ModelArgs):
     final_logit_softcapping: float | None = None
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         if config.get("use_bidirectional_attention"):
             raise EdgeLLMError("Gemma 3 with bidirectional attention (an embedding model) is not a generator")
         args = super().from_config({**config, "hidden_act": config.get("hidden_activation", "gelu_pytorch_tanh"),

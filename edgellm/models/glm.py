@@ -16,7 +16,7 @@ from .llama import GGUF_LAYERS
 
 class ModelArgs(decoder.ModelArgs):
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         return super().from_config({"attention_bias": True, **config})
 
 

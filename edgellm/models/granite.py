@@ -21,7 +21,7 @@ class ModelArgs(decoder.ModelArgs):
     logits_scaling: float = 1.0
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         args = super().from_config(config)
         for name in ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"):
             setattr(args, name, float(config.get(name, 1.0)))

@@ -14,7 +14,7 @@ from .llama import GGUF_LAYERS, unpermute_rotary_rows
 
 class ModelArgs(granite.ModelArgs):
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
         head_dim = config.get("head_dim") or hidden // heads
         return super().from_config({

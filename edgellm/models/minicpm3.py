@@ -31,7 +31,7 @@ class ModelArgs(minicpm.ModelArgs):
     v_head_dim: int = 0
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         rank, rope = config["kv_lora_rank"], config["qk_rope_head_dim"]
         # the cache's one key-value head: [k_rot, c]
         args = super().from_config({**config, "num_key_value_heads": 1, "head_dim": rope + rank,

@@ -9,7 +9,7 @@ from .llama import GGUF_LAYERS
 
 class ModelArgs(decoder.ModelArgs):
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         args = super().from_config(config)
         args.attention_bias = True
         return args

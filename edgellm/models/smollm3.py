@@ -15,7 +15,7 @@ class ModelArgs(decoder.ModelArgs):
     rope_layers: tuple[int, ...] = ()  # per layer: 1 rotates, 0 does not
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelArgs":
+    def from_config(cls, config: dict) -> ModelArgs:
         args = super().from_config(config)
         interval = config.get("no_rope_layer_interval", 4)
         args.rope_layers = tuple(config.get("no_rope_layers") or [int((i + 1) % interval != 0)

@@ -19,14 +19,13 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import EdgeLLMError
 from .engine import Slot, common_prefix
 from .model import Generation
 from .prompt_cache import PromptCache
-
 
 # A finished sequence that a new prompt overwrites goes to the prompt cache first, unless the prompt keeps all of it
 # but fewer positions than this: a unique question's tail after a shared document costs less to recompute, if it is

@@ -5,8 +5,8 @@ prefilled again."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import fields
-from typing import Iterator
 
 from ..errors import EdgeLLMError
 from .chat import user_content

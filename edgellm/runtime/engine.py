@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -587,7 +587,7 @@ class StagePipeline:
         self.workers = [ThreadPoolExecutor(1, thread_name_prefix=f"edgellm-stage{k}") for k in range(stages)]
         self.futures: list[Future] = []
 
-    def submit(self, engine: "Engine", feed: dict, first: int, end: int, single: bool) -> Future:
+    def submit(self, engine: Engine, feed: dict, first: int, end: int, single: bool) -> Future:
         """The chunk's stages queued in order; the future of its logits."""
         previous = None
         for k, worker in enumerate(self.workers):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,12 +17,12 @@ from ..errors import EdgeLLMError
 from ..format import SAMPLING_HEAD_GRAPH, VISION_GRAPH, open_bundle
 from ..format.encryption import key_material
 from .chat import ChatTemplate, check_messages, message_texts, user_content
+from .constraints import JsonConstraint, grammar_tokenizer, schema_of
 from .engine import PROVIDERS, Engine, check_device, open_graph, session_options
 from .lookup import prompt_lookup
 from .memory import check_fits
 from .prompt_cache import CachedSequence
 from .sampling import HeadSampler, Sampler, SamplingParams
-from .constraints import JsonConstraint, grammar_tokenizer, schema_of
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 from .tools import Tools, tools_of
 
@@ -366,7 +367,7 @@ class Model:
         return tools_of(self.chat_template.source if self.chat_template else None, tools, tool_choice)
 
     def stream(self, prompt_or_messages, max_new_tokens: int = 256, progress: bool = False,
-               prompt_lookup: int = 0, draft: "Model | None" = None, draft_tokens: int = 4,
+               prompt_lookup: int = 0, draft: Model | None = None, draft_tokens: int = 4,
                **settings) -> Iterator[str]:
         """Yields text pieces as they are decoded; the full result is in `model.last_result` afterwards.
         settings: temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, raw, ignore_eos, images,
@@ -495,7 +496,7 @@ class Model:
         self.prompt_cache.flush()
         return entry
 
-    def check_draft(self, draft: "Model") -> None:
+    def check_draft(self, draft: Model) -> None:
         """A draft model must read and write the same tokens as this one."""
         if draft.tokenizer.vocabulary != self.tokenizer.vocabulary:
             raise EdgeLLMError(f"the draft bundle {draft.bundle.path} has another tokenizer than "

@@ -19,7 +19,7 @@ class Media:
     timestamps: tuple[float, ...] | None = None  # video: the time of each temporal patch (for prompts that write it)
 
     @classmethod
-    def of(cls, kind: str, pixel_values: np.ndarray, tokens: int, **extra) -> "Media":
+    def of(cls, kind: str, pixel_values: np.ndarray, tokens: int, **extra) -> Media:
         digest = hashlib.sha1(np.ascontiguousarray(pixel_values).tobytes())
         digest.update(repr(sorted(extra.items())).encode())
         return cls(kind, pixel_values, tokens, -1 - int.from_bytes(digest.digest()[:7], "little"), **extra)

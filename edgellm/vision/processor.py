@@ -6,9 +6,9 @@ spans a prefill chunk must not split). Each family's `processing.Processor` impl
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from abc import ABC, abstractmethod
-from typing import Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -3,8 +3,8 @@ from the middle of each of N equal segments (`segment_midpoints`), or a sampling
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import EdgeLLMError
 

@@ -22,7 +22,7 @@ class SiglipArgs(VitArgs):
     hidden_act: str
 
     @classmethod
-    def from_config(cls, v: dict) -> "SiglipArgs":
+    def from_config(cls, v: dict) -> SiglipArgs:
         return cls(hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
                    num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
                    image_size=int(v.get("image_size", 224)), patch_size=int(v.get("patch_size", 16)),

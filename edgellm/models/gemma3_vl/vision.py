@@ -39,7 +39,7 @@ class VisionArgs:
         return self.tower.grid // int(round(self.tokens_per_image ** 0.5))
 
     @classmethod
-    def from_config(cls, config: dict, text_config: dict) -> "VisionArgs":
+    def from_config(cls, config: dict, text_config: dict) -> VisionArgs:
         tower = SiglipArgs.from_config(config["vision_config"])
         tokens = int(config.get("mm_tokens_per_image", 256))
         side = int(round(tokens ** 0.5))

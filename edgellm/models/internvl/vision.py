@@ -42,7 +42,7 @@ class VisionArgs(VitArgs):
         return int(self.grid * self.downsample_ratio) ** 2
 
     @classmethod
-    def from_config(cls, config: dict, text_config: dict) -> "VisionArgs":
+    def from_config(cls, config: dict, text_config: dict) -> VisionArgs:
         v = config["vision_config"]
         side = lambda x: int(x[0] if isinstance(x, (list, tuple)) else x)  # noqa: E731
         if config.get("vision_feature_layer", config.get("select_layer", -1)) != -1:

@@ -55,7 +55,7 @@ class VisionArgs:
         return self.window_size // self.patch_size // self.spatial_merge_size * self.spatial_merge_size
 
     @classmethod
-    def from_config(cls, config: dict, text_config: dict) -> "VisionArgs":
+    def from_config(cls, config: dict, text_config: dict) -> VisionArgs:
         v = config["vision_config"]
         v25 = config["architectures"][0].startswith("Qwen2_5")
         width = v["hidden_size"] if v25 else v["embed_dim"]

@@ -34,7 +34,7 @@ class VisionArgs(qwen2_vl.VisionArgs):
         return int(round(self.num_position_embeddings ** 0.5))
 
     @classmethod
-    def from_config(cls, config: dict, text_config: dict) -> "VisionArgs":
+    def from_config(cls, config: dict, text_config: dict) -> VisionArgs:
         v = config["vision_config"]
         return cls(version="3", hidden_size=v["hidden_size"], depth=v["depth"], num_heads=v["num_heads"],
                    intermediate_size=v["intermediate_size"], hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
