@@ -48,15 +48,19 @@ def convert(source, out, quantize: str = "w4", group_size: int | None = None, se
     Vision-language models: vision_quantize (default f16; f32 with quantize f32); max_pixels, a pixel count or
     (width, height), bounds one image (Qwen2/3-VL: the resize budget, InternVL: the number of tiles); static_vit
     (Qwen2/3-VL) fixes the vision graph's input to one image size.
-    The converter (onnx, gguf) is imported on first use: running a bundle never pays for it."""
+    An option that does not apply is one EdgeLLMError naming it (`group_size=12 ...`). The converter (onnx, gguf)
+    is imported on first use: running a bundle never pays for it."""
+    from .convert.options import ConvertOptions
     from .convert.pipeline import convert as run
 
-    return run(source, out, quantize=quantize, group_size=group_size, seq_length=seq_length,
-               chunk_length=chunk_length, symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level,
-               force=force, progress=progress, vision_quantize=vision_quantize, max_pixels=max_pixels,
-               static_vit=static_vit, reblock=reblock, kv_cache=kv_cache, lora=lora, do_sample=do_sample,
-               encrypt=encrypt, key=key, key_file=key_file, share_weights_with=share_weights_with, static=static,
-               num_devices=num_devices, lora_slots=lora_slots, lora_max_rank=lora_max_rank)
+    options = ConvertOptions(
+        quantize=quantize, group_size=group_size, seq_length=seq_length, chunk_length=chunk_length,
+        symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level, force=force, progress=progress,
+        vision_quantize=vision_quantize, max_pixels=max_pixels, static_vit=static_vit, reblock=reblock,
+        kv_cache=kv_cache, lora=lora, do_sample=do_sample, encrypt=encrypt, key=key, key_file=key_file,
+        share_weights_with=share_weights_with, static=static, num_devices=num_devices, lora_slots=lora_slots,
+        lora_max_rank=lora_max_rank)
+    return run(source, out, options)
 
 
 __all__ = ["load", "convert", "EdgeLLMError", "__version__"]

@@ -7,11 +7,8 @@ import os
 import sys
 import time
 
+from .convert.options import KV_CACHE_MODES, QUANT_MODES  # (a light module: no onnx)
 from .errors import EdgeLLMError
-
-# convert.pipeline.QUANT_MODES, spelled out so that parsing arguments does not import the converter (onnx)
-WEIGHT_MODES = ["f32", "f16", "w8", "w4"]
-
 
 # Subcommands whose prompt may come after options (`run B -n 10 "Say hi"`): argparse's default parsing has given the
 # optional positional its empty value by then and calls the prompt unrecognized.
@@ -88,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-m", "--model", help="Hugging Face model folder or .gguf file")
     c.add_argument("-o", "--output", help="bundle folder to write")
     c.add_argument("--list", action="store_true", help="list the model families, their architectures and sources")
-    c.add_argument("-q", "--quantize", default="w4", choices=[*WEIGHT_MODES, "auto"],
+    c.add_argument("-q", "--quantize", default="w4", choices=[*QUANT_MODES, "auto"],
                    help="weight precision (default w4; GGUF blocks that map exactly are kept as they are; auto: a "
                         "quantized source's own precision, float16 for a float one)")
     c.add_argument("-g", "--group-size", type=count(16), default=None,
@@ -99,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=None, help="symmetric blocks (default)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="blocks with zero points")
-    c.add_argument("--lm-head", default=None, choices=WEIGHT_MODES,
+    c.add_argument("--lm-head", default=None, choices=QUANT_MODES,
                    help="output projection's precision (default: w8 with -q w4, else as -q); a GGUF's blocks are kept")
     c.add_argument("--reblock", action="store_true",
                    help="GGUF: round blocks smaller than -g again to -g (faster kernels; see docs/benchmarks.md "
                         "for the quality cost)")
-    c.add_argument("--kv-cache", default="f32", choices=["f32", "int8"],
+    c.add_argument("--kv-cache", default="f32", choices=KV_CACHE_MODES,
                    help="KV cache precision: int8 reads a quarter of the bytes per token at long contexts, with "
                         "scales calibrated at conversion (which then runs the model once); default f32")
     c.add_argument("--lora", default=None, metavar="ADAPTER",
@@ -132,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--key-file", default=None, metavar="FILE", help="the key for --encrypt (default: $EDGELLM_KEY)")
     c.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits accuracy level (4: int8 activations, fastest on CPU; 0: float activations)")
-    c.add_argument("--vision-quantize", default=None, choices=WEIGHT_MODES,
+    c.add_argument("--vision-quantize", default=None, choices=QUANT_MODES,
                    help="vision graph weights of a vision-language model (default f16; f32 with -q f32)")
     c.add_argument("--max-pixels", type=pixel_budget, default=None, metavar="W,H|PIXELS",
                    help="largest image a vision-language bundle takes, as W,H or a pixel count (Qwen2-VL, Qwen3-VL: "
@@ -320,8 +317,6 @@ def pixel_budget(text: str) -> int | tuple[int, int]:
 
 
 def cmd_convert(args) -> None:
-    from . import convert
-
     if args.list:
         from .models import family_table
 
@@ -330,13 +325,12 @@ def cmd_convert(args) -> None:
     if not args.model or not args.output:
         raise EdgeLLMError("give the model and the bundle to write: edgellm convert -m MODEL -o BUNDLE (--list shows "
                            "the families edgellm converts)")
-    convert(args.model, args.output, quantize=args.quantize, group_size=args.group_size, seq_length=args.seq_length,
-            chunk_length=args.chunk_length, symmetric=args.symmetric, lm_head=args.lm_head,
-            accuracy_level=args.accuracy_level, force=args.force, vision_quantize=args.vision_quantize,
-            max_pixels=args.max_pixels, static_vit=args.static_vit, reblock=args.reblock,
-            kv_cache=args.kv_cache, lora=args.lora, do_sample=args.do_sample, encrypt=args.encrypt,
-            key_file=args.key_file, share_weights_with=args.share_weights_with, static=args.static,
-            num_devices=args.num_devices, lora_slots=args.lora_slots, lora_max_rank=args.lora_max_rank)
+    from .convert.options import ConvertOptions
+    from .convert.pipeline import convert
+
+    options = ConvertOptions.from_args(args)
+    options.checked(args.model)  # option errors before the converter (onnx, gguf) is imported
+    convert(args.model, args.output, options)
 
 
 def _prompt_of(args) -> str:

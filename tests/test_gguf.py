@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import CORPUS, DEQUANTIZED_BOUND, TEXT_MODELS, make_tiny_model, reference_logits, relative_error
 
 import edgellm
 from edgellm.convert.gguf import _GLOBAL_NAMES
 from edgellm.errors import EdgeLLMError
 from edgellm.models import text_family
+from helpers import CORPUS, DEQUANTIZED_BOUND, TEXT_MODELS, make_tiny_model, reference_logits, relative_error
 
 
 def gguf_name(hf: str, arch: str) -> str:
@@ -259,16 +259,16 @@ def test_reblock_rounds_small_gguf_blocks_again_to_the_group_size(tiny, tmp_path
     write_gguf(ref_model, folder, q8, "llama", gguf.GGMLQuantizationType.Q8_0)
     wide = edgellm.convert(q8, tmp_path / "q8-reblocked", seq_length=64, reblock=True, progress=False)
     assert json.loads((wide / "manifest.json").read_text())["quantization"]["matmuls"] == {"8-bit/128": 9}
-    with pytest.raises(EdgeLLMError, match="--reblock applies to GGUF files"):
+    with pytest.raises(EdgeLLMError, match="reblock=True applies to GGUF files"):
         edgellm.convert(folder, tmp_path / "hf", reblock=True, progress=False)
     assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"quantize": "w8"}, "-q w8 does not apply to this GGUF's Q4_0 blocks"),
-    ({"symmetric": False}, "--asym does not apply to a GGUF's blocks"),
-    ({"group_size": 32}, "-g 32 does not apply to a GGUF's blocks"),
-    ({"lm_head": "w4"}, "--lm-head w4 does not apply to a GGUF"),
+    ({"quantize": "w8"}, "quantize='w8' does not apply to this GGUF's Q4_0 blocks"),
+    ({"symmetric": False}, "symmetric=False does not apply to a GGUF's blocks"),
+    ({"group_size": 32}, "group_size=32 does not apply to a GGUF's blocks"),
+    ({"lm_head": "w4"}, "lm_head='w4' does not apply to a GGUF"),
 ])
 def test_options_a_gguf_cannot_take_are_refused_not_recorded(tiny, tmp_path, options, message):
     """The file's blocks are kept: an option that would change them (without --reblock) is an error, and nothing

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import CORPUS, TEXT_MODELS, reference_logits, relative_error
 
 import edgellm
 from edgellm.errors import EdgeLLMError
+from helpers import CORPUS, TEXT_MODELS, reference_logits, relative_error
 
 ARCHS = sorted(TEXT_MODELS)
 
@@ -55,6 +55,6 @@ def test_int8_cache_generates_and_reuses_prefixes(bundle):
 
 def test_unknown_kv_cache_precision_is_one_clear_error(tiny, tmp_path):
     _, folder = tiny("llama")
-    with pytest.raises(EdgeLLMError, match="unknown KV cache precision 'int4'; choose one of f32, int8"):
+    with pytest.raises(EdgeLLMError, match="kv_cache='int4' is not a KV cache precision; choose one of f32, int8"):
         edgellm.convert(folder, tmp_path / "b", kv_cache="int4", progress=False)
     assert not (tmp_path / "b").exists()

@@ -220,16 +220,48 @@ def test_bad_messages_are_refused(bundle):
 
 
 def test_unknown_precisions_are_refused_before_any_work(tiny, tmp_path):
-    from edgellm.cli import WEIGHT_MODES
-    from edgellm.convert.pipeline import QUANT_MODES
-
-    assert WEIGHT_MODES == list(QUANT_MODES)  # the CLI's choices are the converter's modes
     _, folder = tiny("llama")
-    for option, what in (("quantize", "quantization"), ("vision_quantize", "vision quantization"),
-                         ("lm_head", "lm_head precision")):
-        with pytest.raises(EdgeLLMError, match=f"unknown {what} 'w3'; choose one of f32, f16, w8, w4"):
+    for option in ("quantize", "vision_quantize", "lm_head"):
+        with pytest.raises(EdgeLLMError, match=f"{option}='w3' is not a precision; choose one of f32, f16, w8, w4"):
             edgellm.convert(folder, tmp_path / "out", progress=False, **{option: "w3"})
         assert not (tmp_path / "out").exists()
+
+
+def test_convert_options_are_one_record_that_names_an_option_as_its_caller_spelled_it(tmp_path, capsys):
+    """The Python API, the CLI and the pipeline share ConvertOptions: every option but the key (read from a file or
+    the environment on the command line) is a flag whose parser dest is the option's name, and an error names the
+    keyword from Python and the flag from the command line."""
+    from dataclasses import fields
+
+    from edgellm.cli import build_parser, main
+    from edgellm.convert.options import FLAGS, NOT_ON_THE_COMMAND_LINE, ConvertOptions
+
+    convert = build_parser().commands["convert"]
+    dests: dict[str, list[str]] = {}
+    for action in convert._actions:
+        dests.setdefault(action.dest, []).extend(action.option_strings)  # symmetric: --sym and --asym
+    for f in fields(ConvertOptions):
+        if f.name not in NOT_ON_THE_COMMAND_LINE:
+            assert f.name in dests and FLAGS[f.name] in dests[f.name], f.name
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with pytest.raises(EdgeLLMError, match=r"^group_size=12 is not a block size: a power of two of 16 or more$"):
+        ConvertOptions(group_size=12).checked(folder)
+    assert main(["convert", "-m", str(folder), "-o", str(tmp_path / "b"), "-g", "48"]) == 2
+    assert "-g 48 is not a block size" in capsys.readouterr().err
+    with pytest.raises(EdgeLLMError, match=r"^reblock=True applies to GGUF files"):
+        ConvertOptions(reblock=True).checked(folder)
+    assert main(["convert", "-m", str(folder), "-o", str(tmp_path / "b"), "--reblock"]) == 2
+    assert "--reblock applies to GGUF files" in capsys.readouterr().err
+    with pytest.raises(EdgeLLMError, match=r"^symmetric=False does not apply to a GGUF's blocks.*add reblock=True"):
+        ConvertOptions(symmetric=False).checked(tmp_path / "m.gguf")
+    assert main(["convert", "-m", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "b"), "--asym"]) == 2
+    assert "--asym does not apply to a GGUF's blocks, which are kept as they are; add --reblock" in \
+        capsys.readouterr().err
+    checked = ConvertOptions().checked(folder)
+    assert (checked.group_size, checked.symmetric) == (128, True) and checked == ConvertOptions(group_size=128,
+                                                                                                  symmetric=True)
+    assert not (tmp_path / "b").exists()
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -292,9 +324,9 @@ def test_cli_chat_keeps_turns_and_clears(bundle, monkeypatch, capsys):
 
 def test_quality_command_measures_perplexity_and_agreement(tiny, bundle, capsys):
     import torch
-    from helpers import CORPUS
 
     from edgellm.quality import evaluate
+    from helpers import CORPUS
 
     ref_model, _ = tiny("qwen2")
     model = edgellm.load(bundle("qwen2", "f32", seq_length=64))
@@ -329,7 +361,8 @@ def test_prompt_lookup_keeps_the_greedy_answer_and_checks_drafts_in_one_run(bund
     single recurring tokens (min_ngram 1) also makes wrong drafts, which the cache must forget."""
     import functools
 
-    from edgellm.runtime import lookup, model as model_module
+    from edgellm.runtime import lookup
+    from edgellm.runtime import model as model_module
     from helpers import CORPUS
 
     monkeypatch.setattr(model_module, "prompt_lookup", functools.partial(lookup.prompt_lookup, min_ngram=min_ngram))
@@ -361,6 +394,7 @@ def test_prompt_lookup_keeps_the_greedy_answer_and_checks_drafts_in_one_run(bund
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.8), dict(temperature=1.3, top_k=5, top_p=0.95),
                                       dict(temperature=0.6, min_p=0.05, repetition_penalty=1.5)])
+@pytest.mark.slow
 def test_a_checked_guess_keeps_the_distribution(settings):
     """Speculative sampling's rule: whatever the guess (likely, unlikely, or one the settings exclude), the token
     Sampler.check returns is distributed as Sampler's own choice. 40,000 draws per guess; every token's frequency

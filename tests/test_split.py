@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import CORPUS
 
 import edgellm
 from edgellm.errors import EdgeLLMError
+from helpers import CORPUS
 
 
 @pytest.mark.parametrize("arch,stages", [("llama", 2), ("gemma3", 2), ("olmo2", 2), ("qwen3", 2)])
@@ -57,7 +57,7 @@ def test_a_split_bundle_batches_and_refuses_another_device_count(tiny, tmp_path)
         one.engine.reset()
         one.engine.prefill(ids)
         np.testing.assert_allclose(row, one.engine.decode(token), atol=2e-5, rtol=0)
-    with pytest.raises(EdgeLLMError, match="--num-device must be from 1 to the 2 layers"):
+    with pytest.raises(EdgeLLMError, match="num_devices=3 is not a device count: it must be from 1 to the 2 layers"):
         edgellm.convert(folder, tmp_path / "x", num_devices=3, progress=False)
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import CORPUS
 
 import edgellm
 from edgellm.errors import EdgeLLMError
+from helpers import CORPUS
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "minicpm3"])
@@ -47,7 +47,7 @@ def test_every_dimension_of_a_static_bundle_is_fixed(tiny, tmp_path):
 
 def test_static_options_that_do_not_combine_are_refused(tiny, tmp_path):
     _, folder = tiny("llama")
-    with pytest.raises(EdgeLLMError, match="--static applies to text models with the float KV cache"):
+    with pytest.raises(EdgeLLMError, match="static=True applies to text models with the float KV cache"):
         edgellm.convert(folder, tmp_path / "x", static=True, kv_cache="int8", progress=False)
     bundle = edgellm.convert(folder, tmp_path / "s", static=True, seq_length=64, progress=False)
     with pytest.raises(EdgeLLMError, match="runs one sequence at a time"):

@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import EdgeLLMError
 from ..format import EmbeddingTable
+from .options import KV_CACHE_MODES
 
-KV_CACHE_MODES = ("f32", "int8")
 MARGIN = 1.6  # headroom over the calibrated range (values beyond saturate): the best of 1.0-3.0 on both real models
 
 CALIBRATION_TEXT = """\

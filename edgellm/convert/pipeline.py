@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,15 @@ from ..format import (
     write_manifest,
 )
 from ..format.blocks import QuantizedWeight
-from ..modeling.family import TextFamily, VisionOptions
-from ..models import families, family_for
+from ..modeling.decoder import Model as Decoder
+from ..modeling.family import TextFamily, VisionOptions, VisionParts
+from ..models import Family, families, family_for
 from ..vision.processor import MediaTokens
 from .graph import DataFile, GraphBuilder, LoraSlots, WeightPolicy
-from .kv_cache import CALIBRATION_TEXT, KV_CACHE_MODES, calibrate, quantize_cache, scales_from_ranges
+from .kv_cache import CALIBRATION_TEXT, calibrate, quantize_cache, scales_from_ranges
+from .options import QUANT_MODES, ConvertOptions
 from .quantize import reblock
 
-QUANT_MODES = ("f32", "f16", "w8", "w4")
 # block types (GGUF's, or a pre-quantized checkpoint's) that -q w8 keeps as 8-bit blocks
 EIGHT_BIT_BLOCKS = {"Q8_0", "Q8_1", "Q8_K", "GPTQ 8-bit", "COMPRESSED-TENSORS 8-bit"}
 DECODER_FILE = "decoder.onnx"
@@ -94,7 +96,7 @@ class _Progress(_PassThrough):
     """Ticks a progress bar the first time each tensor is read and shows the bytes read so far (`shared`: another
     _Progress of the same checkpoint, whose count this one continues)."""
 
-    def __init__(self, source: ModelSource, bar, shared: "_Progress | None" = None):
+    def __init__(self, source: ModelSource, bar, shared: _Progress | None = None):
         super().__init__(source)
         self.bar = bar
         self.seen: set[str] = shared.seen if shared else set()
@@ -130,173 +132,208 @@ class _Reblocked(_PassThrough):
         return w
 
 
-def convert(src: str | Path, out: str | Path, *, quantize: str, group_size: int | None, seq_length: int | None,
-            chunk_length: int, symmetric: bool | None, lm_head: str | None, accuracy_level: int, force: bool,
-            progress: bool, vision_quantize: str | None, max_pixels: int | tuple[int, int] | None, static_vit: bool,
-            reblock: bool, kv_cache: str, lora: str | Path | None = None, do_sample: bool = False,
-            encrypt: bool = False, key: bytes | str | None = None, key_file: str | Path | None = None,
-            share_weights_with: str | Path | None = None, static: bool = False, num_devices: int | None = None,
-            lora_slots: int = 0, lora_max_rank: int = 16) -> Path:
-    """edgellm.convert, which documents the options and their defaults (None: the default for the source)."""
-    if Path(src).suffix.lower() == ".gguf":
-        check_gguf_options(quantize, group_size, symmetric, lm_head, reblock)
-    if quantize not in (*QUANT_MODES, "auto"):
-        raise EdgeLLMError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)} or auto")
-    group_size = 128 if group_size is None else group_size
-    symmetric = True if symmetric is None else symmetric
-    if group_size < 16 or group_size & (group_size - 1):
-        raise EdgeLLMError(f"-g must be a power of two of 16 or more (MatMulNBits' blocks), got {group_size}")
-    for what, mode in (("vision quantization", vision_quantize), ("lm_head precision", lm_head)):
-        if mode is not None and mode not in QUANT_MODES:
-            raise EdgeLLMError(f"unknown {what} {mode!r}; choose one of {', '.join(QUANT_MODES)}")
-    if kv_cache not in KV_CACHE_MODES:
-        raise EdgeLLMError(f"unknown KV cache precision {kv_cache!r}; choose one of {', '.join(KV_CACHE_MODES)}")
-    if chunk_length < 1:
-        raise EdgeLLMError("--chunk-length must be at least 1")
-    if reblock and Path(src).suffix.lower() != ".gguf":
-        raise EdgeLLMError("--reblock applies to GGUF files (float weights are blocked by -g already)")
+@dataclass
+class Plan:
+    """What a conversion will write, decided from the options and the open checkpoint before anything is written."""
+
+    src: Path
+    options: ConvertOptions  # checked, with quantize, lm_head and vision_quantize resolved for this source
+    checkpoint: ModelSource  # the checkpoint as read (with a merged LoRA adapter)
+    source: ModelSource  # the text model's view of it (a family's layout, or a vision-language model's text part)
+    family: Family
+    architecture: str
+    text_family: str
+    model: Decoder
+    parts: VisionParts | None  # a vision-language model's vision graph, its weights and processor settings
+    seq_length: int
+    stages: list[range]  # the decoder's layers per graph (one graph unless --num-device)
+    lora_slots: LoraSlots | None
+    tokenizer_json: str
+    tokens: dict
+
+
+def convert(src: str | Path, out: str | Path, options: ConvertOptions) -> Path:
+    """edgellm.convert, which documents the options: plan, then build the graphs, the assets and the manifest in a
+    staging folder that becomes `out` only when all of it is written."""
     started = time.perf_counter()
+    options = options.checked(src)
     out = Path(out)
-    check_output(out, force)  # before any work
-    material = encryption.key_material(key, key_file) if encrypt else None
-    if share_weights_with is not None:
-        if encrypt:
-            raise EdgeLLMError("--encrypt and --share-weights-with exclude each other (encrypted files never match)")
-        other = open_bundle(share_weights_with, verify=False)
+    check_output(out, options.force)  # before any work
+    material = encryption.key_material(options.key, options.key_file) if options.encrypt else None
+    other = open_bundle(options.share_weights_with, verify=False) if options.share_weights_with is not None else None
+    plan = make_plan(Path(src), options)
+    options = plan.options
+    with staging_folder(out, overwrite=options.force) as stage:
+        formats, embeddings = build_graphs(stage, plan)
+        graphs = write_assets(stage, plan, embeddings, formats)
+        sealed = encrypt_files(stage, material) if material is not None else None
+        shared = share_files(stage, out, other) if other is not None else {}
+        write_manifest(stage, manifest_of(plan, graphs, formats, embeddings, sealed, shared))
+    if options.progress:
+        size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+        tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(options.quantize, formats, options.kv_cache)}) in "
+                   f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return out
+
+
+def make_plan(src: Path, options: ConvertOptions) -> Plan:
+    """Open the checkpoint, find its family and decide every size and precision left to the source."""
     checkpoint = source = open_source(src)
-    if lora is not None:  # merged under the checkpoint's own names, before a layout cuts fused tensors
+    if options.lora is not None:  # merged under the checkpoint's own names, before a layout cuts fused tensors
         from .lora import LoRASource
 
-        checkpoint = source = LoRASource(source, lora)
-    if quantize == "auto":
-        quantize = auto_precision(source.block_types())
-    vision_quantize = vision_quantize or ("f32" if quantize == "f32" else "f16")
-    lm_head = lm_head or ("w8" if quantize == "w4" else quantize)
-    if quantize == "w8" and source.block_types() - EIGHT_BIT_BLOCKS:
-        kinds = ", ".join(sorted(source.block_types() - EIGHT_BIT_BLOCKS))
-        what = "GGUF" if Path(src).suffix.lower() == ".gguf" else "checkpoint"
-        raise EdgeLLMError(f"-q w8 does not apply to this {what}'s {kinds} blocks, which are kept as they are (-q "
-                           "w4, the default); -q f16 / f32 widen them to float")
+        checkpoint = source = LoRASource(source, options.lora)
+    options = resolved_precisions(src, source, options)
     rerounded = source.rerounded_types()
     if rerounded:
-        warning = (f"{Path(src).name}: its {', '.join(sorted(rerounded))} blocks cannot be kept as they are: they are "
-                   f"dequantized and rounded again to -q {quantize} (a second rounding; docs/gguf-types.md)")
+        warning = (f"{src.name}: its {', '.join(sorted(rerounded))} blocks cannot be kept as they are: they are "
+                   f"dequantized and rounded again to -q {options.quantize} (a second rounding; docs/gguf-types.md)")
         print(f"edgellm: warning: {warning}", file=sys.stderr)
     architecture = (source.config.get("architectures") or ["<missing>"])[0]
     family = family_for(architecture)
     parts = None
-    if static_vit and (isinstance(family, TextFamily) or not family.static_vit):
+    if options.static_vit and (isinstance(family, TextFamily) or not family.static_vit):
         vit = ", ".join(f.title for f in families() if not isinstance(f, TextFamily) and f.static_vit)
-        raise EdgeLLMError(f"--static-vit applies to {vit} (the other vision graphs take fixed-size tiles already)")
+        raise options.refuse("static_vit", f"applies to {vit} (the other vision graphs take fixed-size tiles already)")
     if isinstance(family, TextFamily):
-        if max_pixels is not None:
-            raise EdgeLLMError("--max-pixels applies to vision-language models only")
+        if options.max_pixels is not None:
+            raise options.refuse("max_pixels", "applies to vision-language models only")
         if architecture in family.layouts:
             source = family.layouts[architecture](source)
         model, text_family = family.decoder(source.config), family.name
     else:  # a vision-language model: a decoder with the family's extensions, and a vision graph
+        max_pixels = options.max_pixels
         count = max_pixels[0] * max_pixels[1] if isinstance(max_pixels, tuple) else max_pixels
-        static_size = (max_pixels if isinstance(max_pixels, tuple) else True) if static_vit else False
+        static_size = (max_pixels if isinstance(max_pixels, tuple) else True) if options.static_vit else False
         parts = family.split(checkpoint, VisionOptions(count, static_size))
         source, model, text_family = parts.text, parts.decoder, parts.text_family
-    config = source.config
-    max_positions = int(config.get("max_position_embeddings") or 2048)
-    seq_length = int(seq_length if seq_length is not None else min(2048, max_positions))
-    if seq_length < 2:
-        raise EdgeLLMError(f"--seq-length must be at least 2, got {seq_length}")
+        for option in ("static", "num_devices"):
+            if vars(options)[option] not in (False, None, 1):
+                raise options.refuse(option, "applies to text models (not to vision-language models yet)")
+    max_positions = int(source.config.get("max_position_embeddings") or 2048)
+    seq_length = int(options.seq_length if options.seq_length is not None else min(2048, max_positions))
     if seq_length > max_positions:
-        raise EdgeLLMError(f"--seq-length {seq_length} is more than the {max_positions} positions the model "
-                           "was trained for (max_position_embeddings in its config)")
+        raise options.refuse("seq_length", f"is more than the {max_positions} positions the model was trained for "
+                                           "(max_position_embeddings in its config)", seq_length)
     layers = model.args.num_hidden_layers
-    if num_devices is not None and not 1 <= num_devices <= layers:
-        raise EdgeLLMError(f"--num-device must be from 1 to the {layers} layers of the model, got {num_devices}")
-    stages = [range(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(layers), num_devices or 1)]
-    if len(stages) > 1 and (parts or static or kv_cache != "f32"):
-        raise EdgeLLMError("--num-device applies to text models with the dynamic graph and the float KV cache (not "
-                           "with --static, --kv-cache int8 or vision-language models yet)")
-    if static:
-        if parts or kv_cache != "f32":
-            raise EdgeLLMError("--static applies to text models with the float KV cache (not to vision-language "
-                               "models or --kv-cache int8 yet)")
-        model.fixed_rows = (chunk_length, 1)  # the chunk's last row's logits, as prefill needs
-    slots_for_lora = None
-    if lora_slots:
-        if kv_cache != "f32" or lora_max_rank < 1:
-            raise EdgeLLMError("--lora-slots needs the float KV cache and a --lora-max-rank of 1 or more")
-        slots_for_lora = LoraSlots(lora_max_rank, model.batch_dim())
+    if options.num_devices is not None and not 1 <= options.num_devices <= layers:
+        raise options.refuse("num_devices", f"is not a device count: it must be from 1 to the {layers} layers of "
+                                            "the model")
+    stages = [range(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(layers), options.num_devices or 1)]
+    if options.static:
+        model.fixed_rows = (options.chunk_length, 1)  # the chunk's last row's logits, as prefill needs
+    lora_slots = LoraSlots(options.lora_max_rank, model.batch_dim()) if options.lora_slots else None
     tokenizer_json = compact_merges(source.tokenizer_json())
     tokens = special_tokens(source, tokenizer_json)
     if parts:
         tokens.update(media_tokens(parts.settings, tokenizer_json))
+    return Plan(src, options, checkpoint, source, family, architecture, text_family, model, parts, seq_length, stages,
+                lora_slots, tokenizer_json, tokens)
 
+
+def resolved_precisions(src: Path, source: ModelSource, options: ConvertOptions) -> ConvertOptions:
+    """quantize "auto" as the source's own precision, and the lm_head's and vision graph's defaults for it."""
+    quantize = auto_precision(source.block_types()) if options.quantize == "auto" else options.quantize
+    if quantize == "w8" and source.block_types() - EIGHT_BIT_BLOCKS:
+        kinds = ", ".join(sorted(source.block_types() - EIGHT_BIT_BLOCKS))
+        what = "GGUF" if src.suffix.lower() == ".gguf" else "checkpoint"
+        raise options.refuse("quantize", f"does not apply to this {what}'s {kinds} blocks, which are kept as they "
+                                         "are (w4, the default); f16 / f32 widen them to float", "w8")
+    return replace(options, quantize=quantize,
+                   vision_quantize=options.vision_quantize or ("f32" if quantize == "f32" else "f16"),
+                   lm_head=options.lm_head or ("w8" if quantize == "w4" else quantize))
+
+
+def build_graphs(stage: Path, plan: Plan) -> tuple[dict[str, int], EmbeddingsEntry]:
+    """The decoder graph(s), the vision graph and the embedding table, written into `stage`; returns the weight
+    formats the matmuls hold and the table's manifest entry."""
+    options = plan.options
+    group_size, symmetric, accuracy = options.group_size, options.symmetric, options.accuracy_level
+    assert group_size is not None and symmetric is not None  # ConvertOptions.checked filled them in
+    # Each weight is read, quantized and written before the next is read (GraphBuilder's DataFile), so the
+    # conversion holds about one weight at a time.
+    with tqdm(total=len(plan.checkpoint.names()), desc="converting weights", unit="tensor",
+              disable=not options.progress,
+              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tensors{postfix} [{elapsed}<{remaining}]") as bar:
+        source = _Reblocked(plan.source, group_size, symmetric) if options.reblock else plan.source
+        weights = _Progress(source, bar)
+        formats: dict[str, int] = {}
+        for k, layer_range in enumerate(plan.stages):  # one graph, or one per stage (--num-device)
+            g = GraphBuilder(WeightPolicy(options.quantize, group_size, symmetric, accuracy),
+                             data_file(stage, decoder_file(k)))
+            g.lm_head_policy = WeightPolicy(options.lm_head, group_size, symmetric, accuracy, LM_HEAD_PIECE_BYTES)
+            g.lora = plan.lora_slots
+            plan.model.build(g, weights, plan.seq_length, layer_range)
+            save_graph(g, stage / decoder_file(k))
+            for kind, count in g.matmul_formats.items():
+                formats[kind] = formats.get(kind, 0) + count
+        # (the last stage's graph holds the lm_head, `g` its builder)
+        if plan.parts:
+            vg = GraphBuilder(WeightPolicy(options.vision_quantize, group_size, symmetric, accuracy),
+                              data_file(stage, VISION_FILE))
+            plan.parts.vision.build(vg, _Progress(plan.parts.vision_weights, bar, weights))
+            save_graph(vg, stage / VISION_FILE)
+        # a tied lm_head that keeps the table's blocks holds them for both (save_table compares them bit for bit)
+        embeddings = save_table(stage, plan.model.embedding_table(weights), options.quantize,
+                                stored_blocks(stage / decoder_file(len(plan.stages) - 1),
+                                              g.nbits_weights.get("lm_head")),
+                                plan.model.embedding_multiplier)
+        bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
+    return formats, embeddings
+
+
+def write_assets(stage: Path, plan: Plan, embeddings: EmbeddingsEntry, formats: dict[str, int]) -> dict[str, str]:
+    """The graphs made from the decoder (the one-token step, the sampling head, the int8 cache's rewrite), the
+    tokenizer, chat template and generation config; returns the manifest's graph table."""
+    options = plan.options
     graphs = {DECODER_GRAPH: DECODER_FILE}
-    with staging_folder(out, overwrite=force) as stage:
-        # Each weight is read, quantized and written before the next is read (GraphBuilder's DataFile), so the
-        # conversion holds about one weight at a time.
-        with tqdm(total=len(checkpoint.names()), desc="converting weights", unit="tensor", disable=not progress,
-                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tensors{postfix} [{elapsed}<{remaining}]") as bar:
-            weights = _Progress(_Reblocked(source, group_size, symmetric) if reblock else source, bar)
-            formats: dict[str, int] = {}
-            for k, layer_range in enumerate(stages):  # one graph, or one per stage (--num-device)
-                graph_file = DECODER_FILE if k == 0 else f"decoder_stage{k}.onnx"
-                g = GraphBuilder(WeightPolicy(quantize, group_size, symmetric, accuracy_level),
-                                 data_file(stage, graph_file))
-                g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy_level, LM_HEAD_PIECE_BYTES)
-                g.lora = slots_for_lora
-                model.build(g, weights, seq_length, layer_range)
-                save_graph(g, stage / graph_file)
-                for kind, count in g.matmul_formats.items():
-                    formats[kind] = formats.get(kind, 0) + count
-                if k:
-                    graphs[stage_graph(k)] = graph_file
-            head_file = graph_file  # (the last stage's graph holds the lm_head, `g` its builder)
-            if static:
-                write_step_graph(stage / DECODER_FILE, stage / STEP_FILE)
-                graphs[STEP_GRAPH] = STEP_FILE
-            if parts:
-                vg = GraphBuilder(WeightPolicy(vision_quantize, group_size, symmetric, accuracy_level),
-                                  data_file(stage, VISION_FILE))
-                parts.vision.build(vg, _Progress(parts.vision_weights, bar, weights))
-                save_graph(vg, stage / VISION_FILE)
-                graphs[VISION_GRAPH] = VISION_FILE
-            # a tied lm_head that keeps the table's blocks holds them for both (save_table compares them bit for bit)
-            embeddings_entry = save_table(stage, model.embedding_table(weights), quantize,
-                                          stored_blocks(stage / head_file, g.nbits_weights.get("lm_head")),
-                                          model.embedding_multiplier)
-            bar.update(bar.total - bar.n)  # tensors the graph does not use (e.g. rotary tables) count as done
-        if do_sample:
-            from .sampling_head import SAMPLING_HEAD_FILE, build_sampling_head
+    graphs.update({stage_graph(k): decoder_file(k) for k in range(1, len(plan.stages))})
+    if options.static:
+        write_step_graph(stage / DECODER_FILE, stage / STEP_FILE)
+        graphs[STEP_GRAPH] = STEP_FILE
+    if plan.parts:
+        graphs[VISION_GRAPH] = VISION_FILE
+    if options.do_sample:
+        from .sampling_head import SAMPLING_HEAD_FILE, build_sampling_head
 
-            save_graph(build_sampling_head(model.shape().vocab_size), stage / SAMPLING_HEAD_FILE)
-            graphs[SAMPLING_HEAD_GRAPH] = SAMPLING_HEAD_FILE
-        if kv_cache == "int8":
-            extension_for = family.processor(parts.settings.to_json()).decoder_extension if parts else None
-            int8_cache(stage, embeddings_entry, tokenizer_json, seq_length, chunk_length, extension_for, progress)
-        (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        template = source.chat_template()
-        if template:
-            (stage / "chat_template.jinja").write_text(template)
-        generation = dict(source.generation_config())
-        generation.setdefault("eos_token_id", tokens["eos_token_ids"])
-        (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        sealed = encrypt_files(stage, material) if encrypt else None
-        shared = share_files(stage, out, other) if share_weights_with is not None else {}
-        manifest = Manifest(
-            created_by=f"edgellm {__version__}", architecture=architecture, family=text_family,
-            source={"path": str(Path(src).resolve()), "format": "gguf" if Path(src).is_file() else "hf",
-                    **({"adapter": checkpoint.adapter} if lora is not None else {})},
-            model=model.shape(), seq_length=seq_length, chunk_length=chunk_length,
-            quantization=Quantization(quantize, group_size, symmetric, lm_head, accuracy_level, formats, kv_cache),
-            tokens=Tokens(**tokens), graphs=graphs, embeddings=embeddings_entry,
-            vision=VisionSection(family.name, parts.settings.to_json(), vision_quantize) if parts else None,
-            encryption=sealed, shared=shared,
-            lora={"slots": lora_slots, "rank": lora_max_rank, "shapes": slots_for_lora.shapes} if lora_slots else None)
-        write_manifest(stage, manifest)
-    if progress:
-        size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-        tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(quantize, formats, kv_cache)}) in "
-                   f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
-    return out
+        save_graph(build_sampling_head(plan.model.shape().vocab_size), stage / SAMPLING_HEAD_FILE)
+        graphs[SAMPLING_HEAD_GRAPH] = SAMPLING_HEAD_FILE
+    if options.kv_cache == "int8":
+        parts = plan.parts
+        extension_for = plan.family.processor(parts.settings.to_json()).decoder_extension if parts else None
+        int8_cache(stage, embeddings, plan.tokenizer_json, plan.seq_length, options.chunk_length, extension_for,
+                   options.progress)
+    (stage / "tokenizer.json").write_text(plan.tokenizer_json, encoding="utf-8")
+    template = plan.source.chat_template()
+    if template:
+        (stage / "chat_template.jinja").write_text(template)
+    generation = dict(plan.source.generation_config())
+    generation.setdefault("eos_token_id", plan.tokens["eos_token_ids"])
+    (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return graphs
+
+
+def manifest_of(plan: Plan, graphs: dict[str, str], formats: dict[str, int], embeddings: EmbeddingsEntry,
+                sealed: dict | None, shared: dict) -> Manifest:
+    options, parts = plan.options, plan.parts
+    assert options.group_size is not None and options.symmetric is not None and options.lm_head is not None
+    adapter = {"adapter": plan.checkpoint.adapter} if options.lora is not None else {}  # type: ignore[attr-defined]
+    lora = None
+    if plan.lora_slots is not None:
+        lora = {"slots": options.lora_slots, "rank": options.lora_max_rank, "shapes": plan.lora_slots.shapes}
+    return Manifest(
+        created_by=f"edgellm {__version__}", architecture=plan.architecture, family=plan.text_family,
+        source={"path": str(plan.src.resolve()), "format": "gguf" if plan.src.is_file() else "hf", **adapter},
+        model=plan.model.shape(), seq_length=plan.seq_length, chunk_length=options.chunk_length,
+        quantization=Quantization(options.quantize, options.group_size, options.symmetric, options.lm_head,
+                                  options.accuracy_level, formats, options.kv_cache),
+        tokens=Tokens(**plan.tokens), graphs=graphs, embeddings=embeddings,
+        vision=VisionSection(plan.family.name, parts.settings.to_json(), options.vision_quantize) if parts else None,
+        encryption=sealed, shared=shared, lora=lora)
+
+
+def decoder_file(stage: int) -> str:
+    return DECODER_FILE if stage == 0 else f"decoder_stage{stage}.onnx"
 
 
 def write_step_graph(chunk_graph: Path, step_graph: Path) -> None:
@@ -354,20 +391,6 @@ def auto_precision(block_types: set[str]) -> str:
     if not block_types:
         return "f16"
     return "w8" if block_types <= EIGHT_BIT_BLOCKS else "w4"
-
-
-def check_gguf_options(quantize: str, group_size: int | None, symmetric: bool | None, lm_head: str | None,
-                       reblock: bool) -> None:
-    """A GGUF's blocks are kept as they are: refuse options that would not apply, rather than record them."""
-    if lm_head in ("w4", "w8"):
-        raise EdgeLLMError(f"--lm-head {lm_head} does not apply to a GGUF: its output tensor's blocks are kept as "
-                           "they are (or widened with --lm-head f16 / f32)")
-    if not reblock and quantize in ("w4", "auto"):
-        for given, flag in ((group_size is not None, f"-g {group_size}"), (symmetric is not None,
-                                                                           "--sym" if symmetric else "--asym")):
-            if given:
-                raise EdgeLLMError(f"{flag} does not apply to a GGUF's blocks, which are kept as they are; add "
-                                   "--reblock to round them again to -g blocks")
 
 
 def int8_cache(stage: Path, embeddings: EmbeddingsEntry, tokenizer_json: str, seq_length: int, chunk_length: int,
@@ -476,4 +499,4 @@ def special_tokens(source: ModelSource, tokenizer_json: str) -> dict:
             "eos_token_ids": eos_ids, "pad_token_id": gcfg.get("pad_token_id", cfg.get("pad_token_id"))}
 
 
-__all__ = ["convert", "QUANT_MODES", "MANIFEST"]
+__all__ = ["convert", "ConvertOptions", "QUANT_MODES", "MANIFEST"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass
@@ -173,7 +173,7 @@ CASES = [
     Case("convert: an unknown KV cache precision", "cli", lambda e: convert(e, e.folder, "--kv-cache", "int4"), 2,
          "invalid choice: 'int4'"),
     Case("convert: --max-pixels on a text model", "cli", lambda e: convert(e, e.folder, "--max-pixels", "640,480"),
-         2, "--max-pixels applies to vision-language models only"),
+         2, "--max-pixels 640,480 applies to vision-language models only"),
     # --- load -------------------------------------------------------------------------------------------------------
     Case("load: no such bundle", "cli", lambda e: run(e.tmp / "nothing"), 2, "no such bundle folder"),
     Case("load: a folder that is not a bundle", "cli", lambda e: run(e.folder), 2, "manifest.json"),
