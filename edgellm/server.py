@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import binascii
+import contextlib
 import errno
 import hmac
 import json
@@ -38,6 +38,9 @@ UNSUPPORTED = {"functions": "the deprecated function calls (use 'tools')", "logp
                "logit_bias": "logit_bias"}
 
 
+# Characters that end a line for Python's str.splitlines, which clients such as httpx use to read server-sent
+# events: inside an event's JSON they are escaped, so that no client cuts an event in two (JSON allows \uXXXX there)
+LINE_BREAKING = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 MAX_REQUEST_BYTES = 32 << 20  # a request body larger than this gets a 413 (images come base64-encoded inside)
 MAX_QUEUE = 64  # requests waiting for the model beyond this get a 503 with Retry-After
 SHUTDOWN_GRACE_S = 10  # on Ctrl-C / SIGTERM, streams still running after this are cancelled
@@ -68,6 +71,12 @@ class Job:
 
 # The settings' bounds are SamplingParams' own, but for OpenAI's cap on temperature.
 API_BOUNDS = {**BOUNDS, "temperature": Bound(0, 2)}
+
+
+
+def event_json(value) -> str:
+    """`value` as one line of JSON for a server-sent event (see LINE_BREAKING)."""
+    return json.dumps(value, ensure_ascii=False).translate(LINE_BREAKING)
 
 
 def _number(body: dict, name: str, bound: Bound):
@@ -374,7 +383,7 @@ def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api
         return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
 
     def event(job: Job, **fields) -> str:
-        return f"data: {json.dumps(envelope(job, True, **fields), ensure_ascii=False)}\n\n"
+        return f"data: {event_json(envelope(job, True, **fields))}\n\n"
 
     def served() -> list[str]:
         """The model ids requests may name: the bundle's, and NAME:ADAPTER for each loaded LoRA adapter."""

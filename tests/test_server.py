@@ -9,12 +9,12 @@ import json
 
 import pytest
 from PIL import Image
-from helpers import running_server
 from starlette.testclient import TestClient
 
 import edgellm
 from edgellm.cli import main
 from edgellm.server import create_app
+from helpers import running_server
 
 QUESTION = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "When in the Course of human events"}]
@@ -187,3 +187,14 @@ def test_a_client_that_goes_away_stops_its_generation(bundle):
         answer = httpx.post(f"{url}/v1/completions", json={"prompt": "Liberty", "max_tokens": 3}, timeout=60)
         assert answer.status_code == 200
         assert 0 < len(first.token_ids) < 1000 and first is not model.last_result
+
+
+def test_an_event_stays_one_line_for_clients_that_split_as_python_does():
+    """httpx (the openai client's transport) reads server-sent events with str.splitlines, which also breaks at
+    U+2028, U+0085 and a few control characters: inside an event they are escaped, and the JSON says the same."""
+    from edgellm.server import event_json
+
+    text = "a\u2028b\u2029c\x85d\x0be\x1cf\u00e9g"
+    line = f"data: {event_json({'content': text})}"
+    assert len(line.splitlines()) == 1 and "é" in line  # (other characters stay as they are)
+    assert json.loads(line[len("data: "):]) == {"content": text}
