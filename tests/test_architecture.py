@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TEXT_MODELS
 
 from edgellm import models
 from edgellm.modeling.family import TextFamily, VisionLanguageFamily
+from helpers import TEXT_MODELS
 
 PACKAGE = Path(models.__file__).parent.parent
 TESTS = Path(__file__).parent
@@ -109,7 +109,8 @@ def test_the_package_parts_import_each_other_without_a_cycle():
     order: list[str] = []  # a topological order, found by peeling off parts that use only placed ones
     while len(order) < len(parts):
         ready = sorted(p for p, uses in parts.items() if p not in order and uses <= set(order))
-        assert ready, f"an import cycle among: { {p: sorted(u - set(order)) for p, u in parts.items() if p not in order} }"
+        left = {p: sorted(u - set(order)) for p, u in parts.items() if p not in order}
+        assert ready, f"an import cycle among: {left}"
         order += ready
     assert order.index("models") < order.index("convert") and order.index("checkpoint") < order.index("models")
 
@@ -157,7 +158,11 @@ def test_numpy_only_tests_run_without_torch():
 
 def test_the_readme_is_a_manual_that_lists_every_family():
     readme = (PACKAGE.parent / "README.md").read_text()
-    assert len(readme.splitlines()) < 250  # measurements live in docs/benchmarks.md
+    in_code = False
+    for number, line in enumerate(readme.splitlines(), 1):
+        in_code ^= line.startswith("```")
+        if not in_code and not line.startswith("|"):  # prose in ordinary line lengths; tables and code as they are
+            assert len(line) <= 120, f"README.md:{number} is {len(line)} characters long"
     table = readme[readme.index("## Supported models"):]
     for name in models.names():
         assert f"`{name}`" in table or f"`{name}/`" in table, f"README's models table lacks {name}"
@@ -178,3 +183,10 @@ def test_convert_lists_the_families(capsys):
     assert "MistralForCausalLM" in out and "GGUF `qwen3`" in out and "vision-language" in out
     assert main(["convert", "-o", "somewhere"]) == 2
     assert "edgellm convert -m MODEL -o BUNDLE" in capsys.readouterr().err
+
+
+def test_the_cli_reference_is_written_from_the_parser():
+    from edgellm.cli_reference import reference
+
+    written = (PACKAGE.parent / "docs" / "cli.md").read_text()
+    assert written == reference(), "docs/cli.md is stale: python -m edgellm.cli_reference > docs/cli.md"

@@ -10,13 +10,13 @@ import threading
 import time
 
 import pytest
-from helpers import pace_generations, running_server
 from starlette.testclient import TestClient
 
 import edgellm
 from edgellm.cli import main
 from edgellm.errors import EdgeLLMError
 from edgellm.server import create_app
+from helpers import pace_generations, running_server
 
 QUESTION = [{"role": "user", "content": "When in the Course of human events"}]
 
@@ -250,19 +250,20 @@ def test_convert_documents_its_keywords_and_writes_nothing_to_stdout(tiny, tmp_p
     assert out.out == "" and "wrote" in out.err
     with pytest.raises(EdgeLLMError, match=r"already exists; .*force=True in Python"):
         edgellm.convert(folder, tmp_path / "b", progress=False)
-    with pytest.raises(EdgeLLMError, match="--seq-length 5000 is more than the 1024 positions"):
+    with pytest.raises(EdgeLLMError, match="seq_length=5000 is more than the 1024 positions"):
         edgellm.convert(folder, tmp_path / "c", seq_length=5000, progress=False)
-    with pytest.raises(EdgeLLMError, match="must be at least 2, got 0"):
+    with pytest.raises(EdgeLLMError, match="seq_length=0 is too short: a KV cache holds at least 2 positions"):
         edgellm.convert(folder, tmp_path / "c", seq_length=0, progress=False)
     assert not (tmp_path / "c").exists()
 
 
 def test_the_readme_python_snippet_runs_as_written(tiny, tmp_path, monkeypatch, capsys):
-    """The README's first Python example, run on a tiny model: every name is defined before it is used."""
+    """The first example of the README's Python API section, run on a tiny model: every name is defined before it
+    is used."""
     from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     _, folder = tiny("llama")
     monkeypatch.chdir(tmp_path)
     code = code.replace("path/to/hf-folder-or.gguf", str(folder)).replace("seq_length=2048", "seq_length=256")
