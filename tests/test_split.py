@@ -64,14 +64,14 @@ def test_a_split_bundle_batches_and_refuses_another_device_count(tiny, tmp_path)
 def test_prefill_chunks_are_pipelined_through_the_stages(tiny, tmp_path, monkeypatch):
     """Each chunk's stages are queued on the stages' workers (stage 2 of a chunk beside stage 1 of the next); the
     last position's logits are those of the stages run in turn."""
-    from edgellm.runtime import engine as engine_module
+    from edgellm.runtime import runners
 
     _, folder = tiny("llama")
     split = edgellm.load(edgellm.convert(folder, tmp_path / "split", quantize="f32", seq_length=128, chunk_length=8,
                                          num_devices=2, progress=False), device="cpu,cpu")
     submitted = []
-    real = engine_module.StagePipeline.submit
-    monkeypatch.setattr(engine_module.StagePipeline, "submit",
+    real = runners.StagePipeline.submit
+    monkeypatch.setattr(runners.StagePipeline, "submit",
                         lambda self, *args: submitted.append(1) or real(self, *args))
     ids = split.tokenizer.encode(CORPUS.read_text())[:60]
     last = split.engine.prefill(ids)

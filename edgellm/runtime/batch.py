@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import EdgeLLMError
-from .engine import Slot, common_prefix
+from .kv_cache import Slot, common_prefix
 from .model import Generation
 from .prompt_cache import PromptCache
 

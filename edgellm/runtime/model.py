@@ -18,11 +18,12 @@ from ..format import SAMPLING_HEAD_GRAPH, VISION_GRAPH, open_bundle
 from ..format.encryption import key_material
 from .chat import ChatTemplate, check_messages, message_texts, user_content
 from .constraints import JsonConstraint, grammar_tokenizer, schema_of
-from .engine import PROVIDERS, Engine, check_device, open_graph, session_options
+from .engine import Engine
 from .lookup import prompt_lookup
 from .memory import check_fits
 from .prompt_cache import CachedSequence
 from .sampling import HeadSampler, Sampler, SamplingParams
+from .sessions import PROVIDERS, check_device, open_graph, session_options
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 from .tools import Tools, tools_of
 

@@ -22,7 +22,7 @@ from ..format import VISION_GRAPH, Bundle
 from ..models import vision_family
 from ..vision.media import Media
 from ..vision.processor import Processor
-from .engine import PROVIDERS, default_threads, open_graph, session_options
+from .sessions import PROVIDERS, default_threads, open_graph, session_options
 
 
 def processor_for(bundle: Bundle) -> Processor:
