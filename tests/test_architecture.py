@@ -126,6 +126,18 @@ def test_converter_and_runtime_meet_only_in_the_bundle_format():
         assert {m.split(".")[0] for m in edgellm_imports(path)} <= {"kernels", "errors"}, path
 
 
+def test_families_share_behaviour_through_named_blocks_not_borrowed_methods():
+    """A family's class never takes a method from another class by assignment (`gate_up = other.Model.gate_up`):
+    what families share is a mixin of modeling/blocks.py, named and documented there."""
+    for path in sources("models"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.Assign) and isinstance(item.value, ast.Attribute) and \
+                            isinstance(item.value.value, ast.Attribute):
+                        raise AssertionError(f"{path.relative_to(PACKAGE)}:{item.lineno}: {ast.unparse(item)}")
+
+
 def test_no_protocol_lookups_by_attribute_name():
     """Families and processors are typed records and base classes: nothing is found with hasattr/getattr (only the
     platform's own features are probed)."""

@@ -4,6 +4,7 @@ RMSNorm weights stored as offsets from 1 and a GELU (tanh) gate; no windows, no 
 from __future__ import annotations
 
 from ..modeling import decoder
+from ..modeling.blocks import SqrtScaledEmbeddings, UnitOffsetNorms
 from ..modeling.family import GGUFNames, TextFamily
 from . import gemma3
 from .llama import GGUF_LAYERS
@@ -17,9 +18,8 @@ class ModelArgs(decoder.ModelArgs):
                                     "hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act})
 
 
-class Model(decoder.Model):
-    embedding_multiplier = gemma3.Model.embedding_multiplier
-    norm_weight = gemma3.Model.norm_weight
+class Model(SqrtScaledEmbeddings, UnitOffsetNorms, decoder.Model):
+    pass
 
 
 FAMILY = TextFamily(name="gemma", title="Gemma", architectures=("GemmaForCausalLM",), model_args=ModelArgs,

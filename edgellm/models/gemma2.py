@@ -5,7 +5,6 @@ its alternating sliding and full layers."""
 
 from __future__ import annotations
 
-from ..modeling import decoder
 from ..modeling.family import GGUFNames, TextFamily
 from . import gemma3
 
@@ -21,9 +20,8 @@ class ModelArgs(gemma3.ModelArgs):
         return args
 
 
-class Model(gemma3.Model):
-    packed_qkv = True  # no norms between the projections and rotary
-    project_qkv = decoder.Model.project_qkv
+class Model(gemma3.GemmaDecoder):
+    pass
 
 
 def gguf_config(meta: dict, config: dict) -> dict:

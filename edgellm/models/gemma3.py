@@ -1,10 +1,9 @@
 """Gemma 3 text decoder (Gemma3ForCausalLM, and the decoder of Gemma3ForConditionalGeneration).
 
 Differences from Llama: embeddings scaled by sqrt(hidden size); RMSNorm weights are offsets from 1; q/k RMSNorm per
-head (as Qwen3); norms after attention and after the MLP as well as before; a GELU (tanh) gate; layers alternate
-between a sliding window (local rotary base) and full attention (global base, possibly scaled); the query scale
-comes from query_pre_attn_scalar; optional tanh soft-capping of attention scores and of the final logits.
-"""
+head (blocks.HeadNormedQK); norms after attention and after the MLP as well as before; a GELU (tanh) gate; layers
+alternate between a sliding window (local rotary base) and full attention (global base, possibly scaled); the query
+scale comes from query_pre_attn_scalar; optional tanh soft-capping of attention scores and of the final logits."""
 
 from __future__ import annotations
 
@@ -14,9 +13,9 @@ import numpy as np
 
 from ..errors import EdgeLLMError
 from ..modeling import decoder
+from ..modeling.blocks import HeadNormedQK, SqrtScaledEmbeddings, UnitOffsetNorms
 from ..modeling.family import GGUFNames, TextFamily
 from ..modeling.layers import rope_parameters, rope_tables
-from . import qwen3
 from .llama import GGUF_LAYERS
 
 
@@ -50,13 +49,8 @@ class ModelArgs(decoder.ModelArgs):
         return args
 
 
-class Model(qwen3.Model):
-    @property
-    def embedding_multiplier(self) -> np.float32:
-        return np.float32(self.args.hidden_size ** 0.5)
-
-    def norm_weight(self, weights, name: str) -> np.ndarray:
-        return weights.tensor(name) + np.float32(1.0)
+class GemmaDecoder(SqrtScaledEmbeddings, UnitOffsetNorms, decoder.Model):
+    """The decoder of Gemma 2 and 3 (this module's docstring, less the per-head q/k norms only Gemma 3 has)."""
 
     def attention_scale(self) -> float:
         return float(self.args.query_pre_attn_scalar ** -0.5)
@@ -87,6 +81,10 @@ class Model(qwen3.Model):
         cap = g.const(np.float32(self.args.final_logit_softcapping), "final_logit_softcapping")
         return g.mul(g.op("Tanh", [g.op("Div", [logits, cap], name="softcap/scale")], name="softcap/tanh"), cap,
                      "softcap")
+
+
+class Model(HeadNormedQK, GemmaDecoder):
+    pass
 
 
 def gguf_config(meta: dict, config: dict) -> dict:

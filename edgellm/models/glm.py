@@ -1,6 +1,6 @@
 """GLM-4 9B and ChatGLM (GlmForCausalLM; ChatGLM3 and glm-4-9b-chat in their remote-code layout, ChatGLMModel): the
-Llama decoder with biased q, k, v projections, gate and up stored as one `gate_up_proj` (one matmul, as Phi-3's),
-and rotary over the first half of each head turning interleaved pairs."""
+Llama decoder with biased q, k, v projections, gate and up stored as one `gate_up_proj` (one matmul:
+blocks.FusedGateUp), and rotary over the first half of each head turning interleaved pairs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 from ..checkpoint import MappedSource, ModelSource
 from ..errors import EdgeLLMError
 from ..modeling import decoder
+from ..modeling.blocks import FusedGateUp
 from ..modeling.family import GGUFNames, TextFamily
-from . import phi3
 from .llama import GGUF_LAYERS
 
 
@@ -20,9 +20,8 @@ class ModelArgs(decoder.ModelArgs):
         return super().from_config({"attention_bias": True, **config})
 
 
-class Model(decoder.Model):
+class Model(FusedGateUp, decoder.Model):
     rotary_interleaved = True
-    gate_up = phi3.Model.gate_up
 
     def qkv_weights(self, weights, prefix: str):
         if f"{prefix}.qkv_proj.weight" not in weights:

@@ -4,49 +4,17 @@ it joins the residual stream, and the logits divided by logits_scaling."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-
 from ..modeling import decoder
+from ..modeling.blocks import ScaledArgs, ScaledStreams
 from ..modeling.family import GGUFNames, TextFamily
 from .llama import GGUF_LAYERS, unpermute_rotary_rows
 
-
-@dataclass
-class ModelArgs(decoder.ModelArgs):
-    embedding_multiplier: float = 1.0
-    attention_multiplier: float = 1.0
-    residual_multiplier: float = 1.0
-    logits_scaling: float = 1.0
-
-    @classmethod
-    def from_config(cls, config: dict) -> ModelArgs:
-        args = super().from_config(config)
-        for name in ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"):
-            setattr(args, name, float(config.get(name, 1.0)))
-        return args
+# Granite's config names are the muP constants' own (blocks.ScaledArgs)
+ModelArgs = ScaledArgs
 
 
-class Model(decoder.Model):
-    @property
-    def embedding_multiplier(self) -> np.float32:
-        return np.float32(self.args.embedding_multiplier)
-
-    def attention_scale(self) -> float:
-        return self.args.attention_multiplier
-
-    def layer(self, g, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
-        a, prefix = self.args, f"model.layers.{i}"
-        scaled = lambda t, name: g.mul(t, g.const(np.float32(a.residual_multiplier), f"{name}.m"), name)  # noqa: E731
-        attn = scaled(self.attention(g, weights, i, x, ctx), f"{prefix}.attn_residual")
-        post = f"{prefix}.post_attention_layernorm"
-        x, residual = g.add_rms_norm(attn, residual, self.norm_weight(weights, f"{post}.weight"), a.rms_norm_eps, post)
-        return scaled(self.mlp(g, weights, f"{prefix}.mlp", x), f"{prefix}.mlp_residual"), residual
-
-    def final_logits(self, g, logits: str) -> str:
-        return g.op("Div", [logits, g.const(np.float32(self.args.logits_scaling), "logits_scaling")],
-                    name="logits_scaled")
+class Model(ScaledStreams, decoder.Model):
+    pass
 
 
 def gguf_config(meta: dict, config: dict) -> dict:

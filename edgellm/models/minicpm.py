@@ -1,18 +1,19 @@
-"""MiniCPM 1/2/4 (MiniCPMForCausalLM, remote code): the Llama decoder with muP's three constants, which are
-Granite's under other names: embeddings times scale_emb, each block's output times scale_depth / sqrt(layers)
-before it joins the residual stream, and the last hidden state divided by hidden_size / dim_model_base before the
-lm_head (the same as dividing the logits)."""
+"""MiniCPM 1/2/4 (MiniCPMForCausalLM, remote code): the Llama decoder with muP's three constants, which are Granite's
+under other names (blocks.ScaledStreams): embeddings times scale_emb, each block's output times scale_depth /
+sqrt(layers) before it joins the residual stream, and the last hidden state divided by hidden_size / dim_model_base
+before the lm_head (the same as dividing the logits)."""
 
 from __future__ import annotations
 
 import math
 
+from ..modeling import decoder
+from ..modeling.blocks import ScaledArgs, ScaledStreams
 from ..modeling.family import GGUFNames, TextFamily
-from . import granite
 from .llama import GGUF_LAYERS, unpermute_rotary_rows
 
 
-class ModelArgs(granite.ModelArgs):
+class ModelArgs(ScaledArgs):
     @classmethod
     def from_config(cls, config: dict) -> ModelArgs:
         layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
@@ -31,6 +32,10 @@ def gguf_config(meta: dict, config: dict) -> dict:
             "dim_model_base": config["hidden_size"] / meta.get("minicpm.logit_scale", 1.0)}
 
 
+class Model(ScaledStreams, decoder.Model):
+    pass
+
+
 FAMILY = TextFamily(name="minicpm", title="MiniCPM 1/2/4", architectures=("MiniCPMForCausalLM",),
-                    model_args=ModelArgs, model=granite.Model,
+                    model_args=ModelArgs, model=Model,
                     gguf=GGUFNames("minicpm", GGUF_LAYERS, config=gguf_config, tensor=unpermute_rotary_rows))

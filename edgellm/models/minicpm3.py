@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..modeling.family import GGUFNames, TextFamily
-from . import granite, minicpm
+from . import minicpm
 from .llama import GGUF_LAYERS
 
 
@@ -42,7 +42,7 @@ class ModelArgs(minicpm.ModelArgs):
         return args
 
 
-class Model(granite.Model):
+class Model(minicpm.Model):
     def attention_scale(self) -> float:
         a = self.args
         scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5

@@ -4,21 +4,16 @@ rotary (a quarter of each head is not rotated)."""
 
 from __future__ import annotations
 
+from ..modeling.blocks import FusedGateUp
 from ..modeling.decoder import Model as Decoder
 from ..modeling.decoder import ModelArgs
 from ..modeling.family import GGUFNames, TextFamily
 from .llama import GGUF_LAYERS
 
 
-class Model(Decoder):
+class Model(FusedGateUp, Decoder):
     def qkv_weights(self, weights, prefix: str):
         return [weights.linear(f"{prefix}.qkv_proj.weight")], None
-
-    def gate_up(self, g, weights, prefix: str, x: str) -> list[str]:
-        n = self.args.intermediate_size
-        fused = g.linear(x, weights.linear(f"{prefix}.gate_up_proj.weight"), f"{prefix}.gate_up_proj")
-        return g.op("Split", [fused, g.ints([n, n], f"{prefix}.gate_up_proj/sizes")], name=f"{prefix}.gate_up_split",
-                    outputs=2, axis=-1)
 
 
 # llama.cpp keeps the fused projections fused (its ffn_up holds gate and up) and the rows as they are; the LongRoPE
