@@ -38,7 +38,7 @@ from ..format import (
     write_manifest,
 )
 from ..format.blocks import QuantizedWeight
-from ..modeling.decoder import Model as Decoder
+from ..modeling.decoder import Decoder
 from ..modeling.family import TextFamily, VisionOptions, VisionParts
 from ..models import Family, families, family_for
 from ..vision.processor import MediaTokens

@@ -1,5 +1,5 @@
 """Named building blocks that decoder families share. Each is a mixin that overrides hooks of the shared decoder
-(decoder.Model) one documented way, so a family states what it is made of, `class Model(FusedGateUp, Decoder)`,
+(decoder.Decoder) one documented way, so a family states what it is made of, `class Model(FusedGateUp, Decoder)`,
 instead of borrowing another family's class or methods: a change to one family then never changes another.
 """
 

@@ -2,7 +2,7 @@
 and the decoder contract the runtime relies on (inputs_embeds and explicit positions in, logits at chosen
 positions out, an in-place KV cache).
 
-A family subclasses `Model` and overrides the hooks it needs (norm weights, q/k projections, rotary tables, the MLP,
+A family subclasses `Decoder` and overrides the hooks it needs (norm weights, q/k projections, rotary tables, the MLP,
 extra inputs, what follows a layer); this module names no family. Parameter names are the Hugging Face
 checkpoint's (model.layers.N.self_attn.q_proj ...); GGUF files are mapped onto them by the reader, so a family
 never sees where a tensor came from.
@@ -77,7 +77,7 @@ class ModelArgs:
         )
 
 
-class Model:
+class Decoder:
     """Builds the decoder graph: inputs_embeds + explicit positions in, logits at chosen positions out."""
 
     def __init__(self, args: ModelArgs):
@@ -280,7 +280,7 @@ class Model:
         """The decoder's first dimension: "batch" where several sequences can run in one call (continuous batching
         in the server), else 1. A decoder whose positions have several rows, or that takes family inputs (which
         describe one prompt's media), runs one sequence at a time, as a fixed-shape one does."""
-        can_batch = self.position_rows == 1 and type(self).extra_inputs is Model.extra_inputs
+        can_batch = self.position_rows == 1 and type(self).extra_inputs is Decoder.extra_inputs
         return "batch" if can_batch and self.fixed_rows is None else 1
 
     def declare_io(self, g: GraphBuilder, seq_length: int, layers: range | None = None) -> dict:

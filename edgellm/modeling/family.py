@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
     from ..vision.processor import Processor
-    from .decoder import Model
+    from .decoder import Decoder
 
 
 def _no_config(meta: dict, config: dict) -> dict:
@@ -46,13 +46,13 @@ class TextFamily:
     title: str  # how users know it, for messages and the docs
     architectures: tuple[str, ...]
     model_args: type  # a decoder.ModelArgs subclass: .from_config(config dict)
-    model: type  # a decoder.Model subclass: Model(args).build(g, weights, seq_length)
+    model: type  # decoder.Decoder or a subclass: model(args).build(g, weights, seq_length)
     gguf: GGUFNames | None = None
     # checkpoints of some of `architectures` stored in another layout (remote code): architecture -> the view of
     # such a source under this family's names, with its config translated
     layouts: Mapping[str, Callable[[ModelSource], ModelSource]] = field(default_factory=dict)
 
-    def decoder(self, config: dict) -> Model:
+    def decoder(self, config: dict) -> Decoder:
         return self.model(self.model_args.from_config(config))
 
 
@@ -69,7 +69,7 @@ class VisionParts:
     """A vision-language checkpoint taken apart by its family's `split`."""
 
     text: ModelSource  # the decoder's weights under text-family names, with the decoder's own config
-    decoder: Model  # the decoder graph builder, with the family's extensions
+    decoder: Decoder  # the decoder graph builder, with the family's extensions
     text_family: str  # the text family the decoder extends (the manifest's "family")
     vision: Any  # the vision graph builder: .build(g, weights)
     vision_weights: ModelSource

@@ -18,7 +18,7 @@ class ModelArgs(decoder.ModelArgs):
                                     "hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act})
 
 
-class Model(SqrtScaledEmbeddings, UnitOffsetNorms, decoder.Model):
+class Model(SqrtScaledEmbeddings, UnitOffsetNorms, decoder.Decoder):
     pass
 
 

@@ -49,7 +49,7 @@ class ModelArgs(decoder.ModelArgs):
         return args
 
 
-class GemmaDecoder(SqrtScaledEmbeddings, UnitOffsetNorms, decoder.Model):
+class GemmaDecoder(SqrtScaledEmbeddings, UnitOffsetNorms, decoder.Decoder):
     """The decoder of Gemma 2 and 3 (this module's docstring, less the per-head q/k norms only Gemma 3 has)."""
 
     def attention_scale(self) -> float:

@@ -20,7 +20,7 @@ class ModelArgs(decoder.ModelArgs):
         return super().from_config({"attention_bias": True, **config})
 
 
-class Model(FusedGateUp, decoder.Model):
+class Model(FusedGateUp, decoder.Decoder):
     rotary_interleaved = True
 
     def qkv_weights(self, weights, prefix: str):

@@ -13,7 +13,7 @@ from .llama import GGUF_LAYERS, unpermute_rotary_rows
 ModelArgs = ScaledArgs
 
 
-class Model(ScaledStreams, decoder.Model):
+class Model(ScaledStreams, decoder.Decoder):
     pass
 
 

@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from ..checkpoint import MappedSource, ModelSource
-from ..modeling.decoder import Model, ModelArgs
+from ..modeling.decoder import Decoder, ModelArgs
 from ..modeling.family import GGUFNames, TextFamily
 
 # llama.cpp's layer tensor names (blk.N.<key>) -> Hugging Face's (model.layers.N.<value>); shared by the families
@@ -67,7 +67,7 @@ def internlm2_layout(source: ModelSource) -> ModelSource:
 
 FAMILY = TextFamily(name="llama", title="Llama 2/3, SmolLM2, Mistral, InternLM2/3",
                     architectures=("LlamaForCausalLM", "MistralForCausalLM", "InternLM3ForCausalLM",
-                                   "InternLM2ForCausalLM"), model_args=ModelArgs, model=Model,
+                                   "InternLM2ForCausalLM"), model_args=ModelArgs, model=Decoder,
                     # llama.cpp writes InternLM2 as a Llama (wqkv cut, q/k rows permuted) under its own name
                     gguf=GGUFNames("llama", GGUF_LAYERS, tensor=unpermute_rotary_rows, also=("internlm2",)),
                     layouts={"InternLM2ForCausalLM": internlm2_layout})

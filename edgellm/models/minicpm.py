@@ -32,7 +32,7 @@ def gguf_config(meta: dict, config: dict) -> dict:
             "dim_model_base": config["hidden_size"] / meta.get("minicpm.logit_scale", 1.0)}
 
 
-class Model(ScaledStreams, decoder.Model):
+class Model(ScaledStreams, decoder.Decoder):
     pass
 
 

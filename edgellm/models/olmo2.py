@@ -10,7 +10,7 @@ from .llama import GGUF_LAYERS
 ModelArgs = decoder.ModelArgs
 
 
-class Model(decoder.Model):
+class Model(decoder.Decoder):
     packed_qkv = False  # the norms sit between projection and rotary
 
     def project_qkv(self, g, weights, prefix, x):

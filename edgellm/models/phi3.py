@@ -5,8 +5,7 @@ rotary (a quarter of each head is not rotated)."""
 from __future__ import annotations
 
 from ..modeling.blocks import FusedGateUp
-from ..modeling.decoder import Model as Decoder
-from ..modeling.decoder import ModelArgs
+from ..modeling.decoder import Decoder, ModelArgs
 from ..modeling.family import GGUFNames, TextFamily
 from .llama import GGUF_LAYERS
 

@@ -15,7 +15,7 @@ class ModelArgs(decoder.ModelArgs):
         return args
 
 
-Model = decoder.Model
+Model = decoder.Decoder
 
 FAMILY = TextFamily(name="qwen2", title="Qwen2, Qwen2.5", architectures=("Qwen2ForCausalLM",), model_args=ModelArgs,
                     model=Model,

@@ -10,7 +10,7 @@ from .llama import GGUF_LAYERS
 ModelArgs = decoder.ModelArgs
 
 
-class Model(HeadNormedQK, decoder.Model):
+class Model(HeadNormedQK, decoder.Decoder):
     pass
 
 

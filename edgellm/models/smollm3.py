@@ -23,7 +23,7 @@ class ModelArgs(decoder.ModelArgs):
         return args
 
 
-class Model(decoder.Model):
+class Model(decoder.Decoder):
     def rotates(self, i: int) -> bool:
         return bool(self.args.rope_layers[i])
 
