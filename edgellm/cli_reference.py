@@ -27,7 +27,7 @@ def _flags(action: argparse.Action) -> str:
         return names
     if action.choices is not None and action.metavar is None:
         return names + " `" + "\\|".join(str(c) for c in action.choices) + "`"
-    metavar = (action.metavar or action.dest.upper()).replace("|", "\\|")
+    metavar = str(action.metavar or action.dest.upper()).replace("|", "\\|")
     return names + f" `{metavar}`" + (" ..." if action.nargs in ("+", "*") or isinstance(
         action, argparse._AppendAction) else "")
 

@@ -34,11 +34,11 @@ class HeadNormedQK:
     packed_qkv = False
 
     def project_qkv(self, g, weights, prefix, x):
-        q, k, v = super().project_qkv(g, weights, prefix, x)  # type: ignore[misc]
+        q, k, v = super().project_qkv(g, weights, prefix, x)
         a = self.args
-        q = head_norm(g, q, self.norm_weight(weights, f"{prefix}.q_norm.weight"),  # type: ignore[attr-defined]
+        q = head_norm(g, q, self.norm_weight(weights, f"{prefix}.q_norm.weight"),
                       a.num_attention_heads, a.head_dim, a.rms_norm_eps, f"{prefix}.q_norm")
-        k = head_norm(g, k, self.norm_weight(weights, f"{prefix}.k_norm.weight"),  # type: ignore[attr-defined]
+        k = head_norm(g, k, self.norm_weight(weights, f"{prefix}.k_norm.weight"),
                       a.num_key_value_heads, a.head_dim, a.rms_norm_eps, f"{prefix}.k_norm")
         return q, k, v
 

@@ -11,7 +11,7 @@ never sees where a tensor came from.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 def qkv_parts(prefix: str, weights: list) -> list[str] | None:
     """The names of q, k and v's projections when they are three weights (for LoRA branches); None when fused."""
     return [f"{prefix}.{p}_proj" for p in "qkv"] if len(weights) == 3 else None
+
+
+_Args = TypeVar("_Args", bound="ModelArgs")
 
 
 @dataclass
@@ -47,7 +50,7 @@ class ModelArgs:
     layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" or "full_attention" (all full when empty)
 
     @classmethod
-    def from_config(cls, config: dict) -> ModelArgs:
+    def from_config(cls: type[_Args], config: dict) -> _Args:
         heads = config["num_attention_heads"]
         window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
         layers = config["num_hidden_layers"]

@@ -245,7 +245,7 @@ class Engine:
             after = max(slot.next_position, int(position_ids.max()) + 1)
         slot.positions[:, start:start + s] = position_ids
         slot.next_position = after
-        feed = {"inputs_embeds": np.ascontiguousarray(embeds[None], np.float32),
+        feed: dict[str, np.ndarray] = {"inputs_embeds": np.ascontiguousarray(embeds[None], np.float32),
                 "position_ids": np.ascontiguousarray(position_ids, np.int64),
                 "seqlens_k": np.array([start + s - 1], np.int32),
                 "total_sequence_length": np.array(start + s, np.int32),
@@ -286,10 +286,10 @@ class Engine:
         if lengths.max() >= self.seq_length:
             raise EdgeLLMError(f"context full: the bundle holds {self.seq_length} positions")
         steps = np.array([[s.next_position] for s in slots], np.int64)
-        feed = {"inputs_embeds": np.ascontiguousarray(self.embed(token_ids)[:, None], np.float32),
-                "position_ids": steps, "seqlens_k": lengths, "total_sequence_length": np.array(lengths.max() + 1,
-                                                                                                np.int32),
-                "logits_index": np.zeros(1, np.int64)}
+        feed: dict[str, np.ndarray] = {
+            "inputs_embeds": np.ascontiguousarray(self.embed(token_ids)[:, None], np.float32),
+            "position_ids": steps, "seqlens_k": lengths, "total_sequence_length": np.array(lengths.max() + 1, np.int32),
+            "logits_index": np.zeros(1, np.int64)}
         logits = self.runner.decode_batch(feed, first, first + k)[:, 0]
         for slot, token, step in zip(slots, token_ids, steps[:, 0]):
             slot.positions[:, len(slot)] = step
@@ -346,7 +346,8 @@ class Engine:
             raise EdgeLLMError(f"prompt is {len(token_ids)} tokens but this bundle holds at most "
                                f"{self.seq_length} (its --seq-length); shorten the prompt or reconvert with a "
                                "larger --seq-length")
-        outputs, todo = [], len(keys) - start
+        outputs: list = []  # arrays, or (pipelined) futures of them
+        todo = len(keys) - start
         begin = start
         while begin < len(keys):
             end = self.extension.chunk_end(media_positions, min(begin + self.chunk_length, len(keys)), len(keys))

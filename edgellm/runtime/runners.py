@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -70,7 +70,7 @@ class Bindings:
         self.made = {k: v for k, v in self.made.items() if name not in k[3]}
 
 
-def run_bound(bound: Bound, feed: dict[str, np.ndarray], single: bool) -> np.ndarray:
+def run_bound(bound: Bound, feed: dict[str, Any], single: bool) -> np.ndarray:
     """The graph on `feed` with its cache slices bound: logits [rows, positions, vocab] (`single`: one position
     each, into the fixed buffer; a copy comes back)."""
     for name, value in feed.items():
@@ -185,13 +185,15 @@ class StagePipeline:
         """The chunk's stages queued in order; the future of its logits [1, rows, vocab][0]."""
         previous: Future | None = None
         last = len(self.workers) - 1
+
+        def stage(k: int, before: Future | None) -> dict[str, np.ndarray]:
+            return runner.run_stage(k, feed, before.result() if before else {}, first, end)
+
+        def last_stage(before: Future | None) -> np.ndarray:
+            return runner.run_last(feed, before.result() if before else {}, first, end, single)[0]
+
         for k, worker in enumerate(self.workers):
-            if k < last:
-                previous = worker.submit(lambda k=k, before=previous: runner.run_stage(
-                    k, feed, before.result() if before else {}, first, end))
-            else:
-                previous = worker.submit(lambda before=previous: runner.run_last(
-                    feed, before.result() if before else {}, first, end, single)[0])
+            previous = worker.submit(stage, k, previous) if k < last else worker.submit(last_stage, previous)
             self.futures.append(previous)
         assert previous is not None
         return previous

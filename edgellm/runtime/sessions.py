@@ -67,7 +67,7 @@ def open_graph(bundle: Bundle, name: str, options: ort.SessionOptions, providers
     model = bytes(bundle.read(name)) if encrypted else None
     if providers[0] == "CPUExecutionProvider":
         use = kernels or KernelUse(kernel_status())
-        swapped = swap(model if encrypted else bundle.file(name).read_bytes(), use)
+        swapped = swap(model if model is not None else bundle.file(name).read_bytes(), use)
         if swapped is not None:
             options.register_custom_ops_library(str(library_path()))
             if not encrypted:  # the data file stays where the graph names it

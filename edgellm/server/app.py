@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import logging
 from pathlib import Path
+from typing import cast
 
 from ..errors import EdgeLLMError
 from ..metrics import Metrics
@@ -57,7 +58,7 @@ class OpenAIServer:
 
     def finished(self, request: Request, outcome: str) -> None:
         """A request left the Batcher (on its thread): one log line, counted."""
-        job, result = request.tag, request.answer.result
+        job, result = cast(Job, request.tag), request.answer.result
         started = request.prefilled_chunks > 0
         if outcome == "stopped" and not started:
             log.info(f"{job.id} dropped: the client left while it waited")

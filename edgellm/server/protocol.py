@@ -134,16 +134,16 @@ def _messages(body: dict) -> tuple[list[dict], list[bytes]]:
             else:
                 raise BadRequest(f"{where}.content[{j}]: parts must be {{'type': 'text', 'text': ...}} or "
                                  f"{{'type': 'image_url', ...}}, got {str(part)[:80]}", "messages")
-        if all(p["type"] == "text" for p in parts):  # plain text: chat templates that expect strings stay happy
-            parts = "".join(p["text"] for p in parts)
-        out.append({"role": role, "content": parts, **extra})
+        # plain text: chat templates that expect strings stay happy
+        content = "".join(p["text"] for p in parts) if all(p["type"] == "text" for p in parts) else parts
+        out.append({"role": role, "content": content, **extra})
     return out, images
 
 
 def _tool_fields(message: dict, where: str) -> dict:
     """An assistant turn's tool_calls (their JSON arguments as objects, as chat templates read them) and a tool
     result's tool_call_id / name."""
-    extra = {}
+    extra: dict = {}
     calls = message.get("tool_calls")
     if calls is not None:
         if message["role"] != "assistant" or not isinstance(calls, list):
