@@ -4,6 +4,8 @@ imports the other to share it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from .errors import EdgeLLMError
@@ -143,7 +145,7 @@ class MappedSource(WrappedSource):
     tensors is one of the checkpoint's, or some of its rows (q, k and v cut out of one fused projection). `config`
     is the family's config, translated from the checkpoint's."""
 
-    def __init__(self, source: ModelSource, config: dict, mapping: dict[str, tuple[str, np.ndarray | None]]):
+    def __init__(self, source: ModelSource, config: dict, mapping: Mapping[str, tuple[str, np.ndarray | None]]):
         self.source, self.config, self.mapping = source, config, mapping
         own = set(source.names())
         self._present = dict.fromkeys(mine for mine, (theirs, _) in mapping.items() if theirs in own)

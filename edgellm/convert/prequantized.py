@@ -96,7 +96,9 @@ class PrequantizedSource(WrappedSource):
     def raw(self, name: str) -> np.ndarray:
         prefix = name[: -len(".weight")]
         if name.endswith(".weight") and prefix in self.packed:
-            return self.linear(name).dequantize()
+            weight = self.linear(name)
+            assert isinstance(weight, QuantizedWeight)  # (a packed tensor is read as blocks)
+            return weight.dequantize()
         return self.source.raw(name)
 
     def block_types(self) -> set[str]:

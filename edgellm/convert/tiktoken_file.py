@@ -59,11 +59,11 @@ def tokenizer_json(path: Path, tokenizer_config: dict) -> dict:
         raise EdgeLLMError(f"{path}: line {number} is not '<base64 token> <rank>' ({e})") from None
     alphabet = _byte_alphabet()
     spell = lambda b: "".join(alphabet[x] for x in b)  # noqa: E731
-    merges = [[spell(left), spell(right)] for token in sorted(ranks, key=ranks.get) if len(token) > 1
+    merges = [[spell(left), spell(right)] for token in sorted(ranks, key=ranks.__getitem__) if len(token) > 1
               for left, right in [_last_merge(token, ranks)]]
     vocab = {spell(token): rank for token, rank in ranks.items()}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+    tok: dict = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                {"type": "Split", "pattern": {"Regex": CL100K_SPLIT}, "behavior": "Isolated", "invert": False},
                byte_level]},

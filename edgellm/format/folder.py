@@ -117,13 +117,14 @@ class Bundle:
     def unlock(self, material: bytes) -> None:
         """Derive an encrypted bundle's key from the user's key material; a wrong one is refused here."""
         e = self.manifest.encryption
+        assert e is not None, "unlock() is for encrypted bundles"
         key = encryption.derive_key(material, bytes.fromhex(e["salt"]), e["kdf"])
         if encryption.key_check(key) != e["check"]:
             raise EdgeLLMError(f"{self.path}: wrong key for this encrypted bundle")
         self.key = key
 
     def is_encrypted(self, name: str) -> bool:
-        return self.encrypted and name in self.manifest.encryption["files"]
+        return self.manifest.encryption is not None and name in self.manifest.encryption["files"]
 
     def read(self, name: str) -> bytes | bytearray:
         """A file's contents, decrypted in memory if the bundle is encrypted (and kept: the graph's session and the

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
     from ..vision.processor import Processor
-    from .decoder import Decoder
+    from .decoder import Decoder, ModelArgs
 
 
 def _no_config(meta: dict, config: dict) -> dict:
@@ -45,7 +45,7 @@ class TextFamily:
     name: str
     title: str  # how users know it, for messages and the docs
     architectures: tuple[str, ...]
-    model_args: type  # a decoder.ModelArgs subclass: .from_config(config dict)
+    model_args: type[ModelArgs]  # decoder.ModelArgs or a subclass: .from_config(config dict)
     model: type  # decoder.Decoder or a subclass: model(args).build(g, weights, seq_length)
     gguf: GGUFNames | None = None
     # checkpoints of some of `architectures` stored in another layout (remote code): architecture -> the view of

@@ -54,9 +54,10 @@ def chatglm_layout(source: ModelSource) -> ModelSource:
         **{k: c[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in c}}
     q, kv = heads * head_dim, kv_heads * head_dim
     rows = {"q": np.arange(q), "k": np.arange(q, q + kv), "v": np.arange(q + kv, q + 2 * kv)}
-    mapping = {"model.embed_tokens.weight": ("transformer.embedding.word_embeddings.weight", None),
-               "model.norm.weight": ("transformer.encoder.final_layernorm.weight", None),
-               "lm_head.weight": ("transformer.output_layer.weight", None)}
+    mapping: dict[str, tuple[str, np.ndarray | None]] = {
+        "model.embed_tokens.weight": ("transformer.embedding.word_embeddings.weight", None),
+        "model.norm.weight": ("transformer.encoder.final_layernorm.weight", None),
+        "lm_head.weight": ("transformer.output_layer.weight", None)}
     for i in range(c["num_layers"]):
         mine, theirs = f"model.layers.{i}", f"transformer.encoder.layers.{i}"
         mapping.update({

@@ -50,8 +50,9 @@ def internlm2_layout(source: ModelSource) -> ModelSource:
     rows = {"q": (start + per_group[: group * head_dim]).reshape(-1),
             "k": (start + per_group[group * head_dim: (group + 1) * head_dim]).reshape(-1),
             "v": (start + per_group[(group + 1) * head_dim:]).reshape(-1)}
-    mapping = {"model.embed_tokens.weight": ("model.tok_embeddings.weight", None),
-               "model.norm.weight": ("model.norm.weight", None), "lm_head.weight": ("output.weight", None)}
+    mapping: dict[str, tuple[str, np.ndarray | None]] = {
+        "model.embed_tokens.weight": ("model.tok_embeddings.weight", None),
+        "model.norm.weight": ("model.norm.weight", None), "lm_head.weight": ("output.weight", None)}
     for i in range(c["num_hidden_layers"]):
         mine, theirs = f"model.layers.{i}", f"model.layers.{i}"
         mapping.update({

@@ -38,6 +38,7 @@ class JsonConstraint:
         what = "the JSON schema" if lark is None else "the tool-call grammar"
         try:
             if lark is None:
+                assert schema is not None  # (a schema, or a grammar)
                 schema = {**schema, "x-guidance": schema.get("x-guidance", {"whitespace_pattern": WHITESPACE})}
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
             else:

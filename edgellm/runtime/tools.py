@@ -73,7 +73,7 @@ class Tools:
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(the answer's text outside its calls, or None; the calls as OpenAI tool_calls)."""
         found: list[tuple[str, dict]] = []
-        content = text
+        content: str | None = text
         if self.format == "tagged":
             blocks = list(re.finditer(re.escape(TAG_OPEN) + r"(.*?)(?:" + re.escape(TAG_CLOSE) + r"|$)", text,
                                       re.S))
@@ -93,7 +93,7 @@ class Tools:
                   "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
                  for name, arguments in found if name in self.names]
         if calls:  # (only the end is trimmed: the start may have been streamed already)
-            content = content.rstrip() or None
+            content = (content or "").rstrip() or None
         return content, calls
 
     def hold_back(self, text: str) -> int:
