@@ -140,8 +140,11 @@ def run_batcher(model, prompts_and_limits, cache=None):
                         done.set()
         return deliver
 
-    for i, (prompt, limit) in enumerate(prompts_and_limits):
-        answer = model.start(prompt, max_new_tokens=limit, raw=True, ignore_eos=True)
+    # every answer made ready first, then submitted back to back: what the Batcher does with them then does not
+    # depend on how long preparing the later prompts took (a busy machine once let the first answer finish first)
+    answers = [model.start(prompt, max_new_tokens=limit, raw=True, ignore_eos=True)
+               for prompt, limit in prompts_and_limits]
+    for i, answer in enumerate(answers):
         batcher.submit(answer, deliver_for(i))
     assert done.wait(120)
     batcher.close()
