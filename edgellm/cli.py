@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Mapping
 
 from .convert.options import KV_CACHE_MODES, QUANT_MODES  # (a light module: no onnx)
 from .errors import EdgeLLMError
@@ -75,8 +76,14 @@ class VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgellm", description="Convert LLMs to ONNX bundles and run them on the edge.")
+class Parser(argparse.ArgumentParser):
+    """The top-level parser, which knows its subcommands' parsers by name."""
+
+    commands: Mapping[str, argparse.ArgumentParser]
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="edgellm", description="Convert LLMs to ONNX bundles and run them on the edge.")
     p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     p.commands = sub.choices  # name -> the subcommand's parser
@@ -352,7 +359,8 @@ def _prompt_of(args) -> str:
 
 
 def cmd_run(args) -> None:
-    prompt = text = _prompt_of(args)
+    text = _prompt_of(args)
+    prompt: str | list[dict] = text
     model = _load(args)
     if args.system and not args.raw:
         from .runtime.chat import user_content

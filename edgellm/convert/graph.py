@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import onnx
@@ -125,7 +126,7 @@ class GraphBuilder:
     def output(self, name: str, dtype, shape: list, value: str | None = None) -> None:
         """Declare a graph output; `value` is the tensor to expose under `name` if a node made it under another."""
         if value is not None and value != name:
-            self.op("Identity", [value], name=name, outputs=[name])
+            self.op("Identity", [value], name=name, outputs=[name])  # (named after its one output)
         self.outputs.append(helper.make_tensor_value_info(name, DTYPES[dtype], shape))
 
     def const(self, array: np.ndarray, name: str) -> str:
@@ -140,8 +141,17 @@ class GraphBuilder:
                                                              name))
         return name
 
+    @overload
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: Literal[1] = 1,
+           domain: str = "", **attrs) -> str: ...
+
+    @overload
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, *, outputs: list[str] | int,
+           domain: str = "", **attrs) -> list[str]: ...
+
     def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: list[str] | int = 1,
            domain: str = "", **attrs) -> str | list[str]:
+        """A node; its one output's name, or (outputs: a count above 1, or names) the list of them."""
         base = self._fresh(name or op_type)
         if isinstance(outputs, int):
             outputs = [base if outputs == 1 else f"{base}:{i}" for i in range(outputs)]

@@ -6,6 +6,7 @@ instead of borrowing another family's class or methods: a change to one family t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,6 +44,9 @@ class HeadNormedQK:
         return q, k, v
 
 
+_Scaled = TypeVar("_Scaled", bound="ScaledArgs")
+
+
 @dataclass
 class ScaledArgs(decoder.ModelArgs):
     """The four constants of muP-style decoders, under the names ScaledStreams reads (a family maps its own)."""
@@ -53,7 +57,7 @@ class ScaledArgs(decoder.ModelArgs):
     logits_scaling: float = 1.0
 
     @classmethod
-    def from_config(cls, config: dict) -> ScaledArgs:
+    def from_config(cls: type[_Scaled], config: dict) -> _Scaled:
         args = super().from_config(config)
         for name in ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"):
             setattr(args, name, float(config.get(name, 1.0)))
@@ -65,7 +69,7 @@ class ScaledStreams:
     attention_multiplier, each block's output times residual_multiplier before it joins the residual stream, and
     the logits divided by logits_scaling."""
 
-    args: ScaledArgs
+    args: Any  # a ScaledArgs
 
     @property
     def embedding_multiplier(self) -> np.float32:

@@ -87,7 +87,10 @@ class Decoder:
         self.args = args
 
     # --- pieces a family overrides ----------------------------------------------------------------
-    embedding_multiplier: np.float32 | None = None  # embeddings times a constant (e.g. sqrt(hidden))
+    @property
+    def embedding_multiplier(self) -> np.float32 | None:
+        """Embeddings times a constant (e.g. sqrt(hidden)) where a family says so; None: as they are."""
+        return None
 
     def embedding_table(self, weights) -> np.ndarray | QuantizedWeight:
         """Float rows, or a GGUF's own blocks (kept as they are in a quantized bundle), times embedding_multiplier

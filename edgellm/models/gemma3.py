@@ -8,6 +8,7 @@ scale comes from query_pre_attn_scalar; optional tanh soft-capping of attention 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from ..modeling.family import GGUFNames, TextFamily
 from ..modeling.layers import rope_parameters, rope_tables
 from .llama import GGUF_LAYERS
 
+_GemmaArgs = TypeVar("_GemmaArgs", bound="ModelArgs")
+
 
 @dataclass
 class ModelArgs(decoder.ModelArgs):
@@ -27,7 +30,7 @@ class ModelArgs(decoder.ModelArgs):
     final_logit_softcapping: float | None = None
 
     @classmethod
-    def from_config(cls, config: dict) -> ModelArgs:
+    def from_config(cls: type[_GemmaArgs], config: dict) -> _GemmaArgs:
         if config.get("use_bidirectional_attention"):
             raise EdgeLLMError("Gemma 3 with bidirectional attention (an embedding model) is not a generator")
         args = super().from_config({**config, "hidden_act": config.get("hidden_activation", "gelu_pytorch_tanh"),

@@ -24,6 +24,8 @@ class ModelArgs(decoder.ModelArgs):
 
 
 class Model(decoder.Decoder):
+    args: ModelArgs
+
     def rotates(self, i: int) -> bool:
         return bool(self.args.rope_layers[i])
 

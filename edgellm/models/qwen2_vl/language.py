@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...format import DecoderShape
+from ...modeling.decoder import Decoder
 from ...modeling.layers import inv_freq, mrope_tables
 from .. import qwen2
 
@@ -13,8 +14,8 @@ if TYPE_CHECKING:
     from ...convert.graph import GraphBuilder
 
 
-class MRope:
-    """Decoder hooks for 3-axis rotary positions; mixed into a text family's Model."""
+class MRope(Decoder):
+    """Decoder hooks for 3-axis rotary positions; listed before a text family's Model, whose decoder it extends."""
 
     position_rows = 3
     packed_qkv = False  # GroupQueryAttention's own rotary counts positions from the cache length: not these
