@@ -75,7 +75,8 @@ def bench_vision(model, decode_tokens: int = 32, repeats: int = 3) -> str:
     size = 448
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(4)]
-    cases = [("1 image", {"images": pictures[:1]}), ("4 images", {"images": pictures})]
+    cases: list[tuple[str, dict[str, list]]] = [("1 image", {"images": pictures[:1]}),
+                                                ("4 images", {"images": pictures})]
     lines = [f"{'input':<16} {'tokens':>7} {'encode ms':>10} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13}"]
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -128,7 +129,7 @@ def bench_lookup(model, lookahead: int, decode_tokens: int = 128, repeats: int =
     lines = [f"{'prompt lookup':<14} {'tokens':>7} {'plain tok/s':>12} {'lookup tok/s':>13} {'ratio':>6} "
              f"{'drafts kept':>12} {'same text':>10}"]
     for label, prompt in LOOKUP_PROMPTS.items():
-        runs = {0: [], lookahead: []}
+        runs: dict[int, list] = {0: [], lookahead: []}
         for _ in range(repeats):
             for k in runs:
                 model.engine.reset()
@@ -192,7 +193,8 @@ def profile_decode(model, prompt_tokens: int = 64, tokens: int = 32) -> str:
     os.remove(path)
     runs = [e for e in events if e.get("name") == "model_run"][-tokens:]
     first_run = runs[0]["ts"]
-    by_op, count = collections.Counter(), collections.Counter()
+    by_op: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_run:
             by_op[e["args"]["op_name"]] += e["dur"]

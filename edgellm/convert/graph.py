@@ -254,6 +254,14 @@ class GraphBuilder:
             return quantize(weight, self.policy.bits, self.policy.group_size, self.policy.symmetric).dequantize()
         return weight.astype(np.float16).astype(np.float32) if self.policy.mode == "f16" else weight
 
+    @overload
+    def fused_linear(self, x: str, weights: list, name: str, biases: list | None = None,
+                     split: Literal[True] = True, parts: list[str] | None = None) -> list[str]: ...
+
+    @overload
+    def fused_linear(self, x: str, weights: list, name: str, biases: list | None = None, *,
+                     split: Literal[False], parts: list[str] | None = None) -> str | None: ...
+
     def fused_linear(self, x: str, weights: list, name: str, biases: list | None = None,
                      split: bool = True, parts: list[str] | None = None) -> list[str] | str | None:
         """Several projections of the same input as one matmul (QKV, gate+up), split afterwards unless split=False.

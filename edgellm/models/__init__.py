@@ -69,9 +69,9 @@ def family_table() -> str:
     for f in families():
         text = isinstance(f, TextFamily)
         sources = "HF folder (float, GPTQ, AWQ, compressed-tensors)" if text else "HF folder"
-        if text and f.layouts:
+        if isinstance(f, TextFamily) and f.layouts:
             sources += f"; remote-code layout: {', '.join(f.layouts)}"
-        if text and f.gguf:
+        if isinstance(f, TextFamily) and f.gguf:
             sources += "; GGUF " + ", ".join(f"`{a}`" for a in (f.gguf.architecture, *f.gguf.also))
         rows.append((f.name, "text" if text else "vision-language", ", ".join(f.architectures), sources))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -72,7 +72,7 @@ class PromptCache:
             except OSError as e:
                 raise EdgeLLMError(f"{self.folder}: cannot use it as a prompt cache folder ({e.strerror or e})") \
                     from None
-            loaded = []  # the newest that fit (pinned ones always); files left out stay on disk
+            loaded: list = []  # the newest that fit (pinned ones always); files left out stay on disk
             for path in files:
                 try:
                     entry = self.read(path)
@@ -118,7 +118,7 @@ class PromptCache:
                     and old.matches(entry.keys, entry.positions, len(old.keys)) == len(old.keys)):
                 self._drop(fingerprint)
         self._keep(entry)
-        if self.writer is not None:
+        if self.writer is not None and self.folder is not None:  # (a writer only with a folder)
             self.writer.submit(self.write, entry, self.folder / f"{entry.fingerprint}{FILE_SUFFIX}")
 
     def _keep(self, entry: CachedSequence) -> None:
@@ -132,7 +132,7 @@ class PromptCache:
 
     def _drop(self, fingerprint: str) -> None:
         del self.entries[fingerprint]
-        if self.writer is not None:
+        if self.writer is not None and self.folder is not None:
             self.writer.submit((self.folder / f"{fingerprint}{FILE_SUFFIX}").unlink, missing_ok=True)
 
     def flush(self) -> None:
