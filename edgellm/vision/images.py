@@ -42,6 +42,6 @@ def load_image(image):
 
 def normalize(image, rescale: float, mean, std) -> np.ndarray:
     """uint8 RGB PIL image -> float32 [3, H, W], rescaled then normalised with the processor's arithmetic."""
-    x = (np.asarray(image).astype(np.float64) * rescale).astype(np.float32)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    scaled = (np.asarray(image).astype(np.float64) * rescale).astype(np.float32)
+    x = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -69,7 +69,8 @@ def patchify(frames: np.ndarray, s: Settings) -> tuple[np.ndarray, tuple[int, in
 def fitted_size(picture, s: Settings, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(height, width) to resize `picture` to: the bundle's fixed size under --static-vit, else smart resize."""
     if s.static_size:
-        return tuple(s.static_size)
+        height, width = s.static_size
+        return height, width
     return smart_resize(picture.height, picture.width, s.patch_size * s.merge_size, min_pixels, max_pixels)
 
 
@@ -146,6 +147,7 @@ class Processor(processor.Processor):
 
     def runs(self, media: Media):
         """One vision-graph run per temporal slice: attention never crosses slices, so each is a graph of its own."""
+        assert media.grid is not None  # (this family's media always carry their grid)
         t, h, w = media.grid
         positions = patch_positions(h, w, self.settings.merge_size)
         for i in range(t):
