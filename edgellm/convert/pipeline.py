@@ -39,7 +39,7 @@ from ..format import (
 )
 from ..format.blocks import QuantizedWeight
 from ..modeling.decoder import Decoder
-from ..modeling.family import TextFamily, VisionOptions, VisionParts
+from ..modeling.family import TextFamily, VisionLanguageFamily, VisionOptions, VisionParts
 from ..models import Family, families, family_for
 from ..vision.processor import MediaTokens
 from .graph import DataFile, GraphBuilder, LoraSlots, WeightPolicy
@@ -100,7 +100,7 @@ class _Progress(_PassThrough):
         super().__init__(source)
         self.bar = bar
         self.seen: set[str] = shared.seen if shared else set()
-        self.read = shared.read if shared else [0]
+        self.read: list[int] = shared.read if shared else [0]  # bytes read, shared with `shared`
 
     def _tick(self, name, value):
         if name not in self.seen:
@@ -249,7 +249,9 @@ def build_graphs(stage: Path, plan: Plan) -> tuple[dict[str, int], EmbeddingsEnt
     formats the matmuls hold and the table's manifest entry."""
     options = plan.options
     group_size, symmetric, accuracy = options.group_size, options.symmetric, options.accuracy_level
-    assert group_size is not None and symmetric is not None  # ConvertOptions.checked filled them in
+    lm_head, vision_quantize = options.lm_head, options.vision_quantize
+    # (ConvertOptions.checked and resolved_precisions filled these in)
+    assert group_size is not None and symmetric is not None and lm_head is not None and vision_quantize is not None
     # Each weight is read, quantized and written before the next is read (GraphBuilder's DataFile), so the
     # conversion holds about one weight at a time.
     with tqdm(total=len(plan.checkpoint.names()), desc="converting weights", unit="tensor",
@@ -261,7 +263,7 @@ def build_graphs(stage: Path, plan: Plan) -> tuple[dict[str, int], EmbeddingsEnt
         for k, layer_range in enumerate(plan.stages):  # one graph, or one per stage (--num-device)
             g = GraphBuilder(WeightPolicy(options.quantize, group_size, symmetric, accuracy),
                              data_file(stage, decoder_file(k)))
-            g.lm_head_policy = WeightPolicy(options.lm_head, group_size, symmetric, accuracy, LM_HEAD_PIECE_BYTES)
+            g.lm_head_policy = WeightPolicy(lm_head, group_size, symmetric, accuracy, LM_HEAD_PIECE_BYTES)
             g.lora = plan.lora_slots
             plan.model.build(g, weights, plan.seq_length, layer_range)
             save_graph(g, stage / decoder_file(k))
@@ -269,7 +271,7 @@ def build_graphs(stage: Path, plan: Plan) -> tuple[dict[str, int], EmbeddingsEnt
                 formats[kind] = formats.get(kind, 0) + count
         # (the last stage's graph holds the lm_head, `g` its builder)
         if plan.parts:
-            vg = GraphBuilder(WeightPolicy(options.vision_quantize, group_size, symmetric, accuracy),
+            vg = GraphBuilder(WeightPolicy(vision_quantize, group_size, symmetric, accuracy),
                               data_file(stage, VISION_FILE))
             plan.parts.vision.build(vg, _Progress(plan.parts.vision_weights, bar, weights))
             save_graph(vg, stage / VISION_FILE)
@@ -299,8 +301,10 @@ def write_assets(stage: Path, plan: Plan, embeddings: EmbeddingsEntry, formats: 
         save_graph(build_sampling_head(plan.model.shape().vocab_size), stage / SAMPLING_HEAD_FILE)
         graphs[SAMPLING_HEAD_GRAPH] = SAMPLING_HEAD_FILE
     if options.kv_cache == "int8":
-        parts = plan.parts
-        extension_for = plan.family.processor(parts.settings.to_json()).decoder_extension if parts else None
+        parts, family = plan.parts, plan.family
+        extension_for = None
+        if parts is not None and isinstance(family, VisionLanguageFamily):
+            extension_for = family.processor(parts.settings.to_json()).decoder_extension
         int8_cache(stage, embeddings, plan.tokenizer_json, plan.seq_length, options.chunk_length, extension_for,
                    options.progress)
     (stage / "tokenizer.json").write_text(plan.tokenizer_json, encoding="utf-8")
@@ -317,6 +321,7 @@ def manifest_of(plan: Plan, graphs: dict[str, str], formats: dict[str, int], emb
                 sealed: dict | None, shared: dict) -> Manifest:
     options, parts = plan.options, plan.parts
     assert options.group_size is not None and options.symmetric is not None and options.lm_head is not None
+    assert options.vision_quantize is not None
     adapter = {"adapter": plan.checkpoint.adapter} if options.lora is not None else {}  # type: ignore[attr-defined]
     lora = None
     if plan.lora_slots is not None:
@@ -429,7 +434,7 @@ def stored_blocks(graph: Path, weight: dict | None) -> dict | None:
     if weight is None:
         return None
     initializers = {t.name: t for t in onnx.load(graph, load_external_data=False).graph.initializer}
-    parts = {}
+    parts: dict[str, list[tuple[dict, np.memmap]]] = {}  # part -> (where, mapped) per row piece
     for names in weight["pieces"]:
         rows = initializers[names[0]].dims[0]  # codes: [rows, k_blocks, block bytes]; the rest flat
         for part, name in zip(("codes", "scales", "zero_points"), names):
