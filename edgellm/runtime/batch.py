@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import EdgeLLMError
+from .engine import Chunks
 from .kv_cache import Slot, common_prefix
 from .model import Generation
 from .prompt_cache import PromptCache
@@ -42,11 +43,24 @@ class Request:
     deliver: Callable[[str, object], None]
     arrived: float = field(default_factory=time.perf_counter)
     tag: object = None  # the caller's (the server's job)
-    slot: Slot | None = None
-    chunks: object = None  # the prefill's Chunks while it runs
+    slot: Slot | None = None  # from its admission (prefilling, then decoding) until it ends
+    chunks: Chunks | None = None  # the prefill's Chunks while it runs
+
     prefilled_chunks: int = 0
     last_token: int = -1  # what the next decode step feeds
     cancelled: bool = False
+
+    @property
+    def held(self) -> Slot:
+        """The slot of a request that holds one (prefilling or decoding)."""
+        assert self.slot is not None, "a request holds a slot from its admission until it ends"
+        return self.slot
+
+    @property
+    def prefill(self) -> Chunks:
+        """The prefill of a request that is prefilling."""
+        assert self.chunks is not None, "a request has its prefill while it is prefilling"
+        return self.chunks
 
 
 class QueueFull(Exception):
@@ -107,7 +121,7 @@ class Batcher:
             self.cache.flush()
 
     def _save(self, slot: Slot) -> None:
-        if slot.adapter is None:  # the cache holds base-model KV
+        if slot.adapter is None and self.cache is not None:  # the cache holds base-model KV
             self.cache.put(self.engine.snapshot(slot))
         self.unsaved.discard(slot)
 
@@ -177,8 +191,8 @@ class Batcher:
         vision = self.model.vision
         vision_before = vision.encode_s if vision else 0.0
         try:
-            with engine.using(request.slot):
-                done = next(request.chunks, None) is None
+            with engine.using(request.held):
+                done = next(request.prefill, None) is None
             if request.prefilled_chunks == 0:  # the first step chose what to reuse
                 answer.result.reused_tokens = engine.reused
             request.prefilled_chunks += 1
@@ -190,15 +204,15 @@ class Batcher:
             return
         self.prefilling = None
         self._join(request)
-        self._take(request, answer.next_token(request.chunks.logits))
+        self._take(request, answer.next_token(request.prefill.logits))
 
     def _window(self) -> tuple[int, int] | None:
         """The range of slot indices the running answers hold."""
-        return (self.running[0].slot.index, self.running[-1].slot.index + 1) if self.running else None
+        return (self.running[0].held.index, self.running[-1].held.index + 1) if self.running else None
 
     def _join(self, request: Request) -> None:
         """Add a prefilled request to the running ones, at an end of their range (moved there if need be)."""
-        window, index = self._window(), request.slot.index
+        window, index = self._window(), request.held.index
         if window is None or index == window[1]:
             self.running.append(request)
             return
@@ -208,7 +222,7 @@ class Batcher:
         target = window[1] if window[1] < len(self.engine.slots) else window[0] - 1
         other = next(s for s in self.free if s.index == target)
         self._overwriting(other, 0)
-        self.engine.move(request.slot, other)
+        self.engine.move(request.held, other)
         if target == window[1]:
             self.running.append(request)
         else:
@@ -226,7 +240,7 @@ class Batcher:
             self._end(request, "stopped")
         if not self.running:
             return
-        logits = self.engine.decode_batch([r.slot for r in self.running], [r.last_token for r in self.running])
+        logits = self.engine.decode_batch([r.held for r in self.running], [r.last_token for r in self.running])
         self.steps += 1
         self.batched_tokens += len(self.running)
         for request, row in zip(list(self.running), logits):
@@ -239,7 +253,7 @@ class Batcher:
         piece = answer.push(token)
         if piece:
             request.deliver("piece", piece)
-        if answer.done or len(request.slot) + 1 >= self.engine.seq_length:
+        if answer.done or len(request.held) + 1 >= self.engine.seq_length:
             self._end(request, answer.result.finish_reason)
 
     def _end(self, request: Request, outcome: str, message: str | None = None) -> None:
@@ -250,14 +264,15 @@ class Batcher:
             self.unsaved.add(slot)
         if request is self.prefilling:
             self.prefilling = None
-            request.chunks.close()
+            request.prefill.close()
         elif request in self.running:
             place = self.running.index(request)
             self.running.remove(request)
             if 0 < place < len(self.running):  # a hole in the range: the last running answer moves into it
                 last = self.running.pop()
+                assert slot is not None  # (a running request holds its slot)
                 self._overwriting(slot, 0)
-                self.engine.move(last.slot, slot)
+                self.engine.move(last.held, slot)
                 self.running.insert(place, last)
         if slot is not None:
             self.free.append(slot)
