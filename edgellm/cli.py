@@ -335,9 +335,7 @@ def cmd_convert(args) -> None:
     from .convert.options import ConvertOptions
     from .convert.pipeline import convert
 
-    options = ConvertOptions.from_args(args)
-    options.checked(args.model)  # option errors before the converter (onnx, gguf) is imported
-    convert(args.model, args.output, options)
+    convert(args.model, args.output, ConvertOptions.from_args(args))  # (which checks the options before any work)
 
 
 def _prompt_of(args) -> str:

@@ -159,10 +159,8 @@ class Engine:
         self.bindings.forget_adapter(name)  # (a reloaded adapter)
 
     def check_adapter(self, name: str | None) -> None:
-        if self.lora is not None:
-            self.lora.check(name)
-        elif name is not None:
-            raise EdgeLLMError(f"no adapter named {name!r}; loaded: none")
+        if name is not None and name not in self.adapters:
+            raise EdgeLLMError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
 
     def set_adapter(self, name: str | None) -> None:
         """The adapter the current slot computes with from now on; its cache was computed with another: dropped."""

@@ -39,10 +39,6 @@ class LoraSlots:
             arrays[f"lora_b.{module}"] = np.pad((b * scale).T, ((0, pad), (0, 0))).astype(np.float32)
         self.adapters[name] = arrays
 
-    def check(self, name: str | None) -> None:
-        if name is not None and name not in self.adapters:
-            raise EdgeLLMError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
-
     def array(self, adapter: str | None, name: str) -> np.ndarray:
         """An adapter's A [in, rank] or B [rank, out] for the graph input `name` (zeros where it adapts nothing)."""
         if adapter is not None and name in self.adapters[adapter]:

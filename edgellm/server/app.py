@@ -9,6 +9,12 @@ import logging
 from pathlib import Path
 from typing import cast
 
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
 from ..errors import EdgeLLMError
 from ..metrics import Metrics
 from ..runtime.batch import Batcher, QueueFull, Request
@@ -75,8 +81,6 @@ class OpenAIServer:
     @staticmethod
     def error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error",
               headers: dict | None = None):
-        from starlette.responses import JSONResponse
-
         return JSONResponse(error_body(message, param, kind), status, headers=headers)
 
     def busy(self):
@@ -108,8 +112,6 @@ class OpenAIServer:
 
     # --- the routes ---------------------------------------------------------------------------------------------
     async def complete(self, request, chat: bool):
-        from starlette.concurrency import run_in_threadpool
-
         if self.full():  # before reading the body
             return self.busy()
         try:
@@ -136,16 +138,12 @@ class OpenAIServer:
         except QueueFull:  # it filled while this request was read and checked
             return self.busy()
         if job.stream:
-            from starlette.responses import StreamingResponse
-
             return StreamingResponse(self.events(job, handle, arrivals), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self.answer(request, job, handle, arrivals)
 
     async def answer(self, request, job: Job, handle: Request, arrivals: asyncio.Queue):
         """An unstreamed answer, whole; it stops if its client leaves while it is written."""
-        from starlette.responses import JSONResponse, Response
-
         loop = asyncio.get_running_loop()
         try:
             check_at = loop.time() + DISCONNECT_CHECK_S
@@ -206,21 +204,15 @@ class OpenAIServer:
         return await self.complete(request, chat=False)
 
     async def models(self, request):
-        from starlette.responses import JSONResponse
-
         return JSONResponse({"object": "list", "data": [self.model_card(one) for one in self.served()]})
 
     async def one_model(self, request):
-        from starlette.responses import JSONResponse
-
         asked = request.path_params["model"]
         if asked not in self.served():
             return self.error(not_served(asked, self.name), 404, "model", kind="not_found_error")
         return JSONResponse(self.model_card(asked))
 
     async def prometheus(self, request):
-        from starlette.responses import PlainTextResponse
-
         b, cache = self._batcher, self.prompt_cache
         gauges = {"queue_length": (b.queued if b else 0, "Requests waiting for a free slot."),
                   "running": (b.busy if b else 0, "Requests holding a slot (prefilling or decoding)."),
@@ -234,13 +226,9 @@ class OpenAIServer:
         return PlainTextResponse(self.metrics.text(gauges), media_type="text/plain; version=0.0.4")
 
     async def health(self, request):
-        from starlette.responses import JSONResponse
-
         return JSONResponse({"status": "ok", "model": self.name})
 
     async def page(self, request):
-        from starlette.responses import HTMLResponse
-
         return HTMLResponse(self.html)
 
     async def http_error(self, request, exc):
@@ -262,10 +250,6 @@ class OpenAIServer:
 
     def asgi(self):
         """The Starlette application of these routes."""
-        from starlette.applications import Starlette
-        from starlette.exceptions import HTTPException
-        from starlette.routing import Route
-
         routes = [Route("/", self.page), Route("/health", self.health), Route("/metrics", self.prometheus),
                   Route("/v1/models", self.models), Route("/v1/models/{model:path}", self.one_model),
                   Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -292,8 +276,6 @@ class KeyCheck:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] == "/health" or self._allowed(scope):
             return await self.app(scope, receive, send)
-        from starlette.responses import JSONResponse
-
         body = {"error": {"message": "a valid API key is needed: Authorization: Bearer KEY (the chat page: "
                                      "/?api_key=KEY)", "type": "invalid_request_error", "param": None,
                           "code": "invalid_api_key"}}
