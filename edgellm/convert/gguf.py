@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from ..checkpoint import ModelSource
 from ..errors import EdgeLLMError
 from ..format import QuantizedWeight
+from ..modeling.family import GGUFNames
 from ..models import gguf_family
 from .sentencepiece import SPM_SPACE, implied_merges
 from .tiktoken_file import CL100K_SPLIT
@@ -30,7 +32,7 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
                  "rope_factors_short.weight": "rope_factors_short.weight"}
 
 
-def hf_name(gguf_name: str, names: dict[str, str]) -> str | None:
+def hf_name(gguf_name: str, names: Mapping[str, str]) -> str | None:
     """The Hugging Face name of a GGUF tensor, given a family's layer names; None for tensors edgellm skips."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
@@ -51,15 +53,16 @@ class GGUFSource(ModelSource):
         except Exception as e:  # the gguf package raises bare ValueError/struct errors on corrupt files
             raise EdgeLLMError(f"{path}: not a readable GGUF file ({e})") from e
         self.path = path
-        self._file_map = self.reader.data._mmap  # the reader's map of the whole file
+        self._file_map: mmap.mmap = self.reader.data._mmap  # type: ignore[attr-defined]  # the reader's map of the file
         self.meta = {name: _field_value(field) for name, field in self.reader.fields.items()
                      if not name.startswith("tokenizer.ggml.") or name in _SMALL_TOKENIZER_FIELDS}
-        self.arch = self.meta.get("general.architecture")
+        self.arch = str(self.meta.get("general.architecture"))
         try:
             self.family = gguf_family(self.arch)
         except EdgeLLMError as e:
             raise EdgeLLMError(f"{path}: {e}") from None
-        self.names_in_file = self.family.gguf
+        assert self.family.gguf is not None  # gguf_family() finds only families with GGUF names
+        self.names_in_file: GGUFNames = self.family.gguf
         self._tensors = {}
         for t in self.reader.tensors:
             name = hf_name(t.name, self.names_in_file.layers)

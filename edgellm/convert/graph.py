@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, overload
+from typing import BinaryIO, Literal, overload
 
 import numpy as np
 import onnx
@@ -73,7 +73,8 @@ class DataFile:
     EXTERNAL_BYTES = 1024 - sys.getsizeof(b"")  # onnx's size_threshold of 1024, which counts the bytes object
 
     def __init__(self, path: Path):
-        self.path, self.file = Path(path), None
+        self.path = Path(path)
+        self.file: BinaryIO | None = None
 
     def wants(self, array: np.ndarray) -> bool:
         return array.nbytes >= self.EXTERNAL_BYTES
@@ -81,11 +82,12 @@ class DataFile:
     def write(self, array: np.ndarray, name: str) -> onnx.TensorProto:
         if self.file is None:  # created on first use: a graph without large weights has no data file
             self.file = open(self.path, "wb")
-        offset = self.file.tell()
-        self.file.write(np.ascontiguousarray(array).data)
+        file = self.file
+        offset = file.tell()
+        file.write(np.ascontiguousarray(array).data)
         tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
                              data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", self.path.name), ("offset", offset), ("length", self.file.tell() - offset)):
+        for key, value in (("location", self.path.name), ("offset", offset), ("length", file.tell() - offset)):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, str(value)
         return tensor
@@ -239,6 +241,7 @@ class GraphBuilder:
 
     def lora_branch(self, x: str, name: str, k: int, n: int) -> str:
         """(x A) B of the projection `name` [in k, out n], A and B graph inputs (LoraSlots)."""
+        assert self.lora is not None, "LoRA branches are built only for bundles with LoRA slots"
         r, batch = self.lora.rank, self.lora.batch
         self.lora.shapes[name] = [k, n]
         a = self.input(f"lora_a.{name}", np.float32, [batch, k, r])
@@ -268,6 +271,7 @@ class GraphBuilder:
         Pre-quantized weights of different block formats cannot share a matmul: then they stay apart, or, with
         split=False, None is returned. `parts`: the projections' own names, for LoRA branches (LoraSlots)."""
         sizes = [_in_out(w)[1] for w in weights]
+        fused: np.ndarray | QuantizedWeight | None
         if all(isinstance(w, QuantizedWeight) for w in weights) and self.policy.bits is not None:
             fused = concat_rows(weights)
             if fused is None:
@@ -294,7 +298,7 @@ class GraphBuilder:
         if w.k_order is not None:  # the checkpoint's blocks group input columns out of order
             x = self.op("Gather", [x, self.const(w.k_order.astype(np.int64), f"{name}.k_order")],
                         name=f"{name}/k_order", axis=-1)
-        mins = w.mins
+        mins: np.ndarray | None = w.mins
         if mins is not None and accuracy_level == 4:  # int8 activations: the mins become rows of the matmul itself
             x, w, mins = self._widened(x, w, name), fold_mins(w), None
         pieces = row_pieces(w, max_piece_bytes)
@@ -315,8 +319,8 @@ class GraphBuilder:
             return y
         # Float activations: sum_k x_k * (s q_k + m) = MatMulNBits(x) + block_sums(x) @ mins, exact.
         sums = self._block_sums_of(x, w.k, w.block_size, name=name)
-        mins = self.const(np.ascontiguousarray(mins.T.astype(np.float32)), f"{name}.mins")
-        return self.add(y, self.op("MatMul", [sums, mins], name=f"{name}/mins"), name=f"{name}/sum")
+        mins_name = self.const(np.ascontiguousarray(mins.T.astype(np.float32)), f"{name}.mins")
+        return self.add(y, self.op("MatMul", [sums, mins_name], name=f"{name}/mins"), name=f"{name}/sum")
 
     def _block_sums_of(self, x: str, k: int, block_size: int, name: str) -> str:
         """block_sums(x) [1, S, k / block_size] of x [1, S, k] (the decoder's activations; min formats come from

@@ -81,10 +81,10 @@ def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
     if any((w.bits, w.block_size, w.k, w.k_blocks) != (first.bits, first.block_size, first.k, first.k_blocks)
            for w in weights):
         return None
-    orders = [w.k_order for w in weights]
-    if any((o is None) != (orders[0] is None) or (o is not None and not np.array_equal(o, orders[0]))
-           for o in orders):
-        return None  # the input is gathered in one order per matmul
+    for w in weights:  # the input is gathered in one order per matmul
+        if (w.k_order is None) != (first.k_order is None) or (
+                w.k_order is not None and first.k_order is not None and not np.array_equal(w.k_order, first.k_order)):
+            return None
     any_zp = any(w.zero_points is not None for w in weights)
     any_min = any(w.mins is not None for w in weights)
     return QuantizedWeight(

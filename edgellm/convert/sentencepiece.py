@@ -16,6 +16,8 @@ piece before it (sentencepiece itself adds both).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from typing import Any
 
 from ..errors import EdgeLLMError
 from .vocab import add_config_tokens, added_token, bos_prefix
@@ -38,9 +40,10 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes):
+def _fields(data: bytes) -> Iterator[tuple[int, Any]]:
     """(field number, value) of one protobuf message: ints for varints, bytes for the rest."""
     i = 0
+    value: int | bytes
     while i < len(data):
         key, i = _varint(data, i)
         field, wire = key >> 3, key & 7
@@ -62,11 +65,11 @@ def _fields(data: bytes):
 def read_model(data: bytes) -> dict:
     """The parts of a ModelProto a tokenizer needs: pieces [(text, score, type)], model_type, byte_fallback,
     add_dummy_prefix, remove_extra_whitespaces, normalizer name."""
-    model = {"pieces": [], "model_type": 1, "byte_fallback": False, "add_dummy_prefix": True,
+    model: dict[str, Any] = {"pieces": [], "model_type": 1, "byte_fallback": False, "add_dummy_prefix": True,
              "remove_extra_whitespaces": True, "normalizer": "identity"}
     for field, value in _fields(data):
         if field == 1:
-            piece = {1: b"", 2: b"\0\0\0\0", 3: NORMAL}
+            piece: dict[int, Any] = {1: b"", 2: b"\0\0\0\0", 3: NORMAL}
             piece.update(_fields(value))
             model["pieces"].append((piece[1].decode("utf-8"), struct.unpack("<f", piece[2])[0], piece[3]))
         elif field == 2:
@@ -114,7 +117,7 @@ def tokenizer_json(data: bytes, where: str) -> dict:
              if kind in (CONTROL, USER_DEFINED)]
     # only normal pieces are merged into and from (a placeholder that joins nothing stands for the others)
     mergeable = [tok if kind == NORMAL else f"\0{i}\0" for i, (tok, kind) in enumerate(zip(tokens, kinds))]
-    normalizers = []
+    normalizers: list[dict[str, Any]] = []
     if model["normalizer"] in ("nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf"):
         normalizers.append({"type": "NFKC"})  # (nmt_ also maps a few control characters; not repeated here)
     elif model["normalizer"] != "identity":
@@ -152,6 +155,6 @@ def checkpoint_tokenizer(data: bytes, where: str, tokenizer_config: dict) -> dic
     vocab = tok["model"]["vocab"]
     bos = tokenizer_config.get("bos_token")
     bos = bos.get("content") if isinstance(bos, dict) else bos
-    if bos in vocab and tokenizer_config.get("add_bos_token", True):
+    if isinstance(bos, str) and bos in vocab and tokenizer_config.get("add_bos_token", True):
         tok["post_processor"] = bos_prefix(bos, vocab[bos])
     return tok

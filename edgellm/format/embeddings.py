@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,13 +36,13 @@ def save_table(folder: Path, table: np.ndarray | QuantizedWeight, mode: str, lm_
         np.save(folder / FILE, table.astype(np.float32 if mode == "f32" else np.float16))
         return EmbeddingsEntry(values=FILE)
     if lm_head is not None and _same_blocks(table, lm_head, multiplier):
+        refs: dict[str, Any] = {part: [ArrayRef(**where) for where, _ in pieces]
+                                for part, pieces in lm_head["parts"].items()}
         return EmbeddingsEntry(bits=table.bits, k=table.k, packed=table.bits == 4,
-                               multiplier=float(multiplier) if multiplier is not None else None,
-                               **{part: [ArrayRef(**where) for where, _ in pieces]
-                                  for part, pieces in lm_head["parts"].items()})
+                               multiplier=float(multiplier) if multiplier is not None else None, **refs)
     np.save(folder / FILE, table.codes)
     parts = {"scales": table.scales, "zero_points": table.zero_points, "mins": table.mins}
-    files = {}
+    files: dict[str, Any] = {}
     for part, values in parts.items():
         if values is not None:
             files[part] = f"embed_tokens.{part}.npy"
@@ -90,7 +91,7 @@ class RowFile:
 
     def __getitem__(self, ids: np.ndarray) -> np.ndarray:
         rows = np.empty((ids.size, *self.row_shape), self.dtype)
-        flat = memoryview(rows.reshape(-1).view(np.uint8))
+        flat = rows.reshape(-1).view(np.uint8).data
         fd, size, count = self.file.fileno(), self.row_bytes, self.shape[0]
         for i, row in enumerate(ids.reshape(-1).tolist()):  # pread keeps no file position: safe from many threads
             if not 0 <= row < count:
@@ -151,6 +152,9 @@ class EmbeddingTable:
             self.values, self.parts = _rows(folder, entry.values, read), None
             self.shape = self.values.shape
             return
+        if entry.codes is None or entry.k is None or entry.bits is None:
+            raise EdgeLLMError(f"{folder}: the manifest's embeddings entry has neither values nor codes, bits and k; "
+                               "reconvert the bundle")
         self.codes = _rows(folder, entry.codes, read)
         self.parts = {name: _rows(folder, part, read) for name, part in entry.block_parts().items()}
         self.k = int(entry.k)

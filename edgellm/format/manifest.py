@@ -5,6 +5,7 @@ JSON spelling, and they read every format version the runtime opens."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,7 @@ class EmbeddingsEntry:
     def from_json(cls, data) -> EmbeddingsEntry:
         if isinstance(data, str):
             return cls(values=data)
-        parts = {k: _part_from_json(v) for k, v in data.items() if k in ("codes", *cls.BLOCK_PARTS)}
+        parts: dict[str, Any] = {k: _part_from_json(v) for k, v in data.items() if k in ("codes", *cls.BLOCK_PARTS)}
         return cls(bits=int(data["bits"]), k=int(data["k"]), packed=bool(data.get("packed", False)),
                    multiplier=data.get("multiplier"), **parts)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import overload
 
 VARINT, FIXED64, BYTES, FIXED32 = 0, 1, 2, 5
 
@@ -49,10 +50,10 @@ class Field:
 
     def encode(self) -> bytes:
         key = varint(self.number << 3 | self.wire)
+        if isinstance(self.value, bytes):
+            return key + varint(len(self.value)) + self.value
         if self.wire == VARINT:
             return key + varint(self.value)
-        if self.wire == BYTES:
-            return key + varint(len(self.value)) + self.value
         return key + struct.pack("<Q" if self.wire == FIXED64 else "<I", self.value)
 
 
@@ -62,16 +63,18 @@ class Message:
 
     @classmethod
     def parse(cls, data: bytes) -> Message:
-        data = memoryview(data)
-        fields, at = [], 0
-        while at < len(data):
-            key, at = read_varint(data, at)
+        view = memoryview(data)
+        fields: list[Field] = []
+        at = 0
+        value: int | bytes
+        while at < len(view):
+            key, at = read_varint(view, at)
             number, wire = key >> 3, key & 7
             if wire == VARINT:
-                value, at = read_varint(data, at)
+                value, at = read_varint(view, at)
             elif wire == BYTES:
-                size, at = read_varint(data, at)
-                value, at = bytes(data[at:at + size]), at + size
+                size, at = read_varint(view, at)
+                value, at = bytes(view[at:at + size]), at + size
             elif wire == FIXED64:
                 value, at = struct.unpack_from("<Q", data, at)[0], at + 8
             elif wire == FIXED32:
@@ -119,12 +122,24 @@ class Node:
         rest = [f for f in m.fields if f.number not in (1, 2, 3, 4, 5, 7)]
         return cls(m.string(4), m.string(7), m.strings(1), m.strings(2), m.string(3), attributes, rest)
 
+    @overload
+    def int_attribute(self, name: str) -> int | None: ...
+
+    @overload
+    def int_attribute(self, name: str, default: int) -> int: ...
+
     def int_attribute(self, name: str, default: int | None = None) -> int | None:
         a = self.attributes.get(name)
         if a is None:
             return default
         value = a.first(3, 0)
         return value - (1 << 64) if value >= 1 << 63 else value
+
+    @overload
+    def float_attribute(self, name: str) -> float | None: ...
+
+    @overload
+    def float_attribute(self, name: str, default: float) -> float: ...
 
     def float_attribute(self, name: str, default: float | None = None) -> float | None:
         a = self.attributes.get(name)

@@ -132,10 +132,11 @@ def rewrite(model_bytes: bytes, isa: int) -> Rewrite:
         if reason:
             out.kept[reason] += 1
             continue
-        x, k, n = node.inputs[0], node.int_attribute("K"), node.int_attribute("N")
+        # MatMulNBits requires K, N and block_size (ONNX Runtime refuses a graph without them)
+        x, k, n = node.inputs[0], node.int_attribute("K", 0), node.int_attribute("N", 0)
         inputs = [x] + [node.inputs[i] if i < len(node.inputs) else "" for i in (1, 2, 3)]
         attributes = {"K": k, "N": n, "bits": node.int_attribute("bits", 4), "block_size":
-                      node.int_attribute("block_size"), "isa": isa}
+                      node.int_attribute("block_size", 0), "isa": isa}
         concat = g.made_by(x, "Concat")
         if concat is not None and len(concat.inputs) > 1:
             sums = set(concat.inputs[1:])
@@ -170,7 +171,7 @@ def rewrite(model_bytes: bytes, isa: int) -> Rewrite:
             if not placed:
                 fields += [Field(1, BYTES, n.encode()) for n in nodes]
                 placed = True
-        elif not (f.number == 5 and tensor_name(f.value) in dropped):
+        elif not (f.number == 5 and isinstance(f.value, bytes) and tensor_name(f.value) in dropped):
             fields.append(f)
     opset = Message([Field(1, BYTES, DOMAIN.encode()), Field(2, VARINT, 1)])
     model_fields = [Field(7, BYTES, Message(fields).encode()) if f.number == 7 else f for f in model.fields]
@@ -183,10 +184,11 @@ def _silu_glu(g: _Graph, node: Node) -> list[Node] | None:
     """[Split, Sigmoid, Mul, Mul] when node's output is only split into equal gate and up halves (each a whole
     number of the kernels' 16-output panels) that only become silu(gate) * up; else None."""
     y = node.outputs[0]
-    split = g.readers.get(y, [None])[0]
-    if len(g.readers.get(y, [])) != 1 or y in g.implicit or split.op_type != "Split" or len(split.outputs) != 2:
+    y_readers = g.readers.get(y, [])
+    if len(y_readers) != 1 or y in g.implicit or y_readers[0].op_type != "Split" or len(y_readers[0].outputs) != 2:
         return None
-    n = node.int_attribute("N")
+    split = y_readers[0]
+    n = node.int_attribute("N", 0)
     sizes = tensor_ints(g.initializers[split.inputs[1]].encode()) if len(split.inputs) > 1 and \
         split.inputs[1] in g.initializers else None
     if split.int_attribute("axis", 0) != -1 or sizes != [n // 2, n // 2] or (n // 2) % 16:
@@ -198,8 +200,11 @@ def _silu_glu(g: _Graph, node: Node) -> list[Node] | None:
     if len(gate_readers) != 2 or sigmoid is None or silu is None or sorted(silu.inputs) != sorted(
             [gate, sigmoid.outputs[0]]) or g.readers.get(sigmoid.outputs[0]) != [silu]:
         return None
-    times_up = g.readers.get(silu.outputs[0], [None])[0]
-    if (len(g.readers.get(silu.outputs[0], [])) != 1 or times_up.op_type != "Mul"
+    silu_readers = g.readers.get(silu.outputs[0], [])
+    if len(silu_readers) != 1:
+        return None
+    times_up = silu_readers[0]
+    if (times_up.op_type != "Mul"
             or sorted(times_up.inputs) != sorted([silu.outputs[0], up]) or g.readers.get(up) != [times_up]):
         return None
     if {gate, up, sigmoid.outputs[0], silu.outputs[0]} & g.implicit:

@@ -20,6 +20,7 @@ from ..format import DecoderShape, QuantizedWeight
 from .layers import activation, rope_parameters, rope_tables
 
 if TYPE_CHECKING:
+    from ..checkpoint import ModelSource
     from ..convert.graph import GraphBuilder
 
 
@@ -92,7 +93,7 @@ class Decoder:
         """Embeddings times a constant (e.g. sqrt(hidden)) where a family says so; None: as they are."""
         return None
 
-    def embedding_table(self, weights) -> np.ndarray | QuantizedWeight:
+    def embedding_table(self, weights: ModelSource) -> np.ndarray | QuantizedWeight:
         """Float rows, or a GGUF's own blocks (kept as they are in a quantized bundle), times embedding_multiplier
         (for blocks, their scales carry it)."""
         table, factor = weights.linear("model.embed_tokens.weight"), self.embedding_multiplier
@@ -100,7 +101,7 @@ class Decoder:
             return table
         return table.scaled(factor) if isinstance(table, QuantizedWeight) else table * factor
 
-    def norm_weight(self, weights, name: str) -> np.ndarray:
+    def norm_weight(self, weights: ModelSource, name: str) -> np.ndarray:
         """An RMSNorm's weight as the graph multiplies by it."""
         return weights.tensor(name)
 
@@ -108,7 +109,7 @@ class Decoder:
         """The lm_head's output as the model returns it (a family may soft-cap it)."""
         return logits
 
-    def lm_head_weight(self, weights):
+    def lm_head_weight(self, weights: ModelSource):
         if "lm_head.weight" in weights and not self.args.tie_word_embeddings:
             return weights.linear("lm_head.weight")
         return weights.linear("model.embed_tokens.weight")
@@ -120,29 +121,29 @@ class Decoder:
     rotary_interleaved = False  # rotary turns pairs (0, 1), (2, 3)... instead of (i, i + dim/2) (with packed_qkv)
     position_rows = 1  # rows of position_ids: 1, or 3 for decoders whose positions have (t, h, w) axes
 
-    def qkv_weights(self, weights, prefix: str):
+    def qkv_weights(self, weights: ModelSource, prefix: str):
         names = [f"{prefix}.{p}_proj" for p in "qkv"]
         biases = [weights.tensor(f"{n}.bias") for n in names] if self.args.attention_bias else None
         return [weights.linear(f"{n}.weight") for n in names], biases
 
-    def project_qkv(self, g: GraphBuilder, weights, prefix: str, x: str) -> list[str]:
+    def project_qkv(self, g: GraphBuilder, weights: ModelSource, prefix: str, x: str) -> list[str]:
         ws, biases = self.qkv_weights(weights, prefix)
         return g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, parts=qkv_parts(prefix, ws))
 
-    def gate_up(self, g: GraphBuilder, weights, prefix: str, x: str) -> list[str]:
+    def gate_up(self, g: GraphBuilder, weights: ModelSource, prefix: str, x: str) -> list[str]:
         """The MLP's gate and up projections of x, as one matmul."""
         return g.fused_linear(x, [weights.linear(f"{prefix}.gate_proj.weight"),
                                   weights.linear(f"{prefix}.up_proj.weight")], f"{prefix}.gate_up_proj",
                               parts=[f"{prefix}.gate_proj", f"{prefix}.up_proj"])
 
-    def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
+    def mlp(self, g: GraphBuilder, weights: ModelSource, prefix: str, x: str) -> str:
         gate, up = self.gate_up(g, weights, prefix, x)
         act = activation(g, gate, self.args.hidden_act, f"{prefix}.act")
         return g.linear(g.mul(act, up, f"{prefix}.act_up"), weights.linear(f"{prefix}.down_proj.weight"),
                         f"{prefix}.down_proj")
 
     # --- the decoder ---------------------------------------------------------------------------
-    def attention(self, g: GraphBuilder, weights, i: int, x: str, ctx: dict) -> str:
+    def attention(self, g: GraphBuilder, weights: ModelSource, i: int, x: str, ctx: dict) -> str:
         a = self.args
         prefix = f"model.layers.{i}.self_attn"
         gqa = dict(name=f"{prefix}.attn", outputs=[f"{prefix}.attn", f"present_key.{i}", f"present_value.{i}"],
@@ -222,7 +223,7 @@ class Decoder:
     def check_supported(self, seq_length: int) -> None:
         """Refuse, with the reason, what this family cannot build at this length (nothing in the shared decoder)."""
 
-    def build(self, g: GraphBuilder, weights, seq_length: int, layers: range | None = None) -> None:
+    def build(self, g: GraphBuilder, weights: ModelSource, seq_length: int, layers: range | None = None) -> None:
         """The decoder graph, or one stage of it (`layers`, contiguous: --num-device): a stage after the first takes
         the residual stream and the last layer's output not yet added to it ("residual", "hidden"), and one before
         the last gives them on ("next_residual", "next_hidden") instead of logits."""
@@ -252,7 +253,7 @@ class Decoder:
         n_logits = self.fixed_rows[1] if self.fixed_rows else "n_logits"
         g.output("logits", np.float32, [self.batch_dim(), n_logits, a.vocab_size], value=logits)
 
-    def sandwiched(self, g: GraphBuilder, weights, i: int, x: str, residual: str, ctx: dict,
+    def sandwiched(self, g: GraphBuilder, weights: ModelSource, i: int, x: str, residual: str, ctx: dict,
                    norms: tuple[str, str, str]) -> tuple[str, str]:
         """layer() for decoders with a norm after attention and after the MLP as well as before each: `norms` are
         the checkpoint's names of the one after attention, the one before the MLP and the one after it."""
@@ -263,7 +264,8 @@ class Decoder:
         x, residual = g.add_rms_norm(attn, residual, norm(before_mlp), eps, before_mlp)
         return g.rms_norm(self.mlp(g, weights, f"{prefix}.mlp", x), norm(after_mlp), eps, after_mlp), residual
 
-    def layer_input(self, g: GraphBuilder, weights, i: int, pending: str, residual: str | None) -> tuple[str, str]:
+    def layer_input(self, g: GraphBuilder, weights: ModelSource, i: int, pending: str,
+                    residual: str | None) -> tuple[str, str]:
         """Layer i's input (the residual stream, `pending` joined, through the input norm) and the stream."""
         a, name = self.args, f"model.layers.{i}.input_layernorm"
         norm_w = self.norm_weight(weights, f"{name}.weight")
@@ -271,7 +273,7 @@ class Decoder:
             return g.rms_norm(pending, norm_w, a.rms_norm_eps, name), pending
         return g.add_rms_norm(pending, residual, norm_w, a.rms_norm_eps, name)
 
-    def layer(self, g: GraphBuilder, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
+    def layer(self, g: GraphBuilder, weights: ModelSource, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
         """Layer i after its input norm: (its output, still to join the residual stream; the residual stream)."""
         a, prefix = self.args, f"model.layers.{i}"
         attn = self.attention(g, weights, i, x, ctx)

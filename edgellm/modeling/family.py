@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
+    from ..convert.graph import GraphBuilder
     from ..vision.processor import Processor
     from .decoder import Decoder, ModelArgs
 
@@ -46,7 +47,7 @@ class TextFamily:
     title: str  # how users know it, for messages and the docs
     architectures: tuple[str, ...]
     model_args: type[ModelArgs]  # decoder.ModelArgs or a subclass: .from_config(config dict)
-    model: type  # decoder.Decoder or a subclass: model(args).build(g, weights, seq_length)
+    model: type[Decoder]  # decoder.Decoder or a subclass: model(args).build(g, weights, seq_length)
     gguf: GGUFNames | None = None
     # checkpoints of some of `architectures` stored in another layout (remote code): architecture -> the view of
     # such a source under this family's names, with its config translated
@@ -64,6 +65,12 @@ class VisionOptions:
     static_size: tuple[int, int] | bool = False  # a vision graph of one input size: (width, height), or True
 
 
+class VisionGraph(Protocol):
+    """A family's vision graph builder: the tower and projector, pixels in, the decoder's embeddings out."""
+
+    def build(self, g: GraphBuilder, weights: ModelSource) -> None: ...
+
+
 @dataclass
 class VisionParts:
     """A vision-language checkpoint taken apart by its family's `split`."""
@@ -71,7 +78,7 @@ class VisionParts:
     text: ModelSource  # the decoder's weights under text-family names, with the decoder's own config
     decoder: Decoder  # the decoder graph builder, with the family's extensions
     text_family: str  # the text family the decoder extends (the manifest's "family")
-    vision: Any  # the vision graph builder: .build(g, weights)
+    vision: VisionGraph
     vision_weights: ModelSource
     settings: Any  # the family's processor settings (a dataclass), stored in the manifest
 

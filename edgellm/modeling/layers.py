@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import EdgeLLMError
 
 if TYPE_CHECKING:
+    from ..checkpoint import ModelSource
     from ..convert.graph import GraphBuilder
 
 MS = "com.microsoft"  # ONNX Runtime's contrib-op domain
@@ -37,14 +38,14 @@ def activation(g: GraphBuilder, x: str, kind: str, name: str) -> str:
     raise EdgeLLMError(f"unsupported activation {kind!r}")
 
 
-def norm(g: GraphBuilder, weights, x: str, name: str, eps: float, kind: str = "layer_norm") -> str:
+def norm(g: GraphBuilder, weights: ModelSource, x: str, name: str, eps: float, kind: str = "layer_norm") -> str:
     """The checkpoint's `{name}.weight` (and `.bias`) as a LayerNorm, or an RMSNorm with kind="rms_norm"."""
     if kind == "rms_norm":
         return g.rms_norm(x, weights.tensor(f"{name}.weight"), eps, name)
     return g.layer_norm(x, weights.tensor(f"{name}.weight"), weights.tensor(f"{name}.bias"), eps, name)
 
 
-def linear(g: GraphBuilder, weights, x: str, name: str, bias: bool = True) -> str:
+def linear(g: GraphBuilder, weights: ModelSource, x: str, name: str, bias: bool = True) -> str:
     """x @ `{name}.weight`.T (+ `{name}.bias`)."""
     return g.linear(x, weights.linear(f"{name}.weight"), name, weights.tensor(f"{name}.bias") if bias else None)
 
@@ -227,7 +228,7 @@ class VitArgs:
         return self.image_size // self.patch_size
 
 
-def patch_embedding(g: GraphBuilder, weights, pixels: str, name: str, patch: int, hidden: int) -> str:
+def patch_embedding(g: GraphBuilder, weights: ModelSource, pixels: str, name: str, patch: int, hidden: int) -> str:
     """[images, 3, H, W] -> [images, patches, hidden]: a stride-`patch` convolution, patches in row-major order."""
     x = g.op("Conv", [pixels, g.const(weights.tensor(f"{name}.weight"), f"{name}.weight"),
                       g.const(weights.tensor(f"{name}.bias"), f"{name}.bias")], name=name,

@@ -7,8 +7,8 @@ scale comes from query_pre_attn_scalar; optional tanh soft-capping of attention 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -19,12 +19,16 @@ from ..modeling.family import GGUFNames, TextFamily
 from ..modeling.layers import rope_parameters, rope_tables
 from .llama import GGUF_LAYERS
 
+if TYPE_CHECKING:
+    from ..checkpoint import ModelSource
+    from ..convert.graph import GraphBuilder
+
 _GemmaArgs = TypeVar("_GemmaArgs", bound="ModelArgs")
 
 
 @dataclass
 class ModelArgs(decoder.ModelArgs):
-    local_rope: dict | None = None
+    local_rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
     query_pre_attn_scalar: float = 256.0
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -55,10 +59,12 @@ class ModelArgs(decoder.ModelArgs):
 class GemmaDecoder(SqrtScaledEmbeddings, UnitOffsetNorms, decoder.Decoder):
     """The decoder of Gemma 2 and 3 (this module's docstring, less the per-head q/k norms only Gemma 3 has)."""
 
+    args: ModelArgs
+
     def attention_scale(self) -> float:
         return float(self.args.query_pre_attn_scalar ** -0.5)
 
-    def rotary(self, g, ctx: dict, seq_length: int) -> None:
+    def rotary(self, g: GraphBuilder, ctx: dict, seq_length: int) -> None:
         a = self.args
         for kind, rope in (("global", a.rope), ("local", a.local_rope)):
             cos, sin = rope_tables(rope, a.head_dim, seq_length)
@@ -73,12 +79,12 @@ class GemmaDecoder(SqrtScaledEmbeddings, UnitOffsetNorms, decoder.Decoder):
             options["softcap"] = float(a.attn_logit_softcapping)
         return options
 
-    def layer(self, g, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
+    def layer(self, g: GraphBuilder, weights: ModelSource, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
         return self.sandwiched(g, weights, i, x, residual, ctx, ("post_attention_layernorm",
                                                                  "pre_feedforward_layernorm",
                                                                  "post_feedforward_layernorm"))
 
-    def final_logits(self, g, logits: str) -> str:
+    def final_logits(self, g: GraphBuilder, logits: str) -> str:
         if not self.args.final_logit_softcapping:
             return logits
         cap = g.const(np.float32(self.args.final_logit_softcapping), "final_logit_softcapping")
@@ -87,7 +93,7 @@ class GemmaDecoder(SqrtScaledEmbeddings, UnitOffsetNorms, decoder.Decoder):
 
 
 class Model(HeadNormedQK, GemmaDecoder):
-    pass
+    args: ModelArgs
 
 
 def gguf_config(meta: dict, config: dict) -> dict:

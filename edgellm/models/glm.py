@@ -23,7 +23,7 @@ class ModelArgs(decoder.ModelArgs):
 class Model(FusedGateUp, decoder.Decoder):
     rotary_interleaved = True
 
-    def qkv_weights(self, weights, prefix: str):
+    def qkv_weights(self, weights: ModelSource, prefix: str):
         if f"{prefix}.qkv_proj.weight" not in weights:
             return super().qkv_weights(weights, prefix)
         bias = [weights.tensor(f"{prefix}.qkv_proj.bias")] if self.args.attention_bias else None

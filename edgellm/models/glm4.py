@@ -3,13 +3,19 @@ rotary over half of each head) with norms after attention and after the MLP as w
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..modeling.family import GGUFNames, TextFamily
 from . import glm
 from .llama import GGUF_LAYERS
 
+if TYPE_CHECKING:
+    from ..checkpoint import ModelSource
+    from ..convert.graph import GraphBuilder
+
 
 class Model(glm.Model):
-    def layer(self, g, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
+    def layer(self, g: GraphBuilder, weights: ModelSource, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
         return self.sandwiched(g, weights, i, x, residual, ctx, ("post_self_attn_layernorm",
                                                                  "post_attention_layernorm", "post_mlp_layernorm"))
 

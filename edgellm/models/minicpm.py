@@ -6,16 +6,19 @@ before the lm_head (the same as dividing the logits)."""
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 from ..modeling import decoder
 from ..modeling.blocks import ScaledArgs, ScaledStreams
 from ..modeling.family import GGUFNames, TextFamily
 from .llama import GGUF_LAYERS, unpermute_rotary_rows
 
+_Args = TypeVar("_Args", bound="ModelArgs")
+
 
 class ModelArgs(ScaledArgs):
     @classmethod
-    def from_config(cls, config: dict) -> ModelArgs:
+    def from_config(cls: type[_Args], config: dict) -> _Args:
         layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
         head_dim = config.get("head_dim") or hidden // heads
         return super().from_config({

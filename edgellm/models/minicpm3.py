@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..modeling.family import GGUFNames, TextFamily
 from . import minicpm
 from .llama import GGUF_LAYERS
+
+if TYPE_CHECKING:
+    from ..checkpoint import ModelSource
+    from ..convert.graph import GraphBuilder
 
 
 @dataclass
@@ -43,6 +48,8 @@ class ModelArgs(minicpm.ModelArgs):
 
 
 class Model(minicpm.Model):
+    args: ModelArgs
+
     def attention_scale(self) -> float:
         a = self.args
         scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
@@ -53,7 +60,7 @@ class Model(minicpm.Model):
     def rotary_head_dim(self) -> int:
         return self.args.qk_rope_head_dim
 
-    def attention(self, g, weights, i: int, x: str, ctx: dict) -> str:
+    def attention(self, g: GraphBuilder, weights: ModelSource, i: int, x: str, ctx: dict) -> str:
         a, prefix = self.args, f"model.layers.{i}.self_attn"
         heads, nope, rope, rank, v_dim = (a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim,
                                           a.kv_lora_rank, a.v_head_dim)

@@ -3,9 +3,15 @@ them (the residual stream enters each block as it is), and RMSNorms over the who
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..modeling import decoder
 from ..modeling.family import GGUFNames, TextFamily
 from .llama import GGUF_LAYERS
+
+if TYPE_CHECKING:
+    from ..checkpoint import ModelSource
+    from ..convert.graph import GraphBuilder
 
 ModelArgs = decoder.ModelArgs
 
@@ -13,18 +19,19 @@ ModelArgs = decoder.ModelArgs
 class Model(decoder.Decoder):
     packed_qkv = False  # the norms sit between projection and rotary
 
-    def project_qkv(self, g, weights, prefix, x):
+    def project_qkv(self, g: GraphBuilder, weights: ModelSource, prefix, x):
         q, k, v = super().project_qkv(g, weights, prefix, x)
         eps = self.args.rms_norm_eps
         q = g.rms_norm(q, self.norm_weight(weights, f"{prefix}.q_norm.weight"), eps, f"{prefix}.q_norm")
         k = g.rms_norm(k, self.norm_weight(weights, f"{prefix}.k_norm.weight"), eps, f"{prefix}.k_norm")
         return q, k, v
 
-    def layer_input(self, g, weights, i: int, pending: str, residual: str | None) -> tuple[str, str]:
+    def layer_input(self, g: GraphBuilder, weights: ModelSource, i: int, pending: str,
+                    residual: str | None) -> tuple[str, str]:
         stream = pending if residual is None else g.add(pending, residual, f"model.layers.{i}.input")
         return stream, stream
 
-    def layer(self, g, weights, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
+    def layer(self, g: GraphBuilder, weights: ModelSource, i: int, x: str, residual: str, ctx: dict) -> tuple[str, str]:
         a, prefix = self.args, f"model.layers.{i}"
         eps, norm = a.rms_norm_eps, lambda name: self.norm_weight(weights, f"{name}.weight")  # noqa: E731
         after_attention = f"{prefix}.post_attention_layernorm"

@@ -4,14 +4,19 @@ rotary (a quarter of each head is not rotated)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..modeling.blocks import FusedGateUp
 from ..modeling.decoder import Decoder, ModelArgs
 from ..modeling.family import GGUFNames, TextFamily
 from .llama import GGUF_LAYERS
 
+if TYPE_CHECKING:
+    from ..checkpoint import ModelSource
+
 
 class Model(FusedGateUp, Decoder):
-    def qkv_weights(self, weights, prefix: str):
+    def qkv_weights(self, weights: ModelSource, prefix: str):
         return [weights.linear(f"{prefix}.qkv_proj.weight")], None
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from .sampling import HeadSampler, Sampler, SamplingParams
 from .sessions import PROVIDERS, check_device, open_graph, session_options
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 from .tools import Tools, tools_of
+
+if TYPE_CHECKING:  # loaded only for vision-language bundles
+    from .vision import VisionEncoder
 
 
 @dataclass
@@ -82,7 +85,8 @@ class Generation:
         self.max_new_tokens, self.eos, self.started = max_new_tokens, eos_token_ids, started
         self.result = GenerationResult(prompt_tokens=len(prompt.ids), images=len(prompt.media), finish_reason="length")
         self.history = list(prompt.ids)  # the prompt and the answer so far, as the sampler's penalty reads it
-        self.text, self.emitted, self.hit_stop, self.first_at = "", 0, False, None
+        self.text, self.emitted, self.hit_stop = "", 0, False
+        self.first_at: float | None = None
         self.done = max_new_tokens == 0
         self.adapter: str | None = None  # the LoRA adapter the answer is computed with (a bundle's LoRA slots)
 
@@ -169,7 +173,8 @@ class Model:
         self.generation_config = self.bundle.json("generation_config.json")
         try:
             self.tokenizer = Tokenizer(self.bundle.file("tokenizer.json"))
-            self.vision = processor = None
+            self.vision: VisionEncoder | None = None
+            processor = None
             if VISION_GRAPH in self.manifest.graphs:
                 from .vision import VisionEncoder, processor_for
 
@@ -218,15 +223,15 @@ class Model:
         """The prompt as token ids, and where each image's embeddings go; images are preprocessed here, once.
         `tools` (from tool_spec) are rendered by the chat template."""
         p, images, videos = prompt_or_messages, list(images or []), list(videos or [])
-        extra = {"tools": tools.template_tools()} if tools is not None else {}
+        extra: dict[str, Any] = {"tools": tools.template_tools()} if tools is not None else {}
         if tools is not None and (raw or isinstance(p, str) and self.chat_template is None):
             raise EdgeLLMError("tools need the chat template; a raw prompt cannot offer them")
         if isinstance(p, Prompt):
             if images or videos:
                 raise EdgeLLMError("a prepared prompt already holds its images; do not pass images= again")
             return p
-        if (images or videos) and self.vision is None:
-            raise EdgeLLMError("this bundle has no vision graph: convert a vision-language model to use images")
+        if images or videos:
+            self._vision_encoder()  # refused before the template is rendered
         if isinstance(p, str) and (images or videos):
             if raw or self.chat_template is None:
                 raise EdgeLLMError("images need the bundle's chat template; raw prompts cannot hold them")
@@ -252,22 +257,29 @@ class Model:
         if not images and not videos:
             return Prompt(self.tokenizer.encode(self.chat_template.render(list(p), **extra), add_special_tokens=False),
                           [])
-        items = self._media_in_order(p, images, videos, frames)
-        processor = self.vision.processor
+        vision = self._vision_encoder()
+        items = self._media_in_order(vision, p, images, videos, frames)
+        processor = vision.processor
         text = self.chat_template.render(_rewrite_parts(p, items, processor.template_parts), **extra)
         ids = self.tokenizer.encode(processor.expand_prompt(text, items), add_special_tokens=False)
         slots = np.flatnonzero(np.isin(ids, self.manifest.tokens.media_ids))
         media, spans, used = [], [], 0
         for item in items:
             spans.append(slots[used:used + item.tokens])
-            media.append((spans[-1], item.key, lambda item=item: self.vision.features(item)))
+            media.append((spans[-1], item.key, lambda item=item: vision.features(item)))
             used += item.tokens
         if used != len(slots):
             raise EdgeLLMError(f"the prompt text holds {len(slots) - used} image token(s) of its own; "
                                "use image parts, not the raw image token")
         return Prompt(ids, media, processor.positions(len(ids), spans, items))
 
-    def _media_in_order(self, messages, images: list, videos: list, frames: int | None):
+    def _vision_encoder(self) -> VisionEncoder:
+        if self.vision is None:
+            raise EdgeLLMError("this bundle has no vision graph: convert a vision-language model to use images")
+        return self.vision
+
+    @staticmethod
+    def _media_in_order(vision: VisionEncoder, messages, images: list, videos: list, frames: int | None) -> list:
         """Preprocessed images and videos in the order their parts appear: the i-th image part takes images[i]."""
         queues = {"image": iter(images), "video": iter(videos)}
         items = []
@@ -275,9 +287,9 @@ class Model:
             for part in m["content"] if isinstance(m["content"], list) else []:
                 kind = part.get("type")
                 if kind == "image":
-                    items.append(self.vision.image(next(queues["image"])))
+                    items.append(vision.image(next(queues["image"])))
                 elif kind == "video":
-                    items.append(self.vision.video(next(queues["video"]), frames))
+                    items.append(vision.video(next(queues["video"]), frames))
         return items
 
     def _check_text_size(self, texts: list[str]) -> None:
@@ -318,6 +330,7 @@ class Model:
     def generate(self, prompt_or_messages, max_new_tokens: int = 256, **kwargs) -> GenerationResult:
         for _ in self.stream(prompt_or_messages, max_new_tokens, **kwargs):
             pass
+        assert self.last_result is not None, "stream() records its result"
         return self.last_result
 
     def start(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -330,7 +343,8 @@ class Model:
         started = time.perf_counter() if started is None else started
         if max_new_tokens < 0:
             raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
-        sampler = self.sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        free = self.sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        sampler: Sampler | ConstrainedSampler = free
         tools = tools if isinstance(tools, Tools) else self.tool_spec(tools, tool_choice)
         prompt = self.prepare(prompt_or_messages, raw, images, videos, frames, tools=tools)
         grammar = tools.grammar(self.tokenizer.token_to_id) if tools is not None else None
@@ -344,7 +358,7 @@ class Model:
                 constraint = json_schema
             else:
                 constraint = JsonConstraint(self.grammar_tokenizer, schema_of(json_schema), vocab)
-            sampler = ConstrainedSampler(sampler, constraint, self.eos_token_ids, self.think_tokens, prompt.ids)
+            sampler = ConstrainedSampler(free, constraint, self.eos_token_ids, self.think_tokens, prompt.ids)
         self.check_length(len(prompt.ids))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         self.engine.check_adapter(adapter)
@@ -439,7 +453,7 @@ class Model:
                 continue
             start = engine.length
             checked = engine.verify([token, *draft])
-            accepted = []
+            accepted: list[int] = []
             for i, guess in enumerate(draft):
                 token = sampler.check(checked[i], history + accepted, guess)
                 if token != guess:
@@ -456,10 +470,10 @@ class Model:
     @functools.cached_property
     def think_tokens(self) -> tuple[int, int] | None:
         """(<think>, </think>) token ids of a reasoning model (its template writes think blocks), else None."""
-        ids = (self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
-        if None in ids or self.chat_template is None or "<think>" not in self.chat_template.source:
+        opened, closed = self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>")
+        if opened is None or closed is None or self.chat_template is None or "<think>" not in self.chat_template.source:
             return None
-        return ids
+        return opened, closed
 
     @functools.cached_property
     def grammar_tokenizer(self):
@@ -571,7 +585,7 @@ def _rewrite_parts(messages: list, items: list, parts) -> list:
         if not isinstance(m["content"], list):
             out.append(m)
             continue
-        content = []
+        content: list = []
         for part in m["content"]:
             content.extend(parts(next(queue)) if part.get("type") in ("image", "video") else [part])
         out.append({**m, "content": content})
@@ -589,9 +603,9 @@ class ConstrainedSampler:
     block, and inside one (opened there or by the prompt) nothing is masked; the constraint starts after </think>."""
 
     def __init__(self, sampler: Sampler, constraint: JsonConstraint, eos_token_ids,
-                 think_tokens: tuple[int, int] | None = None, prompt_ids: list[int] = ()):
+                 think_tokens: tuple[int, int] | None = None, prompt_ids: Sequence[int] = ()):
         self.sampler, self.constraint, self.eos = sampler, constraint, set(eos_token_ids)
-        self.think = think_tokens
+        self.think = think_tokens or (-1, -1)  # read only in the states a reasoning model's tokens enter
         self.state = "answer"
         if think_tokens:
             opened, closed = think_tokens

@@ -14,10 +14,12 @@ import time
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
+from ..errors import EdgeLLMError
 from ..format import VISION_GRAPH, Bundle
 from ..models import vision_family
 from ..vision.media import Media
@@ -27,7 +29,17 @@ from .sessions import PROVIDERS, default_threads, open_graph, session_options
 
 def processor_for(bundle: Bundle) -> Processor:
     section = bundle.manifest.vision
+    if section is None:
+        raise EdgeLLMError(f"{bundle.path}: the bundle has no vision graph; convert a vision-language model")
     return vision_family(section.family).processor(section.settings)
+
+
+class FeatureGraph(Protocol):
+    """The vision graph as the encoder runs it, on ONNX Runtime or OpenVINO."""
+
+    outputs: list[str]
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 class _OrtGraph:
@@ -47,6 +59,7 @@ class VisionEncoder:
         self.processor = processor
         self.settings = processor.settings
         path = bundle.file(bundle.manifest.graphs[VISION_GRAPH])
+        self.graph: FeatureGraph
         if device == "openvino":  # the whole tower: many rows per matmul, where OpenVINO's bf16 GEMMs gain
             from .openvino import CompiledGraph
 
@@ -66,8 +79,8 @@ class VisionEncoder:
         self.folder, self.identity = Path(folder), identity
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def _read(self, key: int) -> dict[str, np.ndarray] | None:
-        path = self.folder / f"{-key:x}.features.npz"
+    def _read(self, folder: Path, key: int) -> dict[str, np.ndarray] | None:
+        path = folder / f"{-key:x}.features.npz"
         try:
             with np.load(path, allow_pickle=False) as f:
                 if str(f["bundle"]) != self.identity:
@@ -77,12 +90,12 @@ class VisionEncoder:
             return None
         return found
 
-    def _write(self, key: int, found: dict[str, np.ndarray]) -> None:
-        path = self.folder / f"{-key:x}.features.npz"
+    def _write(self, folder: Path, key: int, found: dict[str, np.ndarray]) -> None:
+        path = folder / f"{-key:x}.features.npz"
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
             with open(partial, "wb") as f:
-                np.savez(f, bundle=np.str_(self.identity), **found)
+                np.savez(f, **{"bundle": np.str_(self.identity), **found})
             os.replace(partial, path)
         except OSError:  # a full disk costs the next process an encoding, not this answer
             partial.unlink(missing_ok=True)
@@ -98,7 +111,7 @@ class VisionEncoder:
         any other output [tokens, K, hidden]."""
         hit = self.cache.get(media.key)
         if hit is None and self.folder is not None:
-            hit = self._read(media.key)
+            hit = self._read(self.folder, media.key)
             if hit is not None:
                 self.cache[media.key] = hit
         if hit is not None:
@@ -113,7 +126,7 @@ class VisionEncoder:
                            else np.concatenate([v.transpose(1, 0, 2) for v in values]))
         self.encode_s += time.perf_counter() - started
         if self.folder is not None:
-            self._write(media.key, found)
+            self._write(self.folder, media.key, found)
         self.cache[media.key] = found
         while len(self.cache) > self.cache_items:
             self.cache.popitem(last=False)

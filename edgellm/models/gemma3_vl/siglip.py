@@ -13,6 +13,7 @@ from ...modeling import layers
 from ...modeling.layers import MS, VitArgs, activation, patch_embedding, vit_block
 
 if TYPE_CHECKING:
+    from ...checkpoint import ModelSource
     from ...convert.graph import GraphBuilder
 
 
@@ -38,10 +39,10 @@ class SiglipVisionTower:
     def __init__(self, args: SiglipArgs):
         self.args = args
 
-    def norm(self, g: GraphBuilder, weights, x: str, name: str) -> str:
+    def norm(self, g: GraphBuilder, weights: ModelSource, x: str, name: str) -> str:
         return layers.norm(g, weights, x, name, self.args.layer_norm_eps)
 
-    def embeddings(self, g: GraphBuilder, weights, pixels: str) -> str:
+    def embeddings(self, g: GraphBuilder, weights: ModelSource, pixels: str) -> str:
         a, prefix = self.args, f"{self.prefix}.embeddings"
         x = patch_embedding(g, weights, pixels, f"{prefix}.patch_embedding", a.patch_size, a.hidden_size)
         positions = weights.tensor(f"{prefix}.position_embedding.weight")
@@ -50,7 +51,7 @@ class SiglipVisionTower:
                                f"have {a.grid ** 2}; interpolated positions are not supported")
         return g.add(x, g.const(positions[None], f"{prefix}.position_embedding"), f"{prefix}/positions")
 
-    def layer(self, g: GraphBuilder, weights, i: int, x: str) -> str:
+    def layer(self, g: GraphBuilder, weights: ModelSource, i: int, x: str) -> str:
         a, prefix = self.args, f"{self.prefix}.encoder.layers.{i}"
 
         def attention(h: str) -> str:
@@ -66,7 +67,7 @@ class SiglipVisionTower:
         return vit_block(g, x, prefix, lambda h: self.norm(g, weights, h, f"{prefix}.layer_norm1"), attention,
                          lambda h: self.norm(g, weights, h, f"{prefix}.layer_norm2"), mlp)
 
-    def build(self, g: GraphBuilder, weights, pixels: str) -> str:
+    def build(self, g: GraphBuilder, weights: ModelSource, pixels: str) -> str:
         x = self.embeddings(g, weights, pixels)
         for i in range(self.args.num_hidden_layers):
             x = self.layer(g, weights, i, x)

@@ -101,7 +101,7 @@ class VisionModel:
         self.args = args
         self.tower = SiglipVisionTower(args.tower)
 
-    def build(self, g: GraphBuilder, weights) -> None:
+    def build(self, g: GraphBuilder, weights: ModelSource) -> None:
         a, t = self.args, self.args.tower
         pixels = g.input("pixel_values", np.float32, ["images", 3, t.image_size, t.image_size])
         x = self.tower.build(g, weights, pixels)

@@ -15,7 +15,7 @@ import numpy as np
 from ...checkpoint import ModelSource, PrefixRename, RenamedSource
 from ...errors import EdgeLLMError
 from ...modeling import layers
-from ...modeling.family import VisionOptions, VisionParts
+from ...modeling.family import TextFamily, VisionOptions, VisionParts
 from ...modeling.layers import MS, VitArgs, activation, patch_embedding, vit_block
 from .processing import Settings
 
@@ -110,7 +110,7 @@ def split(source: ModelSource, options: VisionOptions) -> VisionParts:
     text_prefix = "model.language_model." if any(n.startswith("model.language_model.") for n in names) \
         else "language_model.model."
     lm_head = "lm_head." if "lm_head.weight" in names else "language_model.lm_head."
-    text_config.setdefault("architectures", [_TEXT_ARCHITECTURES.get(text_config.get("model_type"), "")])
+    text_config.setdefault("architectures", [_TEXT_ARCHITECTURES.get(text_config.get("model_type", ""), "")])
     if "lm_head.weight" not in names and "language_model.lm_head.weight" not in names:
         text_config["tie_word_embeddings"] = True
     text = RenamedSource(source, text_config, PrefixRename({"model.": text_prefix, "lm_head.": lm_head}))
@@ -124,6 +124,8 @@ def split(source: ModelSource, options: VisionOptions) -> VisionParts:
     if options.max_pixels:
         found.max_patches = max(1, min(found.max_patches, int(options.max_pixels) // found.tile_size ** 2))
     family = family_for(text_config["architectures"][0])
+    if not isinstance(family, TextFamily):
+        raise EdgeLLMError(f"InternVL's language model {text_config['architectures'][0]} is a vision-language model")
     return VisionParts(text, family.decoder(text_config), family.name, VisionModel(args), vision_source, found)
 
 
@@ -151,10 +153,10 @@ class VisionModel:
     def __init__(self, args: VisionArgs):
         self.args = args
 
-    def norm(self, g: GraphBuilder, weights, x: str, name: str) -> str:
+    def norm(self, g: GraphBuilder, weights: ModelSource, x: str, name: str) -> str:
         return layers.norm(g, weights, x, name, self.args.layer_norm_eps, self.args.norm_type)
 
-    def embeddings(self, g: GraphBuilder, weights, pixels: str) -> str:
+    def embeddings(self, g: GraphBuilder, weights: ModelSource, pixels: str) -> str:
         a, prefix = self.args, "vision_tower.embeddings"
         x = patch_embedding(g, weights, pixels, f"{prefix}.patch_embeddings.projection", a.patch_size,
                             a.hidden_size)
@@ -171,7 +173,7 @@ class VisionModel:
                                f"{a.grid ** 2}; interpolated positions are not supported")
         return g.add(x, g.const(positions, f"{prefix}.position_embeddings"), name=f"{prefix}/positions")
 
-    def attention(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
+    def attention(self, g: GraphBuilder, weights: ModelSource, prefix: str, x: str) -> str:
         a = self.args
         q, k, v = (layers.linear(g, weights, x, f"{prefix}.{p}_proj", a.attention_bias) for p in "qkv")
         if a.use_qk_norm:  # RMSNorm over all heads together
@@ -181,7 +183,7 @@ class VisionModel:
                    num_heads=a.num_attention_heads)
         return layers.linear(g, weights, out, f"{prefix}.projection_layer")
 
-    def layer(self, g: GraphBuilder, weights, i: int, x: str) -> str:
+    def layer(self, g: GraphBuilder, weights: ModelSource, i: int, x: str) -> str:
         prefix = f"vision_tower.encoder.layer.{i}"
         def mlp(h: str) -> str:
             h = activation(g, layers.linear(g, weights, h, f"{prefix}.mlp.fc1"), self.args.hidden_act,
@@ -205,7 +207,7 @@ class VisionModel:
         x = g.op("Transpose", [x], name="pixel_shuffle/t2", perm=[0, 2, 1, 3])
         return g.reshape(x, [0, half * half, c * (n // half) ** 2], "pixel_shuffle/out")
 
-    def build(self, g: GraphBuilder, weights) -> None:
+    def build(self, g: GraphBuilder, weights: ModelSource) -> None:
         a = self.args
         pixels = g.input("pixel_values", np.float32, ["tiles", 3, a.image_size, a.image_size])
         x = self.embeddings(g, weights, pixels)
@@ -222,6 +224,6 @@ class VisionModel:
         x = layers.linear(g, weights, activation(g, x, a.projector_hidden_act, f"{p}.act"), f"{p}.linear_2")
         g.output("image_embeds", np.float32, ["tiles", a.tokens_per_tile, a.text_hidden_size], value=x)
 
-    def norm_projector(self, g: GraphBuilder, weights, x: str) -> str:
+    def norm_projector(self, g: GraphBuilder, weights: ModelSource, x: str) -> str:
         name = "multi_modal_projector.layer_norm"
         return g.layer_norm(x, weights.tensor(f"{name}.weight"), weights.tensor(f"{name}.bias"), 1e-5, name)

@@ -54,6 +54,9 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
+QwenSettings = Settings  # the name the processor's class attribute is typed with
+
+
 def patchify(frames: np.ndarray, s: Settings) -> tuple[np.ndarray, tuple[int, int, int]]:
     """[frames, 3, H, W] -> ([t * h * w patches, 3 * temporal * 14 * 14], (t, h, w)), patches ordered by temporal
     slice, then 2x2 merge group, then within the group; a last incomplete temporal patch repeats the last frame."""
@@ -125,7 +128,8 @@ def merged_tokens(grid: tuple[int, int, int], s: Settings) -> int:
 
 
 class Processor(processor.Processor):
-    Settings = Settings
+    Settings: type[QwenSettings] = QwenSettings
+    settings: QwenSettings
 
     def image(self, picture) -> Media:
         s, picture = self.settings, load_image(picture)
@@ -156,7 +160,7 @@ class Processor(processor.Processor):
     def expand_prompt(self, text: str, items: list) -> str:
         """Each <|image_pad|> / <|video_pad|> of the template becomes as many pads as its embeddings have rows."""
         pads = (self.settings.image_token, self.settings.video_token)
-        pattern = re.compile("|".join(re.escape(t) for t in pads))
+        pattern = re.compile("|".join(re.escape(t) for t in pads if t))
         counts = iter([item.tokens for item in items])  # a placeholder beyond the items stays one token;
         return pattern.sub(lambda m: m.group(0) * next(counts, 1), text)  # Model.prepare reports the mismatch
 

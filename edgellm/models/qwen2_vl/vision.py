@@ -110,11 +110,12 @@ def settings(source: ModelSource, args: VisionArgs, config: dict, max_pixels: in
     max_px = int(max_pixels) if max_pixels else min(max_px, DEFAULT_MAX_TOKENS * factor * factor)
     if max_px < factor * factor:
         raise EdgeLLMError(f"--max-pixels {max_px} is below one {factor}x{factor} merged patch")
+    fixed_size = None
     if static_size:  # one size for every image and frame, in whole merged patches
         w, h = static_size if isinstance(static_size, tuple) else (int(max_px ** 0.5),) * 2
-        static_size = [max(factor, h // factor * factor), max(factor, w // factor * factor)]
+        fixed_size = [max(factor, h // factor * factor), max(factor, w // factor * factor)]
     return Settings(
-        version=args.version, static_size=static_size or None, patch_size=args.patch_size,
+        version=args.version, static_size=fixed_size, patch_size=args.patch_size,
         temporal_patch_size=args.temporal_patch_size, merge_size=args.spatial_merge_size,
         min_pixels=min(min_px, max_px), max_pixels=max_px, resample=int(p.get("resample", 3)),
         rescale_factor=float(p.get("rescale_factor", 1 / 255)), image_mean=list(p.get("image_mean", CLIP_MEAN)),
@@ -141,7 +142,7 @@ class VisionModel:
         self.args = args
         self.patches = patches or "patches"
 
-    def norm(self, g: GraphBuilder, weights, x: str, name: str) -> str:
+    def norm(self, g: GraphBuilder, weights: ModelSource, x: str, name: str) -> str:
         return layers.norm(g, weights, x, name, 1e-6, "rms_norm" if self.args.version == "2.5" else "layer_norm")
 
     def rotary_tables(self, g: GraphBuilder, positions: str) -> tuple[str, str]:
@@ -177,7 +178,8 @@ class VisionModel:
                     name="window/bias")
         return g.op("Unsqueeze", [bias, g.ints([0, 1], "window/ax01")], name="window/bias4d")
 
-    def attention(self, g: GraphBuilder, weights, prefix: str, x: str, rope: dict, bias: str | None) -> str:
+    def attention(self, g: GraphBuilder, weights: ModelSource, prefix: str, x: str, rope: dict,
+                  bias: str | None) -> str:
         a = self.args
         qkv = layers.linear(g, weights, x, f"{prefix}.qkv")
         q, k, v = g.op("Split", [qkv, g.ints([a.hidden_size] * 3, f"{prefix}/sizes")], name=f"{prefix}/split",
@@ -190,7 +192,7 @@ class VisionModel:
         out = g.op("MultiHeadAttention", inputs, name=f"{prefix}/mha", domain=MS, num_heads=a.num_heads)
         return layers.linear(g, weights, g.reshape(out, [-1, a.hidden_size], f"{prefix}/2d"), f"{prefix}.proj")
 
-    def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
+    def mlp(self, g: GraphBuilder, weights: ModelSource, prefix: str, x: str) -> str:
         if self.args.version == "2.5":
             gate = activation(g, layers.linear(g, weights, x, f"{prefix}.gate_proj"), self.args.hidden_act,
                               f"{prefix}.act")
@@ -199,14 +201,14 @@ class VisionModel:
         h = activation(g, layers.linear(g, weights, x, f"{prefix}.fc1"), self.args.hidden_act, f"{prefix}.act")
         return layers.linear(g, weights, h, f"{prefix}.fc2")
 
-    def block(self, g: GraphBuilder, weights, i: int, x: str, rope: dict, bias: str | None) -> str:
+    def block(self, g: GraphBuilder, weights: ModelSource, i: int, x: str, rope: dict, bias: str | None) -> str:
         prefix = f"visual.blocks.{i}"
         return vit_block(g, x, prefix, lambda h: self.norm(g, weights, h, f"{prefix}.norm1"),
                          lambda h: self.attention(g, weights, f"{prefix}.attn", h, rope, bias),
                          lambda h: self.norm(g, weights, h, f"{prefix}.norm2"),
                          lambda h: self.mlp(g, weights, f"{prefix}.mlp", h))
 
-    def build(self, g: GraphBuilder, weights) -> None:
+    def build(self, g: GraphBuilder, weights: ModelSource) -> None:
         a = self.args
         patch_dim = 3 * a.temporal_patch_size * a.patch_size ** 2
         pixels = g.input("pixel_values", np.float32, [self.patches, patch_dim])

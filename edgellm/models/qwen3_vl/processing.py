@@ -24,6 +24,9 @@ class Settings(qwen2_vl.Settings):
     grid_per_side: int  # the ViT's learned position table is a square grid of this side
 
 
+Qwen3Settings = Settings  # the name the processor's class attribute is typed with
+
+
 def axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
     """Two taps into a `side`-long table for positions `index` of an axis of `size`, and their weights."""
     src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
@@ -51,10 +54,12 @@ class Processor(qwen2_vl.Processor):
     """Images as Qwen2-VL's; the vision graph also takes each patch's position-table taps, and a video is written
     as one timed block per temporal patch."""
 
-    Settings = Settings
+    Settings = Qwen3Settings
+    settings: Qwen3Settings
 
     def runs(self, media: Media):
         """One vision-graph run per temporal slice."""
+        assert media.grid is not None, "this family's media always carry their patch grid"
         t, h, w = media.grid
         where = patch_positions(h, w, self.settings.merge_size)
         taps, weights = position_taps(where, h, w, self.settings.grid_per_side)
@@ -82,7 +87,7 @@ class Processor(qwen2_vl.Processor):
         """An image's <|image_pad|> becomes as many pads as it has rows; a video's <|video_pad|> becomes, per
         temporal patch, "<t seconds>" + <|vision_start|> + pads + <|vision_end|>."""
         s = self.settings
-        pattern = re.compile(f"{re.escape(s.image_token)}|{re.escape(s.video_token)}")
+        pattern = re.compile("|".join(re.escape(t) for t in (s.image_token, s.video_token) if t))
         queue = iter(items)
 
         def expand(m):

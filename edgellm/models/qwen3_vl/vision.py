@@ -66,11 +66,13 @@ class VisionModel(qwen2_vl.VisionModel):
     position table (position_indices, position_weights [patches, 4]) of one image or temporal slice ->
     image_embeds [patches / 4, text hidden] and deepstack_embeds [K, patches / 4, text hidden]."""
 
-    def mlp(self, g: GraphBuilder, weights, prefix: str, x: str) -> str:
+    args: VisionArgs
+
+    def mlp(self, g: GraphBuilder, weights: ModelSource, prefix: str, x: str) -> str:
         h = activation(g, layers.linear(g, weights, x, f"{prefix}.linear_fc1"), self.args.hidden_act, f"{prefix}.act")
         return layers.linear(g, weights, h, f"{prefix}.linear_fc2")
 
-    def merger(self, g: GraphBuilder, weights, x: str, prefix: str, norm_after_grouping: bool) -> str:
+    def merger(self, g: GraphBuilder, weights: ModelSource, x: str, prefix: str, norm_after_grouping: bool) -> str:
         """2x2 patch groups (consecutive in the preprocessor's order) -> LayerNorm, GELU MLP -> text width; the
         DeepStack mergers normalise the grouped vector, the final one each patch before grouping."""
         width = self.args.hidden_size * self.args.spatial_merge_size ** 2
@@ -82,7 +84,7 @@ class VisionModel(qwen2_vl.VisionModel):
         x = activation(g, layers.linear(g, weights, x, f"{prefix}.linear_fc1"), "gelu", f"{prefix}.act")
         return layers.linear(g, weights, x, f"{prefix}.linear_fc2")
 
-    def build(self, g: GraphBuilder, weights) -> None:
+    def build(self, g: GraphBuilder, weights: ModelSource) -> None:
         a = self.args
         patch_dim = 3 * a.temporal_patch_size * a.patch_size ** 2
         pixels = g.input("pixel_values", np.float32, [self.patches, patch_dim])
