@@ -7,13 +7,17 @@ from ._version import __version__
 from .errors import EdgeLLMError
 
 
-def load(path, device: str = "cpu", threads: int | None = None, verify: bool = True, **options):
-    """Open a bundle folder made by `edgellm convert`; returns a runtime.model.Model (options: spinning,
-    profile_prefix, check_memory=False to load a bundle larger than the free memory, slots, key / key_file for an
-    encrypted bundle)."""
+def load(path, device: str = "cpu", threads: int | None = None, verify: bool = True, progress: bool = False,
+         **options):
+    """Open a model; returns a runtime.model.Model. `path`: a bundle folder made by `edgellm convert`, or a Hugging
+    Face folder, a .gguf file or a Hugging Face id ("org/name", "org/name:Q4_K_M"), converted once (w4) into the
+    cache of bundles (`edgellm list`; progress: the conversion's bar and where the bundle went, on stderr). Options:
+    spinning, profile_prefix, check_memory=False to load a bundle larger than the free memory, slots, key / key_file
+    for an encrypted bundle."""
+    from .model_store import resolve
     from .runtime.model import Model
 
-    return Model(path, device=device, threads=threads, verify=verify, **options)
+    return Model(resolve(path, progress=progress), device=device, threads=threads, verify=verify, **options)
 
 
 def convert(source, out, quantize: str = "w4", group_size: int | None = None, seq_length: int | None = None,

@@ -148,8 +148,11 @@ def build_parser() -> Parser:
     c.add_argument("-f", "--force", action="store_true", help="replace the output folder if it exists")
     c.set_defaults(func=cmd_convert)
 
-    def runtime_args(q, prompt=True, cache=False):
-        q.add_argument("bundle", help="bundle folder made by `edgellm convert`")
+    def runtime_args(q, prompt=True, cache=False, several=False):
+        q.add_argument("bundle", metavar="MODEL", nargs="+" if several else None,
+                       help="a bundle folder, a Hugging Face folder, a .gguf file or a Hugging Face id (org/name, "
+                            "org/name:Q4_K_M); all but a bundle are converted once (w4) into the cache"
+                            + (" (several: requests pick one by 'model')" if several else ""))
         if cache:
             q.add_argument("--prompt-cache", default=None, metavar="DIR",
                            help="keep computed prompts' KV caches in DIR, and start from them (also after a restart); "
@@ -253,6 +256,12 @@ def build_parser() -> Parser:
     d.add_argument("-p", "--prompt", default=None, help="default: a question (smollm2) or a sentence start (gemma3)")
     d.add_argument("-n", "--max-new-tokens", type=int, default=128)
     d.set_defaults(func=cmd_demo)
+
+    ls = sub.add_parser("list", help="the bundles converted into the cache, their sizes and sources")
+    ls.set_defaults(func=cmd_list)
+    rm = sub.add_parser("rm", help="remove a cached bundle (by the name or the source `edgellm list` shows)")
+    rm.add_argument("name", nargs="+", metavar="NAME")
+    rm.set_defaults(func=cmd_rm)
     return p
 
 
@@ -262,7 +271,9 @@ def _load(args, slots: int | None = 1, keep_prompts: bool = False):
     from pathlib import Path
 
     from . import load
+    from .model_store import resolve
 
+    args.bundle = resolve(args.bundle)
     model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots,
                  key_file=vars(args).get("key_file"))
     print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms ({model.engine.kernels.describe()})", file=sys.stderr)
@@ -299,7 +310,7 @@ def _sampling(model, args) -> dict:
     if args.draft:
         from . import load
 
-        chosen["draft"] = load(args.draft, device=args.device, threads=args.threads)
+        chosen["draft"] = load(args.draft, device=args.device, threads=args.threads, progress=True)
         chosen["draft_tokens"] = args.draft_tokens
         model.check_draft(chosen["draft"])
     return chosen
@@ -523,8 +534,24 @@ def cmd_quality(args) -> None:
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeLLMError(f"{args.text}: cannot read the text ({e})") from e
     model = _load(args)
-    reference = load(args.reference, device=args.device, threads=args.threads) if args.reference else None
+    reference = (load(args.reference, device=args.device, threads=args.threads, progress=True) if args.reference
+                 else None)
     print(format_report(evaluate(model, text, reference, args.max_tokens)))
+
+
+def cmd_list(args) -> None:
+    from .model_store import bundles_dir, cached_bundles, table
+
+    records = cached_bundles()
+    print(table(records) if records else f"no bundles in {bundles_dir()} yet: `edgellm run MODEL` converts one")
+
+
+def cmd_rm(args) -> None:
+    from .model_store import remove
+
+    for name in args.name:
+        for record in remove(name):
+            print(f"removed {record.path} ({record.source})", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:

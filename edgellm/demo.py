@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EdgeLLMError
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("EDGELLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgellm"
-    return Path(base)
+from .model_store import cache_dir, cached
 
 
 def _installed_module_dir(module: str, install: str) -> Path:
@@ -70,19 +65,9 @@ MODELS = {
 
 
 def demo_bundle(name: str = "smollm2") -> Path:
-    """The cached bundle, (re)converted when missing, stale or damaged."""
-    from . import convert
-    from .format import open_bundle
-
-    bundle = cache_dir() / MODELS[name].bundle_name
-    try:
-        open_bundle(bundle, verify=False)
-        return bundle
-    except EdgeLLMError:
-        pass
+    """The cached bundle (`edgellm list` shows it), converted when missing, stale or damaged."""
     gguf = MODELS[name].gguf()
-    print(f"converting {gguf.name} to {bundle} (once) ...", file=sys.stderr)
-    return convert(gguf, bundle, quantize="w4", force=True)
+    return cached(gguf, str(gguf), True, {"quantize": "w4"}, name=MODELS[name].bundle_name)
 
 
 def demo(prompt: str | None = None, max_new_tokens: int = 128, name: str = "smollm2") -> None:

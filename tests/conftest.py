@@ -3,10 +3,18 @@ bundles; what builds them is in helpers.py."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import tempfile
 
-import edgellm
-from helpers import make_tiny_model
+# No test touches the user's cache of bundles or needs the network for a Hugging Face id (huggingface_hub reads
+# these at import, so they are set before anything imports it); a test of the hub path sets its own.
+os.environ["EDGELLM_CACHE"] = tempfile.mkdtemp(prefix="edgellm-cache-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+import edgellm  # noqa: E402
+from helpers import make_tiny_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):

@@ -124,7 +124,9 @@ class ConvertOptions:
             raise self.refuse("lm_head", "does not apply to a GGUF: its output tensor's blocks are kept as they are "
                                          "(or widened to f16 / f32)")
         if not self.reblock and self.quantize in ("w4", "auto"):
-            for option in ("group_size", "symmetric"):
-                if vars(self)[option] is not None:
+            # the defaults written out (the README's group_size=128) say nothing the kept blocks contradict; they
+            # apply to the GGUF's float tensors, if it has any
+            for option, default in (("group_size", 128), ("symmetric", True)):
+                if vars(self)[option] not in (None, default):
                     raise self.refuse(option, f"does not apply to a GGUF's blocks, which are kept as they are; add "
                                               f"{self.spell('reblock', True)} to round them again to new blocks")

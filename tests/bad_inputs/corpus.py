@@ -176,7 +176,11 @@ CASES = [
          2, "--max-pixels 640,480 applies to vision-language models only"),
     # --- load -------------------------------------------------------------------------------------------------------
     Case("load: no such bundle", "cli", lambda e: run(e.tmp / "nothing"), 2, "no such bundle folder"),
-    Case("load: a folder that is not a bundle", "cli", lambda e: run(e.folder), 2, "manifest.json"),
+    Case("load: a folder that is not a bundle or a model", "cli", lambda e: run(e.tmp), 2,
+         "not an edgellm bundle (no manifest.json), a Hugging Face model folder"),
+    Case("load: a broken .gguf file", "cli",
+         lambda e: run((e.tmp / "fake.gguf").write_bytes(b"GGUF" + b"\0" * 64) and e.tmp / "fake.gguf"), 2,
+         "not a readable GGUF file"),
     Case("load: manifest that is not JSON", "cli",
          lambda e: run(copy_bundle(e, lambda b: (b / "manifest.json").write_text("{"))), 2, "corrupt manifest"),
     Case("load: manifest of a newer format", "cli",
