@@ -191,6 +191,9 @@ def build_parser() -> Parser:
                            help="a smaller bundle of the same tokenizer drafts tokens that the model checks several "
                                 "at a time (greedy: the same answer, sampled: the same distribution)")
             q.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens per draft (default 4)")
+            q.add_argument("--no-loop-stop", dest="stop_loops", action="store_false",
+                           help="let an answer that keeps repeating itself run to -n (by default it stops once the "
+                                "same stretch of up to 64 tokens came three times, over 48 tokens or more)")
 
     r = sub.add_parser("run", help="answer one prompt")
     runtime_args(r, cache=True)
@@ -304,6 +307,7 @@ def _sampling(model, args) -> dict:
         if value is not None:
             chosen[key] = value
     chosen["seed"] = args.seed
+    chosen["stop_loops"] = args.stop_loops
     chosen["prompt_lookup"] = args.prompt_lookup
     if vars(args).get("adapter_names"):
         chosen["adapter"] = args.adapter_names[-1]
@@ -418,8 +422,10 @@ def cmd_cache_prompt(args) -> None:
           f"{time.perf_counter() - started:.2f} s; use it with --prompt-cache {args.output}", file=sys.stderr)
 
 
-CHAT_HELP = ("/image FILE and /video FILE attach to the next message, /clear starts over, /quit or Ctrl-D leaves; "
-             "Ctrl-C stops an answer")
+def chat_help(vision: bool) -> str:
+    """The chat's commands; /image and /video only where the bundle can see."""
+    media = "/image FILE and /video FILE attach to the next message, " if vision else ""
+    return f"{media}/clear starts over, /quit or Ctrl-D leaves; Ctrl-C stops an answer"
 
 
 def cmd_chat(args) -> None:
@@ -433,7 +439,7 @@ def cmd_chat(args) -> None:
     chat = model.chat(system=args.system, max_new_tokens=args.max_new_tokens, frames=args.frames,
                       **_sampling(model, args))
     attach = {"images": list(args.image), "videos": list(args.video)}  # go with the first message
-    print(f"chat with the model: {CHAT_HELP}", file=sys.stderr)
+    print(f"chat with the model: {chat_help(model.vision is not None)}", file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
@@ -466,7 +472,8 @@ def cmd_chat(args) -> None:
                 print(f"({argument.strip()} goes with the next message)", file=sys.stderr)
             continue
         if line.startswith("/") and not line.startswith("//"):
-            print(f"edgellm: unknown command {command}: {CHAT_HELP}; start a message with // to send a leading /",
+            print(f"edgellm: unknown command {command}: {chat_help(model.vision is not None)}; start a message with "
+                  "// to send a leading /",
                   file=sys.stderr)
             continue
         if line.startswith("//"):

@@ -36,6 +36,7 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests: dict[str, int] = {}  # outcome (stop, length, stopped, refused...) -> count
         self.tokens = {"prompt": 0, "cached": 0, "completion": 0}
+        self.cache_hits = 0  # requests whose prompt started from cached positions: a slot's own, or the prompt cache's
         self.ttft, self.speed = Histogram(TTFT_BUCKETS), Histogram(SPEED_BUCKETS)
 
     def finished(self, outcome: str, result=None) -> None:
@@ -46,6 +47,7 @@ class Metrics:
                 self.tokens["prompt"] += result.prompt_tokens
                 self.tokens["cached"] += result.reused_tokens
                 self.tokens["completion"] += len(result.token_ids)
+                self.cache_hits += result.reused_tokens > 0
                 if result.token_ids:
                     self.ttft.observe(result.ttft_s)
                 if result.decode_tokens_per_s > 0:
@@ -60,6 +62,9 @@ class Metrics:
             lines += ["# HELP edgellm_tokens_total Prompt tokens (of them taken from the KV cache) and generated ones.",
                       "# TYPE edgellm_tokens_total counter"]
             lines += [f'edgellm_tokens_total{{kind="{k}"}} {v}' for k, v in self.tokens.items()]
+            lines += ["# HELP edgellm_prompt_cache_hits Requests whose prompt started from cached positions (a "
+                      "slot's own, or the prompt cache's).", "# TYPE edgellm_prompt_cache_hits counter",
+                      f"edgellm_prompt_cache_hits {self.cache_hits}"]
             lines += ["# HELP edgellm_ttft_seconds Time to the first token.", "# TYPE edgellm_ttft_seconds histogram",
                       *self.ttft.lines("edgellm_ttft_seconds"),
                       "# HELP edgellm_decode_tokens_per_second Decode speed per request.",

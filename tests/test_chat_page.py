@@ -108,3 +108,14 @@ def test_the_system_field_and_the_stop_button(page):
     wait_for(browser, lambda b: b.find_element("id", "send").is_enabled())
     time.sleep(0.3)
     assert len(model.results[-1].token_ids) < 1000  # the server stopped it too
+    stopped = messages(browser, "assistant")[-1]
+    assert "stopped" in stopped.get_attribute("class")
+    assert stopped.find_element("css selector", ".timing").text.startswith("stopped · ")
+
+
+def test_the_controls_sit_where_they_are_looked_for(page):
+    browser, model = page
+    row = browser.find_element("id", "send").find_element("xpath", "..")
+    assert browser.find_element("id", "clear").find_element("xpath", "..") == row  # New chat beside Send and Stop
+    temperature = browser.find_element("id", "temperature").get_attribute("placeholder")
+    assert temperature == f"{model.sampling_defaults()['temperature']:g} (model's)"  # JavaScript's number

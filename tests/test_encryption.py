@@ -73,6 +73,8 @@ def test_missing_wrong_key_and_altered_bytes_are_refused(tiny, tmp_path, monkeyp
         edgellm.load(sealed)
     with pytest.raises(EdgeLLMError, match="wrong key for this encrypted bundle"):
         edgellm.load(sealed, key="not the right key")
+    with pytest.raises(EdgeLLMError, match="wrong key for this encrypted bundle"):
+        edgellm.load(sealed, key="short")  # too short to be any bundle's key: wrong, not a rule of new keys
     assert edgellm.load(sealed, key_file=key_file).generate("Hi", max_new_tokens=4).text is not None
     with pytest.raises(EdgeLLMError, match="device openvino reads graphs from files"):
         edgellm.load(sealed, device="openvino", key=KEY)
@@ -103,3 +105,10 @@ def test_the_command_line_converts_and_runs_an_encrypted_bundle(tiny, tmp_path, 
     assert main(["run", str(out), "Hello", "-n", "4", "--key-file", str(key_file)]) == 0
     assert main(["run", str(out), "Hello", "-n", "4"]) == 2
     assert "give its key in $EDGELLM_KEY or with --key-file" in capsys.readouterr().err
+    # --encrypt without a key says what --encrypt needs; a key for a plain bundle is refused, not ignored
+    assert main(["convert", "-m", str(folder), "-o", str(tmp_path / "nokey"), "-s", "64", "--encrypt"]) == 2
+    assert "--encrypt needs a key to encrypt with: --key-file FILE or $EDGELLM_KEY" in capsys.readouterr().err
+    assert not (tmp_path / "nokey").exists()
+    plain = edgellm.convert(folder, tmp_path / "plain", seq_length=64, progress=False)
+    assert main(["run", str(plain), "Hello", "-n", "2", "--key-file", str(key_file)]) == 2
+    assert "the bundle is not encrypted, so it takes no key; drop --key-file" in capsys.readouterr().err

@@ -5,19 +5,18 @@ huggingface_hub lays it (refs/, snapshots/, blobs/); nothing reaches the network
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import gguf
 import huggingface_hub
 import pytest
+from test_gguf import write_gguf
 
 import edgellm
 from edgellm.cli import main
 from edgellm.errors import EdgeLLMError
 from edgellm.hub import HubId, parse_hub_id, pick_gguf
 from edgellm.model_store import cached_bundles
-from test_gguf import write_gguf
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -146,18 +145,10 @@ def test_an_id_neither_cached_nor_reachable_is_one_clear_error(tmp_path, offline
 
 
 @pytest.mark.slow
-def test_the_readme_python_snippet_runs_on_a_gguf_and_a_folder(tiny, tmp_path):
-    """The README's Python API snippet, as written there, with its paths pointed at a tiny model's files."""
+def test_a_gguf_takes_the_documented_defaults_written_out(tiny, tmp_path):
     model, folder = tiny("llama")
     q4 = tmp_path / "model.gguf"
     write_gguf(model, folder, q4, "llama", gguf.GGMLQuantizationType.Q4_0)
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    snippet = readme.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    for source in (q4, folder):
-        out = tmp_path / f"bundle-{source.name}"
-        code = snippet.replace('"qwen2.5-0.5b"', repr(str(source))).replace('"qwen-w4"', repr(str(out)))
-        code = code.replace("seq_length=2048", "seq_length=512")  # the tiny model is trained for 1,024 positions
-        shutil.rmtree(out, ignore_errors=True)
-        exec(compile(code, "README.md", "exec"), {})
-        assert (out / "manifest.json").is_file()
-    assert main(["convert", "-m", str(q4), "-o", str(tmp_path / "cli"), "-g", "128"]) == 0  # the default, written
+    assert main(["convert", "-m", str(q4), "-o", str(tmp_path / "cli"), "-g", "128", "--sym"]) == 0
+    edgellm.convert(q4, tmp_path / "api", group_size=128, symmetric=True, progress=False)
+    assert (tmp_path / "api" / "manifest.json").is_file()

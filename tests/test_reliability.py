@@ -49,7 +49,8 @@ def test_a_lone_surrogate_is_one_clear_error_everywhere(small, monkeypatch, caps
                     headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"]
     r = client.post("/v1/completions", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "prompt is not valid Unicode text" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "prompt"
 
 
 def test_chat_skips_a_line_that_is_not_utf8(small, monkeypatch, capsys):
@@ -257,18 +258,26 @@ def test_convert_documents_its_keywords_and_writes_nothing_to_stdout(tiny, tmp_p
     assert not (tmp_path / "c").exists()
 
 
-def test_the_readme_python_snippet_runs_as_written(tiny, tmp_path, monkeypatch, capsys):
-    """The first example of the README's Python API section, run on a tiny model: every name is defined before it
-    is used."""
+def test_the_readme_python_snippet_runs_as_written(tiny, tmp_path, monkeypatch):
+    """The first example of the README's Python API section, run on a tiny model's Hugging Face folder and on a GGUF
+    of it: every name is defined before it is used, and the options it writes out apply to both."""
     from pathlib import Path
+
+    import gguf
+    from test_gguf import write_gguf
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    _, folder = tiny("llama")
+    model, folder = tiny("llama")
     monkeypatch.chdir(tmp_path)
-    code = code.replace("path/to/hf-folder-or.gguf", str(folder)).replace("seq_length=2048", "seq_length=256")
-    exec(compile(code, "README.md", "exec"), {})
-    assert (tmp_path / "bundle" / "manifest.json").exists()
+    q4 = tmp_path / "model.gguf"
+    write_gguf(model, folder, q4, "llama", gguf.GGMLQuantizationType.Q4_0)
+    for source in (folder, q4):
+        out = tmp_path / f"bundle-{source.suffix or 'folder'}"
+        # the tiny model is trained for 1,024 positions
+        run = code.replace('"qwen2.5-0.5b"', repr(str(source))).replace('"qwen-w4"', repr(str(out)))
+        exec(compile(run.replace("seq_length=2048", "seq_length=256"), "README.md", "exec"), {})
+        assert (out / "manifest.json").exists()
 
 
 def test_interleaved_conversations_never_see_each_others_cache(bundle):

@@ -318,6 +318,7 @@ def test_cli_chat_keeps_turns_and_clears(bundle, monkeypatch, capsys):
     err = capsys.readouterr().err
     timings = [line for line in err.splitlines() if line.startswith("prompt ")]
     assert len(timings) == 3 and "conversation cleared" in err
+    assert "/clear starts over" in err and "/image" not in err  # a text bundle offers no images
     cached = [int(line.split("(")[1].split()[0]) for line in timings]
     assert cached[0] == 0 and cached[1] > 0  # the second turn reused the first turn's KV cache
 
@@ -478,3 +479,53 @@ def test_a_draft_model_keeps_the_greedy_answer(bundle, tmp_path, capsys):
         model.generate(prompt, draft=edgellm.load(foreign, verify=False))
     with pytest.raises(EdgeLLMError, match="not both"):
         model.generate(prompt, draft=other, prompt_lookup=2)
+
+
+def test_the_timing_line_gives_a_rate_only_over_enough_prefilled_tokens():
+    from edgellm.runtime.model import GenerationResult
+
+    after_a_cache_hit = GenerationResult(token_ids=[1, 2], prompt_tokens=64, reused_tokens=63, ttft_s=0.064)
+    assert "prefill 1 new tok |" in after_a_cache_hit.timing_line()  # not "16 tok/s"
+    whole = GenerationResult(token_ids=[1, 2], prompt_tokens=64, reused_tokens=0, ttft_s=0.064)
+    assert "prefill 1000 tok/s |" in whole.timing_line()
+
+
+def test_the_prefill_bar_ends_its_line_where_stderr_is_not_a_terminal(bundle, capsys):
+    """Piped or logged (2>&1), the bar's last state stays on a line of its own: the answer and the timing line
+    that follow start on fresh lines."""
+    long_prompt = " ".join(["We hold these truths to be self-evident"] * 12)
+    assert main(["run", str(bundle("llama", "f32", seq_length=512, chunk_length=16)), long_prompt, "-n", "2",
+                 "--raw"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill" in err
+    timing = [line for line in err.splitlines() if "TTFT" in line]
+    assert len(timing) == 1 and timing[0].startswith("prompt "), err[-400:]
+    bar = [line for line in err.split("\n") if "prefill:" in line or "tok/s]" in line]
+    assert bar and bar[-1].rstrip().endswith("]"), err[-400:]  # the bar's last state, then a newline
+
+
+def test_a_looping_answer_stops_where_asked():
+    from edgellm.runtime.model import repeating
+
+    story = list(range(100, 160))
+    assert not repeating(story)  # no repetition
+    assert not repeating(story + [7, 8, 9] * 10)  # 30 tokens of a loop: under 48
+    assert repeating(story + [7, 8, 9] * 16)  # 48 tokens of one 3-token stretch
+    assert repeating(story + list(range(40)) * 3)  # a 40-token stretch three times
+    assert not repeating(story + list(range(40)) * 2 + list(range(39)) + [999])
+    assert repeating([5] * 48) and not repeating([5] * 47)
+
+
+def test_the_command_line_stops_a_greedy_loop(bundle, capsys):
+    """Tiny random models loop at once under greedy decoding: `run` ends such an answer and says so; asked not to,
+    it runs to -n."""
+    path = str(bundle("llama", "f32", seq_length=512))
+    assert main(["run", path, "We hold", "-n", "300", "--temperature", "0", "--raw"]) == 0
+    err = capsys.readouterr().err
+    assert "stopped: the answer was repeating itself" in err
+    generated = int(err.split("decode ")[1].split(" tok")[0])
+    assert 48 <= generated < 300
+    assert main(["run", path, "We hold", "-n", "300", "--temperature", "0", "--raw", "--no-loop-stop"]) == 0
+    assert "decode 300 tok" in capsys.readouterr().err
+    model = edgellm.load(path)
+    assert not model.generate("We hold", 300, raw=True, ignore_eos=True).looped  # the API's default: as asked

@@ -159,7 +159,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions) -> Path:
     options = options.checked(src)
     out = Path(out)
     check_output(out, options.force)  # before any work
-    material = encryption.key_material(options.key, options.key_file) if options.encrypt else None
+    material = encryption.key_material(options.key, options.key_file, encrypting=True) if options.encrypt else None
     other = open_bundle(options.share_weights_with, verify=False) if options.share_weights_with is not None else None
     plan = make_plan(Path(src), options)
     options = plan.options

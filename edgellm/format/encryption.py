@@ -35,8 +35,10 @@ def _aesgcm(key: bytes):
     return AESGCM(key)
 
 
-def key_material(key: bytes | str | None = None, key_file: str | Path | None = None) -> bytes:
-    """The user's key material: `key`, else the contents of `key_file`, else $EDGELLM_KEY; one clear error if none."""
+def key_material(key: bytes | str | None = None, key_file: str | Path | None = None, encrypting: bool = False) -> bytes:
+    """The user's key material: `key`, else the contents of `key_file`, else $EDGELLM_KEY; one clear error if none.
+    `encrypting`: for a new bundle, whose key must be at least 8 characters (at load, a shorter one is simply not
+    the bundle's key)."""
     if key is not None:
         material = key.encode() if isinstance(key, str) else bytes(key)
     elif key_file is not None:
@@ -46,10 +48,13 @@ def key_material(key: bytes | str | None = None, key_file: str | Path | None = N
             raise EdgeLLMError(f"{key_file}: cannot read the key file ({e.strerror or e})") from None
     elif os.environ.get(KEY_ENV):
         material = os.environ[KEY_ENV].encode()
+    elif encrypting:
+        raise EdgeLLMError(f"--encrypt needs a key to encrypt with: --key-file FILE or ${KEY_ENV} (key= / key_file= "
+                           "in Python)")
     else:
         raise EdgeLLMError(f"the bundle is encrypted: give its key in ${KEY_ENV} or with --key-file FILE "
                            "(key= / key_file= in Python)")
-    if len(material) < 8:
+    if encrypting and len(material) < 8:
         raise EdgeLLMError("an encryption key needs at least 8 characters")
     return material
 

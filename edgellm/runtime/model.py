@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ class GenerationResult:
     queued_s: float = 0.0  # a server's request: time waiting for a free slot (inside ttft_s)
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI tool_calls read from the answer (then `text` is
     # what it says beside them, and finish_reason "tool_calls")
+    looped: bool = False  # stopped because the answer kept repeating itself (stop_loops)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -60,10 +62,17 @@ class GenerationResult:
     def timing_line(self) -> str:
         vision = f"{self.images} image(s) encoded in {self.vision_s * 1000:.0f} ms | " if self.images else ""
         lookup = f" ({self.accepted} of {self.drafted} drafted tokens kept)" if self.drafted else ""
+        lookup += " | stopped: the answer was repeating itself" if self.looped else ""
+        # a rate over a few tokens (a cached prompt's new turn) says more about the fixed costs than about prefill
+        fresh = self.prompt_tokens - self.reused_tokens
+        prefill = f"{self.prefill_tokens_per_s:.0f} tok/s" if fresh >= RATE_MIN_TOKENS else f"{fresh} new tok"
         return (f"{vision}prompt {self.prompt_tokens} tok ({self.reused_tokens} cached) | "
                 f"TTFT {self.ttft_s * 1000:.0f} ms | "
-                f"prefill {self.prefill_tokens_per_s:.0f} tok/s | decode {len(self.token_ids)} tok at "
+                f"prefill {prefill} | decode {len(self.token_ids)} tok at "
                 f"{self.decode_tokens_per_s:.1f} tok/s{lookup}")
+
+
+RATE_MIN_TOKENS = 32  # fewer prefilled tokens than this get a count in the timing line, not a rate
 
 
 class Prompt(NamedTuple):
@@ -80,8 +89,9 @@ class Generation:
     one for a single sequence, the server's batch drives several at once."""
 
     def __init__(self, prompt: Prompt, sampler, decoder: StreamDecoder, stops: list[str], max_new_tokens: int,
-                 eos_token_ids: set[int], started: float, tools: Tools | None = None):
+                 eos_token_ids: set[int], started: float, tools: Tools | None = None, stop_loops: bool = False):
         self.prompt, self.sampler, self.decoder, self.stops, self.tools = prompt, sampler, decoder, stops, tools
+        self.stop_loops = stop_loops
         self.max_new_tokens, self.eos, self.started = max_new_tokens, eos_token_ids, started
         self.result = GenerationResult(prompt_tokens=len(prompt.ids), images=len(prompt.media), finish_reason="length")
         self.history = list(prompt.ids)  # the prompt and the answer so far, as the sampler's penalty reads it
@@ -110,6 +120,8 @@ class Generation:
             self.text, r.finish_reason, self.hit_stop, self.done = self.text[:cut], "stop", True, True
             return ""
         self.done = len(r.token_ids) >= self.max_new_tokens
+        if self.stop_loops and not self.done and len(r.token_ids) % 4 == 0 and repeating(r.token_ids):
+            r.finish_reason, r.looped, self.done = "stop", True, True
         held = max(_held_back(self.text, self.stops), self.tools.hold_back(self.text) if self.tools else 0)
         safe = len(self.text) - held
         if safe <= self.emitted:
@@ -154,6 +166,9 @@ class Model:
                 raise EdgeLLMError("device openvino reads graphs from files, and this bundle's are encrypted; use "
                                    "device cpu (or cuda)")
             self.bundle.unlock(key_material(key, key_file))
+        elif key is not None or key_file is not None:
+            raise EdgeLLMError(f"{path}: the bundle is not encrypted, so it takes no key; drop --key-file (key= / "
+                               "key_file= in Python)")
         if slots is not None and slots < 1:
             raise EdgeLLMError(f"slots must be 1 or more, got {slots}")
         if check_memory:
@@ -337,7 +352,7 @@ class Model:
               top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
               stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False, images=None,
               videos=None, frames: int | None = None, json_schema=None, tools=None, tool_choice=None,
-              started: float | None = None, adapter: str | None = None) -> Generation:
+              started: float | None = None, adapter: str | None = None, stop_loops: bool = False) -> Generation:
         """An answer to write (settings as for stream()), its prompt prepared and checked; whoever drives it runs the
         prefill and feeds it each step's logits. `started`: when the request came (perf_counter), for its TTFT."""
         started = time.perf_counter() if started is None else started
@@ -363,7 +378,7 @@ class Model:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         self.engine.check_adapter(adapter)
         answer = Generation(prompt, sampler, StreamDecoder(self.tokenizer), stops, max_new_tokens,
-                            set() if ignore_eos else self.eos_token_ids, started, tools)
+                            set() if ignore_eos else self.eos_token_ids, started, tools, stop_loops)
         answer.adapter = adapter
         return answer
 
@@ -394,7 +409,8 @@ class Model:
         the same distribution (Sampler.check), though not the same text for a seed. draft=a smaller Model of the
         same tokenizer drafts `draft_tokens` tokens instead, greedily, checked the same way.
         json_schema=True (any JSON object) or a JSON schema (dict or text): every step is masked to what keeps the
-        answer valid JSON of that schema (runtime.constraints; needs the structured extra)."""
+        answer valid JSON of that schema (runtime.constraints; needs the structured extra). stop_loops=True ends an
+        answer that keeps repeating itself (the result's `looped`; the command line's default)."""
         started = time.perf_counter()
         if prompt_lookup < 0:
             raise EdgeLLMError(f"prompt_lookup must be 0 (off) or more, got {prompt_lookup}")
@@ -550,7 +566,9 @@ def prefill_progress(enabled: bool, chunk: int):
         if bar is None and total > 2 * chunk:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, desc="prefill", unit="tok", leave=False)
+            # on a terminal the bar goes when done; piped or logged, its last state stays on a line of its own
+            terminal = sys.stderr.isatty()
+            bar = tqdm(total=total, desc="prefill", unit="tok", leave=not terminal, mininterval=0.1 if terminal else 5)
         if bar is not None:
             bar.update(done - bar.n)
 
@@ -559,6 +577,24 @@ def prefill_progress(enabled: bool, chunk: int):
     finally:
         if bar is not None:
             bar.close()
+
+
+LOOP_MIN_TOKENS, LOOP_MAX_PERIOD, LOOP_REPEATS = 48, 64, 3
+
+
+def repeating(tokens: list[int]) -> bool:
+    """Whether the answer ends in a loop: its last max(3 p, 48) tokens repeat with a period p of at most 64 (what
+    greedy decoding of a small model falls into, and never leaves before the token limit)."""
+    if len(tokens) < LOOP_MIN_TOKENS:
+        return False
+    tail = np.asarray(tokens[-LOOP_MAX_PERIOD * LOOP_REPEATS:])
+    for period in range(1, LOOP_MAX_PERIOD + 1):
+        span = max(period * LOOP_REPEATS, LOOP_MIN_TOKENS)
+        if span > len(tail):
+            break
+        if np.array_equal(tail[len(tail) - span + period:], tail[len(tail) - span:len(tail) - period]):
+            return True
+    return False
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -108,7 +108,7 @@ class OpenAIServer:
         model = self.model
         return {"id": served_id, "object": "model", "created": int(model.bundle.path.stat().st_mtime),
                 "owned_by": "edgellm", "context_length": model.seq_length, "vision": model.vision is not None,
-                "chat_template": model.chat_template is not None}
+                "chat_template": model.chat_template is not None, "defaults": model.sampling_defaults()}
 
     # --- the routes ---------------------------------------------------------------------------------------------
     async def complete(self, request, chat: bool):
@@ -222,7 +222,6 @@ class OpenAIServer:
         if cache is not None:
             gauges["prompt_cache_bytes"] = (cache.nbytes, "Memory the prompt cache holds.")
             gauges["prompt_cache_entries"] = (len(cache), "Sequences in the prompt cache.")
-            gauges["prompt_cache_hits"] = (cache.hits, "Prompts that started from the prompt cache.")
         return PlainTextResponse(self.metrics.text(gauges), media_type="text/plain; version=0.0.4")
 
     async def health(self, request):

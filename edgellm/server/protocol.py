@@ -281,12 +281,41 @@ async def read_json(request, limit: int):
         body += chunk
         if len(body) > limit:
             raise BadRequest(f"the request body is over {limit:,} bytes, the most this server takes", status=413)
+    # invalid UTF-8 is kept as lone surrogates through the parse, so that the error can name the field holding it
+    text = bytes(body).decode("utf-8", errors="surrogateescape")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        value = json.loads(text)
+    except json.JSONDecodeError:
         raise BadRequest("the request body is not valid JSON") from None
     except RecursionError:
         raise BadRequest("the request body is nested too deeply") from None
+    where = _not_text(value, "")
+    if where is not None:
+        field = where.lstrip(".") or "the request body"
+        raise BadRequest(f"{field} is not valid Unicode text (bytes that are not UTF-8, or a lone surrogate escape); "
+                         "send the request body as UTF-8",
+                         field.split(".")[0].split("[")[0] if where else None)
+    return value
+
+
+def _not_text(value, where: str) -> str | None:
+    """The path of the first string (key or value) in `value` holding a lone surrogate: invalid UTF-8 bytes, or a
+    JSON escape of half a character; None when all of them are text."""
+    if isinstance(value, str):
+        return where if any("\ud800" <= c <= "\udfff" for c in value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _not_text(key, where) is not None:
+                return f"{where}.{key.encode('utf-8', 'replace').decode()}"
+            found = _not_text(item, f"{where}.{key}")
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _not_text(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def not_served(asked, name: str) -> str:
