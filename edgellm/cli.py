@@ -208,7 +208,10 @@ def build_parser() -> Parser:
     ch.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions) with a chat page")
-    runtime_args(sv, prompt=False, cache=True)
+    runtime_args(sv, prompt=False, cache=True, several=True)
+    sv.add_argument("--max-models", type=count(1), default=None, metavar="N",
+                    help="models loaded at once; a request for another unloads the least recently used idle one "
+                         "(default: all given, as far as memory allows: one that does not fit unloads idle ones)")
     sv.add_argument("--parallel", type=count(1), default=None, metavar="N",
                     help="answers that decode together, one graph call per step for all (default: up to 4, as many "
                          "as fit in half the free memory with full contexts; 1 for decoders without a batch axis)")
@@ -221,7 +224,8 @@ def build_parser() -> Parser:
                     help="requests that may wait for the model; more get 503 with Retry-After (default 64)")
     sv.add_argument("--max-request-mib", type=count(1), default=32,
                     help="largest request body accepted, in MiB (default 32; larger gets 413)")
-    sv.add_argument("--name", default=None, help="model id the API reports (default: the bundle folder's name)")
+    sv.add_argument("--name", default=None, help="model id the API reports for a single model (default: the folder's "
+                                                  "or file's name, or the Hugging Face id)")
     sv.set_defaults(func=cmd_serve)
 
     cp = sub.add_parser("cache-prompt", help="precompute a system prompt's KV cache (for --prompt-cache)")
@@ -268,24 +272,25 @@ def build_parser() -> Parser:
     return p
 
 
-def _load(args, slots: int | None = 1, keep_prompts: bool = False):
-    """The bundle, loaded; with `--prompt-cache DIR` (or, `keep_prompts`, a memory-only `--cache-mib`), its
-    PromptCache."""
+def _load(args, slots: int | None = 1, keep_prompts: bool = False, bundle=None, folder=None):
+    """The model (args.bundle, or `bundle`), loaded; with `--prompt-cache DIR` (or `folder`; or, `keep_prompts`, a
+    memory-only `--cache-mib`), its PromptCache."""
     from pathlib import Path
 
     from . import load
     from .model_store import resolve
 
-    args.bundle = resolve(args.bundle)
-    model = load(args.bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots,
+    if bundle is None:
+        bundle = args.bundle = resolve(args.bundle)
+    model = load(bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots,
                  key_file=vars(args).get("key_file"))
-    print(f"loaded {args.bundle} in {model.load_s * 1000:.0f} ms ({model.engine.kernels.describe()})", file=sys.stderr)
+    print(f"loaded {bundle} in {model.load_s * 1000:.0f} ms ({model.engine.kernels.describe()})", file=sys.stderr)
     args.adapter_names = []
     for spec in vars(args).get("adapter") or []:
         name, _, path = spec.rpartition("=")
         args.adapter_names.append(model.load_adapter(path, name or None))
         print(f"adapter {args.adapter_names[-1]} ({path}) loaded", file=sys.stderr)
-    folder = vars(args).get("prompt_cache")
+    folder = folder or vars(args).get("prompt_cache")
     if folder is not None or (keep_prompts and args.cache_mib):
         from .runtime.prompt_cache import PromptCache
 
@@ -388,18 +393,39 @@ def cmd_run(args) -> None:
 def cmd_serve(args) -> None:
     from pathlib import Path
 
+    from .model_store import resolve, served_models
     from .runtime.memory import kv_cache_bytes
     from .server import listen, serve
+    from .server.pool import ModelPool, ServedModel
 
     sock = listen(args.host, args.port)  # before loading: a taken port fails at once
-    model = _load(args, slots=args.parallel, keep_prompts=True)
-    name = args.name or Path(args.bundle).resolve().name
+    models = served_models(args.bundle)
+    if len(models) > 1 and (args.name or args.adapter):
+        raise EdgeLLMError("--name and --adapter apply to a server of one model; give one MODEL")
+    bundles = [(args.name or name, resolve(spec)) for name, spec in models]  # every conversion before serving
+
+    def loader(name: str, bundle):
+        def load():
+            folder = Path(args.prompt_cache) / name.replace("/", "--") if args.prompt_cache and len(bundles) > 1 \
+                else None
+            model = _load(args, slots=args.parallel, keep_prompts=True, bundle=bundle, folder=folder)
+            return model, model.prompt_cache
+        return load
+
+    pool = ModelPool([ServedModel(name, loader(name, bundle), path=Path(bundle)) for name, bundle in bundles],
+                     max_models=args.max_models, max_queue=args.max_queue)
+    first = pool.models[bundles[0][0]]
+    with pool.use(first.name):  # the first model is ready before the first request
+        model = first.ready
     host, port = sock.getsockname()[:2]
     slots = len(model.engine.slots)
-    print(f"serving {name} on http://{host}:{port}/ (chat page) and /v1 (OpenAI API); --parallel {slots}: "
+    names = ", ".join(pool.names())
+    print(f"serving {names} on http://{host}:{port}/ (chat page) and /v1 (OpenAI API); --parallel {slots}: "
           f"{slots} answer(s) decode together, KV cache up to {slots * kv_cache_bytes(model.bundle) / (1 << 20):.0f} "
-          f"MiB; prompt cache {args.cache_mib} MiB", file=sys.stderr)
-    serve(model, name, sock, args.max_request_mib << 20, args.api_key, args.max_queue, model.prompt_cache)
+          f"MiB; prompt cache {args.cache_mib} MiB" + (f"; others load when asked for (--max-models "
+                                                       f"{pool.max_models})" if len(bundles) > 1 else ""),
+          file=sys.stderr)
+    serve(None, first.name, sock, args.max_request_mib << 20, args.api_key, args.max_queue, pool=pool)
 
 
 def cmd_cache_prompt(args) -> None:

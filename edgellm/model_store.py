@@ -87,6 +87,28 @@ def resolve(spec: str | os.PathLike, progress: bool = True, **options) -> Path:
     return cached(checkpoint, str(hub_id), progress, options)
 
 
+def served_models(specs: list[str]) -> list[tuple[str, str]]:
+    """(name, spec) of each model `serve` was given: a folder that is neither a bundle nor a Hugging Face folder
+    stands for the bundles, Hugging Face folders and .gguf files inside it. Names: a folder's or file's name (a
+    .gguf without its suffix), a Hugging Face id as written."""
+    found = []
+    for spec in specs:
+        path = Path(os.path.expanduser(spec))
+        if path.is_dir() and not is_bundle(path) and not (path / "config.json").is_file():
+            inside = [p for p in sorted(path.iterdir()) if is_bundle(p) or (p / "config.json").is_file()
+                      or (p.is_file() and p.suffix.lower() == ".gguf")]
+            if not inside:
+                raise EdgeLLMError(f"{spec}: holds no bundle, Hugging Face folder or .gguf file to serve")
+            found += [(_name_of(p), str(p)) for p in inside]
+        else:
+            found.append((_name_of(path) if path.exists() else spec, spec))
+    return found
+
+
+def _name_of(path: Path) -> str:
+    return path.stem if path.suffix.lower() == ".gguf" else path.resolve().name
+
+
 def fingerprint(path: Path) -> str:
     """A key of the source's content: per file (a folder's checkpoint files, or the one GGUF), its name, size and
     three samples."""

@@ -42,7 +42,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model, name: str, sock: socket.socket, max_request_bytes: int = MAX_REQUEST_BYTES,
-          api_key: str | None = None, max_queue: int = MAX_QUEUE, prompt_cache=None) -> None:
+          api_key: str | None = None, max_queue: int = MAX_QUEUE, prompt_cache=None, pool=None) -> None:
+    """Serve `model` under `name`, or the models of `pool` (server.pool.ModelPool), on `sock` until Ctrl-C."""
     import uvicorn
 
     if not log.handlers:  # the request lines, beside uvicorn's access log
@@ -50,7 +51,7 @@ def serve(model, name: str, sock: socket.socket, max_request_bytes: int = MAX_RE
         handler.setFormatter(logging.Formatter("%(asctime)s edgellm: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    config = uvicorn.Config(create_app(model, name, max_request_bytes, api_key, max_queue, prompt_cache),
+    config = uvicorn.Config(create_app(model, name, max_request_bytes, api_key, max_queue, prompt_cache, pool),
                             log_level="info",
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     uvicorn.Server(config).run(sockets=[sock])

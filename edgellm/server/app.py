@@ -17,7 +17,8 @@ from starlette.routing import Route
 
 from ..errors import EdgeLLMError
 from ..metrics import Metrics
-from ..runtime.batch import Batcher, QueueFull, Request
+from ..runtime.batch import QueueFull, Request
+from .pool import ModelPool, PoolBusy, ServedModel
 from .protocol import (
     MAX_REQUEST_BYTES,
     BadRequest,
@@ -42,28 +43,25 @@ log = logging.getLogger("edgellm.server")  # one line per request; `edgellm serv
 
 
 class OpenAIServer:
-    """Serves `model` under the id `name`: POST /v1/chat/completions and /v1/completions, GET /v1/models, /health,
-    /metrics and / (the chat page). As many answers decode together as the model's engine has slots; the rest wait
-    in a queue of at most `max_queue`; `prompt_cache`: a PromptCache that finished sequences go to and new prompts
-    start from."""
+    """Serves the models of `pool` (pool.py; or one loaded `model` under the id `name`): POST /v1/chat/completions
+    and /v1/completions, GET /v1/models, /health, /metrics and / (the chat page). A request's "model" picks one
+    (none: the first); as many answers decode together as its engine has slots, the rest wait in a queue of at most
+    `max_queue`; `prompt_cache`: a PromptCache that finished sequences go to and new prompts start from."""
 
-    def __init__(self, model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, max_queue: int = MAX_QUEUE,
-                 prompt_cache=None):
-        self.model, self.name = model, name
-        self.max_request_bytes, self.max_queue, self.prompt_cache = max_request_bytes, max_queue, prompt_cache
+    def __init__(self, model=None, name: str = "", max_request_bytes: int = MAX_REQUEST_BYTES,
+                 max_queue: int = MAX_QUEUE, prompt_cache=None, pool: ModelPool | None = None):
+        if pool is None:
+            one = ServedModel(name, lambda: (model, prompt_cache), path=model.bundle.path)
+            one.model, one.prompt_cache = model, prompt_cache
+            pool = ModelPool([one], max_queue=max_queue)
+        self.pool, self.name = pool, pool.names()[0]
+        pool.max_queue, pool.on_finished = max_queue, self.finished
+        self.max_request_bytes, self.max_queue = max_request_bytes, max_queue
         self.metrics = Metrics()
-        self._batcher: Batcher | None = None  # started with the first request (serving nothing starts no thread)
         self.html = PAGE.read_text(encoding="utf-8")
 
-    # --- the Batcher --------------------------------------------------------------------------------------------
-    @property
-    def batcher(self) -> Batcher:
-        if self._batcher is None:
-            self._batcher = Batcher(self.model, self.prompt_cache, self.max_queue, on_finished=self.finished)
-        return self._batcher
-
     def finished(self, request: Request, outcome: str) -> None:
-        """A request left the Batcher (on its thread): one log line, counted."""
+        """A request left a Batcher (on its thread): one log line, counted."""
         job, result = cast(Job, request.tag), request.answer.result
         started = request.prefilled_chunks > 0
         if outcome == "stopped" and not started:
@@ -74,8 +72,11 @@ class OpenAIServer:
         log.info(log_line(job, result if started else None, text))
         self.metrics.finished(outcome, result if started else None)
 
+    def queued(self) -> int:
+        return sum(m.batcher.queued for m in self.pool.loaded() if m.batcher is not None)
+
     def full(self) -> bool:
-        return self._batcher is not None and self._batcher.queued >= self.max_queue
+        return self.queued() >= self.max_queue
 
     # --- helpers of the routes ----------------------------------------------------------------------------------
     @staticmethod
@@ -83,50 +84,54 @@ class OpenAIServer:
               headers: dict | None = None):
         return JSONResponse(error_body(message, param, kind), status, headers=headers)
 
-    def busy(self):
+    def busy(self, why: str | None = None):
         self.metrics.finished("busy")
-        queued = self._batcher.queued if self._batcher is not None else 0
-        return self.error(f"the server is busy: {queued} requests are waiting for the model; retry shortly", 503,
-                          kind="server_busy", headers={"Retry-After": "2"})
+        return self.error(why or f"the server is busy: {self.queued()} requests are waiting for the model; retry "
+                          "shortly", 503, kind="server_busy", headers={"Retry-After": "2"})
 
     def served(self) -> list[str]:
-        """The model ids requests may name: the bundle's, and NAME:ADAPTER for each loaded LoRA adapter."""
-        return [self.name, *(f"{self.name}:{adapter}" for adapter in self.model.engine.adapters)]
+        """The model ids requests may name: each model's, and NAME:ADAPTER for each LoRA adapter a loaded one has."""
+        ids = []
+        for served in self.pool.models.values():
+            ids.append(served.name)
+            if served.model is not None:
+                ids += [f"{served.name}:{adapter}" for adapter in served.model.engine.adapters]
+        return ids
 
-    def adapter_of(self, asked) -> str | None:
-        return asked.split(":", 1)[1] if isinstance(asked, str) and asked.startswith(f"{self.name}:") else None
+    def pick(self, asked) -> tuple[str, str | None]:
+        """(model name, LoRA adapter or None) of a request's "model"; BadRequest (404) if none is served."""
+        if asked in (None, ""):
+            return self.name, None
+        if isinstance(asked, str) and asked in self.pool.models:
+            return asked, None
+        base, _, adapter = asked.rpartition(":") if isinstance(asked, str) else ("", "", "")
+        if base in self.pool.models and adapter:
+            model = self.pool.models[base].model
+            if model is None or adapter in model.engine.adapters:
+                return base, adapter  # an unloaded model's adapters are checked once it is loaded
+        raise BadRequest(not_served(asked, self.served()), "model", status=404)
 
-    def start(self, body, chat: bool, adapter: str | None = None):
-        """Check the request and make its answer ready to prefill (a thread: tokenizing, images, the schema)."""
-        job = parse(self.model, body, chat)
-        job.model = f"{self.name}:{adapter}" if adapter else self.name
-        answer = self.model.start(job.prompt, max_new_tokens=job.max_tokens, started=job.arrived, adapter=adapter,
-                                  **job.sampling)
-        return job, answer
+    def start(self, body, chat: bool, deliver):
+        """Check the request, make its answer ready to prefill and queue it (a worker thread: the model may have to
+        be loaded, and tokenizing, images and the schema take time)."""
+        name, adapter = self.pick(body.get("model") if isinstance(body, dict) else None)
+        with self.pool.use(name) as served:
+            model = served.ready
+            job = parse(model, body, chat)
+            job.model = f"{name}:{adapter}" if adapter else name
+            answer = model.start(job.prompt, max_new_tokens=job.max_tokens, started=job.arrived,
+                                        adapter=adapter, **job.sampling)
+            handle = self.pool.batcher(served).submit(answer, deliver, job.arrived, tag=job)
+        return job, handle, served
 
     def model_card(self, served_id: str) -> dict:
-        model = self.model
-        return {"id": served_id, "object": "model", "created": int(model.bundle.path.stat().st_mtime),
-                "owned_by": "edgellm", "context_length": model.seq_length, "vision": model.vision is not None,
-                "chat_template": model.chat_template is not None, "defaults": model.sampling_defaults()}
+        name, _ = self.pick(served_id)
+        return {"id": served_id, "object": "model", "owned_by": "edgellm", **self.pool.models[name].card()}
 
     # --- the routes ---------------------------------------------------------------------------------------------
     async def complete(self, request, chat: bool):
         if self.full():  # before reading the body
             return self.busy()
-        try:
-            body = await read_json(request, self.max_request_bytes)
-            asked = body.get("model") if isinstance(body, dict) else None
-            if asked not in (None, "", *self.served()):
-                raise BadRequest(not_served(asked, self.name), "model", status=404)
-            job, answer = await run_in_threadpool(self.start, body, chat, self.adapter_of(asked))
-        except BadRequest as e:
-            self.metrics.finished("refused")
-            return self.error(str(e), e.status, param=e.param,
-                              kind="not_found_error" if e.status == 404 else "invalid_request_error")
-        except EdgeLLMError as e:
-            self.metrics.finished("refused")
-            return self.error(str(e), param="messages" if chat else "prompt")
         loop = asyncio.get_running_loop()
         arrivals: asyncio.Queue = asyncio.Queue()
 
@@ -134,15 +139,25 @@ class OpenAIServer:
             loop.call_soon_threadsafe(arrivals.put_nowait, (kind, value))
 
         try:
-            handle = self.batcher.submit(answer, deliver, job.arrived, tag=job)
+            body = await read_json(request, self.max_request_bytes)
+            job, handle, served = await run_in_threadpool(self.start, body, chat, deliver)
+        except BadRequest as e:
+            self.metrics.finished("refused")
+            return self.error(str(e), e.status, param=e.param,
+                              kind="not_found_error" if e.status == 404 else "invalid_request_error")
+        except EdgeLLMError as e:
+            self.metrics.finished("refused")
+            return self.error(str(e), param="messages" if chat else "prompt")
         except QueueFull:  # it filled while this request was read and checked
             return self.busy()
+        except PoolBusy as e:
+            return self.busy(str(e))
         if job.stream:
-            return StreamingResponse(self.events(job, handle, arrivals), media_type="text/event-stream",
+            return StreamingResponse(self.events(job, handle, served, arrivals), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self.answer(request, job, handle, arrivals)
+        return await self.answer(request, job, handle, served, arrivals)
 
-    async def answer(self, request, job: Job, handle: Request, arrivals: asyncio.Queue):
+    async def answer(self, request, job: Job, handle: Request, served: ServedModel, arrivals: asyncio.Queue):
         """An unstreamed answer, whole; it stops if its client leaves while it is written."""
         loop = asyncio.get_running_loop()
         try:
@@ -159,18 +174,18 @@ class OpenAIServer:
                     return self.error(value, param="messages" if job.chat else "prompt")
                 if loop.time() >= check_at:
                     if await request.is_disconnected():  # nobody will read the answer: it stops
-                        self.batcher.cancel(handle)
+                        self.pool.batcher(served).cancel(handle)
                         return Response(status_code=499)
                     check_at = loop.time() + DISCONNECT_CHECK_S
         except BaseException:
-            self.batcher.cancel(handle)
+            self.pool.batcher(served).cancel(handle)
             raise
         text = (result.text or None) if result.tool_calls else result.text  # calls alone: content null
         return JSONResponse(envelope(job, False, choices=[choice(job, text, result.finish_reason,
                                                                  calls=result.tool_calls)],
                                      usage=usage(result), timings=timings(result)))
 
-    async def events(self, job: Job, handle: Request, arrivals: asyncio.Queue):
+    async def events(self, job: Job, handle: Request, served: ServedModel, arrivals: asyncio.Queue):
         """A streamed answer's server-sent events; the answer stops if the stream is closed."""
         try:
             if job.chat:
@@ -186,7 +201,7 @@ class OpenAIServer:
                     result = value
                     break
         except BaseException:  # the client went away (the stream was cancelled or closed)
-            self.batcher.cancel(handle)
+            self.pool.batcher(served).cancel(handle)
             raise
         if result.tool_calls:  # each call whole, in one chunk (OpenAI streams the same fields in pieces)
             calls = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
@@ -209,23 +224,29 @@ class OpenAIServer:
     async def one_model(self, request):
         asked = request.path_params["model"]
         if asked not in self.served():
-            return self.error(not_served(asked, self.name), 404, "model", kind="not_found_error")
+            return self.error(not_served(asked, self.served()), 404, "model", kind="not_found_error")
         return JSONResponse(self.model_card(asked))
 
     async def prometheus(self, request):
-        b, cache = self._batcher, self.prompt_cache
-        gauges = {"queue_length": (b.queued if b else 0, "Requests waiting for a free slot."),
-                  "running": (b.busy if b else 0, "Requests holding a slot (prefilling or decoding)."),
-                  "slots": (len(self.model.engine.slots), "Answers that can decode together (--parallel).")}
-        if b and b.steps:
-            gauges["batch_mean"] = (b.batched_tokens / b.steps, "Mean answers per decode step so far.")
-        if cache is not None:
-            gauges["prompt_cache_bytes"] = (cache.nbytes, "Memory the prompt cache holds.")
-            gauges["prompt_cache_entries"] = (len(cache), "Sequences in the prompt cache.")
+        loaded = self.pool.loaded()
+        batchers = [m.batcher for m in loaded if m.batcher is not None]
+        caches = [m.prompt_cache for m in loaded if m.prompt_cache is not None]
+        steps = sum(b.steps for b in batchers)
+        gauges = {"queue_length": (self.queued(), "Requests waiting for a free slot."),
+                  "running": (sum(b.busy for b in batchers), "Requests holding a slot (prefilling or decoding)."),
+                  "slots": (sum(len(m.ready.engine.slots) for m in loaded),
+                            "Answers that can decode together (--parallel), over the loaded models."),
+                  "models_loaded": (len(loaded), f"Models loaded, of the {len(self.pool.models)} served.")}
+        if steps:
+            gauges["batch_mean"] = (sum(b.batched_tokens for b in batchers) / steps, "Mean answers per decode step.")
+        if caches:
+            gauges["prompt_cache_bytes"] = (sum(c.nbytes for c in caches), "Memory the prompt caches hold.")
+            gauges["prompt_cache_entries"] = (sum(len(c) for c in caches), "Sequences in the prompt caches.")
         return PlainTextResponse(self.metrics.text(gauges), media_type="text/plain; version=0.0.4")
 
     async def health(self, request):
-        return JSONResponse({"status": "ok", "model": self.name})
+        return JSONResponse({"status": "ok", "model": self.name, "models": self.pool.names(),
+                             "loaded": [m.name for m in self.pool.loaded()]})
 
     async def page(self, request):
         return HTMLResponse(self.html)
@@ -241,9 +262,9 @@ class OpenAIServer:
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
         yield
-        if self._batcher is not None:  # streams still running were given their grace time by the server
+        for served in self.pool.loaded():  # streams still running were given their grace time by the server
             try:
-                self._batcher.close()
+                served.unload()
             except EdgeLLMError as e:  # the prompt cache could not be saved
                 log.warning(str(e))
 
@@ -258,11 +279,12 @@ class OpenAIServer:
                          lifespan=self.lifespan)
 
 
-def create_app(model, name: str, max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None,
-               max_queue: int = MAX_QUEUE, prompt_cache=None):
-    """The ASGI application serving `model` under the id `name` (OpenAIServer); with `api_key`, every route but
-    /health needs it (`Authorization: Bearer KEY`, as OpenAI clients send it; the chat page takes `?api_key=KEY`)."""
-    app = OpenAIServer(model, name, max_request_bytes, max_queue, prompt_cache).asgi()
+def create_app(model=None, name: str = "", max_request_bytes: int = MAX_REQUEST_BYTES, api_key: str | None = None,
+               max_queue: int = MAX_QUEUE, prompt_cache=None, pool: ModelPool | None = None):
+    """The ASGI application serving `model` under the id `name`, or the models of `pool` (OpenAIServer); with
+    `api_key`, every route but /health needs it (`Authorization: Bearer KEY`, as OpenAI clients send it; the chat
+    page takes `?api_key=KEY`)."""
+    app = OpenAIServer(model, name, max_request_bytes, max_queue, prompt_cache, pool).asgi()
     return app if api_key is None else KeyCheck(app, api_key)
 
 

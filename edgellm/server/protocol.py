@@ -318,8 +318,8 @@ def _not_text(value, where: str) -> str | None:
     return None
 
 
-def not_served(asked, name: str) -> str:
-    return f"model {asked!r} is not served here; this server serves {name!r}"
+def not_served(asked, served: list[str]) -> str:
+    return f"model {asked!r} is not served here; this server serves {', '.join(repr(s) for s in served)}"
 
 
 def log_line(job: Job, result, outcome: str) -> str:
