@@ -75,3 +75,47 @@ def test_metrics_count_requests_tokens_and_times(served):
     assert values['edgellm_tokens_total{kind="completion"}'] >= 3 and values["edgellm_ttft_seconds_count"] >= 1
     assert values['edgellm_ttft_seconds_bucket{le="+Inf"}'] == values["edgellm_ttft_seconds_count"]
     assert values["edgellm_queue_length"] == 0 and values["edgellm_resident_memory_bytes"] > 0
+
+
+def log_softmax(row):
+    import numpy as np
+
+    row = np.asarray(row, dtype=np.float64)
+    return row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+
+
+def test_logprobs_streamed_or_not_are_the_models_own(served):
+    """Each chosen token's log-probability and its top alternatives are those of the model's logits over the prompt
+    and the answer so far (the Python API's logits(), computed afresh)."""
+    import numpy as np
+
+    client, _, model = served
+    answer = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens
+    ids = model.prompt_ids(QUESTION)
+    want = model.generate(QUESTION, max_new_tokens=8)
+    logits = model.logits(ids + want.token_ids[:-1])[len(ids) - 1:]
+    for entry, token, row in zip(content, want.token_ids, logits):
+        expected = log_softmax(row)
+        assert abs(entry.logprob - expected[token]) < 1e-4
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the likeliest
+        assert np.allclose([t.logprob for t in entry.top_logprobs], np.sort(expected)[::-1][:3], atol=1e-4)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    stream = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = client.completions.create(model="tiny", prompt="We hold these truths", max_tokens=5, temperature=0,
+                                      logprobs=2)
+    lp = plain.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]  # (a token may be part of a
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)  # character: its text is then U+FFFD, as decoded
+    # alone, and two such alternatives share one key of the completions shape)
+    with pytest.raises(openai.BadRequestError, match="'top_logprobs' needs 'logprobs': true"):
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="'top_logprobs' must be"):
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, logprobs=True, top_logprobs=21)

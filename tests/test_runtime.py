@@ -529,3 +529,21 @@ def test_the_command_line_stops_a_greedy_loop(bundle, capsys):
     assert "decode 300 tok" in capsys.readouterr().err
     model = edgellm.load(path)
     assert not model.generate("We hold", 300, raw=True, ignore_eos=True).looped  # the API's default: as asked
+
+
+def test_generate_reports_logprobs_where_asked(bundle):
+    import numpy as np
+
+    model = edgellm.load(bundle("llama", "f32"))
+    result = model.generate("We hold", 6, raw=True, logprobs=2)
+    ids = model.tokenizer.encode("We hold")
+    logits = model.logits(ids + result.token_ids[:-1], raw=True)[len(ids) - 1:]
+    assert [token for token, _, _ in result.logprobs] == result.token_ids
+    for (token, logprob, top), row in zip(result.logprobs, logits):
+        row = row.astype(np.float64) - np.logaddexp.reduce(row.astype(np.float64))
+        assert abs(logprob - row[token]) < 1e-5 and [i for i, _ in top] == list(np.argsort(-row)[:2])
+    assert model.generate("We hold", 2, raw=True).logprobs is None
+    with pytest.raises(EdgeLLMError, match="logprobs must be 0 to 20"):
+        model.generate("We hold", 2, logprobs=21)
+    with pytest.raises(EdgeLLMError, match="logprobs cannot be given with prompt_lookup"):
+        model.generate("We hold", 2, logprobs=1, prompt_lookup=3)

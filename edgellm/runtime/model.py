@@ -49,6 +49,9 @@ class GenerationResult:
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI tool_calls read from the answer (then `text` is
     # what it says beside them, and finish_reason "tool_calls")
     looped: bool = False  # stopped because the answer kept repeating itself (stop_loops)
+    # logprobs=N: per generated token, (its id, its log-probability, the N likeliest [(id, log-probability)]), of
+    # the model's own distribution (before temperature, penalties and masks)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -72,6 +75,7 @@ class GenerationResult:
                 f"{self.decode_tokens_per_s:.1f} tok/s{lookup}")
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API
 RATE_MIN_TOKENS = 32  # fewer prefilled tokens than this get a count in the timing line, not a rate
 
 
@@ -89,9 +93,10 @@ class Generation:
     one for a single sequence, the server's batch drives several at once."""
 
     def __init__(self, prompt: Prompt, sampler, decoder: StreamDecoder, stops: list[str], max_new_tokens: int,
-                 eos_token_ids: set[int], started: float, tools: Tools | None = None, stop_loops: bool = False):
+                 eos_token_ids: set[int], started: float, tools: Tools | None = None, stop_loops: bool = False,
+                 logprobs: int | None = None):
         self.prompt, self.sampler, self.decoder, self.stops, self.tools = prompt, sampler, decoder, stops, tools
-        self.stop_loops = stop_loops
+        self.stop_loops, self.top_logprobs = stop_loops, logprobs
         self.max_new_tokens, self.eos, self.started = max_new_tokens, eos_token_ids, started
         self.result = GenerationResult(prompt_tokens=len(prompt.ids), images=len(prompt.media), finish_reason="length")
         self.history = list(prompt.ids)  # the prompt and the answer so far, as the sampler's penalty reads it
@@ -101,7 +106,16 @@ class Generation:
         self.adapter: str | None = None  # the LoRA adapter the answer is computed with (a bundle's LoRA slots)
 
     def next_token(self, logits: np.ndarray) -> int:
-        return self.sampler(logits, self.history)
+        return self.choose(logits, self.history)
+
+    def choose(self, logits: np.ndarray, history: list[int]) -> int:
+        """The sampler's choice, its log-probability recorded where asked (logprobs)."""
+        token = self.sampler(logits, history)
+        if self.top_logprobs is not None and token not in self.eos:
+            if self.result.logprobs is None:
+                self.result.logprobs = []
+            self.result.logprobs.append(log_probabilities(logits, token, self.top_logprobs))
+        return token
 
     def push(self, token: int) -> str:
         """Take the next token; returns the text that can be shown now (none while a stop string may be forming)."""
@@ -352,12 +366,16 @@ class Model:
               top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
               stop: list[str] | str | None = None, raw: bool = False, ignore_eos: bool = False, images=None,
               videos=None, frames: int | None = None, json_schema=None, tools=None, tool_choice=None,
-              started: float | None = None, adapter: str | None = None, stop_loops: bool = False) -> Generation:
+              started: float | None = None, adapter: str | None = None, stop_loops: bool = False,
+              logprobs: int | None = None) -> Generation:
         """An answer to write (settings as for stream()), its prompt prepared and checked; whoever drives it runs the
         prefill and feeds it each step's logits. `started`: when the request came (perf_counter), for its TTFT."""
         started = time.perf_counter() if started is None else started
         if max_new_tokens < 0:
             raise EdgeLLMError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise EdgeLLMError(f"logprobs must be 0 to {MAX_TOP_LOGPROBS} (the likeliest tokens to report beside each "
+                               f"chosen one), got {logprobs}")
         free = self.sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         sampler: Sampler | ConstrainedSampler = free
         tools = tools if isinstance(tools, Tools) else self.tool_spec(tools, tool_choice)
@@ -378,7 +396,7 @@ class Model:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         self.engine.check_adapter(adapter)
         answer = Generation(prompt, sampler, StreamDecoder(self.tokenizer), stops, max_new_tokens,
-                            set() if ignore_eos else self.eos_token_ids, started, tools, stop_loops)
+                            set() if ignore_eos else self.eos_token_ids, started, tools, stop_loops, logprobs)
         answer.adapter = adapter
         return answer
 
@@ -437,8 +455,11 @@ class Model:
         if prompt_lookup or draft is not None:
             drafter = (functools.partial(prompt_lookup_draft, count=prompt_lookup) if draft is None
                        else functools.partial(draft.draft_after, count=draft_tokens))
-        tokens = self._next_tokens(logits, answer.sampler, answer.history, drafter, len(prompt.ids) + max_new_tokens,
-                                   result)
+        if drafter is not None and answer.top_logprobs is not None:
+            raise EdgeLLMError("logprobs cannot be given with prompt_lookup or a draft model (drafted tokens are "
+                               "checked, not sampled one by one)")
+        choose = answer.sampler if drafter is not None else answer.choose
+        tokens = self._next_tokens(logits, choose, answer.history, drafter, len(prompt.ids) + max_new_tokens, result)
         while not answer.done:
             piece = answer.push(next(tokens))
             if piece:
@@ -451,7 +472,7 @@ class Model:
         if self.prompt_cache is not None and engine.slot.adapter is None:  # the cache holds base-model KV
             self.prompt_cache.put(engine.snapshot())
 
-    def _next_tokens(self, logits: np.ndarray, sampler: Sampler, history: list[int], drafter, limit: int,
+    def _next_tokens(self, logits: np.ndarray, sampler, history: list[int], drafter, limit: int,
                      result: GenerationResult) -> Iterator[int]:
         """The answer's tokens, one per next(): the caller appends each to `history` before asking for the next
         (the history grows to at most `limit` tokens). With a `drafter` (history, room) -> up to `room` guessed
@@ -595,6 +616,19 @@ def repeating(tokens: list[int]) -> bool:
         if np.array_equal(tail[len(tail) - span + period:], tail[len(tail) - span:len(tail) - period]):
             return True
     return False
+
+
+def log_probabilities(logits: np.ndarray, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token, its log-probability, the `top` likeliest tokens with theirs) under softmax(logits)."""
+    row = np.asarray(logits, dtype=np.float64).reshape(-1)
+    peak = row.max()
+    logz = peak + np.log(np.exp(row - peak).sum())
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        ids = np.argpartition(-row, min(top, row.size - 1))[:top]
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        best = [(int(i), float(row[i] - logz)) for i in ids]
+    return int(token), float(row[token] - logz), best
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -29,6 +29,7 @@ from .protocol import (
     error_event,
     event,
     log_line,
+    logprobs_of,
     not_served,
     parse,
     read_json,
@@ -124,6 +125,25 @@ class OpenAIServer:
             handle = self.pool.batcher(served).submit(answer, deliver, job.arrived, tag=job)
         return job, handle, served
 
+    @staticmethod
+    def logprobs(job: Job, handle: Request, served: ServedModel):
+        """The logprobs of the answer's tokens not reported yet (all of an unstreamed answer's)."""
+        if job.logprobs is None:
+            return None
+        result = handle.answer.result
+        entries = (result.logprobs or [])[job.logprobs_sent:len(result.token_ids)]
+        if not entries and job.stream:
+            return None
+        tokenizer = served.ready.tokenizer
+
+        def text_of(token: int) -> str:
+            return tokenizer.decode([token], skip_special_tokens=False)
+
+        body = logprobs_of(job, entries, text_of, job.logprobs_offset)
+        job.logprobs_sent += len(entries)
+        job.logprobs_offset += sum(len(text_of(token)) for token, _, _ in entries)
+        return body
+
     def model_card(self, served_id: str) -> dict:
         name, _ = self.pick(served_id)
         return {"id": served_id, "object": "model", "owned_by": "edgellm", **self.pool.models[name].card()}
@@ -182,7 +202,8 @@ class OpenAIServer:
             raise
         text = (result.text or None) if result.tool_calls else result.text  # calls alone: content null
         return JSONResponse(envelope(job, False, choices=[choice(job, text, result.finish_reason,
-                                                                 calls=result.tool_calls)],
+                                                                 calls=result.tool_calls,
+                                                                 logprobs=self.logprobs(job, handle, served))],
                                      usage=usage(result), timings=timings(result)))
 
     async def events(self, job: Job, handle: Request, served: ServedModel, arrivals: asyncio.Queue):
@@ -193,7 +214,7 @@ class OpenAIServer:
             while True:
                 kind, value = await arrivals.get()
                 if kind == "piece":
-                    yield event(job, choices=[choice(job, value, None)])
+                    yield event(job, choices=[choice(job, value, None, logprobs=self.logprobs(job, handle, served))])
                 elif kind == "error":
                     yield error_event(value)
                     return
@@ -207,7 +228,8 @@ class OpenAIServer:
             calls = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
             yield event(job, choices=[{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None,
                                        "logprobs": None}])
-        yield event(job, choices=[choice(job, None, result.finish_reason)], timings=timings(result))
+        yield event(job, choices=[choice(job, None, result.finish_reason, logprobs=self.logprobs(job, handle, served))],
+                    timings=timings(result))
         if job.include_usage:
             yield event(job, choices=[], usage=usage(result))
         yield "data: [DONE]\n\n"

@@ -11,12 +11,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..errors import EdgeLLMError
+from ..runtime.model import MAX_TOP_LOGPROBS
 from ..runtime.sampling import BOUNDS, Bound
 
 # OpenAI fields that would change the answer but that edgellm does not implement: refused rather than ignored.
-UNSUPPORTED = {"functions": "the deprecated function calls (use 'tools')", "logprobs": "log-probabilities",
-               "top_logprobs": "log-probabilities", "suffix": "suffix", "echo": "echo", "best_of": "best_of",
-               "logit_bias": "logit_bias"}
+UNSUPPORTED = {"functions": "the deprecated function calls (use 'tools')", "suffix": "suffix", "echo": "echo",
+               "best_of": "best_of", "logit_bias": "logit_bias"}
 
 
 # Characters that end a line for Python's str.splitlines, which clients such as httpx use to read server-sent
@@ -45,6 +45,9 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     model: str = ""  # the model id the answer names (the bundle's, or NAME:ADAPTER)
+    logprobs: int | None = None  # the likeliest tokens to report beside each chosen one; None: no logprobs
+    logprobs_sent: int = 0  # a stream's: tokens whose logprobs went out already, and the length of their text
+    logprobs_offset: int = 0
 
 
 # The settings' bounds are SamplingParams' own, but for OpenAI's cap on temperature.
@@ -206,6 +209,7 @@ def parse(model, body, chat: bool) -> Job:
         if body.get(name) not in (None, 0, 0.0):
             raise BadRequest(f"'{name}' is not supported; use 'repetition_penalty' (1.0 = off)", name)
     json_schema = _response_format(model, body.get("response_format"))
+    logprobs = _logprobs(body, chat)
     tools = None
     if chat:
         if model.chat_template is None:
@@ -246,10 +250,44 @@ def parse(model, body, chat: bool) -> Job:
     sampling["json_schema"] = json_schema
     sampling["tools"] = tools
     sampling["ignore_eos"] = _flag(body, "ignore_eos")  # llama.cpp's extension: fixed-length answers
+    sampling["logprobs"] = logprobs
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
-    return Job(prompt, max_tokens, sampling, _flag(body, "stream"), _flag(stream_options, "include_usage"), chat)
+    return Job(prompt, max_tokens, sampling, _flag(body, "stream"), _flag(stream_options, "include_usage"), chat,
+               logprobs=logprobs)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many likeliest tokens to report beside each chosen one: chat's logprobs (true) + top_logprobs (0-20),
+    a completion's logprobs (0-20); None when none are asked for."""
+    if not chat:
+        return _number(body, "logprobs", Bound(0, MAX_TOP_LOGPROBS, integer=True))
+    top = _number(body, "top_logprobs", Bound(0, MAX_TOP_LOGPROBS, integer=True))
+    if not _flag(body, "logprobs"):
+        if top is not None:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None
+    return top or 0
+
+
+def logprobs_of(job: Job, entries: list, text_of, offset: int = 0) -> dict:
+    """OpenAI's logprobs object of generated tokens `entries` (GenerationResult.logprobs'), in the chat shape or
+    the completions one (whose text offsets count from `offset`); `text_of(id)` is a token's text."""
+    if job.chat:
+        def item(token: int, logprob: float) -> dict:
+            text = text_of(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**item(token, lp), "top_logprobs": [item(i, v) for i, v in top]}
+                            for token, lp, top in entries], "refusal": None}
+    texts = [text_of(token) for token, _, _ in entries]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{text_of(i): v for i, v in top} for _, _, top in entries], "text_offset": offsets}
 
 
 def usage(result) -> dict:
@@ -341,17 +379,18 @@ def envelope(job: Job, piece: bool, **fields) -> dict:
             "model": job.model, **fields}
 
 
-def choice(job: Job, text: str | None, finish: str | None, first: bool = False, calls=None) -> dict:
-    """The answer's one choice: a message (chat), a delta (a chat stream) or text (a completion)."""
+def choice(job: Job, text: str | None, finish: str | None, first: bool = False, calls=None, logprobs=None,
+           index: int = 0) -> dict:
+    """An answer's choice: a message (chat), a delta (a chat stream) or text (a completion)."""
     if not job.chat:
-        return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
     if not job.stream:
         message = {"role": "assistant", "content": text}
         if calls:
             message["tool_calls"] = calls
-        return {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
     delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-    return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
 
 def event(job: Job, **fields) -> str:
