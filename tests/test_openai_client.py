@@ -119,3 +119,34 @@ def test_logprobs_streamed_or_not_are_the_models_own(served):
         client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="'top_logprobs' must be"):
         client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, logprobs=True, top_logprobs=21)
+
+
+def test_n_choices_decode_together_and_each_is_an_answer(served):
+    client, url, model = served
+    greedy = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=6, temperature=0, n=3)
+    want = model.generate(QUESTION, max_new_tokens=6)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert all(c.message.content == want.text for c in greedy.choices)  # greedy: three times the one answer
+    assert greedy.usage.completion_tokens == 3 * len(want.token_ids)
+    sampled = client.completions.create(model="tiny", prompt="We hold these truths", max_tokens=8, temperature=1.0,
+                                        seed=5, n=4)
+    texts = [c.text for c in sampled.choices]
+    assert len(texts) == 4 and len(set(texts)) > 1  # seeds 5, 6, 7, 8: different draws
+    again = client.completions.create(model="tiny", prompt="We hold these truths", max_tokens=8, temperature=1.0,
+                                      seed=5, n=4)
+    assert [c.text for c in again.choices] == texts  # and the same ones again for the same seed
+    stream = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=6, temperature=0, n=2,
+                                            stream=True, stream_options={"include_usage": True})
+    pieces: dict[int, str] = {0: "", 1: ""}
+    finished = set()
+    usage = None
+    for chunk in stream:
+        for c in chunk.choices:
+            pieces[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+        usage = chunk.usage or usage
+    assert pieces == {0: want.text, 1: want.text} and finished == {0, 1}
+    assert usage.completion_tokens == 2 * len(want.token_ids)
+    with pytest.raises(openai.BadRequestError, match="'n' must be"):
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, n=9)

@@ -113,7 +113,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": QUESTION, "temperature": "hot"}, "temperature", "a number"),
     ("/v1/chat/completions", {"messages": QUESTION, "temperature": 5}, "temperature", "between 0 and 2"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 0}, "max_tokens", "between 1"),
-    ("/v1/chat/completions", {"messages": QUESTION, "n": 2}, "n", "one answer"),
+    ("/v1/chat/completions", {"messages": QUESTION, "n": 9}, "n", "'n' must be"),
     ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, "tools", "tools[0] must be"),
     ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools", "no tool-call format"),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -18,6 +20,7 @@ from starlette.routing import Route
 from ..errors import EdgeLLMError
 from ..metrics import Metrics
 from ..runtime.batch import QueueFull, Request
+from ..runtime.model import GenerationResult
 from .pool import ModelPool, PoolBusy, ServedModel
 from .protocol import (
     MAX_REQUEST_BYTES,
@@ -41,6 +44,26 @@ PAGE = Path(__file__).parent.parent / "server_page.html"
 MAX_QUEUE = 64  # requests waiting for the model beyond this get a 503 with Retry-After
 DISCONNECT_CHECK_S = 0.25  # how often an unstreamed answer checks that its client is still there
 log = logging.getLogger("edgellm.server")  # one line per request; `edgellm serve` prints it
+
+
+@dataclass
+class Reply:
+    """A request's answers in the making: one Batcher request per choice (n), and what each has reported."""
+
+    job: Job
+    served: ServedModel
+    handles: list[Request] = field(default_factory=list)
+    logprobs_sent: list[int] = field(default_factory=list)  # per choice: tokens whose logprobs went out, and the
+    logprobs_offset: list[int] = field(default_factory=list)  # length of their text
+
+    def __post_init__(self):
+        self.logprobs_sent = [0] * self.job.n
+        self.logprobs_offset = [0] * self.job.n
+
+    def cancel(self, pool: ModelPool) -> None:
+        batcher = pool.batcher(self.served)
+        for handle in self.handles:
+            batcher.cancel(handle)
 
 
 class OpenAIServer:
@@ -112,36 +135,47 @@ class OpenAIServer:
                 return base, adapter  # an unloaded model's adapters are checked once it is loaded
         raise BadRequest(not_served(asked, self.served()), "model", status=404)
 
-    def start(self, body, chat: bool, deliver):
-        """Check the request, make its answer ready to prefill and queue it (a worker thread: the model may have to
-        be loaded, and tokenizing, images and the schema take time)."""
+    def start(self, body, chat: bool, deliver) -> Reply:
+        """Check the request, make its answers (n of them) ready to prefill and queue them (a worker thread: the
+        model may have to be loaded, and tokenizing, images and the schema take time)."""
         name, adapter = self.pick(body.get("model") if isinstance(body, dict) else None)
         with self.pool.use(name) as served:
             model = served.ready
             job = parse(model, body, chat)
             job.model = f"{name}:{adapter}" if adapter else name
-            answer = model.start(job.prompt, max_new_tokens=job.max_tokens, started=job.arrived,
-                                        adapter=adapter, **job.sampling)
-            handle = self.pool.batcher(served).submit(answer, deliver, job.arrived, tag=job)
-        return job, handle, served
+            batcher, reply = self.pool.batcher(served), Reply(job, served)
+            try:
+                for i in range(job.n):
+                    sampling = dict(job.sampling)
+                    if i > 0:  # each choice its own constraint state and its own draws
+                        sampling["json_schema"] = job.schema
+                        sampling["seed"] = None if sampling.get("seed") is None else sampling["seed"] + i
+                    answer = model.start(job.prompt, max_new_tokens=job.max_tokens, started=job.arrived,
+                                         adapter=adapter, **sampling)
+                    reply.handles.append(batcher.submit(answer, functools.partial(deliver, i), job.arrived, tag=job))
+            except BaseException:
+                reply.cancel(self.pool)
+                raise
+        return reply
 
     @staticmethod
-    def logprobs(job: Job, handle: Request, served: ServedModel):
-        """The logprobs of the answer's tokens not reported yet (all of an unstreamed answer's)."""
+    def logprobs(reply: Reply, index: int):
+        """The logprobs of choice `index`'s tokens not reported yet (all of an unstreamed answer's)."""
+        job = reply.job
         if job.logprobs is None:
             return None
-        result = handle.answer.result
-        entries = (result.logprobs or [])[job.logprobs_sent:len(result.token_ids)]
+        result = reply.handles[index].answer.result
+        entries = (result.logprobs or [])[reply.logprobs_sent[index]:len(result.token_ids)]
         if not entries and job.stream:
             return None
-        tokenizer = served.ready.tokenizer
+        tokenizer = reply.served.ready.tokenizer
 
         def text_of(token: int) -> str:
             return tokenizer.decode([token], skip_special_tokens=False)
 
-        body = logprobs_of(job, entries, text_of, job.logprobs_offset)
-        job.logprobs_sent += len(entries)
-        job.logprobs_offset += sum(len(text_of(token)) for token, _, _ in entries)
+        body = logprobs_of(job, entries, text_of, reply.logprobs_offset[index])
+        reply.logprobs_sent[index] += len(entries)
+        reply.logprobs_offset[index] += sum(len(text_of(token)) for token, _, _ in entries)
         return body
 
     def model_card(self, served_id: str) -> dict:
@@ -155,12 +189,12 @@ class OpenAIServer:
         loop = asyncio.get_running_loop()
         arrivals: asyncio.Queue = asyncio.Queue()
 
-        def deliver(kind: str, value) -> None:  # on the Batcher's thread
-            loop.call_soon_threadsafe(arrivals.put_nowait, (kind, value))
+        def deliver(index: int, kind: str, value) -> None:  # on the Batcher's thread
+            loop.call_soon_threadsafe(arrivals.put_nowait, (index, kind, value))
 
         try:
             body = await read_json(request, self.max_request_bytes)
-            job, handle, served = await run_in_threadpool(self.start, body, chat, deliver)
+            reply = await run_in_threadpool(self.start, body, chat, deliver)
         except BadRequest as e:
             self.metrics.finished("refused")
             return self.error(str(e), e.status, param=e.param,
@@ -172,66 +206,76 @@ class OpenAIServer:
             return self.busy()
         except PoolBusy as e:
             return self.busy(str(e))
-        if job.stream:
-            return StreamingResponse(self.events(job, handle, served, arrivals), media_type="text/event-stream",
+        if reply.job.stream:
+            return StreamingResponse(self.events(reply, arrivals), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self.answer(request, job, handle, served, arrivals)
+        return await self.answer(request, reply, arrivals)
 
-    async def answer(self, request, job: Job, handle: Request, served: ServedModel, arrivals: asyncio.Queue):
-        """An unstreamed answer, whole; it stops if its client leaves while it is written."""
-        loop = asyncio.get_running_loop()
+    async def answer(self, request, reply: Reply, arrivals: asyncio.Queue):
+        """An unstreamed answer, whole (all its choices); it stops if its client leaves while it is written."""
+        loop, job = asyncio.get_running_loop(), reply.job
+        results: dict[int, GenerationResult] = {}
         try:
             check_at = loop.time() + DISCONNECT_CHECK_S
-            while True:
+            while len(results) < job.n:
                 try:
-                    kind, value = await asyncio.wait_for(arrivals.get(), DISCONNECT_CHECK_S)
+                    index, kind, value = await asyncio.wait_for(arrivals.get(), DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
                     kind = None
                 if kind == "done":
-                    result = value
-                    break
+                    results[index] = value
                 if kind == "error":
+                    reply.cancel(self.pool)
                     return self.error(value, param="messages" if job.chat else "prompt")
                 if loop.time() >= check_at:
                     if await request.is_disconnected():  # nobody will read the answer: it stops
-                        self.pool.batcher(served).cancel(handle)
+                        reply.cancel(self.pool)
                         return Response(status_code=499)
                     check_at = loop.time() + DISCONNECT_CHECK_S
         except BaseException:
-            self.pool.batcher(served).cancel(handle)
+            reply.cancel(self.pool)
             raise
-        text = (result.text or None) if result.tool_calls else result.text  # calls alone: content null
-        return JSONResponse(envelope(job, False, choices=[choice(job, text, result.finish_reason,
-                                                                 calls=result.tool_calls,
-                                                                 logprobs=self.logprobs(job, handle, served))],
-                                     usage=usage(result), timings=timings(result)))
+        choices = []
+        for i in range(job.n):
+            result = results[i]
+            text = (result.text or None) if result.tool_calls else result.text  # calls alone: content null
+            choices.append(choice(job, text, result.finish_reason, calls=result.tool_calls,
+                                  logprobs=self.logprobs(reply, i), index=i))
+        ordered = [results[i] for i in range(job.n)]
+        return JSONResponse(envelope(job, False, choices=choices, usage=usage(ordered), timings=timings(ordered[0])))
 
-    async def events(self, job: Job, handle: Request, served: ServedModel, arrivals: asyncio.Queue):
-        """A streamed answer's server-sent events; the answer stops if the stream is closed."""
+    async def events(self, reply: Reply, arrivals: asyncio.Queue):
+        """A streamed answer's server-sent events (choices interleaved, each chunk naming its index); the answer
+        stops if the stream is closed."""
+        job = reply.job
+        results: dict[int, GenerationResult] = {}
         try:
             if job.chat:
-                yield event(job, choices=[choice(job, None, None, first=True)])
-            while True:
-                kind, value = await arrivals.get()
+                for i in range(job.n):
+                    yield event(job, choices=[choice(job, None, None, first=True, index=i)])
+            while len(results) < job.n:
+                index, kind, value = await arrivals.get()
                 if kind == "piece":
-                    yield event(job, choices=[choice(job, value, None, logprobs=self.logprobs(job, handle, served))])
+                    yield event(job, choices=[choice(job, value, None, logprobs=self.logprobs(reply, index),
+                                                     index=index)])
                 elif kind == "error":
+                    reply.cancel(self.pool)
                     yield error_event(value)
                     return
                 else:
-                    result = value
-                    break
+                    result = results[index] = value
+                    if result.tool_calls:  # each call whole, in one chunk (OpenAI streams the same fields in pieces)
+                        calls = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
+                        yield event(job, choices=[{"index": index, "delta": {"tool_calls": calls},
+                                                   "finish_reason": None, "logprobs": None}])
+                    yield event(job, choices=[choice(job, None, result.finish_reason,
+                                                     logprobs=self.logprobs(reply, index), index=index)],
+                                timings=timings(result))
         except BaseException:  # the client went away (the stream was cancelled or closed)
-            self.pool.batcher(served).cancel(handle)
+            reply.cancel(self.pool)
             raise
-        if result.tool_calls:  # each call whole, in one chunk (OpenAI streams the same fields in pieces)
-            calls = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
-            yield event(job, choices=[{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None,
-                                       "logprobs": None}])
-        yield event(job, choices=[choice(job, None, result.finish_reason, logprobs=self.logprobs(job, handle, served))],
-                    timings=timings(result))
         if job.include_usage:
-            yield event(job, choices=[], usage=usage(result))
+            yield event(job, choices=[], usage=usage([results[i] for i in range(job.n)]))
         yield "data: [DONE]\n\n"
 
     async def chat_completions(self, request):

@@ -22,6 +22,7 @@ UNSUPPORTED = {"functions": "the deprecated function calls (use 'tools')", "suff
 # Characters that end a line for Python's str.splitlines, which clients such as httpx use to read server-sent
 # events: inside an event's JSON they are escaped, so that no client cuts an event in two (JSON allows \uXXXX there)
 LINE_BREAKING = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+MAX_CHOICES = 8  # n: answers to one prompt, decoded together in the batch
 MAX_REQUEST_BYTES = 32 << 20  # a request body larger than this gets a 413 (images come base64-encoded inside)
 
 
@@ -46,8 +47,8 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     model: str = ""  # the model id the answer names (the bundle's, or NAME:ADAPTER)
     logprobs: int | None = None  # the likeliest tokens to report beside each chosen one; None: no logprobs
-    logprobs_sent: int = 0  # a stream's: tokens whose logprobs went out already, and the length of their text
-    logprobs_offset: int = 0
+    n: int = 1  # answers to the prompt, decoded together
+    schema: object = None  # response_format's schema as asked (each further choice compiles its own constraint)
 
 
 # The settings' bounds are SamplingParams' own, but for OpenAI's cap on temperature.
@@ -203,8 +204,7 @@ def parse(model, body, chat: bool) -> Job:
     for name, what in UNSUPPORTED.items():
         if body.get(name) not in (None, False, [], {}):
             raise BadRequest(f"'{name}' is not supported: edgellm does not implement {what}", name)
-    if body.get("n", 1) != 1:
-        raise BadRequest("'n' must be 1: one answer per request", "n")
+    n = _number(body, "n", Bound(1, MAX_CHOICES, integer=True)) or 1
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise BadRequest(f"'{name}' is not supported; use 'repetition_penalty' (1.0 = off)", name)
@@ -255,7 +255,14 @@ def parse(model, body, chat: bool) -> Job:
     if not isinstance(stream_options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
     return Job(prompt, max_tokens, sampling, _flag(body, "stream"), _flag(stream_options, "include_usage"), chat,
-               logprobs=logprobs)
+               logprobs=logprobs, n=n, schema=_schema_asked(body.get("response_format")))
+
+
+def _schema_asked(value):
+    """response_format's schema as generate() takes it (already checked by _response_format)."""
+    if not isinstance(value, dict) or value.get("type") not in ("json_object", "json_schema"):
+        return None
+    return True if value["type"] == "json_object" else value["json_schema"]["schema"]
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
@@ -290,10 +297,12 @@ def logprobs_of(job: Job, entries: list, text_of, offset: int = 0) -> dict:
             "top_logprobs": [{text_of(i): v for i, v in top} for _, _, top in entries], "text_offset": offsets}
 
 
-def usage(result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
-            "total_tokens": result.prompt_tokens + len(result.token_ids),
-            "prompt_tokens_details": {"cached_tokens": result.reused_tokens}}
+def usage(results: list) -> dict:
+    """Token counts of a request's answers (one prompt, n completions)."""
+    completion = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": completion,
+            "total_tokens": results[0].prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].reused_tokens}}
 
 
 def timings(result) -> dict:
