@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..errors import EdgeLLMError
 from ..metrics import Metrics
 from ..runtime.batch import QueueFull, Request
 from ..runtime.model import GenerationResult
+from . import ollama
 from .pool import ModelPool, PoolBusy, ServedModel
 from .protocol import (
     MAX_REQUEST_BYTES,
@@ -53,6 +55,7 @@ class Reply:
     job: Job
     served: ServedModel
     handles: list[Request] = field(default_factory=list)
+    arrivals: asyncio.Queue = field(default_factory=asyncio.Queue)  # (choice, kind, value) from the Batcher
     logprobs_sent: list[int] = field(default_factory=list)  # per choice: tokens whose logprobs went out, and the
     logprobs_offset: list[int] = field(default_factory=list)  # length of their text
 
@@ -108,10 +111,12 @@ class OpenAIServer:
               headers: dict | None = None):
         return JSONResponse(error_body(message, param, kind), status, headers=headers)
 
-    def busy(self, why: str | None = None):
+    def busy(self, why: str | None = None, error=None):
         self.metrics.finished("busy")
-        return self.error(why or f"the server is busy: {self.queued()} requests are waiting for the model; retry "
-                          "shortly", 503, kind="server_busy", headers={"Retry-After": "2"})
+        response = (error or self.error)(why or f"the server is busy: {self.queued()} requests are waiting for the "
+                                         "model; retry shortly", 503, None, "server_busy")
+        response.headers["Retry-After"] = "2"
+        return response
 
     def served(self) -> list[str]:
         """The model ids requests may name: each model's, and NAME:ADAPTER for each LoRA adapter a loaded one has."""
@@ -128,6 +133,8 @@ class OpenAIServer:
             return self.name, None
         if isinstance(asked, str) and asked in self.pool.models:
             return asked, None
+        if isinstance(asked, str) and asked.endswith(":latest") and asked[:-7] in self.pool.models:
+            return asked[:-7], None  # ollama's tag for a model named without one
         base, _, adapter = asked.rpartition(":") if isinstance(asked, str) else ("", "", "")
         if base in self.pool.models and adapter:
             model = self.pool.models[base].model
@@ -183,9 +190,10 @@ class OpenAIServer:
         return {"id": served_id, "object": "model", "owned_by": "edgellm", **self.pool.models[name].card()}
 
     # --- the routes ---------------------------------------------------------------------------------------------
-    async def complete(self, request, chat: bool):
-        if self.full():  # before reading the body
-            return self.busy()
+    async def submit(self, body, chat: bool, error=None) -> Reply | Response:
+        """The request `body` (OpenAI's shape) checked and queued, or the error response (`error(message, status,
+        param, kind)` writes it; OpenAI's shape by default)."""
+        error = error or self.error
         loop = asyncio.get_running_loop()
         arrivals: asyncio.Queue = asyncio.Queue()
 
@@ -193,56 +201,77 @@ class OpenAIServer:
             loop.call_soon_threadsafe(arrivals.put_nowait, (index, kind, value))
 
         try:
-            body = await read_json(request, self.max_request_bytes)
             reply = await run_in_threadpool(self.start, body, chat, deliver)
         except BadRequest as e:
             self.metrics.finished("refused")
-            return self.error(str(e), e.status, param=e.param,
-                              kind="not_found_error" if e.status == 404 else "invalid_request_error")
+            return error(str(e), e.status, e.param, "not_found_error" if e.status == 404 else "invalid_request_error")
         except EdgeLLMError as e:
             self.metrics.finished("refused")
-            return self.error(str(e), param="messages" if chat else "prompt")
+            return error(str(e), 400, "messages" if chat else "prompt", "invalid_request_error")
         except QueueFull:  # it filled while this request was read and checked
-            return self.busy()
+            return self.busy(error=error)
         except PoolBusy as e:
-            return self.busy(str(e))
-        if reply.job.stream:
-            return StreamingResponse(self.events(reply, arrivals), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self.answer(request, reply, arrivals)
+            return self.busy(str(e), error=error)
+        reply.arrivals = arrivals
+        return reply
 
-    async def answer(self, request, reply: Reply, arrivals: asyncio.Queue):
-        """An unstreamed answer, whole (all its choices); it stops if its client leaves while it is written."""
+    async def complete(self, request, chat: bool):
+        if self.full():  # before reading the body
+            return self.busy()
+        try:
+            body = await read_json(request, self.max_request_bytes)
+        except BadRequest as e:
+            self.metrics.finished("refused")
+            return self.error(str(e), e.status, e.param)
+        reply = await self.submit(body, chat)
+        if isinstance(reply, Response):
+            return reply
+        if reply.job.stream:
+            return StreamingResponse(self.events(reply, reply.arrivals), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self.answer(request, reply)
+
+    async def gather(self, request, reply: Reply) -> list[GenerationResult] | str | None:
+        """All of an unstreamed reply's results in choice order; an error's message; or None when the client left
+        (the answers stop: nobody will read them)."""
         loop, job = asyncio.get_running_loop(), reply.job
         results: dict[int, GenerationResult] = {}
         try:
             check_at = loop.time() + DISCONNECT_CHECK_S
             while len(results) < job.n:
                 try:
-                    index, kind, value = await asyncio.wait_for(arrivals.get(), DISCONNECT_CHECK_S)
+                    index, kind, value = await asyncio.wait_for(reply.arrivals.get(), DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
                     kind = None
                 if kind == "done":
                     results[index] = value
                 if kind == "error":
                     reply.cancel(self.pool)
-                    return self.error(value, param="messages" if job.chat else "prompt")
+                    return str(value)
                 if loop.time() >= check_at:
-                    if await request.is_disconnected():  # nobody will read the answer: it stops
+                    if await request.is_disconnected():
                         reply.cancel(self.pool)
-                        return Response(status_code=499)
+                        return None
                     check_at = loop.time() + DISCONNECT_CHECK_S
         except BaseException:
             reply.cancel(self.pool)
             raise
+        return [results[i] for i in range(job.n)]
+
+    async def answer(self, request, reply: Reply):
+        """An unstreamed answer, whole (all its choices); it stops if its client leaves while it is written."""
+        job = reply.job
+        results = await self.gather(request, reply)
+        if results is None:
+            return Response(status_code=499)
+        if isinstance(results, str):
+            return self.error(results, param="messages" if job.chat else "prompt")
         choices = []
-        for i in range(job.n):
-            result = results[i]
+        for i, result in enumerate(results):
             text = (result.text or None) if result.tool_calls else result.text  # calls alone: content null
             choices.append(choice(job, text, result.finish_reason, calls=result.tool_calls,
                                   logprobs=self.logprobs(reply, i), index=i))
-        ordered = [results[i] for i in range(job.n)]
-        return JSONResponse(envelope(job, False, choices=choices, usage=usage(ordered), timings=timings(ordered[0])))
+        return JSONResponse(envelope(job, False, choices=choices, usage=usage(results), timings=timings(results[0])))
 
     async def events(self, reply: Reply, arrivals: asyncio.Queue):
         """A streamed answer's server-sent events (choices interleaved, each chunk naming its index); the answer
@@ -277,6 +306,86 @@ class OpenAIServer:
         if job.include_usage:
             yield event(job, choices=[], usage=usage([results[i] for i in range(job.n)]))
         yield "data: [DONE]\n\n"
+
+    # --- the ollama API ---------------------------------------------------------------------------------------
+    @staticmethod
+    def ollama_error(message: str, status: int = 400, param: str | None = None, kind: str = "") -> JSONResponse:
+        return JSONResponse({"error": message}, status)
+
+    async def ollama_answer(self, request, route: str):
+        """/api/chat and /api/generate: the request in OpenAI's shape through the same checks and batch."""
+        if self.full():
+            return self.busy(error=self.ollama_error)
+        try:
+            body = await read_json(request, self.max_request_bytes)
+            if route == "chat":
+                asked, chat = ollama.chat_request(body), True
+            else:
+                name, _ = self.pick(body.get("model") if isinstance(body, dict) else None)
+                asked, chat = ollama.generate_request(body, self.pool.models[name].card().get("chat_template", True))
+        except BadRequest as e:
+            self.metrics.finished("refused")
+            return self.ollama_error(str(e), e.status)
+        reply = await self.submit(asked, chat, error=self.ollama_error)
+        if isinstance(reply, Response):
+            return reply
+        as_chat = route == "chat"  # /api/generate answers as a completion, templated or not
+        if reply.job.stream:
+            return StreamingResponse(self.ollama_lines(reply, as_chat), media_type="application/x-ndjson")
+        results = await self.gather(request, reply)
+        if results is None:
+            return Response(status_code=499)
+        if isinstance(results, str):
+            return self.ollama_error(results, 500)
+        result = results[0]
+        text = result.text if not result.tool_calls else (result.text or "")
+        return JSONResponse(ollama.last(reply.job.model, as_chat, result, ollama.elapsed(reply.job.arrived), text))
+
+    async def ollama_lines(self, reply: Reply, chat: bool):
+        """A streamed ollama answer: one JSON object per line, the last with done: true and the timings."""
+        job = reply.job
+        try:
+            while True:
+                _, kind, value = await reply.arrivals.get()
+                if kind == "piece":
+                    yield json.dumps(ollama.piece(job.model, chat, value), ensure_ascii=False) + "\n"
+                elif kind == "error":
+                    reply.cancel(self.pool)
+                    yield json.dumps({"error": value}) + "\n"
+                    return
+                else:
+                    yield json.dumps(ollama.last(job.model, chat, value, ollama.elapsed(job.arrived)),
+                                     ensure_ascii=False) + "\n"
+                    return
+        except BaseException:  # the client went away
+            reply.cancel(self.pool)
+            raise
+
+    async def ollama_chat(self, request):
+        return await self.ollama_answer(request, "chat")
+
+    async def ollama_generate(self, request):
+        return await self.ollama_answer(request, "generate")
+
+    async def ollama_tags(self, request):
+        models = self.pool.models.values()
+        return JSONResponse({"models": [ollama.tag(m.name, m.card(), m.size()) for m in models]})
+
+    async def ollama_running(self, request):
+        return JSONResponse({"models": [{**ollama.tag(m.name, m.card(), m.size()), "expires_at": ollama.now(),
+                                         "size_vram": 0} for m in self.pool.loaded()]})
+
+    async def ollama_show(self, request):
+        try:
+            body = await read_json(request, self.max_request_bytes)
+            name, _ = self.pick((body.get("model") or body.get("name")) if isinstance(body, dict) else None)
+        except BadRequest as e:
+            return self.ollama_error(str(e), e.status)
+        served = self.pool.models[name]
+        return JSONResponse(ollama.show(served.card(), served.template()))
+
+    async def ollama_version(self, request):
+        return JSONResponse({"version": ollama.VERSION})
 
     async def chat_completions(self, request):
         return await self.complete(request, chat=True)
@@ -339,7 +448,11 @@ class OpenAIServer:
         routes = [Route("/", self.page), Route("/health", self.health), Route("/metrics", self.prometheus),
                   Route("/v1/models", self.models), Route("/v1/models/{model:path}", self.one_model),
                   Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-                  Route("/v1/completions", self.completions, methods=["POST"])]
+                  Route("/v1/completions", self.completions, methods=["POST"]),
+                  Route("/api/chat", self.ollama_chat, methods=["POST"]),
+                  Route("/api/generate", self.ollama_generate, methods=["POST"]),
+                  Route("/api/tags", self.ollama_tags), Route("/api/ps", self.ollama_running),
+                  Route("/api/show", self.ollama_show, methods=["POST"]), Route("/api/version", self.ollama_version)]
         return Starlette(routes=routes, exception_handlers={HTTPException: self.http_error,
                                                             Exception: self.server_error},
                          lifespan=self.lifespan)

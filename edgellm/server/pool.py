@@ -42,20 +42,31 @@ class ServedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one load at a time per model
 
     def card(self) -> dict:
-        """What /v1/models says of it: its context, whether it sees images and has a chat template, loaded or not."""
-        model = self.model
-        if model is not None:
-            return {"created": int(model.bundle.path.stat().st_mtime), "context_length": model.seq_length,
-                    "vision": model.vision is not None, "chat_template": model.chat_template is not None,
-                    "defaults": model.sampling_defaults(), "loaded": True}
+        """What the model lists say of it, loaded or not: its context, family, precision, whether it sees images and
+        has a chat template, its sampling defaults (once loaded) and its size on disk."""
         from ..format import VISION_GRAPH, open_bundle
 
-        if self.path is None:
+        model = self.model
+        path = model.bundle.path if model is not None else self.path
+        if path is None:
             return {"loaded": False}
-        manifest = open_bundle(self.path, verify=False).manifest
-        return {"created": int(self.path.stat().st_mtime), "context_length": manifest.seq_length,
-                "vision": VISION_GRAPH in manifest.graphs,
-                "chat_template": (self.path / "chat_template.jinja").is_file(), "loaded": False}
+        manifest = model.manifest if model is not None else open_bundle(path, verify=False).manifest
+        card = {"created": int(path.stat().st_mtime), "context_length": manifest.seq_length,
+                "family": manifest.family, "quantization": manifest.quantization.mode,
+                "vision": VISION_GRAPH in manifest.graphs, "chat_template": (path / "chat_template.jinja").is_file(),
+                "loaded": model is not None}
+        if model is not None:
+            card["defaults"] = model.sampling_defaults()
+        return card
+
+    def size(self) -> int:
+        path = self.model.bundle.path if self.model is not None else self.path
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path is not None else 0
+
+    def template(self) -> str:
+        path = self.model.bundle.path if self.model is not None else self.path
+        file = path / "chat_template.jinja" if path is not None else None
+        return file.read_text(encoding="utf-8") if file is not None and file.is_file() else ""
 
     @property
     def loaded(self) -> bool:
