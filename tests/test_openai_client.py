@@ -150,3 +150,23 @@ def test_n_choices_decode_together_and_each_is_an_answer(served):
     assert usage.completion_tokens == 2 * len(want.token_ids)
     with pytest.raises(openai.BadRequestError, match="'n' must be"):
         client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, n=9)
+
+
+def test_the_responses_api_streamed_or_not(served):
+    client, _, model = served
+    want = model.generate(QUESTION, max_new_tokens=8)
+    response = client.responses.create(model="tiny", instructions="Be brief.", input="When in the Course of human",
+                                       max_output_tokens=8, temperature=0)
+    assert response.output_text == want.text and response.model == "tiny"
+    assert response.usage.output_tokens == len(want.token_ids)
+    assert response.status == ("incomplete" if want.finish_reason == "length" else "completed")
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "When in the Course of human"}]}]
+    events = list(client.responses.create(model="tiny", instructions="Be brief.", input=items, max_output_tokens=8,
+                                          temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want.text
+    assert events[-1].response.output_text == want.text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with pytest.raises(openai.BadRequestError, match="'previous_response_id' is not supported"):
+        client.responses.create(model="tiny", input="Hi", previous_response_id="resp_123")

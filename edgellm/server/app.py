@@ -23,6 +23,7 @@ from ..metrics import Metrics
 from ..runtime.batch import QueueFull, Request
 from ..runtime.model import GenerationResult
 from . import ollama
+from . import responses as responses_api
 from .pool import ModelPool, PoolBusy, ServedModel
 from .protocol import (
     MAX_REQUEST_BYTES,
@@ -307,6 +308,50 @@ class OpenAIServer:
             yield event(job, choices=[], usage=usage([results[i] for i in range(job.n)]))
         yield "data: [DONE]\n\n"
 
+    # --- the Responses API ------------------------------------------------------------------------------------
+    async def responses(self, request):
+        if self.full():
+            return self.busy()
+        try:
+            body = await read_json(request, self.max_request_bytes)
+            asked = responses_api.chat_request(body)
+        except BadRequest as e:
+            self.metrics.finished("refused")
+            return self.error(str(e), e.status, e.param)
+        reply = await self.submit(asked, True)
+        if isinstance(reply, Response):
+            return reply
+        writer = responses_api.ResponseWriter(reply.job.model, body)
+        if reply.job.stream:
+            return StreamingResponse(self.response_events(reply, writer), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results = await self.gather(request, reply)
+        if results is None:
+            return Response(status_code=499)
+        if isinstance(results, str):
+            return self.error(results, 500, kind="server_error")
+        return JSONResponse(writer.response("completed", results[0]))
+
+    async def response_events(self, reply: Reply, writer: responses_api.ResponseWriter):
+        try:
+            for line in writer.opening():
+                yield line
+            while True:
+                _, kind, value = await reply.arrivals.get()
+                if kind == "piece":
+                    yield writer.delta(value)
+                elif kind == "error":
+                    reply.cancel(self.pool)
+                    yield writer.failed(value)
+                    return
+                else:
+                    for line in writer.closing(value):
+                        yield line
+                    return
+        except BaseException:  # the client went away
+            reply.cancel(self.pool)
+            raise
+
     # --- the ollama API ---------------------------------------------------------------------------------------
     @staticmethod
     def ollama_error(message: str, status: int = 400, param: str | None = None, kind: str = "") -> JSONResponse:
@@ -449,6 +494,7 @@ class OpenAIServer:
                   Route("/v1/models", self.models), Route("/v1/models/{model:path}", self.one_model),
                   Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                   Route("/v1/completions", self.completions, methods=["POST"]),
+                  Route("/v1/responses", self.responses, methods=["POST"]),
                   Route("/api/chat", self.ollama_chat, methods=["POST"]),
                   Route("/api/generate", self.ollama_generate, methods=["POST"]),
                   Route("/api/tags", self.ollama_tags), Route("/api/ps", self.ollama_running),
