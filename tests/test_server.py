@@ -115,8 +115,9 @@ BAD = [
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 0}, "max_tokens", "between 1"),
     ("/v1/chat/completions", {"messages": QUESTION, "n": 9}, "n", "'n' must be"),
     ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, "tools", "tools[0] must be"),
-    ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools", "no tool-call format"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f",
+                                                                                             "parameters": 3}}]},
+     "tools", "parameters must be a JSON schema object"),
     ("/v1/chat/completions", {"messages": QUESTION, "presence_penalty": 0.5}, "presence_penalty",
      "repetition_penalty"),
     ("/v1/chat/completions", {"messages": QUESTION, "stop": [""]}, "stop", "non-empty strings"),
@@ -145,7 +146,7 @@ def test_models_health_page_and_unknown_routes(served):
     info = client.get("/v1/models").json()["data"]
     assert info == [{"id": "tiny", "object": "model", "created": info[0]["created"], "owned_by": "edgellm",
                      "context_length": model.seq_length, "vision": False, "chat_template": True,
-                     "defaults": model.sampling_defaults(), "loaded": True}]
+                     "defaults": model.sampling_defaults(), "loaded": True, "family": "llama", "quantization": "f32"}]
     assert client.get("/health").json()["status"] == "ok"
     page = client.get("/")
     assert page.status_code == 200 and "<title>edgellm</title>" in page.text and "/v1/chat/completions" in page.text

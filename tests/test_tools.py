@@ -1,6 +1,7 @@
 """Tool calls: OpenAI `tools` rendered by the model's own chat template (Qwen2.5's, a "tagged" format), the answer's
 calls read back as `tool_calls`, streamed or not; `tool_choice` "required" or a named function holds the answer to a
-valid call of the tools' schemas (sampled at temperature 1 too); a template without tools is refused."""
+valid call of the tools' schemas (sampled at temperature 1 too); a template without tools gets the generic format,
+on the real SmolLM2 (whose template renders none) through the openai client."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def check_call(call, tools=TOOLS) -> dict:
 
 def test_the_template_format_is_recognised():
     assert tool_format(TEMPLATE.read_text()) == "tagged"
-    assert tool_format("{% for m in messages %}{{ m.content }}{% endfor %}") is None
+    assert tool_format("{% for m in messages %}{{ m.content }}{% endfor %}") == "generic"
     llama3 = "{% if tools %}Given the following functions, please respond with a JSON for a function call{% endif %}"
     assert tool_format(llama3) == "json"
 
@@ -145,10 +146,62 @@ def test_bad_tool_requests_are_400s(served, bundle):
             client.chat.completions.create(model="tiny", messages=ASK, max_tokens=4, **kwargs)
     with pytest.raises(openai.BadRequestError, match="needs /v1/chat/completions"):
         client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"tools": TOOLS})
-    plain = edgellm.load(bundle("llama", "f32"))  # a ChatML template without tools
+    plain = edgellm.load(bundle("llama", "f32"))  # a ChatML template without tools: the generic format
     with running_server(create_app(plain, "plain")) as url:
         other = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        with pytest.raises(openai.BadRequestError, match="no tool-call format") as e:
-            other.chat.completions.create(model="plain", messages=ASK, tools=TOOLS, max_tokens=4)
-        assert e.value.body["param"] == "tools"
+        with pytest.raises(openai.BadRequestError, match="'tool_choice' must be"):
+            other.chat.completions.create(model="plain", messages=ASK, tools=TOOLS, tool_choice="sometimes",
+                                          max_tokens=4)
         assert other.chat.completions.create(model="plain", messages=ASK, max_tokens=2).choices  # still serving
+
+
+@pytest.mark.slow
+def test_the_generic_format_on_smollm2_through_the_openai_client(tmp_path):
+    """SmolLM2's template renders no tools: the tools are described in the system message and the answer is held
+    to the generic JSON; "required" gives a valid call, "auto" a call or a reply, and the conversation goes on with
+    the tool's result."""
+    from edgellm.demo import smollm2_gguf
+
+    model = edgellm.load(edgellm.convert(smollm2_gguf(), tmp_path / "smollm2", seq_length=1024, progress=False),
+                         slots=2)
+    assert model.tool_spec(TOOLS).format == "generic"
+    with running_server(create_app(model, "smollm2")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        required = client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, tool_choice="required",
+                                                  max_tokens=64, temperature=0)
+        (call,) = required.choices[0].message.tool_calls
+        assert call.function.name in ("get_weather", "get_time") and required.choices[0].finish_reason == "tool_calls"
+        check_call(call)
+        auto = client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, max_tokens=64,
+                                              temperature=0)
+        message = auto.choices[0].message
+        assert message.tool_calls or (message.content and not message.content.lstrip().startswith("{"))
+        for call in message.tool_calls or []:
+            check_call(call)
+        follow = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}]
+        after = client.chat.completions.create(model="smollm2", messages=follow, tools=TOOLS, max_tokens=48,
+                                               temperature=0)
+        assert after.choices[0].message.tool_calls or after.choices[0].message.content
+        streamed = client.chat.completions.create(model="smollm2", messages=ASK, tools=[WEATHER],
+                                                  tool_choice="required", max_tokens=64, temperature=0, stream=True)
+        calls = [c for chunk in streamed if chunk.choices for c in chunk.choices[0].delta.tool_calls or []]
+        assert [c.function.name for c in calls] == ["get_weather"]
+        check_call(calls[0])
+
+
+def test_function_tools_through_the_responses_api(served):
+    client, _ = served
+    flat = [{"type": "function", **WEATHER["function"]}]
+    response = client.responses.create(model="tiny", input="What is the weather in Paris?", tools=flat,
+                                       tool_choice="required", max_output_tokens=256, temperature=0)
+    (call,) = [item for item in response.output if item.type == "function_call"]
+    assert call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    answer = client.responses.create(model="tiny", tools=flat, max_output_tokens=8, temperature=0, input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}])
+    assert answer.status in ("completed", "incomplete") and answer.output[0].type == "message"

@@ -252,7 +252,7 @@ class Model:
         """The prompt as token ids, and where each image's embeddings go; images are preprocessed here, once.
         `tools` (from tool_spec) are rendered by the chat template."""
         p, images, videos = prompt_or_messages, list(images or []), list(videos or [])
-        extra: dict[str, Any] = {"tools": tools.template_tools()} if tools is not None else {}
+        extra: dict[str, Any] = tools.template_variables() if tools is not None else {}
         if tools is not None and (raw or isinstance(p, str) and self.chat_template is None):
             raise EdgeLLMError("tools need the chat template; a raw prompt cannot offer them")
         if isinstance(p, Prompt):
@@ -275,6 +275,8 @@ class Model:
                 raise EdgeLLMError("token ids cannot carry images; pass a prompt or messages with images=")
             return Prompt([int(t) for t in p], [])
         check_messages(p)
+        if tools is not None:
+            p = tools.messages(list(p))
         self._check_text_size([text for m in p for text in message_texts(m)])
         if self.chat_template is None:
             raise EdgeLLMError("this bundle has no chat template; pass a plain string prompt (raw text) instead")

@@ -7,6 +7,10 @@ the checkpoints of each):
 - "json": the whole answer is `{"name": ..., "parameters": {...}}`.
 `tool_choice` "required" or a named function holds the answer to a call of the tools' schemas with the grammar
 engine (runtime.constraints); "auto" lets the model choose; "none" renders no tools.
+- "generic", for a template that renders no tools (as llama.cpp's server does for such models): the tools and the
+  answer's form are described in the system message, and every answer is held by the grammar to one JSON object,
+  `{"tool_calls": [{"name": ..., "arguments": {...}}]}` (one call) or (tool_choice "auto") `{"response": "..."}`;
+  earlier calls and tool results in the conversation are written in the same JSON, as messages any template renders.
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ JSON_HINT = "respond with a JSON for a function call"
 CALL_WHITESPACE = " ?"  # a call is one line of JSON, as the formats' examples write it
 
 
-def tool_format(template_source: str | None) -> str | None:
-    """The tool-call format a chat template writes, or None when it renders no tools."""
+def tool_format(template_source: str | None) -> str:
+    """The tool-call format a chat template writes; "generic" when it renders no tools."""
     if not template_source or "tools" not in template_source:
-        return None
+        return "generic"
     if TAG_OPEN in template_source:
         return "tagged"
     if JSON_HINT in template_source:
         return "json"
-    return None
+    return "generic"
+
+
+GENERIC_SYSTEM = ("You can call these tools (JSON schemas of their arguments):\n{tools}\n\nAnswer with one JSON "
+                  "object and nothing else: {{\"tool_calls\": [{{\"name\": \"<a tool's name>\", \"arguments\": "
+                  "{{...}}}}]}} to call tools{or_answer}.")
+GENERIC_ANSWER = ", or {\"response\": \"<your answer>\"} to answer the user directly"
 
 
 @dataclass
@@ -50,16 +60,54 @@ class Tools:
         """What the chat template's `tools` variable gets (OpenAI's form, as transformers passes it)."""
         return [{"type": "function", "function": f} for f in self.functions]
 
+    def template_variables(self) -> dict:
+        """The chat template's extra variables: the tools, for a template that renders them."""
+        return {} if self.format == "generic" else {"tools": self.template_tools()}
+
+    def messages(self, messages: list[dict]) -> list[dict]:
+        """The conversation as the template gets it. Generic: the tools described in the system message, earlier
+        calls and tool results written as the JSON the answers use, in roles every template renders."""
+        if self.format != "generic":
+            return messages
+        listed = "\n".join(json.dumps({"name": f["name"], "description": f.get("description", ""),
+                                        "parameters": f.get("parameters") or {"type": "object"}}, ensure_ascii=False)
+                           for f in self.functions if self.choice in ("auto", "required", f["name"]))
+        system = GENERIC_SYSTEM.format(tools=listed, or_answer=GENERIC_ANSWER if self.choice == "auto" else "")
+        out: list[dict] = []
+        for m in messages:
+            if m["role"] == "system" and not out and isinstance(m.get("content"), str):
+                system = f"{m['content']}\n\n{system}"
+            elif m["role"] == "tool":
+                result = {"name": m.get("name"), "tool_call_id": m.get("tool_call_id"), "content": m.get("content")}
+                out.append({"role": "user", "content": json.dumps({"tool_response": result}, ensure_ascii=False)})
+            elif m["role"] == "assistant" and m.get("tool_calls"):
+                calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                         for c in m["tool_calls"]]
+                out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)})
+            else:
+                out.append(m)
+        return [{"role": "system", "content": system}, *out]
+
     def grammar(self, token_to_id) -> str | None:
         """A Lark grammar (llguidance) holding the answer to one call, where the choice asks for one; else None.
         token_to_id(text) -> the id of a special token, or None."""
-        if self.choice == "auto":
+        if self.choice == "auto" and self.format != "generic":
             return None
-        wanted = [f for f in self.functions if self.choice in ("required", f["name"])]
+        wanted = [f for f in self.functions if self.choice in ("auto", "required", f["name"])]
         key = "parameters" if self.format == "json" else "arguments"
         calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
                                                      key: f.get("parameters") or {"type": "object"}},
                   "required": ["name", key], "additionalProperties": False} for f in wanted]
+        if self.format == "generic":
+            # one call per answer: small models asked for a list of calls tend to repeat them to the token limit
+            answers = [{"type": "object", "properties": {"tool_calls": {"type": "array", "items": {"anyOf": calls},
+                                                                        "minItems": 1, "maxItems": 1}},
+                        "required": ["tool_calls"], "additionalProperties": False}]
+            if self.choice == "auto":
+                answers.append({"type": "object", "properties": {"response": {"type": "string"}},
+                                "required": ["response"], "additionalProperties": False})
+            schema = json.dumps({"anyOf": answers, "x-guidance": {"whitespace_pattern": CALL_WHITESPACE}})
+            return f"start: answer\nanswer: %json {schema}\n"
         schema = json.dumps({"anyOf": calls, "x-guidance": {"whitespace_pattern": CALL_WHITESPACE}})
         if self.format == "json":
             return f"start: call\ncall: %json {schema}\n"
@@ -84,6 +132,12 @@ class Tools:
             if found:
                 content = text[:blocks[0].start()] + "".join(
                     text[a.end():b.start()] for a, b in zip(blocks, blocks[1:]))
+        elif self.format == "generic":
+            answer = _json_object(text) or {}
+            listed = answer.get("tool_calls")
+            found = [(c["name"], c.get("arguments", {})) for c in (listed if isinstance(listed, list) else [])
+                     if isinstance(c, dict) and isinstance(c.get("name"), str)]
+            content = answer["response"] if isinstance(answer.get("response"), str) else (None if found else text)
         else:
             call = _json_object(text.strip().removeprefix("<|python_tag|>"))
             if call is not None and isinstance(call.get("name"), str):
@@ -99,6 +153,8 @@ class Tools:
     def hold_back(self, text: str) -> int:
         """How much of a streamed answer's end must wait: from the start of a call (tagged: its opening tag, or what
         may become one; json: an answer that opens with a brace) to the end."""
+        if self.format == "generic":  # the whole answer is JSON: shown once it is read
+            return len(text)
         if self.format == "json":
             stripped = text.lstrip()
             return len(text) if not stripped or stripped[0] in "{<" else 0
@@ -152,8 +208,4 @@ def tools_of(template_source: str | None, tools, tool_choice) -> Tools | None:
     else:
         raise EdgeLLMError("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
                            "{'name': ...}}")
-    fmt = tool_format(template_source)
-    if fmt is None:
-        raise EdgeLLMError("this model's chat template has no tool-call format (it renders no 'tools'), so it "
-                           "cannot be offered tools; use a model whose template writes tool calls (see the README)")
-    return Tools(fmt, functions, choice)
+    return Tools(tool_format(template_source), functions, choice)

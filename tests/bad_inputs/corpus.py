@@ -298,8 +298,9 @@ CASES = [
              {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]}), 400, "not valid base64"),
     Case("serve: an unknown model", "http", lambda e: post(CHAT, {"model": "gpt-4o", "messages": USER}), 404,
          "'gpt-4o' is not served here"),
-    Case("serve: tools for a template without them", "http", lambda e: post(CHAT, {"messages": USER, "tools": [
-        {"type": "function", "function": {"name": "f"}}]}), 400, "chat template has no tool-call format"),
+    Case("serve: a tool choice naming no tool", "http", lambda e: post(CHAT, {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}), 400, "names the function 'g', which is not among the 'tools'"),
     Case("serve: an unknown route", "http", lambda e: ("GET", "/v1/nothing", {}), 404, "Not Found"),
     Case("serve: GET on a POST route", "http", lambda e: ("GET", CHAT, {}), 405, "Method Not Allowed"),
     Case("serve: a bad request streamed", "http",
