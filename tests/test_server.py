@@ -200,3 +200,23 @@ def test_an_event_stays_one_line_for_clients_that_split_as_python_does():
     line = f"data: {event_json({'content': text})}"
     assert len(line.splitlines()) == 1 and "é" in line  # (other characters stay as they are)
     assert json.loads(line[len("data: "):]) == {"content": text}
+
+
+def test_tokenize_and_detokenize(served):
+    client, model = served
+    ids = model.tokenizer.encode("We hold these truths")
+    r = client.post("/tokenize", json={"content": "We hold these truths"}).json()
+    assert r == {"tokens": ids, "count": len(ids), "max_model_len": model.seq_length}
+    assert client.post("/tokenize", json={"prompt": "We hold", "add_special_tokens": False}).json()["tokens"] == \
+        model.tokenizer.encode("We hold", add_special_tokens=False)
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["tokens"] == model.prompt_ids([{"role": "user", "content": "Hi"}])
+    pieces = client.post("/tokenize", json={"content": "We hold", "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == model.tokenizer.encode("We hold") and all("piece" in p for p in pieces)
+    text = client.post("/detokenize", json={"tokens": ids}).json()
+    assert text["content"] == text["prompt"] == model.tokenizer.decode(ids, skip_special_tokens=False)
+    for body, field in [({"tokens": [-1]}, "tokens"), ({"tokens": "abc"}, "tokens"), ({}, None)]:
+        route = "/detokenize" if field else "/tokenize"
+        bad = client.post(route, json=body)
+        assert bad.status_code == 400 and bad.json()["error"]["message"]
+    assert client.post("/tokenize", json={"model": "other", "content": "x"}).status_code == 404

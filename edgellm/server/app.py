@@ -308,6 +308,66 @@ class OpenAIServer:
             yield event(job, choices=[], usage=usage([results[i] for i in range(job.n)]))
         yield "data: [DONE]\n\n"
 
+    # --- tokens -------------------------------------------------------------------------------------------------
+    def tokens_of(self, body) -> dict:
+        """/tokenize (a worker thread: the model may have to be loaded): "content" or "prompt" (text, llama.cpp's
+        and vLLM's names) or "messages" (through the chat template, as a chat request's prompt);
+        "add_special" / "add_special_tokens" (default true for text); "with_pieces" adds each token's text."""
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        name, _ = self.pick(body.get("model"))
+        with self.pool.use(name) as served:
+            model = served.ready
+            text = body.get("content", body.get("prompt"))
+            special = body.get("add_special", body.get("add_special_tokens", True))
+            if not isinstance(special, bool):
+                raise BadRequest("'add_special' must be true or false", "add_special")
+            if isinstance(text, str):
+                check = model.prepare(text, raw=True)  # the size and Unicode checks of every prompt
+                ids = check.ids if special else model.tokenizer.encode(text, add_special_tokens=False)
+            elif body.get("messages") is not None:
+                ids = parse(model, {"messages": body["messages"], "max_tokens": 1}, True).prompt.ids
+            else:
+                raise BadRequest("give 'content' (text) or 'messages' to tokenize", "content")
+            out: dict = {"tokens": ids, "count": len(ids), "max_model_len": model.seq_length}
+            if body.get("with_pieces"):
+                out["tokens"] = [{"id": i, "piece": model.tokenizer.decode([i], skip_special_tokens=False)}
+                                 for i in ids]
+            return out
+
+    def text_of(self, body) -> dict:
+        """/detokenize: "tokens" (ids) -> their text, as "content" (llama.cpp) and "prompt" (vLLM)."""
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        name, _ = self.pick(body.get("model"))
+        ids = body.get("tokens")
+        with self.pool.use(name) as served:
+            model = served.ready
+            vocab = model.manifest.model.vocab_size
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
+                                                    for i in ids):
+                raise BadRequest(f"'tokens' must be a list of token ids, 0 to {vocab - 1}", "tokens")
+            text = model.tokenizer.decode(ids, skip_special_tokens=False)
+        return {"content": text, "prompt": text}
+
+    async def token_route(self, request, work):
+        try:
+            body = await read_json(request, self.max_request_bytes)
+            return JSONResponse(await run_in_threadpool(work, body))
+        except BadRequest as e:
+            return self.error(str(e), e.status, e.param,
+                              "not_found_error" if e.status == 404 else "invalid_request_error")
+        except EdgeLLMError as e:
+            return self.error(str(e), 400, "content")
+        except PoolBusy as e:
+            return self.busy(str(e))
+
+    async def tokenize(self, request):
+        return await self.token_route(request, self.tokens_of)
+
+    async def detokenize(self, request):
+        return await self.token_route(request, self.text_of)
+
     # --- the Responses API ------------------------------------------------------------------------------------
     async def responses(self, request):
         if self.full():
@@ -495,6 +555,8 @@ class OpenAIServer:
                   Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                   Route("/v1/completions", self.completions, methods=["POST"]),
                   Route("/v1/responses", self.responses, methods=["POST"]),
+                  Route("/tokenize", self.tokenize, methods=["POST"]),
+                  Route("/detokenize", self.detokenize, methods=["POST"]),
                   Route("/api/chat", self.ollama_chat, methods=["POST"]),
                   Route("/api/generate", self.ollama_generate, methods=["POST"]),
                   Route("/api/tags", self.ollama_tags), Route("/api/ps", self.ollama_running),

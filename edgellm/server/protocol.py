@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..errors import EdgeLLMError
-from ..runtime.model import MAX_TOP_LOGPROBS
+from ..runtime.model import MAX_TOP_LOGPROBS, Prompt
 from ..runtime.sampling import BOUNDS, Bound
 
 # OpenAI fields that would change the answer but that edgellm does not implement: refused rather than ignored.
@@ -36,7 +36,7 @@ class BadRequest(Exception):
 class Job:
     """A checked request: what to prefill and how to sample."""
 
-    prompt: object  # a runtime.model.Prompt
+    prompt: Prompt
     max_tokens: int
     sampling: dict
     stream: bool
