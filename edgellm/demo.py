@@ -67,7 +67,7 @@ MODELS = {
 def demo_bundle(name: str = "smollm2") -> Path:
     """The cached bundle (`edgellm list` shows it), converted when missing, stale or damaged."""
     gguf = MODELS[name].gguf()
-    return cached(gguf, str(gguf), True, {"quantize": "w4"}, name=MODELS[name].bundle_name)
+    return cached(gguf, str(gguf), True, {}, name=MODELS[name].bundle_name)  # the default options: w4
 
 
 def demo(prompt: str | None = None, max_new_tokens: int = 128, name: str = "smollm2") -> None:

@@ -138,7 +138,9 @@ def cached(source: Path, label: str, progress: bool, options: dict, name: str | 
 
     key = hashlib.sha256(json.dumps({"source": fingerprint(source), "options": options}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
-    name = name or f"{_slug(label)}-{options.get('quantize', 'w4')}-{key}"
+    if name is None:  # the same source and options under another name (the demo's) will do
+        same = [r for r in cached_bundles() if r.key == key]
+        name = same[0].name if same else f"{_slug(label)}-{options.get('quantize', 'w4')}-{key}"
     folder = bundles_dir() / name
     record_path = bundles_dir() / f"{name}.json"
     try:

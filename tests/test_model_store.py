@@ -100,6 +100,10 @@ def test_a_hugging_face_folder_runs_directly_and_converts_once(tiny, tmp_path, m
     assert not record.path.exists() and len(cached_bundles()) == 1
     assert main(["rm", "nothing-of-that-name"]) == 2
     assert "no cached bundle has that name" in capsys.readouterr().err
+    from edgellm.model_store import cached
+
+    renamed = cached(folder, "by another name", False, {}, name="fixed-name")  # as the demo names its bundle
+    assert edgellm.load(folder).bundle.path == renamed  # the same source and options: found under that name
 
 
 @pytest.mark.slow
