@@ -119,3 +119,29 @@ def test_the_controls_sit_where_they_are_looked_for(page):
     assert browser.find_element("id", "clear").find_element("xpath", "..") == row  # New chat beside Send and Stop
     temperature = browser.find_element("id", "temperature").get_attribute("placeholder")
     assert temperature == f"{model.sampling_defaults()['temperature']:g} (model's)"  # JavaScript's number
+
+
+def test_a_server_of_several_models_lets_the_page_pick_one(bundle):
+    from selenium.webdriver.support.ui import Select
+
+    from edgellm.server.pool import ModelPool, ServedModel
+
+    asked = []
+
+    def loader(name, path):
+        def load():
+            model = edgellm.load(path)
+            asked.append((name, pace_generations(model, 0)))
+            return model, None
+        return load
+
+    paths = {"first": bundle("llama", "f32", seq_length=256), "second": bundle("qwen2", "f32", seq_length=256)}
+    pool = ModelPool([ServedModel(name, loader(name, path), path=path) for name, path in paths.items()])
+    with running_server(create_app(pool=pool)) as url, browser_on(f"{url}/") as browser:
+        wait_for(browser, lambda b: "context 256 tokens" in b.find_element("id", "model").text)
+        picker = Select(browser.find_element("id", "pick"))
+        assert [o.text for o in picker.options] == ["first", "second"]
+        picker.select_by_visible_text("second")
+        send(browser, "Hello")
+        wait_for(browser, answered)
+        assert [name for name, _ in asked] == ["second"] and len(asked[0][1]) == 1  # the picked model answered
