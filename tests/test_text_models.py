@@ -241,3 +241,29 @@ def test_phi_rotary_variants_match_transformers(tmp_path, rope):
                             num_key_value_heads=1,  # heads of 32: 16 rotated when partial
                             original_max_position_embeddings=original,
                             rope_parameters={"rope_theta": 10000.0, **rope}))
+
+
+def test_longrope_switches_tables_at_the_trained_length_as_transformers(tmp_path):
+    """A LongRoPE bundle longer than the trained length (64 here, the bundle 128): short factors while a call's
+    longest sequence fits it, long ones past it: a prompt longer than it is long in every chunk (as transformers'
+    one forward), and an answer that crosses it keeps the short keys it has cached (as transformers' cache)."""
+    from helpers import reference_greedy, reference_logits, relative_error
+
+    ref_model, model = tiny_pair(tmp_path, "Phi3Config", "Phi3ForCausalLM", 8, pad_token_id=None,
+                                 original_max_position_embeddings=64, rope_parameters={
+                                     "rope_type": "longrope", "rope_theta": 10000.0,
+                                     "short_factor": [1 + 0.1 * i for i in range(8)],
+                                     "long_factor": [1 + 0.9 * i for i in range(8)]})
+    assert model.engine.rotary_length  # the bundle holds both tables
+    check_parity(ref_model, model)  # a short chat: within the trained length
+    ids = corpus_ids(model, 100)
+    assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4  # chunks of 16 across 64
+    crossing = model.generate(ids[:50], max_new_tokens=32, ignore_eos=True)  # positions 50-81: the switch at 64
+    assert crossing.token_ids == reference_greedy(ref_model, ids[:50], 32)
+    # batched beside a sequence on the other side of the trained length, each answer is the one it gets alone
+    from test_batching import run_batcher
+
+    batched = edgellm.load(model.bundle.path, slots=2)
+    results = run_batcher(batched, [(ids[:20], 16), (ids[:56], 16)])
+    assert [r.token_ids for _, r in results] == [reference_greedy(ref_model, ids[:20], 16),
+                                                  reference_greedy(ref_model, ids[:56], 16)]

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import EdgeLLMError
-from ..format import EmbeddingTable
+from ..format import ROTARY_LENGTH, EmbeddingTable
 from .options import KV_CACHE_MODES
 
 MARGIN = 1.6  # headroom over the calibrated range (values beyond saturate): the best of 1.0-3.0 on both real models
@@ -94,6 +94,8 @@ def calibrate(decoder: Path, table: EmbeddingTable, token_ids: list[int], chunk_
                 "logits_index": np.array([end - begin - 1], np.int64)}
         if extension is not None:
             feed.update(extension.inputs(end - begin, []))
+        if ROTARY_LENGTH in inputs:  # the calibration text is one prompt: its whole length decides
+            feed[ROTARY_LENGTH] = np.array(length, np.int32)
         for name, value in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         session.run_with_iobinding(binding)

@@ -329,7 +329,8 @@ def manifest_of(plan: Plan, graphs: dict[str, str], formats: dict[str, int], emb
     return Manifest(
         created_by=f"edgellm {__version__}", architecture=plan.architecture, family=plan.text_family,
         source={"path": str(plan.src.resolve()), "format": "gguf" if plan.src.is_file() else "hf", **adapter},
-        model=plan.model.shape(), seq_length=plan.seq_length, chunk_length=options.chunk_length,
+        model=replace(plan.model.shape(), rotary_switch=plan.model.rotary_switch(plan.seq_length)),
+        seq_length=plan.seq_length, chunk_length=options.chunk_length,
         quantization=Quantization(options.quantize, options.group_size, options.symmetric, options.lm_head,
                                   options.accuracy_level, formats, options.kv_cache),
         tokens=Tokens(**plan.tokens), graphs=graphs, embeddings=embeddings,

@@ -11,6 +11,7 @@ from .manifest import (
                        FORMAT_VERSION,
                        MANIFEST,
                        READABLE_VERSIONS,
+                       ROTARY_LENGTH,
                        SAMPLING_HEAD_GRAPH,
                        STEP_GRAPH,
                        VISION_GRAPH,
@@ -27,6 +28,6 @@ from .manifest import (
 
 __all__ = ["QuantizedWeight", "unpack_nibbles", "EmbeddingTable", "save_table", "Bundle", "check_output",
            "file_checksums", "open_bundle", "staging_folder", "write_manifest", "DECODER_GRAPH", "FORMAT",
-           "FORMAT_VERSION", "MANIFEST", "READABLE_VERSIONS", "SAMPLING_HEAD_GRAPH", "STEP_GRAPH", "VISION_GRAPH",
-           "ArrayRef", "DecoderShape", "EmbeddingsEntry", "FileEntry", "Manifest", "Quantization", "Tokens",
-           "VisionSection", "stage_graph"]
+           "FORMAT_VERSION", "MANIFEST", "READABLE_VERSIONS", "ROTARY_LENGTH", "SAMPLING_HEAD_GRAPH", "STEP_GRAPH",
+           "VISION_GRAPH", "ArrayRef", "DecoderShape", "EmbeddingsEntry", "FileEntry", "Manifest", "Quantization",
+           "Tokens", "VisionSection", "stage_graph"]

@@ -40,9 +40,12 @@ class DecoderShape:
     head_dim: int
     vocab_size: int
     mrope_section: list[int] | None = None  # rotary bands per position axis, for decoders with 3-axis positions
+    # LongRoPE bundles longer than the trained length: that length, past which a call runs on the long tables (the
+    # decoder's ROTARY_LENGTH input); positions computed on each table are told apart when cached positions are reused
+    rotary_switch: int | None = None
 
     def to_json(self) -> dict:
-        return _without_none(asdict(self), "mrope_section")
+        return _without_none(asdict(self), "mrope_section", "rotary_switch")
 
 
 @dataclass
@@ -195,6 +198,9 @@ class FileEntry:
 DECODER_GRAPH, VISION_GRAPH = "decoder", "vision"
 STEP_GRAPH = "decoder_step"  # --static: the one-row graph beside the fixed chunk (the "decoder")
 SAMPLING_HEAD_GRAPH = "sampling_head"  # --do-sample
+# a decoder input of LongRoPE bundles longer than the trained length: the longest sequence's length once the call is
+# done (a prompt's whole length for each of its chunks), which chooses between the short and the long rotary tables
+ROTARY_LENGTH = "rotary_length"
 
 
 def stage_graph(k: int) -> str:

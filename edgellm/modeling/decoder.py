@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from ..errors import EdgeLLMError
-from ..format import DecoderShape, QuantizedWeight
-from .layers import activation, rope_parameters, rope_tables
+from ..format import ROTARY_LENGTH, DecoderShape, QuantizedWeight
+from .layers import activation, longrope_switch, rope_parameters, rope_tables
 
 if TYPE_CHECKING:
     from ..checkpoint import ModelSource
@@ -208,7 +208,23 @@ class Decoder:
         if cos.shape[1] * 2 != dim and cos.shape[1] % 8:
             raise EdgeLLMError(f"a partial rotary of {cos.shape[1] * 2} of the heads' {dim} dimensions: "
                                "ONNX Runtime's attention rotates a multiple of 16 dimensions only")
-        ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
+        switch = longrope_switch(self.args.rope, seq_length)
+        if switch is None:
+            ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
+            return
+        # LongRoPE in a bundle longer than the trained length: as transformers, the short factors while the longest
+        # sequence of a call (a whole prompt, however it is chunked: the engine's rotary_length) fits that length,
+        # the long ones past it; positions already cached keep the keys they were computed with
+        short = rope_tables({**self.args.rope, "longrope_table": "short"}, dim, seq_length)
+        long = g.op("Greater", [g.input(ROTARY_LENGTH, np.int32, []), g.const(np.int32(switch), "rope.switch")],
+                    name="rope/long")
+        ctx["cos"], ctx["sin"] = (
+            g.op("Where", [long, g.const(table, f"rope.{kind}.long"), g.const(other, f"rope.{kind}.short")],
+                 name=f"rope/{kind}") for kind, table, other in (("cos", cos, short[0]), ("sin", sin, short[1])))
+
+    def rotary_switch(self, seq_length: int) -> int | None:
+        """The length past which a call's rotary tables change (LongRoPE longer than its trained length), else None."""
+        return longrope_switch(self.args.rope, seq_length)
 
     def after_layer(self, g: GraphBuilder, i: int, hidden: str, ctx: dict) -> str:
         """Layer i's output (the MLP's, before it joins the residual stream), as the next layer reads it."""

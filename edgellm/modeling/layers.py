@@ -114,14 +114,15 @@ def _yarn(freqs: np.ndarray, params: dict) -> tuple[np.ndarray, float]:
 
 def _longrope(freqs: np.ndarray, params: dict) -> tuple[np.ndarray, float]:
     """LongRoPE: per-frequency divisors, the short ones for contexts within the trained length and the long ones
-    beyond it (transformers switches once a sequence outgrows it; a bundle's tables are chosen by its length), and
-    an attention factor from the context's extension."""
+    beyond it, and an attention factor from the context's extension. Tables of `positions` rows are the long ones
+    when the positions outgrow the trained length, unless `longrope_table` ("short" or "long") says which."""
     old_len = params["original_max_position_embeddings"]
     factor = params.get("factor") or params["max_positions"] / old_len
     attention = params.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
-    divisors = params["long_factor" if params["positions"] > old_len else "short_factor"]
+    long = params["positions"] > old_len if params.get("longrope_table") is None else params["longrope_table"] == "long"
+    divisors = params["long_factor" if long else "short_factor"]
     return freqs / np.asarray(divisors, np.float64), float(attention)
 
 
@@ -163,6 +164,14 @@ def inv_freq(params: dict, dim: int) -> np.ndarray:
     if scale != 1.0:
         raise EdgeLLMError(f"rope type {params['rope_type']!r} scales attention, which this decoder does not apply")
     return freqs
+
+
+def longrope_switch(params: dict, max_positions: int) -> int | None:
+    """The trained length at which a LongRoPE model changes from its short to its long factors, when a bundle of
+    `max_positions` positions crosses it (then the decoder holds both tables); None otherwise."""
+    if params["rope_type"] != "longrope" or max_positions <= params["original_max_position_embeddings"]:
+        return None
+    return int(params["original_max_position_embeddings"])
 
 
 def rope_tables(params: dict, head_dim: int, max_positions: int) -> tuple[np.ndarray, np.ndarray]:

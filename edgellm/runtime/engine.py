@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import EdgeLLMError
-from ..format import DECODER_GRAPH, STEP_GRAPH, Bundle, EmbeddingTable
+from ..format import DECODER_GRAPH, ROTARY_LENGTH, STEP_GRAPH, Bundle, EmbeddingTable
 from ..kernels import KernelUse
 from ..kernels import status as kernel_status
 from ..vision.processor import DecoderExtension, Processor
@@ -42,6 +42,8 @@ from .sessions import PROVIDERS, default_threads, open_graph, session_options
 __all__ = ["Engine", "Chunks"]
 
 
+LONG_TABLE_KEY = 1 << 61  # marks the keys of positions computed on a LongRoPE decoder's long tables (table_keys)
+
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True,
                  profile_prefix: str | None = None, processor: Processor | None = None, slots: int | None = 1,
@@ -58,6 +60,8 @@ class Engine:
         self._open_sessions(bundle, device, threads, spinning, profile_prefix, stage_devices or [device])
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.batched = not isinstance(inputs["inputs_embeds"][0], int)
+        self.rotary_length = ROTARY_LENGTH in inputs  # a LongRoPE decoder choosing its tables per call
+        self.rotary_switch = bundle.manifest.model.rotary_switch if self.rotary_length else None
         rows_in = inputs["inputs_embeds"][1]  # fixed in a fixed-shape bundle (convert --static)
         self.fixed_rows = rows_in if isinstance(rows_in, int) else None
         slots = self._slot_count(slots, device)
@@ -226,11 +230,32 @@ class Engine:
         """Fill the current slot with the first `length` positions of a PromptCache entry."""
         self.cache.restore(self.slot, entry, length)
 
+    def table_keys(self, keys: list[int], call_length: int) -> list[int]:
+        """`keys` as a slot records them: positions computed on a LongRoPE decoder's long tables (a call longer than
+        its trained length) under keys of their own, so that they are reused only by calls on the same tables."""
+        if self.rotary_switch is None or call_length <= self.rotary_switch:
+            return keys
+        return [k ^ LONG_TABLE_KEY for k in keys]
+
+    def outgrow_short_tables(self, upcoming: int) -> None:
+        """Before a call that takes the current slot past a LongRoPE decoder's trained length: compute its cached
+        positions again on the long tables, as transformers' Phi-3 generate() does there (it drops its cache)."""
+        switch, tokens = self.rotary_switch, self.slot.tokens
+        if switch is None or not tokens or len(tokens) + upcoming <= switch or tokens[0] & LONG_TABLE_KEY:
+            return
+        ids, total = list(tokens), len(tokens) + upcoming
+        self.truncate(0)
+        for begin in range(0, len(ids), self.chunk_length):
+            part = ids[begin:begin + self.chunk_length]
+            self.forward(self.embed(part), np.array([len(part) - 1]), self.table_keys(part, total), call_length=total)
+
     # --- running the decoder --------------------------------------------------------------------------------
     def _feed(self, embeds: np.ndarray, logits_index: np.ndarray, position_ids: np.ndarray | None,
-              extra: dict[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], int, int]:
+              extra: dict[str, np.ndarray] | None, call_length: int | None = None) -> tuple[dict[str, np.ndarray], int,
+                                                                                           int]:
         """The graph's inputs for `embeds` [S, hidden] in the next S positions of the current slot (whose rotary
-        positions and next position are updated); returns (feed, start, S)."""
+        positions and next position are updated); returns (feed, start, S). `call_length`: the sequence's length
+        once the whole call this is part of is done (a prompt's, for each of its chunks)."""
         slot = self.slot
         s, start = embeds.shape[0], len(slot)
         if start + s > self.seq_length:
@@ -248,25 +273,28 @@ class Engine:
                 "seqlens_k": np.array([start + s - 1], np.int32),
                 "total_sequence_length": np.array(start + s, np.int32),
                 "logits_index": np.ascontiguousarray(logits_index, np.int64)}
+        if self.rotary_length:
+            feed[ROTARY_LENGTH] = np.array(max(call_length or 0, start + s), np.int32)
         for name, value in (self.extension.inputs(s, []) if extra is None else extra).items():
             feed[name] = np.ascontiguousarray(value)
         return feed, start, s
 
     def forward(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids=None,
-                position_ids: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                position_ids: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None,
+                call_length: int | None = None) -> np.ndarray:
         """Run `embeds` [S, hidden] in the next S positions of the current slot, at `position_ids` ([rows, S]; by
         default those that follow the cache), with the family's `extra` inputs (by default the extension's for no
         media); returns logits [len(logits_index), vocab]."""
-        feed, start, s = self._feed(embeds, logits_index, position_ids, extra)
+        feed, start, s = self._feed(embeds, logits_index, position_ids, extra, call_length)
         logits = self.runner.forward(feed, self.slot.index, start, s, logits_index)
         self.slot.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
         return logits
 
     def _submit(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids, position_ids: np.ndarray,
-                extra: dict[str, np.ndarray]) -> Future:
+                extra: dict[str, np.ndarray], call_length: int | None = None) -> Future:
         """forward() through a staged decoder's pipeline (inside StagedRunner.pipelined): the future of its logits."""
         assert isinstance(self.runner, StagedRunner)
-        feed, _, s = self._feed(embeds, logits_index, position_ids, extra)
+        feed, _, s = self._feed(embeds, logits_index, position_ids, extra, call_length)
         logits = self.runner.submit(feed, self.slot.index, logits_index)
         self.slot.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
         return logits
@@ -280,6 +308,17 @@ class Engine:
         if k == 1:  # the one-sequence path (also the one for decoders without a batch dimension)
             with self.using(slots[0]):
                 return self.decode(token_ids[0])[None]
+        if self.rotary_switch is not None and len({len(s) + 1 > self.rotary_switch for s in slots}) > 1:
+            # sequences on both sides of a LongRoPE decoder's trained length: each on its own tables, as alone
+            out = []
+            for slot, token in zip(slots, token_ids):
+                with self.using(slot):
+                    out.append(self.decode(token))
+            return np.stack(out)
+        if self.rotary_switch is not None:  # (once in a sequence's life: past the trained length)
+            for slot in slots:
+                with self.using(slot):
+                    self.outgrow_short_tables(1)
         lengths = np.array([len(s) for s in slots], np.int32)
         if lengths.max() >= self.seq_length:
             raise EdgeLLMError(f"context full: the bundle holds {self.seq_length} positions")
@@ -288,11 +327,13 @@ class Engine:
             "inputs_embeds": np.ascontiguousarray(self.embed(token_ids)[:, None], np.float32),
             "position_ids": steps, "seqlens_k": lengths, "total_sequence_length": np.array(lengths.max() + 1, np.int32),
             "logits_index": np.zeros(1, np.int64)}
+        if self.rotary_length:  # the longest sequence of the batch decides, as transformers' position_ids.max()
+            feed[ROTARY_LENGTH] = np.array(lengths.max() + 1, np.int32)
         logits = self.runner.decode_batch(feed, first, first + k)[:, 0]
         for slot, token, step in zip(slots, token_ids, steps[:, 0]):
             slot.positions[:, len(slot)] = step
             slot.next_position = int(step) + 1
-            slot.tokens.append(int(token))
+            slot.tokens.append(self.table_keys([int(token)], int(lengths.max()) + 1)[0])
         return logits
 
     def prefill(self, token_ids: list[int], all_logits: bool = False,
@@ -328,6 +369,7 @@ class Engine:
         for slots, key, _ in media or ():
             for p in slots:
                 keys[p] = key
+        keys = self.table_keys(keys, len(keys))
         if all_logits:
             self.reset()
         if positions is None:
@@ -361,7 +403,7 @@ class Engine:
             index = np.arange(end - begin) if all_logits else np.array([end - begin - 1])
             compute = self._submit if pipelined else self.forward
             outputs.append(compute(embeds, index, keys[begin:end], positions[:, begin:end],
-                                   self.extension.inputs(end - begin, in_chunk)))
+                                   self.extension.inputs(end - begin, in_chunk), len(keys)))
             begin = end
             yield end - start, todo
         if all_logits:
@@ -371,10 +413,14 @@ class Engine:
 
     def verify(self, token_ids: list[int]) -> np.ndarray:
         """Run several tokens at once after the cache, with logits for each: [len(token_ids), vocab]."""
-        return self.forward(self.embed(token_ids), np.arange(len(token_ids)), token_ids)
+        self.outgrow_short_tables(len(token_ids))
+        return self.forward(self.embed(token_ids), np.arange(len(token_ids)),
+                            self.table_keys(list(token_ids), self.length + len(token_ids)))
 
     def decode(self, token_id: int) -> np.ndarray:
-        return self.forward(self.embed([token_id]), np.zeros(1, np.int64), [token_id])[0]
+        self.outgrow_short_tables(1)
+        return self.forward(self.embed([token_id]), np.zeros(1, np.int64),
+                            self.table_keys([token_id], self.length + 1))[0]
 
 
 class Chunks:
