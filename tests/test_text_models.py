@@ -267,3 +267,36 @@ def test_longrope_switches_tables_at_the_trained_length_as_transformers(tmp_path
     results = run_batcher(batched, [(ids[:20], 16), (ids[:56], 16)])
     assert [r.token_ids for _, r in results] == [reference_greedy(ref_model, ids[:20], 16),
                                                   reference_greedy(ref_model, ids[:56], 16)]
+
+
+# Shapes ONNX Runtime's fused rotary refuses (heads that are not multiples of 16, rotary widths under 16 or not a
+# multiple of it): the decoder turns them with RotaryEmbedding nodes before the attention, chosen at conversion
+ODD_SHAPES = {
+    "llama, heads of 24": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=96, head_dim=24)),
+    "qwen3, heads of 40": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=40)),
+    "phi3, heads of 80, fused qkv": ("Phi3Config", "Phi3ForCausalLM", dict(hidden_size=160, num_attention_heads=2,
+                                                                          num_key_value_heads=1, pad_token_id=None)),
+    "gemma2, heads of 96": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=96, pad_token_id=None)),
+    "glm4, rotary over 8": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=16, pad_token_id=None, rope_parameters={
+        "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_type": "default"})),
+    "phi3, rotary over 24 of 48": ("Phi3Config", "Phi3ForCausalLM", dict(
+        hidden_size=96, num_attention_heads=2, num_key_value_heads=1, pad_token_id=None,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5})),
+}
+
+
+@pytest.mark.parametrize("shape", list(ODD_SHAPES))
+def test_odd_head_sizes_and_rotary_widths_match_transformers(tmp_path, shape):
+    from test_batching import run_batcher
+
+    config_class, model_class, config = ODD_SHAPES[shape]
+    ref_model, model = tiny_pair(tmp_path, config_class, model_class, 5, **config)
+    check_parity(ref_model, model)  # f32 logits over three chunks, 32 greedy tokens
+    ids = corpus_ids(model, 40)
+    batched = edgellm.load(model.bundle.path, slots=2)  # two sequences in one graph call
+    results = run_batcher(batched, [(ids[:12], 10), (ids[:30], 10)])
+    assert [r.token_ids for _, r in results] == [reference_greedy(ref_model, ids[:12], 10),
+                                                  reference_greedy(ref_model, ids[:30], 10)]
+    small = edgellm.load(edgellm.convert(tmp_path, tmp_path / "int8", quantize="f32", kv_cache="int8",
+                                         seq_length=128, chunk_length=16, progress=False))
+    assert relative_error(small.logits(ids), reference_logits(ref_model, ids)) < 0.15  # (the int8 cache's bound)

@@ -211,9 +211,13 @@ class GraphBuilder:
                 epsilon=float(eps))
         return outs[0], outs[3]
 
-    def rotary(self, x: str, position_ids: str, cos: str, sin: str, num_heads: int, name: str) -> str:
+    def rotary(self, x: str, position_ids: str, cos: str, sin: str, num_heads: int, name: str,
+               interleaved: bool = False, rotary_dim: int | None = None) -> str:
+        """RotaryEmbedding over x [B, S, heads * head]: the first `rotary_dim` dimensions of each head (all of them
+        by default) turned at their positions; cos and sin are [positions, rotary_dim / 2]."""
+        partial = {"rotary_embedding_dim": rotary_dim} if rotary_dim else {}
         return self.op("RotaryEmbedding", [x, position_ids, cos, sin], name=name, domain=MS,
-                       num_heads=num_heads, interleaved=0)
+                       num_heads=num_heads, interleaved=int(interleaved), **partial)
 
     def linear(self, x: str, weight: np.ndarray | QuantizedWeight, name: str, bias: np.ndarray | None = None,
                policy: WeightPolicy | None = None) -> str:

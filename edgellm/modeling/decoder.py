@@ -128,6 +128,11 @@ class Decoder:
 
     def project_qkv(self, g: GraphBuilder, weights: ModelSource, prefix: str, x: str) -> list[str]:
         ws, biases = self.qkv_weights(weights, prefix)
+        if len(ws) == 1:  # a checkpoint's one qkv_proj: one matmul, split after it
+            a, name = self.args, f"{prefix}.qkv_proj"
+            sizes = [a.num_attention_heads * a.head_dim] + [a.num_key_value_heads * a.head_dim] * 2
+            y = g.linear(x, ws[0], name, None if biases is None else biases[0])
+            return g.op("Split", [y, g.ints(sizes, f"{name}/sizes")], name=f"{name}/split", outputs=3, axis=-1)
         return g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, parts=qkv_parts(prefix, ws))
 
     def gate_up(self, g: GraphBuilder, weights: ModelSource, prefix: str, x: str) -> list[str]:
@@ -152,7 +157,7 @@ class Decoder:
         cache = [f"past_key.{i}", f"past_value.{i}", ctx["seqlens_k"], ctx["total_sequence_length"]]
         cos, sin = self.rotary_tables(i, ctx)
         packed = None
-        if self.packed_qkv:
+        if self.packed_qkv and self.fused_rotary():
             ws, biases = self.qkv_weights(weights, prefix)
             packed = g.fused_linear(x, ws, f"{prefix}.qkv_proj", biases, split=False, parts=qkv_parts(prefix, ws))
         if packed is not None:
@@ -161,14 +166,26 @@ class Decoder:
                        do_rotary=int(rotary), rotary_interleaved=int(self.rotary_interleaved), **gqa)[0]
         else:
             q, k, v = self.project_qkv(g, weights, prefix, x)
-            q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary")
-            k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary")
+            if self.rotates(i):
+                dim = self.rotary_head_dim()
+                rotary = int(dim * a.rope.get("partial_rotary_factor", 1.0))
+                partial = dict(interleaved=self.rotary_interleaved, rotary_dim=rotary if rotary != a.head_dim else None)
+                q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary", **partial)
+                k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary", **partial)
             out = self.attention_output(g, i, g.op("GroupQueryAttention", [q, k, v, *cache], **gqa)[0], q, ctx)
         return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
 
     def rotates(self, i: int) -> bool:
-        """Whether layer i applies rotary positions (with packed_qkv; a family may leave some layers without)."""
+        """Whether layer i applies rotary positions (a family may leave some layers without)."""
         return True
+
+    def fused_rotary(self) -> bool:
+        """Whether GroupQueryAttention can turn the queries and keys itself: it takes heads and rotary widths of
+        multiples of 16 only. Other shapes (heads of 24, 40, 80 or 96; a rotary over 8 dimensions) are turned by
+        RotaryEmbedding nodes before it, on separate projections: two nodes more per layer, the same attention."""
+        a = self.args
+        rotary = int(self.rotary_head_dim() * a.rope.get("partial_rotary_factor", 1.0))
+        return a.head_dim % 16 == 0 and rotary % 16 == 0
 
     def attention_scale(self) -> float:
         return float(self.args.head_dim ** -0.5)
@@ -205,9 +222,6 @@ class Decoder:
         """Set ctx's "cos" and "sin" tables (and "position_ids" as rotary reads them)."""
         dim = self.rotary_head_dim()
         cos, sin = rope_tables(self.args.rope, dim, seq_length)
-        if cos.shape[1] * 2 != dim and cos.shape[1] % 8:
-            raise EdgeLLMError(f"a partial rotary of {cos.shape[1] * 2} of the heads' {dim} dimensions: "
-                               "ONNX Runtime's attention rotates a multiple of 16 dimensions only")
         switch = longrope_switch(self.args.rope, seq_length)
         if switch is None:
             ctx["cos"], ctx["sin"] = g.const(cos, "rope.cos"), g.const(sin, "rope.sin")
