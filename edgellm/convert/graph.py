@@ -215,9 +215,11 @@ class GraphBuilder:
                interleaved: bool = False, rotary_dim: int | None = None) -> str:
         """RotaryEmbedding over x [B, S, heads * head]: the first `rotary_dim` dimensions of each head (all of them
         by default) turned at their positions; cos and sin are [positions, rotary_dim / 2]."""
-        partial = {"rotary_embedding_dim": rotary_dim} if rotary_dim else {}
-        return self.op("RotaryEmbedding", [x, position_ids, cos, sin], name=name, domain=MS,
-                       num_heads=num_heads, interleaved=int(interleaved), **partial)
+        if rotary_dim:
+            return self.op("RotaryEmbedding", [x, position_ids, cos, sin], name=name, domain=MS, num_heads=num_heads,
+                           interleaved=int(interleaved), rotary_embedding_dim=rotary_dim)
+        return self.op("RotaryEmbedding", [x, position_ids, cos, sin], name=name, domain=MS, num_heads=num_heads,
+                       interleaved=int(interleaved))
 
     def linear(self, x: str, weight: np.ndarray | QuantizedWeight, name: str, bias: np.ndarray | None = None,
                policy: WeightPolicy | None = None) -> str:

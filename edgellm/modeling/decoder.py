@@ -167,11 +167,12 @@ class Decoder:
         else:
             q, k, v = self.project_qkv(g, weights, prefix, x)
             if self.rotates(i):
-                dim = self.rotary_head_dim()
-                rotary = int(dim * a.rope.get("partial_rotary_factor", 1.0))
-                partial = dict(interleaved=self.rotary_interleaved, rotary_dim=rotary if rotary != a.head_dim else None)
-                q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary", **partial)
-                k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary", **partial)
+                width = int(self.rotary_head_dim() * a.rope.get("partial_rotary_factor", 1.0))
+                turned = width if width != a.head_dim else None
+                q = g.rotary(q, ctx["position_ids"], cos, sin, a.num_attention_heads, f"{prefix}.q_rotary",
+                             self.rotary_interleaved, turned)
+                k = g.rotary(k, ctx["position_ids"], cos, sin, a.num_key_value_heads, f"{prefix}.k_rotary",
+                             self.rotary_interleaved, turned)
             out = self.attention_output(g, i, g.op("GroupQueryAttention", [q, k, v, *cache], **gqa)[0], q, ctx)
         return g.linear(out, weights.linear(f"{prefix}.o_proj.weight"), f"{prefix}.o_proj")
 
