@@ -26,7 +26,7 @@ def convert(source, out, quantize: str = "w4", group_size: int | None = None, se
             max_pixels: int | tuple[int, int] | None = None, static_vit: bool = False, reblock: bool = False,
             kv_cache: str = "f32", lora=None, do_sample: bool = False, encrypt: bool = False, key=None,
             key_file=None, share_weights_with=None, static: bool = False, num_devices: int | None = None,
-            lora_slots: int = 0, lora_max_rank: int = 16):
+            lora_slots: int = 0, lora_max_rank: int = 16, report: bool = True):
     """Convert a Hugging Face folder or a GGUF file (`source`) into a bundle folder `out`; returns its Path.
 
     quantize: f32 | f16 | w8 | w4 (default), the decoder's weights. group_size: block size of w4/w8 (default 128).
@@ -48,7 +48,8 @@ def convert(source, out, quantize: str = "w4", group_size: int | None = None, se
     and one row), for accelerators that cannot take dynamic shapes. num_devices: the decoder written as that many
     graphs of contiguous layers, each run on its own session (load with device="cpu,cpu", ...). lora_slots: LoRA
     branches of rank up to lora_max_rank beside the attention and MLP projections, which up to lora_slots adapters
-    fill at run time (model.load_adapter(path, name); generate(..., adapter=name)).
+    fill at run time (model.load_adapter(path, name); generate(..., adapter=name)). report: the quality report in the
+    manifest (convert/report.py; False leaves it out, as --no-report).
     Vision-language models: vision_quantize (default f16; f32 with quantize f32); max_pixels, a pixel count or
     (width, height), bounds one image (Qwen2/3-VL: the resize budget, InternVL: the number of tiles); static_vit
     (Qwen2/3-VL) fixes the vision graph's input to one image size.
@@ -63,7 +64,7 @@ def convert(source, out, quantize: str = "w4", group_size: int | None = None, se
         vision_quantize=vision_quantize, max_pixels=max_pixels, static_vit=static_vit, reblock=reblock,
         kv_cache=kv_cache, lora=lora, do_sample=do_sample, encrypt=encrypt, key=key, key_file=key_file,
         share_weights_with=share_weights_with, static=static, num_devices=num_devices, lora_slots=lora_slots,
-        lora_max_rank=lora_max_rank)
+        lora_max_rank=lora_max_rank, report=report)
     return run(source, out, options)
 
 

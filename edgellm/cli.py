@@ -145,6 +145,9 @@ def build_parser() -> Parser:
                    help="Qwen2/3-VL: a vision graph of fixed input size (--max-pixels W,H, or the largest square "
                         "within the budget); every image and video frame is resized to it (for fixed-shape "
                         "accelerators; on CPU the dynamic graph is as fast and keeps aspect ratios)")
+    c.add_argument("--no-report", dest="report", action="store_false",
+                   help="leave out the quality report (the converted decoder against the source's float weights on a "
+                        "built-in text: about one more conversion's time and the float model's size in memory)")
     c.add_argument("-f", "--force", action="store_true", help="replace the output folder if it exists")
     c.set_defaults(func=cmd_convert)
 
@@ -263,6 +266,10 @@ def build_parser() -> Parser:
     d.add_argument("-p", "--prompt", default=None, help="default: a question (smollm2) or a sentence start (gemma3)")
     d.add_argument("-n", "--max-new-tokens", type=int, default=128)
     d.set_defaults(func=cmd_demo)
+
+    inf = sub.add_parser("info", help="what a bundle holds: source, options, sizes, files, devices, quality report")
+    inf.add_argument("bundle", metavar="BUNDLE", help="a bundle folder, or a cached bundle's name (`edgellm list`)")
+    inf.set_defaults(func=cmd_info)
 
     ls = sub.add_parser("list", help="the bundles converted into the cache, their sizes and sources")
     ls.set_defaults(func=cmd_list)
@@ -570,6 +577,21 @@ def cmd_quality(args) -> None:
     reference = (load(args.reference, device=args.device, threads=args.threads, progress=True) if args.reference
                  else None)
     print(format_report(evaluate(model, text, reference, args.max_tokens)))
+    from .info import quality_summary
+
+    print(f"at conversion: {quality_summary(model.manifest.quality)}")
+
+
+def cmd_info(args) -> None:
+    from pathlib import Path
+
+    from .info import describe
+    from .model_store import bundles_dir
+
+    path = Path(args.bundle)
+    if not path.exists() and (bundles_dir() / args.bundle).is_dir():
+        path = bundles_dir() / args.bundle
+    print(describe(path))
 
 
 def cmd_list(args) -> None:

@@ -146,7 +146,8 @@ def test_models_health_page_and_unknown_routes(served):
     info = client.get("/v1/models").json()["data"]
     assert info == [{"id": "tiny", "object": "model", "created": info[0]["created"], "owned_by": "edgellm",
                      "context_length": model.seq_length, "vision": False, "chat_template": True,
-                     "defaults": model.sampling_defaults(), "loaded": True, "family": "llama", "quantization": "f32"}]
+                     "defaults": model.sampling_defaults(), "loaded": True, "family": "llama", "quantization": "f32",
+                     "quality": model.manifest.quality}]
     assert client.get("/health").json()["status"] == "ok"
     page = client.get("/")
     assert page.status_code == 200 and "<title>edgellm</title>" in page.text and "/v1/chat/completions" in page.text

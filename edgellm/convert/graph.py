@@ -347,3 +347,15 @@ class GraphBuilder:
             sums = self._block_sums_of(x, w.k, w.block_size, name=name)
             self._block_sums[key] = self.op("Concat", [x] + [sums] * copies, name=f"{name}/widen", axis=-1)
         return self._block_sums[key]
+
+
+def data_file(folder: Path, graph_file: str) -> DataFile:
+    """The data file beside graph `graph_file` in `folder`, which its large weights are written to as they are made."""
+    return DataFile(folder / (graph_file + ".data"))
+
+
+def save_graph(g: GraphBuilder, path: Path) -> None:
+    """The graph itself; its large weights are in the data file already."""
+    if g.data is not None:
+        g.data.close()
+    onnx.save_model(g.to_model(), path)

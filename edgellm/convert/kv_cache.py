@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import EdgeLLMError
-from ..format import ROTARY_LENGTH, EmbeddingTable
+from ..format import EmbeddingTable
+from .decoder_run import present_name, run_decoder
 from .options import KV_CACHE_MODES
 
 MARGIN = 1.6  # headroom over the calibrated range (values beyond saturate): the best of 1.0-3.0 on both real models
@@ -54,11 +54,6 @@ Le marché ouvre à sept heures ; les pêcheurs arrivent avec la marée. 今日�
 """
 
 
-def present_name(past: str) -> str:
-    """The graph output a cache input is written back to: past_key.3 -> present_key.3."""
-    return "present" + past[len("past"):]
-
-
 def cache_names(graph: onnx.GraphProto) -> list[tuple[str, str]]:
     """(past, present) names of each cache tensor, in the decoder contract's order (past_key.0, past_value.0, ...)."""
     return [(i.name, present_name(i.name)) for i in graph.input if i.name.startswith("past_")]
@@ -70,37 +65,8 @@ def calibrate(decoder: Path, table: EmbeddingTable, token_ids: list[int], chunk_
     input, the largest magnitude of each [head, channel] over those positions: {past name: [1, heads, 1, dim]}.
     `extension_for(graph inputs {name: shape})`: the family's DecoderExtension, whose extra inputs for text it
     feeds; on_chunk(tokens done) after each chunk."""
-    session = ort.InferenceSession(str(decoder), providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in session.get_inputs()}
-    extension = extension_for({n: i.shape for n, i in inputs.items()}) if extension_for else None
-    names = [n for n in inputs if n.startswith("past_")]
-    if not names:
-        raise EdgeLLMError(f"{decoder}: the decoder graph has no KV cache inputs to quantize")
+    caches = run_decoder(decoder, table, token_ids, chunk_length, extension_for, on_chunk).caches
     length = len(token_ids)
-    shape = [d if isinstance(d, int) else 1 for d in inputs[names[0]].shape]  # [1 (of batch), heads, seq, dim]
-    caches = {n: np.zeros(shape, np.float32) for n in names}
-    binding = session.io_binding()
-    for n, cache in caches.items():
-        value = ort.OrtValue.ortvalue_from_numpy(cache)
-        binding.bind_ortvalue_input(n, value)
-        binding.bind_ortvalue_output(present_name(n), value)
-    binding.bind_output("logits")
-    rows = inputs["position_ids"].shape[0] if isinstance(inputs["position_ids"].shape[0], int) else 1
-    for begin in range(0, length, chunk_length):
-        end = min(begin + chunk_length, length)
-        feed = {"inputs_embeds": table[token_ids[begin:end]][None].astype(np.float32),
-                "position_ids": np.repeat(np.arange(begin, end, dtype=np.int64)[None], rows, axis=0),
-                "seqlens_k": np.array([end - 1], np.int32), "total_sequence_length": np.array(end, np.int32),
-                "logits_index": np.array([end - begin - 1], np.int64)}
-        if extension is not None:
-            feed.update(extension.inputs(end - begin, []))
-        if ROTARY_LENGTH in inputs:  # the calibration text is one prompt: its whole length decides
-            feed[ROTARY_LENGTH] = np.array(length, np.int32)
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        session.run_with_iobinding(binding)
-        if on_chunk:
-            on_chunk(end)
     ranges = {}
     for n, cache in caches.items():
         peak = np.abs(cache[:, :, :length]).max(axis=2, keepdims=True)

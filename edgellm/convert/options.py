@@ -23,7 +23,7 @@ FLAGS = {
     "reblock": "--reblock", "kv_cache": "--kv-cache", "lora": "--lora", "do_sample": "--do-sample",
     "encrypt": "--encrypt", "key_file": "--key-file", "share_weights_with": "--share-weights-with",
     "static": "--static", "num_devices": "--num-device", "lora_slots": "--lora-slots",
-    "lora_max_rank": "--lora-max-rank", "force": "--force",
+    "lora_max_rank": "--lora-max-rank", "force": "--force", "report": "--no-report",
 }
 NOT_ON_THE_COMMAND_LINE = {"key", "progress", "from_cli"}  # a key is read from --key-file or $EDGELLM_KEY there
 
@@ -54,6 +54,7 @@ class ConvertOptions:
     num_devices: int | None = None
     lora_slots: int = 0
     lora_max_rank: int = 16
+    report: bool = True  # the quality report (convert/report.py): --no-report leaves it out
     force: bool = False
     progress: bool = True
     from_cli: bool = field(default=False, repr=False, compare=False)  # how errors spell the options

@@ -38,14 +38,16 @@ from ..format import (
     write_manifest,
 )
 from ..format.blocks import QuantizedWeight
+from ..info import quality_summary
 from ..modeling.decoder import Decoder
 from ..modeling.family import TextFamily, VisionLanguageFamily, VisionOptions, VisionParts
 from ..models import Family, families, family_for
 from ..vision.processor import MediaTokens
-from .graph import DataFile, GraphBuilder, LoraSlots, WeightPolicy
+from .graph import GraphBuilder, LoraSlots, WeightPolicy, data_file, save_graph
 from .kv_cache import CALIBRATION_TEXT, calibrate, quantize_cache, scales_from_ranges
 from .options import QUANT_MODES, ConvertOptions
 from .quantize import reblock
+from .report import quality_report, warn
 
 # block types (GGUF's, or a pre-quantized checkpoint's) that -q w8 keeps as 8-bit blocks
 EIGHT_BIT_BLOCKS = {"Q8_0", "Q8_1", "Q8_K", "GPTQ 8-bit", "COMPRESSED-TENSORS 8-bit"}
@@ -166,14 +168,29 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions) -> Path:
     with staging_folder(out, overwrite=options.force) as stage:
         formats, embeddings = build_graphs(stage, plan)
         graphs = write_assets(stage, plan, embeddings, formats)
+        quality = quality_report(stage, plan, embeddings, extension_of(plan)) if options.report else None
         sealed = encrypt_files(stage, material) if material is not None else None
         shared = share_files(stage, out, other) if other is not None else {}
-        write_manifest(stage, manifest_of(plan, graphs, formats, embeddings, sealed, shared))
+        manifest = manifest_of(plan, graphs, formats, embeddings, sealed, shared)
+        manifest.quality = quality
+        write_manifest(stage, manifest)
+    if quality is not None:
+        warn(quality, options)
     if options.progress:
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
         tqdm.write(f"wrote {out} ({size:.1f} MiB, {describe(options.quantize, formats, options.kv_cache)}) in "
                    f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+        if quality is not None:
+            tqdm.write(f"quality {quality_summary(quality)}", file=sys.stderr)
     return out
+
+
+def extension_of(plan: Plan):
+    """The family's decoder extension (its extra inputs), for running a vision-language decoder over text."""
+    parts, family = plan.parts, plan.family
+    if parts is not None and isinstance(family, VisionLanguageFamily):
+        return family.processor(parts.settings.to_json()).decoder_extension
+    return None
 
 
 def make_plan(src: Path, options: ConvertOptions) -> Plan:
@@ -301,11 +318,7 @@ def write_assets(stage: Path, plan: Plan, embeddings: EmbeddingsEntry, formats: 
         save_graph(build_sampling_head(plan.model.shape().vocab_size), stage / SAMPLING_HEAD_FILE)
         graphs[SAMPLING_HEAD_GRAPH] = SAMPLING_HEAD_FILE
     if options.kv_cache == "int8":
-        parts, family = plan.parts, plan.family
-        extension_for = None
-        if parts is not None and isinstance(family, VisionLanguageFamily):
-            extension_for = family.processor(parts.settings.to_json()).decoder_extension
-        int8_cache(stage, embeddings, plan.tokenizer_json, plan.seq_length, options.chunk_length, extension_for,
+        int8_cache(stage, embeddings, plan.tokenizer_json, plan.seq_length, options.chunk_length, extension_of(plan),
                    options.progress)
     (stage / "tokenizer.json").write_text(plan.tokenizer_json, encoding="utf-8")
     template = plan.source.chat_template()
@@ -415,17 +428,6 @@ def describe(quantize: str, matmuls: dict[str, int], kv_cache: str) -> str:
     """What the result line says the bundle holds: the mode and the weight formats the graph has."""
     formats = ", ".join(f"{count} x {kind}" for kind, count in matmuls.items())
     return quantize + (f": {formats}" if formats else "") + (f", {kv_cache} KV cache" if kv_cache != "f32" else "")
-
-
-def data_file(stage: Path, graph_file: str) -> DataFile:
-    return DataFile(stage / (graph_file + ".data"))
-
-
-def save_graph(g: GraphBuilder, path: Path) -> None:
-    """The graph itself; its large weights are in the data file already."""
-    if g.data is not None:
-        g.data.close()
-    onnx.save_model(g.to_model(), path)
 
 
 def stored_blocks(graph: Path, weight: dict | None) -> dict | None:

@@ -230,6 +230,9 @@ class Manifest:
     # LoRA slots compiled into the decoder: {"slots": adapters held at once, "rank": the most a slot takes,
     # "shapes": {projection: [in, out]}}
     lora: dict | None = None
+    # what the precision costs, measured at conversion against the source's own weights (convert/report.py): the
+    # built-in text's perplexity against the reference's, top-1 agreement, the largest logit error, the worst layers
+    quality: dict | None = None
 
     @property
     def decoder_stages(self) -> list[str]:
@@ -257,6 +260,8 @@ class Manifest:
             data["shared"] = self.shared
         if self.lora:
             data["lora"] = self.lora
+        if self.quality is not None:
+            data["quality"] = self.quality
         data["files"] = {name: entry.to_json() for name, entry in self.files.items()}
         return data
 
@@ -283,6 +288,6 @@ class Manifest:
                        source=data.get("source", {}), created_by=data.get("created_by", ""),
                        files={name: FileEntry(**_known(FileEntry, info)) for name, info in data["files"].items()},
                        format_version=data["format_version"], encryption=data.get("encryption"),
-                       shared=dict(data.get("shared") or {}), lora=data.get("lora"))
+                       shared=dict(data.get("shared") or {}), lora=data.get("lora"), quality=data.get("quality"))
         except (KeyError, TypeError, ValueError) as e:
             raise EdgeLLMError(f"{where}: corrupt manifest ({type(e).__name__}: {e}); reconvert the model") from None

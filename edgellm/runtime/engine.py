@@ -239,7 +239,8 @@ class Engine:
 
     def outgrow_short_tables(self, upcoming: int) -> None:
         """Before a call that takes the current slot past a LongRoPE decoder's trained length: compute its cached
-        positions again on the long tables, as transformers' Phi-3 generate() does there (it drops its cache)."""
+        positions again on the long tables, as transformers' generate() does there for LongRoPE models (it drops its
+        cache)."""
         switch, tokens = self.rotary_switch, self.slot.tokens
         if switch is None or not tokens or len(tokens) + upcoming <= switch or tokens[0] & LONG_TABLE_KEY:
             return

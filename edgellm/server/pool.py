@@ -54,7 +54,7 @@ class ServedModel:
         card = {"created": int(path.stat().st_mtime), "context_length": manifest.seq_length,
                 "family": manifest.family, "quantization": manifest.quantization.mode,
                 "vision": VISION_GRAPH in manifest.graphs, "chat_template": (path / "chat_template.jinja").is_file(),
-                "loaded": model is not None}
+                "loaded": model is not None, "quality": manifest.quality}
         if model is not None:
             card["defaults"] = model.sampling_defaults()
         return card
