@@ -46,6 +46,8 @@ def parse_hub_id(text: str) -> HubId | None:
 def _hub():
     try:
         import huggingface_hub
+        import huggingface_hub.constants  # (submodules the package loads lazily)
+        import huggingface_hub.errors  # noqa: F401
     except ImportError as e:  # pragma: no cover - an install problem
         raise EdgeLLMError("Hugging Face ids need the huggingface_hub package: pip install huggingface_hub") from e
     return huggingface_hub
@@ -60,7 +62,7 @@ def repo_files(hub_id: HubId) -> tuple[list[str], bool]:
     offline or the hub is unreachable)."""
     hub = _hub()
     errors = hub.errors
-    if not _offline():
+    if not _offline() and reachable(hub.constants.ENDPOINT):
         try:
             return hub.HfApi().list_repo_files(hub_id.repo, revision=hub_id.revision), True
         except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.GatedRepoError) as e:
@@ -79,6 +81,21 @@ def repo_files(hub_id: HubId) -> tuple[list[str], bool]:
                            f"there is a network (`hf download {hub_id.repo}`), or give a local folder or .gguf "
                            "file") from None
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()), False
+
+
+def reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers at all: a machine without a network finds out at once, not after the hub
+    client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _first_line(e: Exception) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gguf
 import huggingface_hub
+import huggingface_hub.constants  # (the package loads its submodules lazily)
 import pytest
 from test_gguf import write_gguf
 
