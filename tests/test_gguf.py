@@ -174,6 +174,7 @@ def test_tied_embedding_is_stored_once(tmp_path, monkeypatch, arch, qtype, share
         assert relative_error(model.logits(ids), reference_logits(dequantized, ids)) < DEQUANTIZED_BOUND[4]
 
 
+@pytest.mark.slow  # a matrix: every family's GGUF reader
 @pytest.mark.parametrize("arch", sorted(a for a in TEXT_MODELS if text_family(a).gguf))  # every GGUF reader
 def test_gguf_file_converts_to_the_model_it_came_from(tiny, tmp_path, arch):
     ref_model, folder = tiny(arch)

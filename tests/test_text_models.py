@@ -91,6 +91,7 @@ def dequantized_copy(model, quant: str, group: int, lm_head: str):
     return clone
 
 
+@pytest.mark.slow  # a matrix: 14 families x 2 precisions x 2 accuracy levels
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("quant", ["w8", "w4"])
 @pytest.mark.parametrize("accuracy_level", [0, 4])
@@ -243,6 +244,7 @@ def test_phi_rotary_variants_match_transformers(tmp_path, rope):
                             rope_parameters={"rope_theta": 10000.0, **rope}))
 
 
+@pytest.mark.slow
 def test_longrope_switches_tables_at_the_trained_length_as_transformers(tmp_path):
     """A LongRoPE bundle longer than the trained length (64 here, the bundle 128): short factors while a call's
     longest sequence fits it, long ones past it: a prompt longer than it is long in every chunk (as transformers'
@@ -285,6 +287,7 @@ ODD_SHAPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", list(ODD_SHAPES))
 def test_odd_head_sizes_and_rotary_widths_match_transformers(tmp_path, shape):
     from test_batching import run_batcher
