@@ -227,6 +227,12 @@ def build_parser() -> Parser:
                     help="requests that may wait for the model; more get 503 with Retry-After (default 64)")
     sv.add_argument("--max-request-mib", type=count(1), default=32,
                     help="largest request body accepted, in MiB (default 32; larger gets 413)")
+    sv.add_argument("--ray", action="store_true",
+                    help="serve from Ray Serve replicas (pip install 'edgellm[ray]'; a local Ray, or the cluster at "
+                         "RAY_ADDRESS), each holding the models, behind Ray Serve's HTTP proxy")
+    sv.add_argument("--replicas", type=count(1), default=None, metavar="N", help="with --ray: N replicas (default 1)")
+    sv.add_argument("--autoscale", type=replica_range, default=None, metavar="MIN,MAX",
+                    help="with --ray: between MIN and MAX replicas, as the load asks")
     sv.add_argument("--name", default=None, help="model id the API reports for a single model (default: the folder's "
                                                   "or file's name, or the Hugging Face id)")
     sv.set_defaults(func=cmd_serve)
@@ -397,6 +403,17 @@ def cmd_run(args) -> None:
     print(model.last_result.timing_line(), file=sys.stderr)
 
 
+def replica_range(text: str) -> tuple[int, int]:
+    """--autoscale MIN,MAX."""
+    try:
+        low, high = (int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX replicas, got {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return low, high
+
+
 def cmd_serve(args) -> None:
     from pathlib import Path
 
@@ -405,11 +422,29 @@ def cmd_serve(args) -> None:
     from .server import listen, serve
     from .server.pool import ModelPool, ServedModel
 
-    sock = listen(args.host, args.port)  # before loading: a taken port fails at once
+    if (args.replicas or args.autoscale) and not args.ray:
+        raise EdgeLLMError("--replicas and --autoscale are Ray Serve's: add --ray")
+    sock = None if args.ray else listen(args.host, args.port)  # before loading: a taken port fails at once
     models = served_models(args.bundle)
     if len(models) > 1 and (args.name or args.adapter):
         raise EdgeLLMError("--name and --adapter apply to a server of one model; give one MODEL")
     bundles = [(args.name or name, resolve(spec)) for name, spec in models]  # every conversion before serving
+    if args.ray:
+        from .server.replicas import ReplicaSettings, serve_on_ray
+
+        if args.adapter or args.prompt_cache:
+            raise EdgeLLMError("--adapter and --prompt-cache are not served from Ray replicas yet")
+        settings = ReplicaSettings(device=args.device, threads=args.threads, parallel=args.parallel,
+                                   cache_mib=args.cache_mib, check_memory=args.check_memory, key_file=args.key_file,
+                                   max_request_bytes=args.max_request_mib << 20, max_queue=args.max_queue,
+                                   api_key=args.api_key, max_models=args.max_models)
+        print(f"serving {', '.join(n for n, _ in bundles)} from Ray Serve on http://{args.host}:{args.port}/ "
+              f"({f'{args.autoscale[0]}-{args.autoscale[1]}' if args.autoscale else args.replicas or 1} replica(s))",
+              file=sys.stderr)
+        serve_on_ray([(n, str(b)) for n, b in bundles], settings, args.host, args.port, args.replicas,
+                     args.autoscale)
+        return
+    assert sock is not None
 
     def loader(name: str, bundle):
         def load():

@@ -106,3 +106,5 @@ def test_the_command_line_serves_a_gguf_a_folder_and_a_bundle(tiny, bundle, tmp_
     assert r.json()["choices"][0]["text"] == edgellm.load(path).generate("We hold", 3, raw=True).text
     assert main(["serve", str(q8), str(path), "--name", "x", "--port", "0"]) == 2
     assert "--name and --adapter apply to a server of one model" in capsys.readouterr().err
+    assert main(["serve", str(path), "--replicas", "2", "--port", "0"]) == 2
+    assert "--replicas and --autoscale are Ray Serve's: add --ray" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""`edgellm serve --ray`: the server's application in Ray Serve replicas on a local Ray (the machine's 2 CPUs), driven
+by the openai client: two replicas answer, streamed or not, with the greedy text `edgellm serve` gives."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+import edgellm
+
+ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'edgellm[ray]')")
+serve = pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "When in the Course of human"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def replicas(bundle):
+    from edgellm.server.replicas import APP_NAME, ReplicaSettings, application
+
+    path = bundle("llama", "f32", seq_length=256)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = ReplicaSettings(threads=1, parallel=2, cache_mib=16)
+        serve.run(application([("tiny", str(path))], settings, replicas=2, cpus_per_replica=0.5), name=APP_NAME,
+                  route_prefix="/", blocking=False)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0), path
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_two_replicas_answer_as_the_server_does(replicas):
+    client, path = replicas
+    status = serve.status().applications["edgellm"].deployments["EdgeLLMReplica"]
+    assert status.replica_states.get("RUNNING") == 2
+    want = edgellm.load(path).generate(QUESTION, max_new_tokens=10)
+    for _ in range(4):  # spread over both replicas
+        answer = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=10, temperature=0)
+        assert answer.choices[0].message.content == want.text
+    stream = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=10, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=QUESTION, max_tokens=2)
