@@ -55,3 +55,33 @@ def test_two_replicas_answer_as_the_server_does(replicas):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=QUESTION, max_tokens=2)
+
+
+def test_a_conversations_next_turn_finds_its_prefix_on_its_replica(replicas):
+    """Conversations opened at once spread over both replicas; every next turn is routed to the replica that
+    answered the turn before, whose prompt cache holds the conversation (cached_tokens), where Ray Serve's default
+    router sends about half of them to the other replica."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    client, _ = replicas
+    url = f"{client.base_url}chat/completions".replace("/v1/chat", "/v1/chat")
+    history = {i: [{"role": "user", "content": f"Conversation {i}: we hold these truths, number {i}."}]
+               for i in range(8)}
+
+    def turn(i):
+        r = httpx.post(url, json={"model": "tiny", "messages": history[i], "max_tokens": 6, "temperature": 0},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        return r.headers["x-edgellm-replica"], r.json()
+
+    with ThreadPoolExecutor(4) as pool:  # opened together: the load spreads them
+        first = list(pool.map(turn, history))
+    assert len({replica for replica, _ in first}) == 2, first
+    for i, (_, body) in enumerate(first):
+        history[i] += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                       {"role": "user", "content": "And then?"}]
+    for i, (replica, _) in enumerate(first):  # the next turns, one at a time
+        answered_by, body = turn(i)
+        assert answered_by == replica and body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, (i, body)

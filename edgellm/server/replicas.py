@@ -1,22 +1,34 @@
 """`edgellm serve MODEL... --ray`: the same server, its routes and chat page, in Ray Serve replicas (the `ray`
 extra). Each replica is one Ray actor holding the models (server/pool.py: loaded on demand, each its batch and
-prompt cache) behind the application that `edgellm serve` runs (app.py, not a second implementation); Ray Serve's
-HTTP proxy spreads requests over the replicas, on one machine or a cluster (`RAY_ADDRESS`, `ray start --head`),
-with a fixed count (`--replicas N`) or autoscaling between two (`--autoscale MIN,MAX`).
+prompt cache) behind the application that `edgellm serve` runs (app.py, not a second implementation). A light front
+deployment takes the HTTP requests, computes each one's affinity key (a conversation's opening, a completion's
+start) and forwards it through Ray Serve's request router, PrefixAffinityRouter here: a conversation's next turn
+goes to the replica whose prompt cache holds it, unless that replica is busy. On one machine or a cluster
+(`RAY_ADDRESS`, `ray start --head`), with a fixed count (`--replicas N`) or autoscaling (`--autoscale MIN,MAX`).
 
-Streaming works through Ray Serve's proxy; a client that leaves closes its stream on the replica, which stops the
-answer as `edgellm serve` does. /metrics and /health are each replica's own (the proxy answers from one of them).
+Streaming goes through; a client that leaves closes its stream, which stops the answer on its replica.
+/metrics and /health are each replica's own (the router picks one).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import EdgeLLMError
 
+try:  # the `ray` extra
+    from ray.serve.request_router import FIFOMixin, RequestRouter
+except ImportError:  # pragma: no cover - without Ray, --ray says what to install
+    FIFOMixin = RequestRouter = object  # type: ignore[misc, assignment]
+
 APP_NAME = "edgellm"
+ROUTER = "edgellm.server.replicas:PrefixAffinityRouter"
 
 
 @dataclass
@@ -44,56 +56,206 @@ def _ray():
     return ray, serve
 
 
-def application(models: list[tuple[str, str]], settings: ReplicaSettings, replicas: int | None = None,
-                autoscale: tuple[int, int] | None = None, cpus_per_replica: float = 1.0):
-    """The Ray Serve application: `models` [(name, bundle folder)], each replica serving all of them."""
-    _, serve = _ray()
+def affinity_key(body: bytes) -> str | None:
+    """What makes requests share a cached prefix: a conversation's model, system prompt and first user turn (its
+    later turns resend them), a completion's first 1,024 characters; None for a body without a prompt."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("messages"), list):
+        messages = data["messages"]
+        first_user = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"),
+                          len(messages) - 1)
+        head = [data.get("model"), messages[:first_user + 1]]
+    elif isinstance(data.get("input"), (str, list)):  # the Responses API
+        items = data["input"] if isinstance(data["input"], list) else [data["input"]]
+        head = [data.get("model"), data.get("instructions"), items[:1]]
+    elif isinstance(data.get("prompt"), str):
+        head = [data.get("model"), data.get("system"), data["prompt"][:1024]]
+    else:
+        return None
+    text = json.dumps(head, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
-    @serve.ingress()
-    class EdgeLLMReplica:
-        def __init__(self, models: list[tuple[str, str]], settings: dict):
-            from .pool import ModelPool, ServedModel
 
-            self.settings = ReplicaSettings(**settings)
+class PrefixAffinityRouter(FIFOMixin, RequestRouter):
+    """Ray Serve's request router for the replicas: a request whose affinity key a replica served last goes to that
+    replica, whose prompt cache holds its prefix, unless `busy_at` requests or more wait there; then, as a request
+    without a key, to the replica with the shortest queue among all."""
 
-            def loader(name: str, path: str):
-                def load():
-                    from .. import load as load_model
-                    from ..runtime.prompt_cache import PromptCache
+    def initialize_state(self, busy_at: int = 4, remembered: int = 100_000, **kwargs):
+        self.owners: OrderedDict[str, object] = OrderedDict()  # key -> the replica id that served it last
+        self.busy_at, self.remembered = busy_at, remembered
 
-                    s = self.settings
-                    model = load_model(path, device=s.device, threads=s.threads, slots=s.parallel,
-                                       check_memory=s.check_memory, key_file=s.key_file)
-                    model.prompt_cache = PromptCache(s.cache_mib, model.bundle) if s.cache_mib else None
-                    return model, model.prompt_cache
-                return load
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        key = (pending_request.kwargs or {}).get("affinity") if pending_request is not None else None
+        owner = next((r for r in candidate_replicas if key is not None and self.owners.get(key) == r.replica_id),
+                     None)
+        if owner is not None:
+            waiting = self.replica_queue_len_cache.get(owner.replica_id)
+            if waiting is None or waiting < self.busy_at:
+                return [[owner], [r for r in candidate_replicas if r is not owner]]
+        return [candidate_replicas]  # the shortest queue among them, as Ray Serve's probes find it
 
-            self.pool = ModelPool([ServedModel(name, loader(name, path), path=Path(path)) for name, path in models],
-                                  max_models=self.settings.max_models, max_queue=self.settings.max_queue)
-            with self.pool.use(models[0][0]):  # ready before the proxy sends it requests
-                pass
+    def on_request_routed(self, pending_request, replica_id, result) -> None:
+        key = (pending_request.kwargs or {}).get("affinity")
+        if key is not None:
+            self.owners[key] = replica_id
+            self.owners.move_to_end(key)
+            while len(self.owners) > self.remembered:
+                self.owners.popitem(last=False)
 
-        def __serve_build_asgi_app__(self):
-            from .app import create_app
 
-            s = self.settings
-            return create_app(pool=self.pool, max_request_bytes=s.max_request_bytes, api_key=s.api_key,
+class ModelReplica:
+    """A replica: the models (a ModelPool) behind the application `edgellm serve` runs, answering the HTTP requests
+    the front forwards as they came (method, path, query, headers, body), streamed back as ("start", status,
+    headers) and then ("body", bytes) items."""
+
+    def __init__(self, models: list[tuple[str, str]], settings: dict):
+        from .app import create_app
+        from .pool import ModelPool, ServedModel
+
+        self.settings = s = ReplicaSettings(**settings)
+
+        def loader(path: str):
+            def load():
+                from .. import load as load_model
+                from ..runtime.prompt_cache import PromptCache
+
+                model = load_model(path, device=s.device, threads=s.threads, slots=s.parallel,
+                                   check_memory=s.check_memory, key_file=s.key_file)
+                model.prompt_cache = PromptCache(s.cache_mib, model.bundle) if s.cache_mib else None
+                return model, model.prompt_cache
+            return load
+
+        self.pool = ModelPool([ServedModel(name, loader(path), path=Path(path)) for name, path in models],
+                              max_models=s.max_models, max_queue=s.max_queue)
+        with self.pool.use(models[0][0]):  # ready before requests come
+            pass
+        self.app = create_app(pool=self.pool, max_request_bytes=s.max_request_bytes, api_key=s.api_key,
                               max_queue=s.max_queue)
+
+    @staticmethod
+    def headers(start: dict) -> list:
+        """A response's headers, and which replica (its process) answered, for logs and clients that care."""
+        return [*start.get("headers", []), (b"x-edgellm-replica", str(os.getpid()).encode())]
+
+    async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes, affinity=None):
+        """Run one HTTP request through the application; yields its response. Closing the generator (the client
+        left) tells the application so, which stops the answer."""
+        gone = asyncio.Event()
+        sent: asyncio.Queue = asyncio.Queue()
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            await sent.put(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+                 "raw_path": path.encode(), "query_string": query, "root_path": "", "scheme": "http",
+                 "headers": [(bytes(k), bytes(v)) for k, v in headers], "client": None, "server": None}
+        task = asyncio.ensure_future(self.app(scope, receive, send))
+        try:
+            while True:
+                getter = asyncio.ensure_future(sent.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:  # the application returned: what it sent is all there is
+                    getter.cancel()
+                    while not sent.empty():
+                        message = sent.get_nowait()
+                        if message["type"] == "http.response.start":
+                            yield ("start", message["status"], self.headers(message))
+                        elif message.get("body"):
+                            yield ("body", message["body"])
+                    task.result()
+                    return
+                message = getter.result()
+                if message["type"] == "http.response.start":
+                    yield ("start", message["status"], self.headers(message))
+                elif message["type"] == "http.response.body":
+                    if message.get("body"):
+                        yield ("body", message["body"])
+                    if not message.get("more_body"):
+                        return
+        finally:
+            gone.set()
+            if not task.done():
+                try:
+                    await asyncio.wait_for(task, 10)
+                except Exception:
+                    task.cancel()
+
+
+KEPT_HEADERS = {"content-type", "cache-control", "x-accel-buffering", "retry-after", "www-authenticate",
+                "x-edgellm-replica"}
+
+
+class Front:
+    """The HTTP ingress: reads each request and forwards it, with its affinity key, to the replica the
+    PrefixAffinityRouter picks; streams the replica's response back."""
+
+    def __init__(self, replicas):
+        self.replicas = replicas
+
+    async def __call__(self, request):
+        from starlette.responses import Response, StreamingResponse
+
+        body = await request.body()
+        stream = self.replicas.options(stream=True).forward.remote(
+            request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), body,
+            affinity=affinity_key(body))
+        _, status, raw = await stream.__anext__()
+        headers = {bytes(k).decode(): bytes(v).decode() for k, v in raw if bytes(k).decode().lower() in KEPT_HEADERS}
+        kind = headers.get("content-type", "")
+        if "text/event-stream" in kind or "ndjson" in kind:
+            async def rest():
+                try:
+                    async for item in stream:
+                        yield item[1]
+                finally:
+                    stream.cancel()  # the client left: the replica's answer stops
+
+            return StreamingResponse(rest(), status_code=status, headers=headers)
+        content = b"".join([item[1] async for item in stream])
+        return Response(content, status_code=status, headers=headers)
+
+
+def application(models: list[tuple[str, str]], settings: ReplicaSettings, replicas: int | None = None,
+                autoscale: tuple[int, int] | None = None, cpus_per_replica: float = 1.0, router: str = ROUTER):
+    """The Ray Serve application: the front (HTTP ingress) and the replicas, each serving all of `models`
+    [(name, bundle folder)], requests routed by `router` (an import path; PrefixAffinityRouter by default)."""
+    _, serve = _ray()
+    from ray.serve.config import RequestRouterConfig
 
     scaling: dict = {"num_replicas": replicas or 1}
     if autoscale is not None:
         low, high = autoscale
         scaling = {"autoscaling_config": {"min_replicas": low, "max_replicas": high,
                                           "target_ongoing_requests": max(1, settings.parallel or 4)}}
-    deployment = serve.deployment(EdgeLLMReplica, name="EdgeLLMReplica",
-                                  ray_actor_options={"num_cpus": cpus_per_replica},
-                                  max_ongoing_requests=settings.max_queue + (settings.parallel or 4), **scaling)
-    return deployment.bind(models, asdict(settings))
+    router_settings: dict = {"request_router_class": router, "request_router_kwargs": {}}
+    if router == ROUTER:
+        router_settings["request_router_kwargs"] = {"busy_at": max(2, settings.parallel or 4)}
+    replica = serve.deployment(ModelReplica, name="EdgeLLMReplica", ray_actor_options={"num_cpus": cpus_per_replica},
+                               max_ongoing_requests=settings.max_queue + (settings.parallel or 4),
+                               request_router_config=RequestRouterConfig(**router_settings), **scaling)
+    front = serve.deployment(Front, name="EdgeLLMFront", ray_actor_options={"num_cpus": 0},
+                             max_ongoing_requests=10_000)
+    return front.bind(replica.bind(models, asdict(settings)))
 
 
 def serve_on_ray(models: list[tuple[str, str]], settings: ReplicaSettings, host: str, port: int,
                  replicas: int | None = None, autoscale: tuple[int, int] | None = None, blocking: bool = True):
-    """Start (or join, with RAY_ADDRESS) a Ray cluster and run the replicas behind Ray Serve's HTTP proxy."""
+    """Start (or join, with RAY_ADDRESS) a Ray cluster and run the application behind Ray Serve's HTTP proxy."""
     ray, serve = _ray()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
