@@ -28,13 +28,15 @@ def replicas(bundle):
     from edgellm.server.replicas import APP_NAME, ReplicaSettings, application
 
     path = bundle("llama", "f32", seq_length=256)
+    long = bundle("llama", "f32", seq_length=1024)  # for an answer long enough to be cut
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = ReplicaSettings(threads=1, parallel=2, cache_mib=16)
-        serve.run(application([("tiny", str(path))], settings, replicas=2, cpus_per_replica=0.5), name=APP_NAME,
-                  route_prefix="/", blocking=False)
+        models = [("tiny", str(path)), ("tiny-long", str(long))]
+        serve.run(application(models, settings, replicas=2, cpus_per_replica=0.5), name=APP_NAME, route_prefix="/",
+                  blocking=False)
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0), path
     finally:
         serve.shutdown()
@@ -52,7 +54,7 @@ def test_two_replicas_answer_as_the_server_does(replicas):
     stream = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=10, temperature=0,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-long"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=QUESTION, max_tokens=2)
 
@@ -85,3 +87,51 @@ def test_a_conversations_next_turn_finds_its_prefix_on_its_replica(replicas):
     for i, (replica, _) in enumerate(first):  # the next turns, one at a time
         answered_by, body = turn(i)
         assert answered_by == replica and body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, (i, body)
+
+
+def test_a_replica_killed_mid_answer_is_an_error_and_the_other_answers(replicas):
+    """The replica holding a stream is killed: the stream ends (an error or a cut answer, never a hang), and the
+    next requests are answered while Ray Serve starts a replacement."""
+    import threading
+
+    import httpx
+
+    client, _ = replicas
+    url = f"{client.base_url}chat/completions"
+    request = {"model": "tiny-long", "messages": [{"role": "user", "content": "Tell me everything."}],
+               "max_tokens": 1000,
+               "ignore_eos": True, "temperature": 0, "stream": True}
+    seen: dict = {"replica": None, "lines": [], "error": None}
+    started = threading.Event()
+
+    def read():
+        try:
+            with httpx.stream("POST", url, json=request, timeout=60) as r:
+                seen["replica"] = r.headers["x-edgellm-replica"]
+                for line in r.iter_lines():
+                    seen["lines"].append(line)
+                    started.set()
+        except httpx.HTTPError as e:  # the connection cut: what a client sees of a dead replica
+            seen["error"] = e
+        finally:
+            started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(60)
+    killed = False
+    for name in ray.util.list_named_actors(all_namespaces=True):
+        actor = ray.get_actor(name["name"], namespace=name["namespace"])
+        if "EdgeLLMReplica" in name["name"] and str(ray.get(actor.__ray_call__.remote(
+                lambda self: __import__("os").getpid()))) == seen["replica"]:
+            ray.kill(actor, no_restart=False)
+            killed = True
+    assert killed
+    reader.join(60)
+    assert not reader.is_alive()  # the stream ended rather than hung
+    done = "data: [DONE]" in seen["lines"]
+    assert seen["error"] is not None or not done, seen["lines"][-3:]  # cut short: the client can tell
+    for _ in range(3):
+        r = httpx.post(url.replace("chat/completions", "completions"), json={
+            "model": "tiny", "prompt": "We hold", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200

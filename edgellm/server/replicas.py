@@ -182,11 +182,17 @@ class ModelReplica:
                 message = getter.result()
                 if message["type"] == "http.response.start":
                     yield ("start", message["status"], self.headers(message))
-                elif message["type"] == "http.response.body":
-                    if message.get("body"):
-                        yield ("body", message["body"])
-                    if not message.get("more_body"):
-                        return
+                    continue
+                # the body pieces that are ready go as one item: each item is a hop through Ray
+                chunks, more = [message.get("body", b"")], message.get("more_body", False)
+                while more and not sent.empty():
+                    message = sent.get_nowait()
+                    chunks.append(message.get("body", b""))
+                    more = message.get("more_body", False)
+                if any(chunks):
+                    yield ("body", b"".join(chunks))
+                if not more:
+                    return
         finally:
             gone.set()
             if not task.done():
