@@ -135,3 +135,16 @@ def test_a_replica_killed_mid_answer_is_an_error_and_the_other_answers(replicas)
         r = httpx.post(url.replace("chat/completions", "completions"), json={
             "model": "tiny", "prompt": "We hold", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200
+
+
+def test_a_serve_config_builds_the_application(tmp_path):
+    """What docs/ray.md's Serve config names: the builder takes the config's args, and refuses unknown ones."""
+    from edgellm.errors import EdgeLLMError
+    from edgellm.server.replicas import build
+
+    app = build({"models": [["tiny", str(tmp_path)]], "replicas": 2, "threads": 1, "parallel": 2})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(EdgeLLMError, match="unknown args in the Serve config: colour"):
+        build({"models": {"tiny": str(tmp_path)}, "colour": "blue"})
+    with pytest.raises(EdgeLLMError, match="need 'models'"):
+        build({})

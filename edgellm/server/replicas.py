@@ -259,6 +259,25 @@ def application(models: list[tuple[str, str]], settings: ReplicaSettings, replic
     return front.bind(replica.bind(models, asdict(settings)))
 
 
+def build(args: dict):
+    """The application as a Serve config's `import_path` names it (`edgellm.server.replicas:build`), from the
+    config's `args`: {"models": [[name, bundle folder], ...] (or {name: folder}), "replicas": N or "autoscale":
+    [MIN, MAX], and any ReplicaSettings field ("threads", "parallel", "cache_mib", "api_key", ...)}."""
+    if not isinstance(args, dict) or not args.get("models"):
+        raise EdgeLLMError("the Serve config's args need 'models': [[name, bundle folder], ...]")
+    models = args["models"]
+    pairs = list(models.items()) if isinstance(models, dict) else [tuple(m) for m in models]
+    known = set(ReplicaSettings.__dataclass_fields__)
+    unknown = set(args) - known - {"models", "replicas", "autoscale", "cpus_per_replica"}
+    if unknown:
+        raise EdgeLLMError(f"unknown args in the Serve config: {', '.join(sorted(unknown))} (known: models, replicas, "
+                           f"autoscale, cpus_per_replica, {', '.join(sorted(known))})")
+    settings = ReplicaSettings(**{k: v for k, v in args.items() if k in known})
+    autoscale = tuple(args["autoscale"]) if args.get("autoscale") else None
+    return application([(str(n), str(p)) for n, p in pairs], settings, args.get("replicas"), autoscale,
+                       float(args.get("cpus_per_replica", 1.0)))
+
+
 def serve_on_ray(models: list[tuple[str, str]], settings: ReplicaSettings, host: str, port: int,
                  replicas: int | None = None, autoscale: tuple[int, int] | None = None, blocking: bool = True):
     """Start (or join, with RAY_ADDRESS) a Ray cluster and run the application behind Ray Serve's HTTP proxy."""
