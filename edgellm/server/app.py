@@ -55,10 +55,10 @@ class Reply:
 
     job: Job
     served: ServedModel
+    arrivals: asyncio.Queue  # (choice, kind, value) from the Batcher
     handles: list[Request] = field(default_factory=list)
-    arrivals: asyncio.Queue = field(default_factory=asyncio.Queue)  # (choice, kind, value) from the Batcher
-    logprobs_sent: list[int] = field(default_factory=list)  # per choice: tokens whose logprobs went out, and the
-    logprobs_offset: list[int] = field(default_factory=list)  # length of their text
+    logprobs_sent: list[int] = field(init=False)  # per choice: tokens whose logprobs went out, and the length of
+    logprobs_offset: list[int] = field(init=False)  # their text
 
     def __post_init__(self):
         self.logprobs_sent = [0] * self.job.n
@@ -143,15 +143,16 @@ class OpenAIServer:
                 return base, adapter  # an unloaded model's adapters are checked once it is loaded
         raise BadRequest(not_served(asked, self.served()), "model", status=404)
 
-    def start(self, body, chat: bool, deliver) -> Reply:
-        """Check the request, make its answers (n of them) ready to prefill and queue them (a worker thread: the
-        model may have to be loaded, and tokenizing, images and the schema take time)."""
+    def start(self, body, chat: bool, arrivals: asyncio.Queue, deliver) -> Reply:
+        """Check the request, make its answers (n of them) ready to prefill and queue them, their pieces going to
+        `arrivals` through `deliver(choice, kind, value)` (a worker thread: the model may have to be loaded, and
+        tokenizing, images and the schema take time)."""
         name, adapter = self.pick(body.get("model") if isinstance(body, dict) else None)
         with self.pool.use(name) as served:
             model = served.ready
             job = parse(model, body, chat)
             job.model = f"{name}:{adapter}" if adapter else name
-            batcher, reply = self.pool.batcher(served), Reply(job, served)
+            batcher, reply = self.pool.batcher(served), Reply(job, served, arrivals)
             try:
                 for i in range(job.n):
                     sampling = dict(job.sampling)
@@ -191,18 +192,24 @@ class OpenAIServer:
         return {"id": served_id, "object": "model", "owned_by": "edgellm", **self.pool.models[name].card()}
 
     # --- the routes ---------------------------------------------------------------------------------------------
-    async def submit(self, body, chat: bool, error=None) -> Reply | Response:
-        """The request `body` (OpenAI's shape) checked and queued, or the error response (`error(message, status,
-        param, kind)` writes it; OpenAI's shape by default)."""
+    async def admit(self, request, translate, error=None) -> tuple[Reply, object] | Response:
+        """A request of any of the APIs, read, put in OpenAI's shape by `translate(body) -> (request, chat)`, checked
+        and queued: (its Reply, the body as sent); or the error response, written by `error(message, status, param,
+        kind)` (OpenAI's shape by default)."""
         error = error or self.error
+        if self.full():  # before reading the body
+            return self.busy(error=error)
         loop = asyncio.get_running_loop()
         arrivals: asyncio.Queue = asyncio.Queue()
 
         def deliver(index: int, kind: str, value) -> None:  # on the Batcher's thread
             loop.call_soon_threadsafe(arrivals.put_nowait, (index, kind, value))
 
+        chat = False
         try:
-            reply = await run_in_threadpool(self.start, body, chat, deliver)
+            body = await read_json(request, self.max_request_bytes)
+            asked, chat = translate(body)
+            reply = await run_in_threadpool(self.start, asked, chat, arrivals, deliver)
         except BadRequest as e:
             self.metrics.finished("refused")
             return error(str(e), e.status, e.param, "not_found_error" if e.status == 404 else "invalid_request_error")
@@ -213,22 +220,15 @@ class OpenAIServer:
             return self.busy(error=error)
         except PoolBusy as e:
             return self.busy(str(e), error=error)
-        reply.arrivals = arrivals
-        return reply
+        return reply, body
 
     async def complete(self, request, chat: bool):
-        if self.full():  # before reading the body
-            return self.busy()
-        try:
-            body = await read_json(request, self.max_request_bytes)
-        except BadRequest as e:
-            self.metrics.finished("refused")
-            return self.error(str(e), e.status, e.param)
-        reply = await self.submit(body, chat)
-        if isinstance(reply, Response):
-            return reply
+        admitted = await self.admit(request, lambda body: (body, chat))
+        if isinstance(admitted, Response):
+            return admitted
+        reply, _ = admitted
         if reply.job.stream:
-            return StreamingResponse(self.events(reply, reply.arrivals), media_type="text/event-stream",
+            return StreamingResponse(self.events(reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self.answer(request, reply)
 
@@ -274,7 +274,7 @@ class OpenAIServer:
                                   logprobs=self.logprobs(reply, i), index=i))
         return JSONResponse(envelope(job, False, choices=choices, usage=usage(results), timings=timings(results[0])))
 
-    async def events(self, reply: Reply, arrivals: asyncio.Queue):
+    async def events(self, reply: Reply):
         """A streamed answer's server-sent events (choices interleaved, each chunk naming its index); the answer
         stops if the stream is closed."""
         job = reply.job
@@ -284,7 +284,7 @@ class OpenAIServer:
                 for i in range(job.n):
                     yield event(job, choices=[choice(job, None, None, first=True, index=i)])
             while len(results) < job.n:
-                index, kind, value = await arrivals.get()
+                index, kind, value = await reply.arrivals.get()
                 if kind == "piece":
                     yield event(job, choices=[choice(job, value, None, logprobs=self.logprobs(reply, index),
                                                      index=index)])
@@ -370,17 +370,10 @@ class OpenAIServer:
 
     # --- the Responses API ------------------------------------------------------------------------------------
     async def responses(self, request):
-        if self.full():
-            return self.busy()
-        try:
-            body = await read_json(request, self.max_request_bytes)
-            asked = responses_api.chat_request(body)
-        except BadRequest as e:
-            self.metrics.finished("refused")
-            return self.error(str(e), e.status, e.param)
-        reply = await self.submit(asked, True)
-        if isinstance(reply, Response):
-            return reply
+        admitted = await self.admit(request, lambda body: (responses_api.chat_request(body), True))
+        if isinstance(admitted, Response):
+            return admitted
+        reply, body = admitted
         writer = responses_api.ResponseWriter(reply.job.model, body)
         if reply.job.stream:
             return StreamingResponse(self.response_events(reply, writer), media_type="text/event-stream",
@@ -419,21 +412,17 @@ class OpenAIServer:
 
     async def ollama_answer(self, request, route: str):
         """/api/chat and /api/generate: the request in OpenAI's shape through the same checks and batch."""
-        if self.full():
-            return self.busy(error=self.ollama_error)
-        try:
-            body = await read_json(request, self.max_request_bytes)
+
+        def translate(body) -> tuple[dict, bool]:
             if route == "chat":
-                asked, chat = ollama.chat_request(body), True
-            else:
-                name, _ = self.pick(body.get("model") if isinstance(body, dict) else None)
-                asked, chat = ollama.generate_request(body, self.pool.models[name].card().get("chat_template", True))
-        except BadRequest as e:
-            self.metrics.finished("refused")
-            return self.ollama_error(str(e), e.status)
-        reply = await self.submit(asked, chat, error=self.ollama_error)
-        if isinstance(reply, Response):
-            return reply
+                return ollama.chat_request(body), True
+            name, _ = self.pick(body.get("model") if isinstance(body, dict) else None)
+            return ollama.generate_request(body, self.pool.models[name].card().get("chat_template", True))
+
+        admitted = await self.admit(request, translate, error=self.ollama_error)
+        if isinstance(admitted, Response):
+            return admitted
+        reply, _ = admitted
         as_chat = route == "chat"  # /api/generate answers as a completion, templated or not
         if reply.job.stream:
             return StreamingResponse(self.ollama_lines(reply, as_chat), media_type="application/x-ndjson")
@@ -443,8 +432,8 @@ class OpenAIServer:
         if isinstance(results, str):
             return self.ollama_error(results, 500)
         result = results[0]
-        text = result.text if not result.tool_calls else (result.text or "")
-        return JSONResponse(ollama.last(reply.job.model, as_chat, result, ollama.elapsed(reply.job.arrived), text))
+        return JSONResponse(ollama.last(reply.job.model, as_chat, result, ollama.elapsed(reply.job.arrived),
+                                        result.text))
 
     async def ollama_lines(self, reply: Reply, chat: bool):
         """A streamed ollama answer: one JSON object per line, the last with done: true and the timings."""
