@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..format import EmbeddingsEntry, EmbeddingTable, save_table
+from ..host import available_bytes
 from .decoder_run import run_decoder, with_outputs
 from .graph import GraphBuilder, WeightPolicy, data_file, save_graph
 from .kv_cache import CALIBRATION_TEXT
@@ -61,18 +62,16 @@ def quality_report(stage: Path, plan, embeddings: EmbeddingsEntry, extension_for
                            f"{free / 2**30:.1f} GiB available); --no-report skips it outright")
     started = time.perf_counter()
     ids = text_ids(plan.tokenizer_json, min(REPORT_TOKENS, plan.seq_length))
-    layers = plan.model.args.num_hidden_layers
     with tqdm(total=2 * len(ids), desc="quality report", unit="token", disable=not options.progress) as bar, \
             tempfile.TemporaryDirectory(prefix=".report-", dir=stage.parent) as tmp:
         here = Path(tmp)
-        mine = _measured(stage / "decoder.onnx", EmbeddingTable(stage, embeddings), ids, plan, layers, here / "q",
-                         extension_for, bar)
+        mine = _measured(stage / "decoder.onnx", EmbeddingTable(stage, embeddings), ids, plan, extension_for, bar)
         if options.quantize == "f32":
             reference = mine
             what = "itself (float32 weights)"
         else:
             table = _reference_decoder(here, plan)
-            reference = _measured(here / "decoder.onnx", table, ids, plan, layers, here / "r", extension_for, bar)
+            reference = _measured(here / "decoder.onnx", table, ids, plan, extension_for, bar)
             what = ("the GGUF's blocks, dequantized to float32" if plan.src.suffix.lower() == ".gguf"
                     else "the checkpoint's own weights in float32")
     report = compare(mine, reference, ids)
@@ -87,24 +86,12 @@ def reference_bytes(a) -> int:
     return 4 * (a.num_hidden_layers * per_layer + 2 * a.vocab_size * a.hidden_size)
 
 
-def available_bytes() -> int | None:
-    """MemAvailable (Linux); None where it is not known."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _measured(decoder: Path, table: EmbeddingTable, ids: list[int], plan, layers: int, copy: Path, extension_for,
+def _measured(decoder: Path, table: EmbeddingTable, ids: list[int], plan, extension_for,
               bar) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(logits [tokens, vocab], the residual stream after each layer found) of `decoder` over `ids`."""
-    copy = decoder.with_name(f".{copy.name}.report.onnx")  # beside its data file, which it reads
+    copy = decoder.with_name(f".{decoder.name}.report.onnx")  # beside its data file, which it reads
     try:
-        found = with_outputs(decoder, layer_outputs(layers), copy)
+        found = with_outputs(decoder, layer_outputs(plan.model.args.num_hidden_layers), copy)
         done = bar.n
         run = run_decoder(copy, table, ids, plan.options.chunk_length, extension_for,
                           on_chunk=lambda n: bar.update(done + n - bar.n), all_logits=True, hidden=tuple(found))

@@ -3,25 +3,13 @@ does not fit would otherwise be killed by the kernel half-way through loading, o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ..errors import EdgeLLMError
 from ..format import DECODER_GRAPH, Bundle
+from ..host import available_bytes
 
 GIB = 1 << 30
-
-
-def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """The kernel's estimate of memory available without swapping (MemAvailable); None where it is not known."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def openvino_copy_bytes(stored: int, quantization) -> int:
