@@ -57,15 +57,18 @@ def is_bundle(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A source the converter reads: a Hugging Face folder or a .gguf file."""
+    return (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix.lower() == ".gguf")
+
+
 def resolve(spec: str | os.PathLike, progress: bool = True, **options) -> Path:
     """The bundle folder for `spec`: a bundle as it is, anything else converted once into the cache (`options`:
     edgellm.convert's, default w4) and taken from there after."""
     path = Path(os.path.expanduser(os.fspath(spec)))
     if is_bundle(path):
         return path
-    if path.is_dir() and (path / "config.json").is_file():
-        return cached(path, str(path.resolve()), progress, options)
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if is_checkpoint(path):
         return cached(path, str(path.resolve()), progress, options)
     if path.exists():
         raise EdgeLLMError(f"{spec}: not an edgellm bundle (no {MANIFEST}), a Hugging Face model folder (no "
@@ -94,9 +97,8 @@ def served_models(specs: list[str]) -> list[tuple[str, str]]:
     found = []
     for spec in specs:
         path = Path(os.path.expanduser(spec))
-        if path.is_dir() and not is_bundle(path) and not (path / "config.json").is_file():
-            inside = [p for p in sorted(path.iterdir()) if is_bundle(p) or (p / "config.json").is_file()
-                      or (p.is_file() and p.suffix.lower() == ".gguf")]
+        if path.is_dir() and not is_bundle(path) and not is_checkpoint(path):
+            inside = [p for p in sorted(path.iterdir()) if is_bundle(p) or is_checkpoint(p)]
             if not inside:
                 raise EdgeLLMError(f"{spec}: holds no bundle, Hugging Face folder or .gguf file to serve")
             found += [(_name_of(p), str(p)) for p in inside]

@@ -256,7 +256,7 @@ def test_longrope_switches_tables_at_the_trained_length_as_transformers(tmp_path
                                      "rope_type": "longrope", "rope_theta": 10000.0,
                                      "short_factor": [1 + 0.1 * i for i in range(8)],
                                      "long_factor": [1 + 0.9 * i for i in range(8)]})
-    assert model.engine.rotary_length  # the bundle holds both tables
+    assert model.engine.rotary_switch == 64  # the bundle holds both tables, switched at the trained length
     check_parity(ref_model, model)  # a short chat: within the trained length
     ids = corpus_ids(model, 100)
     assert relative_error(model.logits(ids), reference_logits(ref_model, ids)) < 1e-4  # chunks of 16 across 64

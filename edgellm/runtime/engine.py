@@ -60,8 +60,8 @@ class Engine:
         self._open_sessions(bundle, device, threads, spinning, profile_prefix, stage_devices or [device])
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.batched = not isinstance(inputs["inputs_embeds"][0], int)
-        self.rotary_length = ROTARY_LENGTH in inputs  # a LongRoPE decoder choosing its tables per call
-        self.rotary_switch = bundle.manifest.model.rotary_switch if self.rotary_length else None
+        # a LongRoPE decoder choosing its tables per call: the length past which they are the long ones
+        self.rotary_switch = bundle.manifest.model.rotary_switch if ROTARY_LENGTH in inputs else None
         rows_in = inputs["inputs_embeds"][1]  # fixed in a fixed-shape bundle (convert --static)
         self.fixed_rows = rows_in if isinstance(rows_in, int) else None
         slots = self._slot_count(slots, device)
@@ -274,7 +274,7 @@ class Engine:
                 "seqlens_k": np.array([start + s - 1], np.int32),
                 "total_sequence_length": np.array(start + s, np.int32),
                 "logits_index": np.ascontiguousarray(logits_index, np.int64)}
-        if self.rotary_length:
+        if self.rotary_switch is not None:
             feed[ROTARY_LENGTH] = np.array(max(call_length or 0, start + s), np.int32)
         for name, value in (self.extension.inputs(s, []) if extra is None else extra).items():
             feed[name] = np.ascontiguousarray(value)
@@ -328,7 +328,7 @@ class Engine:
             "inputs_embeds": np.ascontiguousarray(self.embed(token_ids)[:, None], np.float32),
             "position_ids": steps, "seqlens_k": lengths, "total_sequence_length": np.array(lengths.max() + 1, np.int32),
             "logits_index": np.zeros(1, np.int64)}
-        if self.rotary_length:  # the longest sequence of the batch decides, as transformers' position_ids.max()
+        if self.rotary_switch is not None:  # the batch's longest sequence decides (transformers' position_ids.max())
             feed[ROTARY_LENGTH] = np.array(lengths.max() + 1, np.int32)
         logits = self.runner.decode_batch(feed, first, first + k)[:, 0]
         for slot, token, step in zip(slots, token_ids, steps[:, 0]):
