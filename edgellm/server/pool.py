@@ -33,7 +33,7 @@ class ServedModel:
 
     name: str
     load: Callable[[], tuple]
-    path: Path | None = None  # its bundle folder, whose manifest describes it before it is loaded
+    path: Path  # its bundle folder, whose manifest describes it before it is loaded
     model: Model | None = None
     prompt_cache: PromptCache | None = None
     batcher: Batcher | None = None
@@ -46,10 +46,7 @@ class ServedModel:
         has a chat template, its sampling defaults (once loaded) and its size on disk."""
         from ..format import VISION_GRAPH, open_bundle
 
-        model = self.model
-        path = model.bundle.path if model is not None else self.path
-        if path is None:
-            return {"loaded": False}
+        model, path = self.model, self.path
         manifest = model.manifest if model is not None else open_bundle(path, verify=False).manifest
         card = {"created": int(path.stat().st_mtime), "context_length": manifest.seq_length,
                 "family": manifest.family, "quantization": manifest.quantization.mode,
@@ -60,13 +57,11 @@ class ServedModel:
         return card
 
     def size(self) -> int:
-        path = self.model.bundle.path if self.model is not None else self.path
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path is not None else 0
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
     def template(self) -> str:
-        path = self.model.bundle.path if self.model is not None else self.path
-        file = path / "chat_template.jinja" if path is not None else None
-        return file.read_text(encoding="utf-8") if file is not None and file.is_file() else ""
+        file = self.path / "chat_template.jinja"
+        return file.read_text(encoding="utf-8") if file.is_file() else ""
 
     @property
     def loaded(self) -> bool:
