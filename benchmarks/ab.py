@@ -34,6 +34,11 @@ print(json.dumps({"load_ms": model.load_s * 1000,
 """
 
 
+def column_medians(rows: list[tuple[float, ...]]) -> tuple[float, ...]:
+    """The median of each column of `rows` (one tuple of figures per run)."""
+    return tuple(statistics.median(column) for column in zip(*rows))
+
+
 def cpu_flags() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()

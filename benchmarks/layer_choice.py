@@ -12,7 +12,6 @@ written at level 0 (patching the graph builder for the run).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
-from ab import cpu_flags  # noqa: E402
+from ab import column_medians, cpu_flags  # noqa: E402
 from kernel_quality import nll_and_top1  # noqa: E402
 
 import edgellm  # noqa: E402
@@ -47,15 +46,14 @@ def convert_with_float_layers(gguf: Path, out: Path, layers: set[int] | None) ->
         graph_module.GraphBuilder._matmul_nbits = original
 
 
-def speed(model, rounds: int) -> tuple[float, float]:
-    prompt = list(range(1000, 1512))
-    prefill, decode = [], []
+def speed(model, rounds: int) -> tuple[float, ...]:
+    """Median prefill(512) and decode tokens/s."""
+    runs = []
     for _ in range(rounds):
         model.engine.reset()
-        r = model.generate(prompt, 64, ignore_eos=True)
-        prefill.append(r.prefill_tokens_per_s)
-        decode.append(r.decode_tokens_per_s)
-    return statistics.median(prefill), statistics.median(decode)
+        r = model.generate(list(range(1000, 1512)), 64, ignore_eos=True)
+        runs.append((r.prefill_tokens_per_s, r.decode_tokens_per_s))
+    return column_medians(runs)
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import httpx  # noqa: E402
-from ab import cpu_flags  # noqa: E402
+from ab import column_medians, cpu_flags  # noqa: E402
 
 import edgellm  # noqa: E402
 from edgellm.demo import demo_bundle  # noqa: E402
@@ -78,7 +77,7 @@ def main() -> None:
                 runs[name].append(timed(url, args.tokens, i))
     serve.shutdown()
     ray.shutdown()
-    medians = {n: (statistics.median(t for t, _ in v), statistics.median(s for _, s in v)) for n, v in runs.items()}
+    medians = {name: column_medians(rows) for name, rows in runs.items()}
     for name, (ttft, speed) in medians.items():
         print(f"{name}: TTFT {ttft * 1000:.1f} ms, decode {speed:.1f} tok/s")
     (dt, ds), (rt, rs) = medians["edgellm serve"], medians["Ray Serve, 1 replica"]

@@ -8,7 +8,6 @@ prefill and decode speed, alternating, medians of --rounds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ab import cpu_flags  # noqa: E402
+from ab import column_medians, cpu_flags  # noqa: E402
 
 import edgellm  # noqa: E402
 from edgellm.demo import smollm2_gguf  # noqa: E402
@@ -44,7 +43,7 @@ def main() -> None:
             model.engine.reset()
             r = model.generate(prompt, 128, ignore_eos=True)
             runs[name].append((r.prefill_tokens_per_s, r.decode_tokens_per_s))
-    medians = {n: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for n, v in runs.items()}
+    medians = {name: column_medians(rows) for name, rows in runs.items()}
     for name, (prefill, decode) in medians.items():
         print(f"{name}: prefill(512) {prefill:.0f} tok/s, decode {decode:.1f} tok/s")
     (fp, fd), (np_, nd) = medians["fused rotary"], medians["RotaryEmbedding nodes"]
