@@ -172,12 +172,14 @@ def _tool_fields(message: dict, where: str) -> dict:
     return extra
 
 
-def _response_format(model, value):
-    """OpenAI's response_format -> generate()'s json_schema: None (text), or the compiled constraint of any JSON
-    object or of the schema, compiled here so that a schema the grammar engine refuses is a 400 on this field."""
+def _response_format(model, value) -> tuple[object, object]:
+    """OpenAI's response_format -> (the schema as generate()'s json_schema takes it: True for any JSON object, or
+    the schema; the compiled constraint of it), both None for text. Compiled here so that a schema the grammar
+    engine refuses is a 400 on this field."""
     if value is None or value == {"type": "text"}:
-        return None
+        return None, None
     kind = value.get("type") if isinstance(value, dict) else None
+    schema: object
     if kind == "json_object":
         schema = True
     elif kind == "json_schema":
@@ -192,7 +194,7 @@ def _response_format(model, value):
     from ..runtime.constraints import JsonConstraint, schema_of
 
     try:
-        return JsonConstraint(model.grammar_tokenizer, schema_of(schema), model.manifest.model.vocab_size)
+        return schema, JsonConstraint(model.grammar_tokenizer, schema_of(schema), model.manifest.model.vocab_size)
     except EdgeLLMError as e:
         raise BadRequest(str(e), "response_format") from None
 
@@ -208,7 +210,7 @@ def parse(model, body, chat: bool) -> Job:
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise BadRequest(f"'{name}' is not supported; use 'repetition_penalty' (1.0 = off)", name)
-    json_schema = _response_format(model, body.get("response_format"))
+    schema, json_schema = _response_format(model, body.get("response_format"))
     logprobs = _logprobs(body, chat)
     tools = None
     if chat:
@@ -255,14 +257,7 @@ def parse(model, body, chat: bool) -> Job:
     if not isinstance(stream_options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
     return Job(prompt, max_tokens, sampling, _flag(body, "stream"), _flag(stream_options, "include_usage"), chat,
-               logprobs=logprobs, n=n, schema=_schema_asked(body.get("response_format")))
-
-
-def _schema_asked(value):
-    """response_format's schema as generate() takes it (already checked by _response_format)."""
-    if not isinstance(value, dict) or value.get("type") not in ("json_object", "json_schema"):
-        return None
-    return True if value["type"] == "json_object" else value["json_schema"]["schema"]
+               logprobs=logprobs, n=n, schema=schema)
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
