@@ -165,10 +165,10 @@ def format_table(model, rows: list[dict]) -> str:
     q = m.quantization
     size = m.size_bytes / 2**20
     formats = ", ".join(f"{n}x {kind}" for kind, n in q.matmuls.items()) or f"group {q.group_size}"
-    threads = model.engine.session.get_session_options().intra_op_num_threads
+    threads = model.engine.threads
     lines = [f"{m.architecture} {q.mode} ({formats}), bundle {size:.0f} MiB, "
              f"{threads} threads, load {model.load_s * 1000:.0f} ms",
-             f"matmuls: {model.engine.kernels.describe()}",
+             f"matmuls: {model.engine.describe()}",
              f"{'prompt':>7} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MiB':>13}"]
     for r in rows:
         lines.append(f"{r['prompt_tokens']:>7} {r['ttft_ms']:>9.1f} {r['prefill_tok_s']:>14.0f} "

@@ -14,6 +14,7 @@ from .errors import EdgeLLMError
 # Subcommands whose prompt may come after options (`run B -n 10 "Say hi"`): argparse's default parsing has given the
 # optional positional its empty value by then and calls the prompt unrecognized.
 INTERMIXED = ("run",)
+PLACEMENT_CHOICES = ("spread", "strict-spread", "pack")  # runtime/ray_stages.PLACEMENTS' (not imported: onnxruntime)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +167,11 @@ def build_parser() -> Parser:
                        help="cpu (default); cuda (onnxruntime-gpu); openvino (the openvino extra: prefill and vision "
                             "on OpenVINO, which computes in bf16 where the CPU has AVX512_BF16 or AMX)")
         q.add_argument("-t", "--threads", type=count(1), default=None, help="threads (default: physical cores)")
+        q.add_argument("--ray-stages", nargs="?", const="spread", default=None, choices=PLACEMENT_CHOICES,
+                       metavar="PLACEMENT",
+                       help="run a decoder written as stages (convert --num-device) with each stage in a Ray actor, "
+                            "on the cluster's nodes (RAY_ADDRESS, or a local Ray): spread (default: different nodes "
+                            "where there are), strict-spread, pack; every node reads the bundle at the same path")
         q.add_argument("--no-memory-check", dest="check_memory", action="store_false",
                        help="load even when the bundle needs more memory than is free")
         q.add_argument("--key-file", default=None, metavar="FILE",
@@ -285,36 +291,14 @@ def build_parser() -> Parser:
     return p
 
 
-def _load(args, slots: int | None = 1, keep_prompts: bool = False, bundle=None, folder=None):
-    """The model (args.bundle, or `bundle`), loaded; with `--prompt-cache DIR` (or `folder`; or, `keep_prompts`, a
-    memory-only `--cache-mib`), its PromptCache."""
-    from pathlib import Path
-
-    from . import load
+def _load(args, slots: int | None = 1):
+    """The model of args.bundle (resolved into a bundle folder), loaded with the runtime flags (loading.py)."""
+    from .loading import LoadOptions, open_model
     from .model_store import resolve
 
-    if bundle is None:
-        bundle = args.bundle = resolve(args.bundle)
-    model = load(bundle, device=args.device, threads=args.threads, check_memory=args.check_memory, slots=slots,
-                 key_file=vars(args).get("key_file"))
-    print(f"loaded {bundle} in {model.load_s * 1000:.0f} ms ({model.engine.kernels.describe()})", file=sys.stderr)
-    args.adapter_names = []
-    for spec in vars(args).get("adapter") or []:
-        name, _, path = spec.rpartition("=")
-        args.adapter_names.append(model.load_adapter(path, name or None))
-        print(f"adapter {args.adapter_names[-1]} ({path}) loaded", file=sys.stderr)
-    folder = folder or vars(args).get("prompt_cache")
-    if folder is not None or (keep_prompts and args.cache_mib):
-        from .runtime.prompt_cache import PromptCache
-
-        model.prompt_cache = PromptCache(args.cache_mib, model.bundle, folder)
-        if folder is not None and model.vision is not None:  # image features too, by content
-            model.vision.keep_on_disk(Path(folder) / "vision", model.bundle.identity)
-        for reason in model.prompt_cache.refused:
-            print(f"edgellm: warning: skipped {reason}", file=sys.stderr)
-        if folder is not None:
-            print(f"prompt cache {folder}: {len(model.prompt_cache)} sequence(s), "
-                  f"{model.prompt_cache.nbytes / (1 << 20):.1f} MiB", file=sys.stderr)
+    args.bundle = resolve(args.bundle)
+    model = open_model(args.bundle, LoadOptions.of(args), slots=slots)
+    args.adapter_names = model.adapter_names
     return model
 
 
@@ -417,6 +401,7 @@ def replica_range(text: str) -> tuple[int, int]:
 def cmd_serve(args) -> None:
     from pathlib import Path
 
+    from .loading import LoadOptions, served_loader
     from .model_store import resolve, served_models
     from .runtime.memory import kv_cache_bytes
     from .server import listen, serve
@@ -432,10 +417,7 @@ def cmd_serve(args) -> None:
     if args.ray:
         from .server.replicas import ReplicaSettings, serve_on_ray
 
-        if args.adapter or args.prompt_cache:
-            raise EdgeLLMError("--adapter and --prompt-cache are not served from Ray replicas yet")
-        settings = ReplicaSettings(device=args.device, threads=args.threads, parallel=args.parallel,
-                                   cache_mib=args.cache_mib, check_memory=args.check_memory, key_file=args.key_file,
+        settings = ReplicaSettings(**vars(LoadOptions.of(args)), parallel=args.parallel,
                                    max_request_bytes=args.max_request_mib << 20, max_queue=args.max_queue,
                                    api_key=args.api_key, max_models=args.max_models)
         print(f"serving {', '.join(n for n, _ in bundles)} from Ray Serve on http://{args.host}:{args.port}/ "
@@ -446,15 +428,9 @@ def cmd_serve(args) -> None:
         return
     assert sock is not None
 
-    def loader(name: str, bundle):
-        def load():
-            folder = Path(args.prompt_cache) / name.replace("/", "--") if args.prompt_cache and len(bundles) > 1 \
-                else None
-            model = _load(args, slots=args.parallel, keep_prompts=True, bundle=bundle, folder=folder)
-            return model, model.prompt_cache
-        return load
-
-    pool = ModelPool([ServedModel(name, loader(name, bundle), path=Path(bundle)) for name, bundle in bundles],
+    options = LoadOptions.of(args)
+    pool = ModelPool([ServedModel(name, served_loader(name, bundle, options, args.parallel, len(bundles) > 1),
+                                  path=Path(bundle)) for name, bundle in bundles],
                      max_models=args.max_models, max_queue=args.max_queue)
     first = pool.models[bundles[0][0]]
     with pool.use(first.name):  # the first model is ready before the first request

@@ -77,6 +77,39 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def merge(texts: dict[str, str], per_replica: bool = False) -> str:
+    """Several servers' text() as one (server/replicas.py: a Ray Serve deployment's replicas): every sample summed
+    over them, under the names and labels one server gives (its counters, histograms' cumulative buckets and gauges
+    all add up), with `edgellm_replicas` their count; or, `per_replica`, each server's samples labelled
+    replica="NAME". Each metric's HELP and TYPE come once, its samples after them, as the text format asks."""
+    families: dict[str, tuple[list[str], dict[str, float], list[str]]] = {}  # name -> (comments, totals, labelled)
+    for replica, text in texts.items():
+        current = ""
+        for line in text.splitlines():
+            if line.startswith("# "):  # "# HELP name ..." / "# TYPE name kind"
+                current = line.split()[2]
+                comments = families.setdefault(current, ([], {}, []))[0]
+                if line not in comments:
+                    comments.append(line)
+            elif line.strip():
+                key, _, value = line.rpartition(" ")
+                _, totals, labelled = families.setdefault(current, ([], {}, []))
+                totals[key] = totals.get(key, 0.0) + float(value)
+                name, brace, labels = key.partition("{")
+                labelled.append(f'{name}{{replica="{replica}"' + (f",{labels}" if brace else "}") + f" {value}")
+    lines: list[str] = []
+    for comments, totals, labelled in families.values():
+        lines += comments
+        lines += labelled if per_replica else [f"{key} {number(total)}" for key, total in totals.items()]
+    lines += ["# HELP edgellm_replicas The replicas these figures are of.", "# TYPE edgellm_replicas gauge",
+              f"edgellm_replicas {len(texts)}"]
+    return "\n".join(lines) + "\n"
+
+
+def number(value: float) -> str:
+    return str(int(value)) if value.is_integer() else f"{value:.6f}"
+
+
 def resident_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:

@@ -89,6 +89,45 @@ def test_a_conversations_next_turn_finds_its_prefix_on_its_replica(replicas):
         assert answered_by == replica and body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, (i, body)
 
 
+def test_a_client_that_leaves_stops_its_answer_and_metrics_add_up_over_replicas(replicas):
+    """A streamed answer whose client leaves after a few pieces stops on its replica (counted "stopped" there);
+    /metrics sums every replica's figures, /metrics/replicas gives each one's under its name."""
+    import time
+
+    import httpx
+
+    client, _ = replicas
+    base = str(client.base_url).removesuffix("/v1/")
+    request = {"model": "tiny-long", "messages": [{"role": "user", "content": "Tell me everything."}],
+               "max_tokens": 900, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=request, timeout=60) as r:
+        pieces = 0
+        for line in r.iter_lines():
+            pieces += line.startswith("data:")
+            if pieces == 3:
+                break  # leaving: the connection closes here
+
+    def figures(text: str) -> dict[str, float]:
+        return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    for _ in range(60):
+        total = figures(httpx.get(f"{base}/metrics", timeout=30).text)
+        if total.get('edgellm_requests_total{outcome="stopped"}', 0) >= 1:
+            break
+        time.sleep(0.5)
+    assert total.get('edgellm_requests_total{outcome="stopped"}', 0) >= 1, total
+    assert total["edgellm_replicas"] == 2
+    each = figures(httpx.get(f"{base}/metrics/replicas", timeout=30).text)
+    names = {key.split('replica="')[1].split('"')[0] for key in each if 'replica="' in key}
+    assert len(names) == 2
+    for kind in ("prompt", "completion"):
+        assert sum(v for k, v in each.items() if k.startswith("edgellm_tokens_total") and f'kind="{kind}"' in k) \
+            == total[f'edgellm_tokens_total{{kind="{kind}"}}']
+    # the stopped answer is far from its 900 tokens: its completion tokens are few
+    assert total['edgellm_tokens_total{kind="completion"}'] < 900
+
+
 def test_a_replica_killed_mid_answer_is_an_error_and_the_other_answers(replicas):
     """The replica holding a stream is killed: the stream ends (an error or a cut answer, never a hang), and the
     next requests are answered while Ray Serve starts a replacement."""
@@ -122,8 +161,7 @@ def test_a_replica_killed_mid_answer_is_an_error_and_the_other_answers(replicas)
     killed = False
     for name in ray.util.list_named_actors(all_namespaces=True):
         actor = ray.get_actor(name["name"], namespace=name["namespace"])
-        if "EdgeLLMReplica" in name["name"] and str(ray.get(actor.__ray_call__.remote(
-                lambda self: __import__("os").getpid()))) == seen["replica"]:
+        if "EdgeLLMReplica" in name["name"] and name["name"].endswith(f"#{seen['replica']}"):
             ray.kill(actor, no_restart=False)
             killed = True
     assert killed

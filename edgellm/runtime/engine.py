@@ -27,6 +27,7 @@ from .kv_cache import KvCache, Slot, common_prefix
 from .lora_slots import LoraSlots
 from .memory import default_slots
 from .prompt_cache import CachedSequence, PromptCache
+from .ray_stages import RayStagedRunner, RayStages, StageCaches
 from .runners import (
     MIN_OPENVINO_ROWS,
     OPENVINO_CHUNK,
@@ -47,18 +48,26 @@ LONG_TABLE_KEY = 1 << 61  # marks the keys of positions computed on a LongRoPE d
 class Engine:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, spinning: bool = True,
                  profile_prefix: str | None = None, processor: Processor | None = None, slots: int | None = 1,
-                 stage_devices: list[str] | None = None):
+                 stage_devices: list[str] | None = None, stage_placement: str | None = None):
         """`device` as check_device has accepted it (Model checks it before anything loads); `slots`: sequences the
         cache holds (more than one needs a decoder with a batch dimension, `batched`, on ONNX Runtime; None: as many
         as memory.default_slots finds room for where the decoder can batch, else 1); `stage_devices`: one device
-        per stage of a decoder written as stages (convert --num-device)."""
+        per stage of a decoder written as stages (convert --num-device); `stage_placement`: run those stages in Ray
+        actors placed so (ray_stages.PLACEMENTS) instead of in this process."""
         m = bundle.manifest.model
         self.bundle = bundle
         self.seq_length = bundle.manifest.seq_length
         self.chunk_length = bundle.manifest.chunk_length
         self.kernels = KernelUse(kernel_status())  # which kernels run the decoder's matmuls
-        self._open_sessions(bundle, device, threads, spinning, profile_prefix, stage_devices or [device])
-        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        self.threads = threads or default_threads()  # each session's (each stage actor's, on its node's cores)
+        self.remote: RayStages | None = None  # the stages' Ray actors (stage_placement)
+        if stage_placement is not None:
+            if profile_prefix:
+                raise EdgeLLMError("profiling records this process's sessions; the stages on Ray run elsewhere")
+            self._place_stages(bundle, device, threads, stage_placement)
+        else:
+            self._open_sessions(bundle, device, threads, spinning, profile_prefix, stage_devices or [device])
+        inputs = self.graph_inputs
         self.batched = not isinstance(inputs["inputs_embeds"][0], int)
         # a LongRoPE decoder choosing its tables per call: the length past which they are the long ones
         self.rotary_switch = bundle.manifest.model.rotary_switch if ROTARY_LENGTH in inputs else None
@@ -68,8 +77,10 @@ class Engine:
         self.embeddings = EmbeddingTable(bundle.path, bundle.manifest.embeddings,
                                          bundle.read if bundle.encrypted else None)
         self.layers, self.vocab_size = m.num_hidden_layers, m.vocab_size
-        self.cache = KvCache(self.layers, slots, m.num_key_value_heads, self.seq_length, m.head_dim,
-                             bundle.manifest.quantization.kv_dtype, 1 if self.batched else inputs["position_ids"][0])
+        position_rows = 1 if self.batched else inputs["position_ids"][0]
+        self.cache = (StageCaches(self.remote, slots, self.seq_length, position_rows) if self.remote else
+                      KvCache(self.layers, slots, m.num_key_value_heads, self.seq_length, m.head_dim,
+                              bundle.manifest.quantization.kv_dtype, position_rows))
         self.slots = self.cache.slots
         self.slot = self.slots[0]  # the sequence prefill, forward, decode and verify work on
         self.reused = 0  # positions the last prefill took from the cache
@@ -105,6 +116,7 @@ class Engine:
                                   PROVIDERS[stage_devices[k] if len(stage_devices) > 1 else device], self.kernels)
                        for k, name in enumerate(stage_files)]
         self.session = self.stages[0]
+        self.graph_inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.stage_layers = [sorted(int(i.name.split(".")[1]) for i in st.get_inputs()
                                     if i.name.startswith("past_key.")) for st in self.stages]
         self.step_session: ort.InferenceSession | None = None
@@ -113,6 +125,16 @@ class Engine:
                 raise EdgeLLMError("device openvino does not run --static bundles yet; use device cpu")
             self.step_session = open_graph(bundle, bundle.manifest.graphs[STEP_GRAPH],
                                            session_options(threads, spinning), PROVIDERS[device], self.kernels)
+
+    def _place_stages(self, bundle: Bundle, device: str, threads: int | None, placement: str) -> None:
+        """The stages in Ray actors (ray_stages): nothing of the decoder's graphs is opened in this process."""
+        from .ray_stages import RayStages
+
+        if device not in ("cpu", "cuda"):
+            raise EdgeLLMError(f"stages on Ray run on device cpu or cuda, not {device}")
+        self.remote = RayStages(bundle, device, threads, placement)
+        self.stages, self.step_session = [], None
+        self.graph_inputs, self.stage_layers = self.remote.inputs[0], self.remote.layers
 
     def _slot_count(self, slots: int | None, device: str) -> int:
         can_batch = self.batched and device != "openvino"
@@ -128,6 +150,8 @@ class Engine:
     def _runner(self, device: str, threads: int | None) -> Runner:
         """The runner of this bundle's execution mode on `device`."""
         self.openvino = None  # device openvino's compiled decoder
+        if self.remote is not None:
+            return RayStagedRunner(self.remote)
         if len(self.stages) > 1:
             return StagedRunner(self.stages, self.stage_layers, self.bindings)
         if self.fixed_rows is not None:
@@ -143,6 +167,17 @@ class Engine:
         self.openvino = CompiledGraph(decoder, threads or default_threads())
         self.chunk_length = max(self.chunk_length, OPENVINO_CHUNK)
         return OpenVinoRunner(self.openvino, graph, self.cache, self.layers)
+
+    def close(self) -> None:
+        """The stages' Ray actors and their placement group, given back (stage_placement)."""
+        if self.remote is not None:
+            self.remote.close()
+
+    def describe(self) -> str:
+        """What runs the decoder's matmuls, and where its stages run when they run in Ray actors."""
+        if self.remote is not None:
+            return f"{self.remote.kernels}; stages on Ray nodes {', '.join(self.remote.nodes)}"
+        return self.kernels.describe()
 
     @property
     def kv(self) -> np.ndarray:
@@ -294,7 +329,6 @@ class Engine:
     def _submit(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids, position_ids: np.ndarray,
                 extra: dict[str, np.ndarray], call_length: int | None = None) -> Future:
         """forward() through a staged decoder's pipeline (inside StagedRunner.pipelined): the future of its logits."""
-        assert isinstance(self.runner, StagedRunner)
         feed, _, s = self._feed(embeds, logits_index, position_ids, extra, call_length)
         logits = self.runner.submit(feed, self.slot.index, logits_index)
         self.slot.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])
@@ -344,7 +378,7 @@ class Engine:
         returns the last position's logits, or every new position's when all_logits (then nothing is reused)."""
         # a decoder written as stages: stage k+1 of a chunk runs beside stage k of the next (each stage's own
         # worker); the Batcher's chunks (prefill_chunks) stay in turn, between its decode steps
-        staged = self.runner if isinstance(self.runner, StagedRunner) and not all_logits else None
+        staged = self.runner if self.runner.pipelines and not all_logits else None
         with staged.pipelined() if staged else nullcontext():
             chunks = Chunks(self._chunks(token_ids, all_logits, media, positions, cache, pipelined=bool(staged)))
             for done, todo in chunks:

@@ -63,8 +63,7 @@ class KvCache:
     def move(self, slot: Slot, free: Slot) -> None:
         """Move `slot`'s sequence to `free`'s place in the cache (so that the sequences that decode together hold
         neighbouring places): the two exchange indices, and `free` is left empty at `slot`'s former one."""
-        n = len(slot)
-        self.kv[:, :, free.index, :, :n] = self.kv[:, :, slot.index, :, :n]
+        self.copy_positions(slot.index, free.index, len(slot))
         slot.index, free.index = free.index, slot.index
         free.clear()
 
@@ -72,14 +71,27 @@ class KvCache:
         """A copy of a slot's cached positions (its keys, rotary positions and keys and values), for a PromptCache."""
         n = len(slot)
         return CachedSequence(np.array(slot.tokens, np.int64), slot.positions[:, :n].copy(), slot.next_position,
-                              np.ascontiguousarray(self.kv[:, :, slot.index, :, :n]))
+                              self.read(slot.index, n))
 
     def restore(self, slot: Slot, entry: CachedSequence, length: int) -> None:
         """Fill `slot` with the first `length` positions of a PromptCache entry."""
-        self.kv[:, :, slot.index, :, :length] = entry.kv[:, :, :, :length]
+        self.write(slot.index, entry.kv, length)
         slot.tokens = [int(t) for t in entry.keys[:length]]
         slot.positions[:, :length] = entry.positions[:, :length]
         slot.truncate(length)
+
+    # where the keys and values are kept (ray_stages.StageCaches: in the stages' actors)
+    def copy_positions(self, source: int, target: int, n: int) -> None:
+        """The first n positions of place `source`, copied to place `target`."""
+        self.kv[:, :, target, :, :n] = self.kv[:, :, source, :, :n]
+
+    def read(self, index: int, n: int) -> np.ndarray:
+        """A copy of the first n positions at place `index`: [layers, 2, kv heads, n, head]."""
+        return np.ascontiguousarray(self.kv[:, :, index, :, :n])
+
+    def write(self, index: int, kv: np.ndarray, length: int) -> None:
+        """The first `length` positions of `kv` (as read() gives) into place `index`."""
+        self.kv[:, :, index, :, :length] = kv[:, :, :, :length]
 
 
 def common_prefix(slot: Slot, keys, positions: np.ndarray, limit: int) -> int:

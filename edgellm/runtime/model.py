@@ -165,10 +165,13 @@ class Generation:
 class Model:
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
                  spinning: bool = True, profile_prefix: str | None = None, check_memory: bool = True,
-                 slots: int | None = 1, key: bytes | str | None = None, key_file: str | Path | None = None):
+                 slots: int | None = 1, key: bytes | str | None = None, key_file: str | Path | None = None,
+                 stage_placement: str | None = None):
         """slots: sequences the KV cache holds, which decode together in a server (None: as many as
         memory.default_slots finds room for, where the decoder can batch; else 1). key / key_file: an encrypted
-        bundle's key (else $EDGELLM_KEY)."""
+        bundle's key (else $EDGELLM_KEY). stage_placement: a decoder written as stages (convert --num-device) runs
+        each stage in a Ray actor, placed "spread" (on different nodes where there are), "strict-spread" or "pack"
+        (runtime/ray_stages.py); this process keeps the embeddings, the tokenizer and the sampling."""
         started = time.perf_counter()
         stage_devices = device.split(",")  # one per stage of a decoder written as stages, or one for all
         for one in stage_devices:
@@ -185,7 +188,7 @@ class Model:
                                "key_file= in Python)")
         if slots is not None and slots < 1:
             raise EdgeLLMError(f"slots must be 1 or more, got {slots}")
-        if check_memory:
+        if check_memory and stage_placement is None:  # (stages on Ray: the weights are on their nodes)
             check_fits(self.bundle, device, slots=slots or 1)
         # Checksumming the files runs beside building the session, which releases the GIL (as zlib and hashlib do
         # on large reads). The tokenizer is parsed first, alone: beside the session, the transient of a large
@@ -211,7 +214,7 @@ class Model:
                 self.vision = VisionEncoder(self.bundle, processor, device, threads, spinning)
             self.engine = Engine(self.bundle, device=device, threads=threads, spinning=spinning,
                                  profile_prefix=profile_prefix, processor=processor, slots=slots,
-                                 stage_devices=stage_devices)
+                                 stage_devices=stage_devices, stage_placement=stage_placement)
         except Exception:
             if verified:
                 verified.result()  # a corrupt file explains a failed load better than its parser's message
@@ -401,6 +404,11 @@ class Model:
                             set() if ignore_eos else self.eos_token_ids, started, tools, stop_loops, logprobs)
         answer.adapter = adapter
         return answer
+
+    def close(self) -> None:
+        """Give back what lives outside this process now (a staged decoder's Ray actors); the rest goes with the
+        object."""
+        self.engine.close()
 
     def load_adapter(self, path, name: str | None = None) -> str:
         """Load a PEFT LoRA adapter into the bundle's LoRA slots (convert --lora-slots) under `name` (default: its

@@ -2,7 +2,8 @@
 
 - GraphRunner: one ONNX Runtime session (the usual case; several slots decode in one call where the graph batches);
 - StagedRunner: a decoder written as stages (convert --num-device), a session per stage, each handing on the hidden
-  state; prefill chunks can be pipelined through the stages;
+  state; prefill chunks can be pipelined through the stages (ray_stages.RayStagedRunner: the same, each stage a Ray
+  actor);
 - FixedShapeRunner: fixed-shape graphs (convert --static), a padded chunk graph and a one-row graph;
 - OpenVinoRunner: prefill chunks on OpenVINO, the rest on ONNX Runtime (device openvino).
 
@@ -86,10 +87,11 @@ def run_bound(bound: Bound, feed: dict[str, Any], single: bool) -> np.ndarray:
 class Runner:
     """The decoder's execution mode. `forward`: new rows of one slot (`start`: its cached positions before them, `s`:
     how many), logits at `logits_index` [len(logits_index), vocab]; `decode_batch`: one new row for each of the
-    slots first..end-1, logits [end - first, 1, vocab]."""
+    slots first..end-1, logits [end - first, 1, vocab]. A runner that `pipelines` (a decoder written as stages) also
+    takes prefill chunks through `submit` inside `pipelined()`, each stage of a chunk beside the next stage of the
+    one before."""
 
-    def __init__(self, sessions: list[ort.InferenceSession], bindings: Bindings):
-        self.sessions, self.bindings = sessions, bindings
+    pipelines = False
 
     def forward(self, feed: dict[str, np.ndarray], slot: int, start: int, s: int,
                 logits_index: np.ndarray) -> np.ndarray:
@@ -98,13 +100,21 @@ class Runner:
     def decode_batch(self, feed: dict[str, np.ndarray], first: int, end: int) -> np.ndarray:
         raise NotImplementedError
 
+    def submit(self, feed: dict[str, np.ndarray], slot: int, logits_index: np.ndarray) -> Future:
+        """forward() as a future of its logits, inside `pipelined()`."""
+        raise NotImplementedError
+
+    def pipelined(self):
+        """A context within which submit() overlaps the stages of consecutive chunks; leaving it waits for all of
+        them and raises the first error."""
+        raise NotImplementedError
+
 
 class GraphRunner(Runner):
     """One ONNX Runtime session of the whole decoder."""
 
     def __init__(self, session: ort.InferenceSession, layers: list[int], bindings: Bindings):
-        super().__init__([session], bindings)
-        self.session, self.layers = session, layers
+        self.session, self.layers, self.bindings = session, layers, bindings
 
     def run(self, feed: dict[str, np.ndarray], first: int, end: int, single: bool) -> np.ndarray:
         return run_bound(self.bindings.get(self.session, self.layers, first, end), feed, single)
@@ -116,38 +126,54 @@ class GraphRunner(Runner):
         return self.run(feed, first, end, single=True)
 
 
-class StagedRunner(Runner):
-    """A decoder written as stages of contiguous layers (convert --num-device), each its own session (and device):
-    stage k hands its hidden state and residual stream to stage k + 1 as arrays, the last returns logits."""
+class Stage:
+    """One graph of a decoder written as stages of contiguous layers (convert --num-device): it takes the previous
+    stage's hand-over (its hidden state and residual stream) or, the first, the embeddings, and hands over the same
+    to the next; the last returns logits."""
 
-    def __init__(self, sessions: list[ort.InferenceSession], stage_layers: list[list[int]], bindings: Bindings):
-        super().__init__(sessions, bindings)
-        self.stage_layers = stage_layers
-        self.stage_inputs = [[i.name for i in st.get_inputs() if not i.name.startswith(("past_", "lora_"))]
-                             for st in sessions]
-        self.pipeline: StagePipeline | None = None  # while `pipelined()` runs prefill chunks through the stages
+    def __init__(self, session: ort.InferenceSession, layers: list[int], last: bool):
+        self.session, self.layers, self.last = session, layers, last
+        self.inputs = [i.name for i in session.get_inputs() if not i.name.startswith(("past_", "lora_"))]
 
-    def run(self, feed: dict[str, np.ndarray], first: int, end: int, single: bool) -> np.ndarray:
-        carried: dict[str, np.ndarray] = {}
-        for k in range(len(self.sessions) - 1):
-            carried = self.run_stage(k, feed, carried, first, end)
-        return self.run_last(feed, carried, first, end, single)
+    def _given(self, feed: dict, carried: dict | None) -> dict:
+        return {name: (carried or {}).get(name, feed.get(name)) for name in self.inputs}
 
-    def run_stage(self, k: int, feed: dict, carried: dict, first: int, end: int) -> dict[str, np.ndarray]:
-        """Stage k (not the last) on `feed` and the previous stage's hand-over: the next hand-over."""
-        bound = self.bindings.get(self.sessions[k], self.stage_layers[k], first, end)
+    def hand_over(self, bindings: Bindings, feed: dict, carried: dict | None, first: int,
+                  end: int) -> dict[str, np.ndarray]:
+        """A stage before the last on `feed` (the engine's inputs) and `carried` (the previous stage's hand-over,
+        if any) for the cache's slots first..end-1: the next hand-over."""
+        bound = bindings.get(self.session, self.layers, first, end)
         b = bound.binding
-        for name in self.stage_inputs[k]:
-            b.bind_cpu_input(name, carried.get(name, feed.get(name)))
+        for name, value in self._given(feed, carried).items():
+            b.bind_cpu_input(name, value)
         b.bind_output("next_hidden")
         b.bind_output("next_residual")
         bound.session.run_with_iobinding(b)
         outputs = b.get_outputs()
         return {"hidden": outputs[-2].numpy(), "residual": outputs[-1].numpy()}
 
-    def run_last(self, feed: dict, carried: dict, first: int, end: int, single: bool) -> np.ndarray:
-        last = {name: carried.get(name, feed.get(name)) for name in self.stage_inputs[-1]}
-        return run_bound(self.bindings.get(self.sessions[-1], self.stage_layers[-1], first, end), last, single)
+    def logits(self, bindings: Bindings, feed: dict, carried: dict | None, first: int, end: int,
+               single: bool) -> np.ndarray:
+        """The last stage: logits, as run_bound gives them."""
+        return run_bound(bindings.get(self.session, self.layers, first, end), self._given(feed, carried), single)
+
+
+class StagedRunner(Runner):
+    """A decoder written as stages (convert --num-device), each its own session (and device) in this process."""
+
+    pipelines = True
+
+    def __init__(self, sessions: list[ort.InferenceSession], stage_layers: list[list[int]], bindings: Bindings):
+        self.stages = [Stage(st, layers, k == len(sessions) - 1)
+                       for k, (st, layers) in enumerate(zip(sessions, stage_layers))]
+        self.bindings = bindings
+        self.pipeline: StagePipeline | None = None  # while `pipelined()` runs prefill chunks through the stages
+
+    def run(self, feed: dict[str, np.ndarray], first: int, end: int, single: bool) -> np.ndarray:
+        carried = None
+        for stage in self.stages[:-1]:
+            carried = stage.hand_over(self.bindings, feed, carried, first, end)
+        return self.stages[-1].logits(self.bindings, feed, carried, first, end, single)
 
     def forward(self, feed, slot, start, s, logits_index):
         return self.run(feed, slot, slot + 1, len(logits_index) == 1)[0]
@@ -155,17 +181,13 @@ class StagedRunner(Runner):
     def decode_batch(self, feed, first, end):
         return self.run(feed, first, end, single=True)
 
-    def submit(self, feed: dict[str, np.ndarray], slot: int, logits_index: np.ndarray) -> Future:
-        """forward() through the stage workers (inside `pipelined()`): the future of its logits."""
+    def submit(self, feed, slot, logits_index):
         assert self.pipeline is not None
-        single = len(logits_index) == 1
-        return self.pipeline.submit(self, feed, slot, slot + 1, single)
+        return self.pipeline.submit(self, feed, slot, slot + 1, len(logits_index) == 1)
 
     @contextmanager
     def pipelined(self):
-        """Within the block, submit() overlaps stage k + 1 of a chunk with stage k of the next (one worker per
-        stage); leaving it waits for all of them and raises the first error."""
-        self.pipeline = StagePipeline(len(self.sessions))
+        self.pipeline = StagePipeline(len(self.stages))
         try:
             yield self
         finally:
@@ -184,16 +206,15 @@ class StagePipeline:
     def submit(self, runner: StagedRunner, feed: dict, first: int, end: int, single: bool) -> Future:
         """The chunk's stages queued in order; the future of its logits [1, rows, vocab][0]."""
         previous: Future | None = None
-        last = len(self.workers) - 1
 
-        def stage(k: int, before: Future | None) -> dict[str, np.ndarray]:
-            return runner.run_stage(k, feed, before.result() if before else {}, first, end)
-
-        def last_stage(before: Future | None) -> np.ndarray:
-            return runner.run_last(feed, before.result() if before else {}, first, end, single)[0]
+        def stage(k: int, before: Future | None):
+            one, carried = runner.stages[k], before.result() if before else None
+            if one.last:
+                return one.logits(runner.bindings, feed, carried, first, end, single)[0]
+            return one.hand_over(runner.bindings, feed, carried, first, end)
 
         for k, worker in enumerate(self.workers):
-            previous = worker.submit(stage, k, previous) if k < last else worker.submit(last_stage, previous)
+            previous = worker.submit(stage, k, previous)
             self.futures.append(previous)
         assert previous is not None
         return previous
@@ -216,7 +237,7 @@ class FixedShapeRunner(Runner):
 
     def __init__(self, chunk: ort.InferenceSession, step: ort.InferenceSession, rows: int, layers: list[int],
                  seq_length: int, bindings: Bindings):
-        super().__init__([chunk, step], bindings)
+        self.bindings = bindings
         self.chunk, self.step, self.rows, self.layers, self.seq_length = chunk, step, rows, layers, seq_length
 
     def forward(self, feed, slot, start, s, logits_index):
@@ -252,7 +273,6 @@ class OpenVinoRunner(Runner):
     copied into the cache); fewer rows (decoding, speculative checks) on ONNX Runtime, faster there."""
 
     def __init__(self, compiled, onnxruntime: GraphRunner, cache: KvCache, layers: int):
-        super().__init__(onnxruntime.sessions, onnxruntime.bindings)
         self.compiled, self.onnxruntime, self.cache, self.layers = compiled, onnxruntime, cache, layers
 
     def forward(self, feed, slot, start, s, logits_index):

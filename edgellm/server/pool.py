@@ -81,6 +81,8 @@ class ServedModel:
     def unload(self) -> None:
         if self.batcher is not None:
             self.batcher.close()  # sequences in slots go to the prompt cache, flushed to its folder
+        if self.model is not None:
+            self.model.close()
         self.model = self.prompt_cache = self.batcher = None
 
 

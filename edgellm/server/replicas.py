@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import json
 import os
+import weakref
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import EdgeLLMError
+from ..loading import LoadOptions, served_loader
 
 try:  # the `ray` extra
     from ray.serve.request_router import FIFOMixin, RequestRouter
@@ -32,15 +35,13 @@ ROUTER = "edgellm.server.replicas:PrefixAffinityRouter"
 
 
 @dataclass
-class ReplicaSettings:
-    """What every replica loads its models with (the CLI's serve flags)."""
+class ReplicaSettings(LoadOptions):
+    """What every replica loads its models with and serves them by (the CLI's serve flags). `threads`: per replica
+    (default: the machine's cores shared among its replicas); `prompt_cache`: a folder each replica reads at start
+    and writes to, on its own node; `ray_stages`: a staged bundle's stages in actors of their own (runtime/
+    ray_stages.py), each replica its own."""
 
-    device: str = "cpu"
-    threads: int | None = None  # per replica (default: the machine's cores shared among its replicas)
     parallel: int | None = None
-    cache_mib: int = 256
-    check_memory: bool = True
-    key_file: str | None = None
     max_request_bytes: int = 32 << 20
     max_queue: int = 64
     api_key: str | None = None
@@ -89,9 +90,14 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, busy_at: int = 4, remembered: int = 100_000, **kwargs):
         self.owners: OrderedDict[str, object] = OrderedDict()  # key -> the replica id that served it last
         self.busy_at, self.remembered = busy_at, remembered
+        routers().add(self)  # (the front, in this process, asks it which replicas there are: replica_names)
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
-        key = (pending_request.kwargs or {}).get("affinity") if pending_request is not None else None
+        asked = (pending_request.kwargs or {}) if pending_request is not None else {}
+        named = [r for r in candidate_replicas if r.replica_id.unique_id == asked.get("replica")]
+        if named:  # a request for one replica (the front's /metrics)
+            return [named]
+        key = asked.get("affinity")
         owner = next((r for r in candidate_replicas if key is not None and self.owners.get(key) == r.replica_id),
                      None)
         if owner is not None:
@@ -109,6 +115,20 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
                 self.owners.popitem(last=False)
 
 
+ROUTERS: weakref.WeakSet = weakref.WeakSet()  # this process's PrefixAffinityRouters (one per handle to replicas)
+
+
+def routers() -> weakref.WeakSet:
+    """ROUTERS of this module as imported by name: Ray Serve ships the router's and the deployments' classes by
+    value, each with a copy of the module's globals, so each reaches the one registry through the import system."""
+    return importlib.import_module(ROUTER.partition(":")[0]).ROUTERS
+
+
+def replica_names() -> list[str]:
+    """The replicas this process's routers know (Ray Serve keeps their sets current)."""
+    return sorted({r.unique_id for router in list(routers()) for r in router.curr_replicas})
+
+
 class ModelReplica:
     """A replica: the models (a ModelPool) behind the application `edgellm serve` runs, answering the HTTP requests
     the front forwards as they came (method, path, query, headers, body), streamed back as ("start", status,
@@ -119,29 +139,43 @@ class ModelReplica:
         from .pool import ModelPool, ServedModel
 
         self.settings = s = ReplicaSettings(**settings)
-
-        def loader(path: str):
-            def load():
-                from .. import load as load_model
-                from ..runtime.prompt_cache import PromptCache
-
-                model = load_model(path, device=s.device, threads=s.threads, slots=s.parallel,
-                                   check_memory=s.check_memory, key_file=s.key_file)
-                model.prompt_cache = PromptCache(s.cache_mib, model.bundle) if s.cache_mib else None
-                return model, model.prompt_cache
-            return load
-
-        self.pool = ModelPool([ServedModel(name, loader(path), path=Path(path)) for name, path in models],
+        self.pool = ModelPool([ServedModel(name, served_loader(name, path, s, s.parallel, len(models) > 1),
+                                           path=Path(path)) for name, path in models],
                               max_models=s.max_models, max_queue=s.max_queue)
         with self.pool.use(models[0][0]):  # ready before requests come
             pass
         self.app = create_app(pool=self.pool, max_request_bytes=s.max_request_bytes, api_key=s.api_key,
                               max_queue=s.max_queue)
 
+    def __del__(self):
+        """Ray Serve stops the replica: the answers in its slots go to the prompt cache (and its folder), and a
+        staged model's actors are given back."""
+        self.pool.close()
+
     @staticmethod
-    def headers(start: dict) -> list:
-        """A response's headers, and which replica (its process) answered, for logs and clients that care."""
-        return [*start.get("headers", []), (b"x-edgellm-replica", str(os.getpid()).encode())]
+    def name() -> str:
+        """This replica's Ray Serve id (its process id outside Serve)."""
+        try:
+            from ray import serve
+
+            return serve.get_replica_context().replica_id.unique_id
+        except Exception:  # (not in a Serve replica: a test's own instance)
+            return str(os.getpid())
+
+    def headers(self, start: dict) -> list:
+        """A response's headers, and which replica answered, for logs and clients that care."""
+        return [*start.get("headers", []), (b"x-edgellm-replica", self.name().encode())]
+
+    async def metrics(self, headers: list, replica: str | None = None) -> tuple[str, int, bytes]:
+        """This replica's /metrics (the request's headers carry its API key): (its name, status, body).
+        `replica`: the replica the router was asked to pick, this one."""
+        status, body = 500, []
+        async for item in self.forward("GET", "/metrics", b"", headers, b""):
+            if item[0] == "start":
+                status = item[1]
+            else:
+                body.append(item[1])
+        return self.name(), status, b"".join(body)
 
     async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes, affinity=None):
         """Run one HTTP request through the application; yields its response. Closing the generator (the client
@@ -216,6 +250,8 @@ class Front:
     async def __call__(self, request):
         from starlette.responses import Response, StreamingResponse
 
+        if request.method == "GET" and request.url.path in ("/metrics", "/metrics/replicas"):
+            return await self.metrics(request, per_replica=request.url.path.endswith("replicas"))
         body = await request.body()
         stream = self.replicas.options(stream=True).forward.remote(
             request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), body,
@@ -234,6 +270,26 @@ class Front:
             return StreamingResponse(rest(), status_code=status, headers=headers)
         content = b"".join([item[1] async for item in stream])
         return Response(content, status_code=status, headers=headers)
+
+
+    async def metrics(self, request, per_replica: bool):
+        """/metrics of every replica: summed (/metrics, as one server gives them), or each labelled with its replica
+        (/metrics/replicas); the first refusal (a wrong API key) as it came."""
+        from starlette.responses import Response
+
+        from ..metrics import merge
+
+        headers = list(request.headers.raw)
+        names = replica_names()
+        if not names:  # (no request routed yet: this first call makes the router, and one replica answers)
+            answers = [await self.replicas.metrics.remote(headers)]
+        else:
+            answers = await asyncio.gather(*(self.replicas.metrics.remote(headers, replica=name) for name in names))
+        refused = next((a for a in answers if a[1] != 200), None)
+        if refused is not None:
+            return Response(refused[2], status_code=refused[1])
+        texts = {name: body.decode() for name, _, body in answers}
+        return Response(merge(texts, per_replica), media_type="text/plain; version=0.0.4")
 
 
 def application(models: list[tuple[str, str]], settings: ReplicaSettings, replicas: int | None = None,
@@ -286,8 +342,12 @@ def serve_on_ray(models: list[tuple[str, str]], settings: ReplicaSettings, host:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     count = autoscale[1] if autoscale else (replicas or 1)
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    if settings.threads is None:
-        settings.threads = max(1, int(cpus // count))
+    if settings.ray_stages:  # the stages' actors hold the CPUs (each a node's cores); a replica only samples
+        per_replica = 0.0
+    else:
+        per_replica = min(1.0, cpus / count)
+        if settings.threads is None:
+            settings.threads = max(1, int(cpus // count))
     serve.start(http_options={"host": host, "port": port})
-    serve.run(application(models, settings, replicas, autoscale, cpus_per_replica=min(1.0, cpus / count)),
+    serve.run(application(models, settings, replicas, autoscale, cpus_per_replica=per_replica),
               name=APP_NAME, route_prefix="/", blocking=blocking)

@@ -1,0 +1,251 @@
+"""A decoder written as stages (convert --num-device) with each stage in a Ray actor (the `ray` extra), so that a
+model too large for one machine runs on several: a placement group puts the stages on the cluster's nodes (spread:
+on different nodes where there are; strict-spread: on different nodes or not at all; pack: together), each actor
+holds its stage's session and its layers' keys and values for every slot, and a chunk's hand-over (hidden state and
+residual stream) goes from one actor to the next through Ray's object store, not through this process. The engine
+keeps the cache's bookkeeping here (kv_cache.Slot) and runs the stages through RayStagedRunner: consecutive prefill
+chunks overlap, stage k + 1 of one beside stage k of the next, as each actor takes its calls in order.
+
+Every node that runs a stage reads the bundle at the same path (a shared filesystem, or a copy made beforehand).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import weakref
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from ..format import Bundle, open_bundle
+from ..kernels import KernelUse
+from ..kernels import status as kernel_status
+from .kv_cache import KvCache
+from .runners import Bindings, Runner, Stage
+from .sessions import PROVIDERS, open_graph, session_options
+
+PLACEMENTS = {"spread": "SPREAD", "strict-spread": "STRICT_SPREAD", "pack": "PACK"}
+PLACEMENT_WAIT_S = 60.0  # how long the cluster may take to find room for the stages before we say it has none
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise EdgeLLMError("stages on Ray need Ray: pip install 'edgellm[ray]'") from e
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+class StageWorker:
+    """A stage in a Ray actor: its session, opened from the bundle at `path` on the actor's node, and its layers'
+    keys and values for every slot (a cache of all layers whose other layers are never written, so cost nothing:
+    kv_cache.lazy_zeros)."""
+
+    def __init__(self, path: str, index: int, device: str, threads: int | None, key: bytes | None):
+        if not (Path(path) / "manifest.json").is_file():
+            raise EdgeLLMError(f"node {socket.gethostname()} has no bundle at {path}: every node that runs a stage "
+                               "reads it at the same path (a shared filesystem, or a copy)")
+        self.bundle = open_bundle(path, verify=False)
+        self.bundle.key = key
+        names = self.bundle.manifest.decoder_stages
+        kernels = KernelUse(kernel_status())
+        session = open_graph(self.bundle, names[index], session_options(threads, False), PROVIDERS[device], kernels)
+        layers = sorted(int(i.name.split(".")[1]) for i in session.get_inputs() if i.name.startswith("past_key."))
+        self.stage = Stage(session, layers, last=index == len(names) - 1)
+        self.layers = slice(layers[0], layers[-1] + 1)
+        self.kernels = kernels.describe()
+        self.cache: KvCache | None = None
+        self.bindings: Bindings | None = None
+
+    def describe(self) -> dict:
+        """What the engine needs to know of this stage: its graph's inputs (name: shape), its layers, its node."""
+        return {"inputs": {i.name: i.shape for i in self.stage.session.get_inputs()},
+                "layers": list(range(self.layers.start, self.layers.stop)), "node": socket.gethostname(),
+                "kernels": self.kernels}
+
+    def allocate(self, slots: int, position_rows: int) -> None:
+        m = self.bundle.manifest
+        self.cache = KvCache(m.model.num_hidden_layers, slots, m.model.num_key_value_heads, m.seq_length,
+                             m.model.head_dim, m.quantization.kv_dtype, position_rows)
+        self.bindings = Bindings(self.cache, None, m.model.vocab_size)
+
+    def run(self, feed: dict, carried: dict | None, first: int, end: int, single: bool, first_row: bool):
+        """The stage on this actor's cache (`carried`: the previous actor's hand-over, resolved by Ray): the next
+        hand-over, or the last stage's logits (only the first row's where `first_row`)."""
+        assert self.bindings is not None, "allocate() comes first"
+        if not self.stage.last:
+            return self.stage.hand_over(self.bindings, feed, carried, first, end)
+        logits = self.stage.logits(self.bindings, feed, carried, first, end, single)
+        return logits[0] if first_row else logits
+
+    def copy_positions(self, source: int, target: int, n: int) -> None:
+        assert self.cache is not None
+        self.cache.copy_positions(source, target, n)
+
+    def read(self, index: int, n: int) -> np.ndarray:
+        assert self.cache is not None
+        return np.ascontiguousarray(self.cache.kv[self.layers, :, index, :, :n])
+
+    def write(self, index: int, kv: np.ndarray, length: int) -> None:
+        assert self.cache is not None
+        self.cache.kv[self.layers, :, index, :, :length] = kv[:, :, :, :length]
+
+
+def _release(group) -> None:
+    """A placement group given back, where Ray still runs (at exit, after ray.shutdown(), there is none to ask)."""
+    import ray
+
+    if ray.is_initialized():
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(group)
+
+
+def _failure(error: BaseException) -> EdgeLLMError:
+    """What a stage's call raised, said once: its actor (or node) gone, or the stage's own error."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayActorError):
+        return EdgeLLMError(f"a stage's actor is gone ({_cause(error)}); load the model again")
+    return EdgeLLMError(f"a stage failed: {_cause(error)}")
+
+
+def _cause(error: BaseException) -> str:
+    """The message of what failed inside an actor, without Ray's traceback around it."""
+    text = str(error)
+    for marker in ("EdgeLLMError: ", "Error: "):
+        if marker in text:
+            return text.rsplit(marker, 1)[1].strip().splitlines()[0]
+    return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+
+
+class RayStages:
+    """The actors of a bundle's stages, one per stage, placed by a placement group of one bundle of `threads` CPUs
+    (1 when not given) per stage, with `placement` (PLACEMENTS); the group goes when this object does."""
+
+    def __init__(self, bundle: Bundle, device: str, threads: int | None, placement: str):
+        if placement not in PLACEMENTS:
+            raise EdgeLLMError(f"unknown stage placement {placement!r}: one of {', '.join(PLACEMENTS)}")
+        names = bundle.manifest.decoder_stages
+        if len(names) < 2:
+            raise EdgeLLMError(f"{bundle.path}: its decoder is one graph; stages on Ray need one written as stages "
+                               "(edgellm convert --num-device N)")
+        if bundle.manifest.lora:
+            raise EdgeLLMError("a bundle with LoRA slots does not run its stages on Ray yet; load it without "
+                               "--ray-stages")
+        ray = _ray()
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cpus = threads or 1
+        group = placement_group([{"CPU": cpus}] * len(names), strategy=PLACEMENTS[placement])
+        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_WAIT_S)
+        if not ready:
+            remove_placement_group(group)
+            nodes, total = [n for n in ray.nodes() if n.get("Alive")], ray.cluster_resources().get("CPU", 0)
+            raise EdgeLLMError(
+                f"the Ray cluster found no room for {len(names)} stages of {cpus} CPU(s) each ({placement}) in "
+                f"{PLACEMENT_WAIT_S:.0f} s: it has {len(nodes)} node(s) and {total:.0f} "
+                "CPU(s), some maybe taken; add nodes (ray start --address ...), give fewer --threads"
+                + (", or place them with spread" if placement == "strict-spread" else ""))
+        self._release = weakref.finalize(self, _release, group)
+        worker = ray.remote(StageWorker)
+        self.actors = [worker.options(num_cpus=cpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=k)).remote(str(bundle.path), k, device, threads, bundle.key)
+            for k in range(len(names))]
+        try:
+            described = ray.get([a.describe.remote() for a in self.actors])
+        except Exception as e:  # an actor that could not start: its own message, once
+            self.close()
+            raise EdgeLLMError(f"a stage's actor could not start: {_cause(e)}") from None
+        self.inputs = [d["inputs"] for d in described]
+        self.layers = [d["layers"] for d in described]
+        self.nodes = [d["node"] for d in described]
+        self.kernels = described[0]["kernels"]
+
+    def close(self) -> None:
+        """The actors and their placement group go now (else when this object is collected)."""
+        import ray
+
+        if ray.is_initialized():
+            for actor in self.actors:
+                ray.kill(actor)
+        self._release()
+
+    def get(self, refs):
+        """ray.get, with a stage's failure said as such (_failure)."""
+        import ray
+
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayError as e:
+            raise _failure(e) from None
+
+
+class StageCaches(KvCache):
+    """The KV cache's slots (their bookkeeping) here, the keys and values in the stages' actors, each its layers'."""
+
+    def __init__(self, stages: RayStages, slots: int, seq_length: int, position_rows: int):
+        super().__init__(0, slots, 0, seq_length, 0, np.float32, position_rows)  # (no keys and values here)
+        self.stages = stages
+        stages.get([a.allocate.remote(slots, position_rows) for a in stages.actors])
+
+    def copy_positions(self, source: int, target: int, n: int) -> None:
+        self.stages.get([a.copy_positions.remote(source, target, n) for a in self.stages.actors])
+
+    def read(self, index: int, n: int) -> np.ndarray:
+        return np.concatenate(self.stages.get([a.read.remote(index, n) for a in self.stages.actors]))
+
+    def write(self, index: int, kv: np.ndarray, length: int) -> None:
+        self.stages.get([a.write.remote(index, kv[layers[0]:layers[-1] + 1], length)
+                         for a, layers in zip(self.stages.actors, self.stages.layers)])
+
+
+class RayStagedRunner(Runner):
+    """The stages' actors called in turn for each chunk or decode step, each given only the inputs its graph takes
+    and the reference to the previous actor's hand-over."""
+
+    pipelines = True
+
+    def __init__(self, stages: RayStages):
+        self.stages = stages
+        self.takes = [[n for n in inputs if not n.startswith(("past_", "lora_"))] for inputs in stages.inputs]
+        self.futures: list[Future] | None = None  # inside pipelined()
+
+    def _chain(self, feed: dict, first: int, end: int, single: bool, first_row: bool):
+        carried = None
+        for actor, takes in zip(self.stages.actors, self.takes):
+            given = {name: feed[name] for name in takes if name in feed}
+            carried = actor.run.remote(given, carried, first, end, single, first_row)
+        return carried
+
+    def forward(self, feed, slot, start, s, logits_index):
+        return self.stages.get(self._chain(feed, slot, slot + 1, len(logits_index) == 1, True))
+
+    def decode_batch(self, feed, first, end):
+        return self.stages.get(self._chain(feed, first, end, True, False))
+
+    def submit(self, feed, slot, logits_index):
+        assert self.futures is not None, "submit() is for inside pipelined()"
+        future = self._chain(feed, slot, slot + 1, len(logits_index) == 1, True).future()
+        self.futures.append(future)
+        return future
+
+    @contextmanager
+    def pipelined(self):
+        self.futures = []
+        try:
+            yield self
+        finally:
+            futures, self.futures = self.futures, None
+            for future in futures:
+                error = future.exception()
+                if error is not None:
+                    raise _failure(error) from None
+
