@@ -77,6 +77,36 @@ def test_metrics_count_requests_tokens_and_times(served):
     assert values["edgellm_queue_length"] == 0 and values["edgellm_resident_memory_bytes"] > 0
 
 
+def test_metrics_of_several_replicas_add_up_and_parse():
+    """metrics.merge (the Ray front's /metrics): every sample summed, each metric's samples after its one HELP and
+    TYPE (Prometheus' own parser reads it), and per replica under a `replica` label."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    from edgellm.metrics import Metrics, merge
+
+    class Finished:
+        prompt_tokens, reused_tokens, token_ids, ttft_s, decode_tokens_per_s = 7, 3, [1, 2], 0.2, 30.0
+
+    one, two = Metrics(), Metrics()
+    one.finished("stop", Finished())
+    two.finished("stop", Finished())
+    two.finished("length", Finished())  # an outcome only the second replica has
+    texts = {"a": one.text({"queue_length": (1, "waiting")}), "b": two.text({"queue_length": (2, "waiting")})}
+
+    def samples(text):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in parser.text_string_to_metric_families(text) for s in family.samples}
+
+    total = samples(merge(texts))
+    assert total[("edgellm_requests_total", (("outcome", "stop"),))] == 2
+    assert total[("edgellm_requests_total", (("outcome", "length"),))] == 1
+    assert total[("edgellm_tokens_total", (("kind", "prompt"),))] == 21
+    assert total[("edgellm_ttft_seconds_bucket", (("le", "0.25"),))] == 3
+    assert total[("edgellm_queue_length", ())] == 3 and total[("edgellm_replicas", ())] == 2
+    each = samples(merge(texts, per_replica=True))
+    assert each[("edgellm_requests_total", (("outcome", "length"), ("replica", "b")))] == 1
+    assert each[("edgellm_queue_length", (("replica", "a"),))] == 1
+
+
 def log_softmax(row):
     import numpy as np
 

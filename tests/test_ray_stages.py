@@ -57,8 +57,9 @@ def test_two_stage_actors_answer_as_the_one_graph(local_ray, split, monkeypatch)
 
 
 def test_batched_decoding_and_the_prompt_cache_go_through_the_actors(local_ray, split):
-    from edgellm.runtime.prompt_cache import PromptCache
     from test_batching import run_batcher
+
+    from edgellm.runtime.prompt_cache import PromptCache
 
     whole, bundle = split
     model = edgellm.load(bundle, stage_placement="pack", slots=2)
@@ -146,9 +147,9 @@ def test_a_ray_serve_replica_answers_from_stage_actors(local_ray, split, tmp_pat
     of their own; when Serve stops the replica, its answered conversations are in the prompt cache's folder."""
     openai = pytest.importorskip("openai")
     from ray import serve
+    from test_ray_serve import QUESTION, free_port
 
     from edgellm.server.replicas import APP_NAME, ReplicaSettings, application
-    from test_ray_serve import QUESTION, free_port
 
     whole, bundle = split
     port = free_port()

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - without Ray, --ray says what to instal
     FIFOMixin = RequestRouter = object  # type: ignore[misc, assignment]
 
 APP_NAME = "edgellm"
+STREAM_WINDOW_S = 0.02  # a streamed answer's pieces travel through Ray at most once per this long
 ROUTER = "edgellm.server.replicas:PrefixAffinityRouter"
 
 
@@ -199,6 +200,7 @@ class ModelReplica:
                  "raw_path": path.encode(), "query_string": query, "root_path": "", "scheme": "http",
                  "headers": [(bytes(k), bytes(v)) for k, v in headers], "client": None, "server": None}
         task = asyncio.ensure_future(self.app(scope, receive, send))
+        loop, last_sent = asyncio.get_running_loop(), float("-inf")
         try:
             while True:
                 getter = asyncio.ensure_future(sent.get())
@@ -217,14 +219,26 @@ class ModelReplica:
                 if message["type"] == "http.response.start":
                     yield ("start", message["status"], self.headers(message))
                     continue
-                # the body pieces that are ready go as one item: each item is a hop through Ray
+                # Each item is a hop through Ray (two, to the client), whose cost on shared cores slows decoding: at
+                # most one item per STREAM_WINDOW_S, the pieces that come meanwhile gathered into it; a piece after a
+                # pause (the first token, after the prefill) goes at once
                 chunks, more = [message.get("body", b"")], message.get("more_body", False)
-                while more and not sent.empty():
-                    message = sent.get_nowait()
+                until = last_sent + STREAM_WINDOW_S
+                while more:
+                    if not sent.empty():
+                        message = sent.get_nowait()
+                    elif loop.time() < until and not task.done():
+                        try:
+                            message = await asyncio.wait_for(sent.get(), until - loop.time())
+                        except asyncio.TimeoutError:
+                            break
+                    else:
+                        break
                     chunks.append(message.get("body", b""))
                     more = message.get("more_body", False)
                 if any(chunks):
                     yield ("body", b"".join(chunks))
+                    last_sent = loop.time()
                 if not more:
                     return
         finally:
