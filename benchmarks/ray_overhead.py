@@ -1,6 +1,7 @@
-"""What serving through Ray Serve costs against `edgellm serve`, on one machine: SmolLM2's bundle behind both (one
-replica on Ray), the same streamed chat requests alternating between them; TTFT and decode tokens/s as the client
-sees them, medians, and their ratios.
+"""What serving through Ray Serve costs against `edgellm serve`, on one machine: SmolLM2's bundle behind edgellm
+serve and behind one Ray replica, reached both ways (the front listening itself, as `edgellm serve --ray` runs it,
+and behind Ray Serve's HTTP proxy, as a Serve config deploys it), the same streamed chat requests alternating
+among the three; TTFT and decode tokens/s as the client sees them, medians, and their differences.
 
     .venv/bin/python benchmarks/ray_overhead.py [--requests 12] [--tokens 64]
 """
@@ -65,24 +66,32 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(application([("smollm2", str(bundle))], ReplicaSettings(threads=2, parallel=1), replicas=1,
-                          cpus_per_replica=1), name=APP_NAME, route_prefix="/", blocking=False)
-    runs: dict[str, list] = {"edgellm serve": [], "Ray Serve, 1 replica": []}
+    settings = ReplicaSettings(threads=2, parallel=1)
+    proxied, listening = "Ray Serve's proxy (a Serve config)", "the front listening (serve --ray)"
+    serve.run(application([("smollm2", str(bundle))], settings, replicas=1, cpus_per_replica=1), name=APP_NAME,
+              route_prefix="/", blocking=False)
+    own_port = free_port()
+    serve.run(application([("smollm2", str(bundle))], settings, replicas=1, cpus_per_replica=1,
+                          listen=("127.0.0.1", own_port)), name="listening", route_prefix=None, blocking=False)
+    runs: dict[str, list] = {"edgellm serve": [], proxied: [], listening: []}
     with running_server(create_app(edgellm.load(bundle, slots=1), "smollm2")) as direct:
-        urls = {"edgellm serve": direct, "Ray Serve, 1 replica": f"http://127.0.0.1:{port}"}
+        urls = {"edgellm serve": direct, proxied: f"http://127.0.0.1:{port}",
+                listening: f"http://127.0.0.1:{own_port}"}
         for url in urls.values():
             timed(url, 8, -1)  # warm
         for i in range(args.requests):
-            for name, url in urls.items():
+            for name, url in list(urls.items())[::1 if i % 2 == 0 else -1]:
                 runs[name].append(timed(url, args.tokens, i))
     serve.shutdown()
     ray.shutdown()
     medians = {name: column_medians(rows) for name, rows in runs.items()}
     for name, (ttft, speed) in medians.items():
         print(f"{name}: TTFT {ttft * 1000:.1f} ms, decode {speed:.1f} tok/s")
-    (dt, ds), (rt, rs) = medians["edgellm serve"], medians["Ray Serve, 1 replica"]
-    print(f"Ray Serve against edgellm serve: TTFT {1000 * (rt - dt):+.1f} ms, decode {rs / ds:.3f}x")
-
+    base_ttft, base_speed = medians["edgellm serve"]
+    for name in (listening, proxied):
+        ttft, speed = medians[name]
+        print(f"{name} against edgellm serve: TTFT {1000 * (ttft - base_ttft):+.1f} ms, decode "
+              f"{speed / base_speed:.3f}x")
 
 if __name__ == "__main__":
     main()

@@ -409,7 +409,9 @@ def cmd_serve(args) -> None:
 
     if (args.replicas or args.autoscale) and not args.ray:
         raise EdgeLLMError("--replicas and --autoscale are Ray Serve's: add --ray")
-    sock = None if args.ray else listen(args.host, args.port)  # before loading: a taken port fails at once
+    sock = listen(args.host, args.port)  # before loading: a taken port fails at once
+    if args.ray:
+        sock.close()  # (the front deployment listens there once Ray Serve has started it)
     models = served_models(args.bundle)
     if len(models) > 1 and (args.name or args.adapter):
         raise EdgeLLMError("--name and --adapter apply to a server of one model; give one MODEL")
@@ -426,7 +428,6 @@ def cmd_serve(args) -> None:
         serve_on_ray([(n, str(b)) for n, b in bundles], settings, args.host, args.port, args.replicas,
                      args.autoscale)
         return
-    assert sock is not None
 
     options = LoadOptions.of(args)
     pool = ModelPool([ServedModel(name, served_loader(name, bundle, options, args.parallel, len(bundles) > 1),

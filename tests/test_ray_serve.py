@@ -1,5 +1,7 @@
 """`edgellm serve --ray`: the server's application in Ray Serve replicas on a local Ray (the machine's 2 CPUs), driven
-by the openai client: two replicas answer, streamed or not, with the greedy text `edgellm serve` gives."""
+by the openai client: two replicas answer, streamed or not, with the greedy text `edgellm serve` gives. The front
+listens itself here, as the CLI runs it; test_ray_stages serves through Ray Serve's HTTP proxy, as a Serve config
+does."""
 
 from __future__ import annotations
 
@@ -32,11 +34,11 @@ def replicas(bundle):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"location": "NoServer"})  # as `edgellm serve --ray`: the front listens itself
         settings = ReplicaSettings(threads=1, parallel=2, cache_mib=16)
         models = [("tiny", str(path)), ("tiny-long", str(long))]
-        serve.run(application(models, settings, replicas=2, cpus_per_replica=0.5), name=APP_NAME, route_prefix="/",
-                  blocking=False)
+        serve.run(application(models, settings, replicas=2, cpus_per_replica=0.5, listen=("127.0.0.1", port)),
+                  name=APP_NAME, route_prefix=None, blocking=False)
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0), path
     finally:
         serve.shutdown()

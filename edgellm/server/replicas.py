@@ -256,10 +256,34 @@ KEPT_HEADERS = {"content-type", "cache-control", "x-accel-buffering", "retry-aft
 
 class Front:
     """The HTTP ingress: reads each request and forwards it, with its affinity key, to the replica the
-    PrefixAffinityRouter picks; streams the replica's response back."""
+    PrefixAffinityRouter picks; streams the replica's response back. With `listen` (host, port) it takes the HTTP
+    connections itself (uvicorn in this deployment's process, as `edgellm serve --ray` runs it), a hop fewer than
+    behind Ray Serve's HTTP proxy (a Serve config's application)."""
 
-    def __init__(self, replicas):
+    def __init__(self, replicas, listen: tuple[str, int] | None = None):
         self.replicas = replicas
+        self.server = None
+        if listen is not None:
+            import uvicorn
+
+            from . import listen as bind
+
+            sock = bind(*listen)
+            self.server = uvicorn.Server(uvicorn.Config(self.asgi, log_level="warning", lifespan="off",
+                                                        interface="asgi3"))
+            # (Ray Serve runs a deployment's constructor on its event loop, where the server then runs)
+            self.serving = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
+
+    def __del__(self):
+        if self.server is not None:
+            self.server.should_exit = True
+
+    async def asgi(self, scope, receive, send):
+        """The ASGI application of the front's own listener: each request through __call__."""
+        from starlette.requests import Request
+
+        response = await self(Request(scope, receive))
+        await response(scope, receive, send)
 
     async def __call__(self, request):
         from starlette.responses import Response, StreamingResponse
@@ -307,10 +331,12 @@ class Front:
 
 
 def application(models: list[tuple[str, str]], settings: ReplicaSettings, replicas: int | None = None,
-                autoscale: tuple[int, int] | None = None, cpus_per_replica: float = 1.0, router: str = ROUTER):
+                autoscale: tuple[int, int] | None = None, cpus_per_replica: float = 1.0, router: str = ROUTER,
+                listen: tuple[str, int] | None = None):
     """The Ray Serve application: the front (HTTP ingress) and the replicas, each serving all of `models`
-    [(name, bundle folder)], requests routed by `router` (an import path; PrefixAffinityRouter by default)."""
-    _, serve = _ray()
+    [(name, bundle folder)], requests routed by `router` (an import path; PrefixAffinityRouter by default).
+    `listen`: the front takes HTTP on (host, port) itself, on this node, instead of behind Ray Serve's proxy."""
+    ray, serve = _ray()
     from ray.serve.config import RequestRouterConfig
 
     scaling: dict = {"num_replicas": replicas or 1}
@@ -324,9 +350,10 @@ def application(models: list[tuple[str, str]], settings: ReplicaSettings, replic
     replica = serve.deployment(ModelReplica, name="EdgeLLMReplica", ray_actor_options={"num_cpus": cpus_per_replica},
                                max_ongoing_requests=settings.max_queue + (settings.parallel or 4),
                                request_router_config=RequestRouterConfig(**router_settings), **scaling)
-    front = serve.deployment(Front, name="EdgeLLMFront", ray_actor_options={"num_cpus": 0},
+    here = {"resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}} if listen else {}  # (its address)
+    front = serve.deployment(Front, name="EdgeLLMFront", ray_actor_options={"num_cpus": 0, **here},
                              max_ongoing_requests=10_000)
-    return front.bind(replica.bind(models, asdict(settings)))
+    return front.bind(replica.bind(models, asdict(settings)), listen)
 
 
 def build(args: dict):
@@ -350,7 +377,8 @@ def build(args: dict):
 
 def serve_on_ray(models: list[tuple[str, str]], settings: ReplicaSettings, host: str, port: int,
                  replicas: int | None = None, autoscale: tuple[int, int] | None = None, blocking: bool = True):
-    """Start (or join, with RAY_ADDRESS) a Ray cluster and run the application behind Ray Serve's HTTP proxy."""
+    """Start (or join, with RAY_ADDRESS) a Ray cluster and run the application, its front listening on host:port on
+    this node."""
     ray, serve = _ray()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
@@ -362,6 +390,27 @@ def serve_on_ray(models: list[tuple[str, str]], settings: ReplicaSettings, host:
         per_replica = min(1.0, cpus / count)
         if settings.threads is None:
             settings.threads = max(1, int(cpus // count))
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(application(models, settings, replicas, autoscale, cpus_per_replica=per_replica),
-              name=APP_NAME, route_prefix="/", blocking=blocking)
+    serve.start(http_options={"location": "NoServer"})  # the front listens itself: no proxy hop
+    serve.run(application(models, settings, replicas, autoscale, cpus_per_replica=per_replica, listen=(host, port)),
+              name=APP_NAME, route_prefix=None, blocking=False)
+    if blocking:
+        wait_then_stop(serve)
+
+
+def wait_then_stop(serve) -> None:
+    """Serve until Ctrl-C or SIGTERM; then the application goes (its replicas, their models and stage actors)."""
+    import signal
+    import sys
+    import threading
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):  # (Ctrl-C raises KeyboardInterrupt here)
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("edgellm: stopping the Ray Serve application", file=sys.stderr)
+        serve.delete(APP_NAME)
