@@ -144,7 +144,8 @@ def test_the_cli_runs_the_stages_on_ray(local_ray, split, capsys):
 
 def test_a_ray_serve_replica_answers_from_stage_actors(local_ray, split, tmp_path):
     """`edgellm serve STAGED --ray --ray-stages --prompt-cache DIR`: the replica's model runs its stages in actors
-    of their own; when Serve stops the replica, its answered conversations are in the prompt cache's folder."""
+    of their own; a stage whose process dies fails the answer in flight and the next request loads the model again;
+    when Serve stops the replica, its answered conversations are in the prompt cache's folder."""
     openai = pytest.importorskip("openai")
     from ray import serve
     from test_ray_serve import QUESTION, free_port
@@ -161,7 +162,28 @@ def test_a_ray_serve_replica_answers_from_stage_actors(local_ray, split, tmp_pat
                   route_prefix="/", blocking=False)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         answer = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=10, temperature=0)
-        assert answer.choices[0].message.content == whole.generate(QUESTION, max_new_tokens=10).text
+        want = whole.generate(QUESTION, max_new_tokens=10).text
+        assert answer.choices[0].message.content == want
+        # a stage's process dies (its node failed): the answer in flight fails, and the model is loaded again
+        import os
+        import signal
+        from pathlib import Path
+
+        def title(process: Path) -> bytes:
+            try:
+                return (process / "cmdline").read_bytes()
+            except OSError:  # (it ended meanwhile)
+                return b""
+
+        stages = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                  and title(p).startswith(b"ray::StageWorker")]
+        assert stages
+        for pid in stages:
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(openai.APIError):
+            client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=10, temperature=0)
+        again = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=10, temperature=0)
+        assert again.choices[0].message.content == want
     finally:
         serve.shutdown()
     from edgellm.runtime.prompt_cache import FILE_SUFFIX

@@ -115,7 +115,7 @@ class Batcher:
             self.stopping = True
             self.wake.notify()
         self.thread.join(timeout=10)
-        if self.cache is not None and not self.thread.is_alive():
+        if self.cache is not None and not self.thread.is_alive() and not self.engine.lost_stage:
             for slot in list(self.unsaved):
                 self._save(slot)
             self.cache.flush()

@@ -173,6 +173,11 @@ class Engine:
         if self.remote is not None:
             self.remote.close()
 
+    @property
+    def lost_stage(self) -> bool:
+        """A stage in a Ray actor is gone (its node failed): nothing runs until the model is loaded again."""
+        return self.remote is not None and self.remote.lost
+
     def describe(self) -> str:
         """What runs the decoder's matmuls, and where its stages run when they run in Ray actors."""
         if self.remote is not None:

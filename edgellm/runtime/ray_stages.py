@@ -64,10 +64,13 @@ class StageWorker:
         self.bindings: Bindings | None = None
 
     def describe(self) -> dict:
-        """What the engine needs to know of this stage: its graph's inputs (name: shape), its layers, its node."""
+        """What the engine needs to know of this stage: its graph's inputs (name: shape), its layers, its node (host
+        name / Ray node id)."""
+        import ray
+
+        node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"  # (a host may run several)
         return {"inputs": {i.name: i.shape for i in self.stage.session.get_inputs()},
-                "layers": list(range(self.layers.start, self.layers.stop)), "node": socket.gethostname(),
-                "kernels": self.kernels}
+                "layers": list(range(self.layers.start, self.layers.stop)), "node": node, "kernels": self.kernels}
 
     def allocate(self, slots: int, position_rows: int) -> None:
         m = self.bundle.manifest
@@ -105,15 +108,6 @@ def _release(group) -> None:
         from ray.util.placement_group import remove_placement_group
 
         remove_placement_group(group)
-
-
-def _failure(error: BaseException) -> EdgeLLMError:
-    """What a stage's call raised, said once: its actor (or node) gone, or the stage's own error."""
-    import ray
-
-    if isinstance(error, ray.exceptions.RayActorError):
-        return EdgeLLMError(f"a stage's actor is gone ({_cause(error)}); load the model again")
-    return EdgeLLMError(f"a stage failed: {_cause(error)}")
 
 
 def _cause(error: BaseException) -> str:
@@ -168,6 +162,7 @@ class RayStages:
         self.layers = [d["layers"] for d in described]
         self.nodes = [d["node"] for d in described]
         self.kernels = described[0]["kernels"]
+        self.lost = False  # a stage's actor (or its node) is gone: the model must be loaded again
 
     def close(self) -> None:
         """The actors and their placement group go now (else when this object is collected)."""
@@ -179,13 +174,23 @@ class RayStages:
         self._release()
 
     def get(self, refs):
-        """ray.get, with a stage's failure said as such (_failure)."""
+        """ray.get, with a stage's failure said as such (failure())."""
         import ray
 
         try:
             return ray.get(refs)
         except ray.exceptions.RayError as e:
-            raise _failure(e) from None
+            raise self.failure(e) from None
+
+    def failure(self, error: BaseException) -> EdgeLLMError:
+        """What a stage's call raised, said once: its actor (or node) gone, which leaves these stages `lost`, or
+        the stage's own error."""
+        import ray
+
+        if isinstance(error, ray.exceptions.RayActorError):
+            self.lost = True
+            return EdgeLLMError(f"a stage's actor is gone ({_cause(error)}); load the model again")
+        return EdgeLLMError(f"a stage failed: {_cause(error)}")
 
 
 class StageCaches(KvCache):
@@ -247,5 +252,5 @@ class RayStagedRunner(Runner):
             for future in futures:
                 error = future.exception()
                 if error is not None:
-                    raise _failure(error) from None
+                    raise self.stages.failure(error) from None
 

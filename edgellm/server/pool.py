@@ -75,8 +75,12 @@ class ServedModel:
 
     @property
     def answering(self) -> bool:
+        return self.pending > 0 or self.answering_in_slots
+
+    @property
+    def answering_in_slots(self) -> bool:
         b = self.batcher
-        return self.pending > 0 or (b is not None and (b.busy > 0 or b.queued > 0))
+        return b is not None and (b.busy > 0 or b.queued > 0)
 
     def unload(self) -> None:
         if self.batcher is not None:
@@ -117,6 +121,8 @@ class ModelPool:
             served.pending += 1
         try:
             with served.lock:
+                if served.model is not None and served.model.engine.lost_stage and not served.answering_in_slots:
+                    served.unload()  # a stage's node failed: loaded again, on the nodes there are now
                 if not served.loaded:
                     self._load(served)
                 served.used = time.monotonic()
