@@ -58,22 +58,15 @@ def test_two_stage_actors_answer_as_the_one_graph(local_ray, split, monkeypatch)
 
 def test_batched_decoding_and_the_prompt_cache_go_through_the_actors(local_ray, split):
     from test_batching import run_batcher
+    from test_split import BATCHED_PROMPTS, check_batched_step
 
     from edgellm.runtime.prompt_cache import PromptCache
 
     whole, bundle = split
     model = edgellm.load(bundle, stage_placement="pack", slots=2)
     engine = model.engine
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    tokens = []
-    for slot, ids in zip(engine.slots, prompts):
-        with engine.using(slot):
-            tokens.append(int(np.argmax(engine.prefill(ids))))
-    rows = engine.decode_batch(engine.slots, tokens)
-    for ids, token, row in zip(prompts, tokens, rows):
-        whole.engine.reset()
-        whole.engine.prefill(ids)
-        np.testing.assert_allclose(row, whole.engine.decode(token), rtol=0, atol=2e-5)
+    tokens, rows = check_batched_step(engine, whole.engine)
+    prompts = BATCHED_PROMPTS
     # a sequence moved to another slot, and one restored from a snapshot, continue as they were
     first, second = engine.slots
     kept = engine.snapshot(first)

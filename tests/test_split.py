@@ -38,6 +38,24 @@ def test_three_stages_of_a_deeper_model(tmp_path):
     check_parity(ref_model, split)
 
 
+BATCHED_PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13]]
+
+
+def check_batched_step(engine, alone) -> tuple[list[int], np.ndarray]:
+    """Two prompts prefilled in `engine`'s two slots and one decode step of both together: each row is what the
+    `alone` engine gives that prompt by itself. Returns (the prompts' first tokens, the rows)."""
+    tokens = []
+    for slot, ids in zip(engine.slots, BATCHED_PROMPTS):
+        with engine.using(slot):
+            tokens.append(int(np.argmax(engine.prefill(ids))))
+    rows = engine.decode_batch(engine.slots, tokens)
+    for ids, token, row in zip(BATCHED_PROMPTS, tokens, rows):
+        alone.reset()
+        alone.prefill(ids)
+        np.testing.assert_allclose(row, alone.decode(token), atol=2e-5, rtol=0)
+    return tokens, rows
+
+
 def test_a_split_bundle_batches_and_refuses_another_device_count(tiny, tmp_path):
     _, folder = tiny("llama")
     bundle = edgellm.convert(folder, tmp_path / "split", quantize="f32", seq_length=64, num_devices=2,
@@ -46,17 +64,7 @@ def test_a_split_bundle_batches_and_refuses_another_device_count(tiny, tmp_path)
         edgellm.load(bundle, device="cpu,cpu,cpu")
     one = edgellm.load(bundle)  # one device for every stage
     many = edgellm.load(bundle, device="cpu,cpu", slots=2)
-    engine = many.engine
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    tokens = []
-    for slot, ids in zip(engine.slots, prompts):
-        with engine.using(slot):
-            tokens.append(int(np.argmax(engine.prefill(ids))))
-    rows = engine.decode_batch(engine.slots, tokens)
-    for ids, token, row in zip(prompts, tokens, rows):
-        one.engine.reset()
-        one.engine.prefill(ids)
-        np.testing.assert_allclose(row, one.engine.decode(token), atol=2e-5, rtol=0)
+    check_batched_step(many.engine, one.engine)
     with pytest.raises(EdgeLLMError, match="num_devices=3 is not a device count: it must be from 1 to the 2 layers"):
         edgellm.convert(folder, tmp_path / "x", num_devices=3, progress=False)
 

@@ -128,8 +128,6 @@ class Engine:
 
     def _place_stages(self, bundle: Bundle, device: str, threads: int | None, placement: str) -> None:
         """The stages in Ray actors (ray_stages): nothing of the decoder's graphs is opened in this process."""
-        from .ray_stages import RayStages
-
         if device not in ("cpu", "cuda"):
             raise EdgeLLMError(f"stages on Ray run on device cpu or cuda, not {device}")
         self.remote = RayStages(bundle, device, threads, placement)
@@ -333,7 +331,8 @@ class Engine:
 
     def _submit(self, embeds: np.ndarray, logits_index: np.ndarray, token_ids, position_ids: np.ndarray,
                 extra: dict[str, np.ndarray], call_length: int | None = None) -> Future:
-        """forward() through a staged decoder's pipeline (inside StagedRunner.pipelined): the future of its logits."""
+        """forward() through a staged decoder's pipeline (inside its runner's pipelined()): the future of its
+        logits."""
         feed, _, s = self._feed(embeds, logits_index, position_ids, extra, call_length)
         logits = self.runner.submit(feed, self.slot.index, logits_index)
         self.slot.tokens.extend([-1] * s if token_ids is None else [int(t) for t in token_ids])

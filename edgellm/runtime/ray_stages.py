@@ -148,7 +148,7 @@ class RayStages:
                 f"{PLACEMENT_WAIT_S:.0f} s: it has {len(nodes)} node(s) and {total:.0f} "
                 "CPU(s), some maybe taken; add nodes (ray start --address ...), give fewer --threads"
                 + (", or place them with spread" if placement == "strict-spread" else ""))
-        self._release = weakref.finalize(self, _release, group)
+        self._give_back = weakref.finalize(self, _release, group)
         worker = ray.remote(StageWorker)
         self.actors = [worker.options(num_cpus=cpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
             group, placement_group_bundle_index=k)).remote(str(bundle.path), k, device, threads, bundle.key)
@@ -171,7 +171,7 @@ class RayStages:
         if ray.is_initialized():
             for actor in self.actors:
                 ray.kill(actor)
-        self._release()
+        self._give_back()
 
     def get(self, refs):
         """ray.get, with a stage's failure said as such (failure())."""
