@@ -182,3 +182,35 @@ def test_a_ray_serve_replica_answers_from_stage_actors(local_ray, split, tmp_pat
     from edgellm.runtime.prompt_cache import FILE_SUFFIX
 
     assert list((tmp_path / "kept").glob(f"*{FILE_SUFFIX}"))
+
+
+def test_lora_adapters_reach_every_stage(local_ray, tiny, tmp_path):
+    """A bundle with LoRA slots and two stages on Ray: each adapter goes to both actors, answers with it are the
+    one graph's with it, and two slots with different adapters decode together."""
+    pytest.importorskip("peft")
+    from test_lora import adapter
+
+    ref_model, folder = tiny("qwen2")
+    adapter(ref_model, tmp_path / "a", 5)
+    adapter(ref_model, tmp_path / "b", 6, r=2, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"])
+    options = dict(quantize="f32", seq_length=64, chunk_length=8, lora_slots=2, lora_max_rank=4, progress=False)
+    whole = edgellm.load(edgellm.convert(folder, tmp_path / "whole", **options))
+    model = edgellm.load(edgellm.convert(folder, tmp_path / "split", num_devices=2, **options),
+                         stage_placement="spread", slots=2)
+    for one in (whole, model):
+        one.load_adapter(tmp_path / "a", "a")
+        one.load_adapter(tmp_path / "b", "b")
+    ids = whole.tokenizer.encode(CORPUS.read_text())[:20]
+    for name in (None, "a", "b"):
+        np.testing.assert_allclose(model.logits(ids, adapter=name), whole.logits(ids, adapter=name), rtol=0,
+                                   atol=2e-5)
+    assert np.abs(model.logits(ids, adapter="a") - model.logits(ids)).max() > 1e-2  # (the adapter changes them)
+    engine = model.engine
+    for slot, name in zip(engine.slots, ("a", "b")):
+        with engine.using(slot):
+            engine.set_adapter(name)
+            engine.prefill(ids[:10])
+    together = engine.decode_batch(engine.slots, [ids[10], ids[10]])
+    for row, name in zip(together, ("a", "b")):
+        np.testing.assert_allclose(row, whole.logits(ids[:11], adapter=name)[-1], rtol=0, atol=2e-5)
+    model.close()

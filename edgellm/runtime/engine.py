@@ -149,7 +149,7 @@ class Engine:
         """The runner of this bundle's execution mode on `device`."""
         self.openvino = None  # device openvino's compiled decoder
         if self.remote is not None:
-            return RayStagedRunner(self.remote)
+            return RayStagedRunner(self.remote, self.cache, self.lora is not None)
         if len(self.stages) > 1:
             return StagedRunner(self.stages, self.stage_layers, self.bindings)
         if self.fixed_rows is not None:
@@ -199,6 +199,8 @@ class Engine:
                                "with --lora)")
         self.lora.add(name, modules)
         self.bindings.forget_adapter(name)  # (a reloaded adapter)
+        if self.remote is not None:
+            self.remote.add_adapter(name, modules)
 
     def check_adapter(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:

@@ -25,6 +25,7 @@ from ..format import Bundle, open_bundle
 from ..kernels import KernelUse
 from ..kernels import status as kernel_status
 from .kv_cache import KvCache
+from .lora_slots import LoraSlots
 from .runners import Bindings, Runner, Stage
 from .sessions import PROVIDERS, open_graph, session_options
 
@@ -62,6 +63,8 @@ class StageWorker:
         self.kernels = kernels.describe()
         self.cache: KvCache | None = None
         self.bindings: Bindings | None = None
+        lora = self.bundle.manifest.lora
+        self.lora = LoraSlots(lora) if lora else None  # the adapters, as the engine's (its add_adapter sends them)
 
     def describe(self) -> dict:
         """What the engine needs to know of this stage: its graph's inputs (name: shape), its layers, its node (host
@@ -76,12 +79,21 @@ class StageWorker:
         m = self.bundle.manifest
         self.cache = KvCache(m.model.num_hidden_layers, slots, m.model.num_key_value_heads, m.seq_length,
                              m.model.head_dim, m.quantization.kv_dtype, position_rows)
-        self.bindings = Bindings(self.cache, None, m.model.vocab_size)
+        self.bindings = Bindings(self.cache, self.lora, m.model.vocab_size)
 
-    def run(self, feed: dict, carried: dict | None, first: int, end: int, single: bool, first_row: bool):
-        """The stage on this actor's cache (`carried`: the previous actor's hand-over, resolved by Ray): the next
-        hand-over, or the last stage's logits (only the first row's where `first_row`)."""
-        assert self.bindings is not None, "allocate() comes first"
+    def add_adapter(self, name: str, modules: dict) -> None:
+        assert self.lora is not None and self.bindings is not None
+        self.lora.add(name, modules)
+        self.bindings.forget_adapter(name)
+
+    def run(self, feed: dict, carried: dict | None, first: int, end: int, single: bool, first_row: bool,
+            adapters: tuple = ()):
+        """The stage on this actor's cache (`carried`: the previous actor's hand-over, resolved by Ray; `adapters`:
+        the LoRA adapter of each slot first..end-1, as the engine's slots say): the next hand-over, or the last
+        stage's logits (only the first row's where `first_row`)."""
+        assert self.bindings is not None and self.cache is not None, "allocate() comes first"
+        for index, adapter in zip(range(first, end), adapters):
+            self.cache.slot_at(index).adapter = adapter
         if not self.stage.last:
             return self.stage.hand_over(self.bindings, feed, carried, first, end)
         logits = self.stage.logits(self.bindings, feed, carried, first, end, single)
@@ -130,9 +142,6 @@ class RayStages:
         if len(names) < 2:
             raise EdgeLLMError(f"{bundle.path}: its decoder is one graph; stages on Ray need one written as stages "
                                "(edgellm convert --num-device N)")
-        if bundle.manifest.lora:
-            raise EdgeLLMError("a bundle with LoRA slots does not run its stages on Ray yet; load it without "
-                               "--ray-stages")
         ray = _ray()
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -172,6 +181,10 @@ class RayStages:
             for actor in self.actors:
                 ray.kill(actor)
         self._give_back()
+
+    def add_adapter(self, name: str, modules: dict) -> None:
+        """An adapter for the bundle's LoRA slots, into every stage's actor (each takes its layers' arrays)."""
+        self.get([a.add_adapter.remote(name, modules) for a in self.actors])
 
     def get(self, refs):
         """ray.get, with a stage's failure said as such (failure())."""
@@ -218,16 +231,17 @@ class RayStagedRunner(Runner):
 
     pipelines = True
 
-    def __init__(self, stages: RayStages):
-        self.stages = stages
+    def __init__(self, stages: RayStages, cache: KvCache, lora: bool):
+        self.stages, self.cache, self.lora = stages, cache, lora
         self.takes = [[n for n in inputs if not n.startswith(("past_", "lora_"))] for inputs in stages.inputs]
         self.futures: list[Future] | None = None  # inside pipelined()
 
     def _chain(self, feed: dict, first: int, end: int, single: bool, first_row: bool):
+        adapters = tuple(self.cache.slot_at(i).adapter for i in range(first, end)) if self.lora else ()
         carried = None
         for actor, takes in zip(self.stages.actors, self.takes):
             given = {name: feed[name] for name in takes if name in feed}
-            carried = actor.run.remote(given, carried, first, end, single, first_row)
+            carried = actor.run.remote(given, carried, first, end, single, first_row, adapters)
         return carried
 
     def forward(self, feed, slot, start, s, logits_index):
