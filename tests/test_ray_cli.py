@@ -52,3 +52,22 @@ def test_the_command_serves_from_two_replicas_and_stops_cleanly(bundle, tmp_path
     output = log.read_text()
     assert "(2 replica(s))" in output and "stopping the Ray Serve application" in output
     assert "Traceback" not in output, output
+
+
+def test_a_replica_that_cannot_load_is_one_clear_error(bundle, tmp_path):
+    """The replicas cannot load the bundle (a file cut short after the command checked the folder): the command
+    says the replicas' own reason, exits 2, and shows no traceback."""
+    import shutil
+
+    from test_ray_serve import free_port
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle("llama", "f32", seq_length=256), damaged)
+    largest = max(damaged.iterdir(), key=lambda f: f.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(100)
+    done = subprocess.run([sys.executable, "-m", "edgellm", "serve", str(damaged), "--ray", "--port",
+                           str(free_port()), "-t", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "error: the Ray Serve application did not start: " in done.stderr and "truncated" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout

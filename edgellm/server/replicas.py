@@ -376,12 +376,19 @@ def build(args: dict):
 
 
 def serve_on_ray(models: list[tuple[str, str]], settings: ReplicaSettings, host: str, port: int,
-                 replicas: int | None = None, autoscale: tuple[int, int] | None = None, blocking: bool = True):
+                 replicas: int | None = None, autoscale: tuple[int, int] | None = None) -> None:
     """Start (or join, with RAY_ADDRESS) a Ray cluster and run the application, its front listening on host:port on
-    this node."""
+    this node, until Ctrl-C or SIGTERM; then the application goes (its replicas, their models and stage actors)."""
+    import signal
+    import sys
+    import threading
+
     ray, serve = _ray()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    # SIGTERM from here on stops the application (ray.init's own handler exits at once, with nothing deleted)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     count = autoscale[1] if autoscale else (replicas or 1)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     if settings.ray_stages:  # the stages' actors hold the CPUs (each a node's cores); a replica only samples
@@ -390,27 +397,31 @@ def serve_on_ray(models: list[tuple[str, str]], settings: ReplicaSettings, host:
         per_replica = min(1.0, cpus / count)
         if settings.threads is None:
             settings.threads = max(1, int(cpus // count))
-    serve.start(http_options={"location": "NoServer"})  # the front listens itself: no proxy hop
-    serve.run(application(models, settings, replicas, autoscale, cpus_per_replica=per_replica, listen=(host, port)),
-              name=APP_NAME, route_prefix=None, blocking=False)
-    if blocking:
-        wait_then_stop(serve)
-
-
-def wait_then_stop(serve) -> None:
-    """Serve until Ctrl-C or SIGTERM; then the application goes (its replicas, their models and stage actors)."""
-    import signal
-    import sys
-    import threading
-
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        serve.start(http_options={"location": "NoServer"})  # the front listens itself: no proxy hop
+        serve.run(application(models, settings, replicas, autoscale, cpus_per_replica=per_replica,
+                              listen=(host, port)), name=APP_NAME, route_prefix=None, blocking=False)
         while not stop.wait(1.0):  # (Ctrl-C raises KeyboardInterrupt here)
             pass
     except KeyboardInterrupt:
         pass
+    except RuntimeError as e:  # a deployment that could not start: its replicas' own error, once
+        raise EdgeLLMError(f"the Ray Serve application did not start: {deployment_failure(serve) or e}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         print("edgellm: stopping the Ray Serve application", file=sys.stderr)
         serve.delete(APP_NAME)
+
+
+def deployment_failure(serve) -> str | None:
+    """Why a deployment of the application failed, as its replicas said it (the last EdgeLLMError among Serve's
+    messages, else the last line of one), or None."""
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments.values()
+    except Exception:  # (no status to read)
+        return None
+    for message in (d.message for d in deployments if d.message):
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        said = [line.split("EdgeLLMError: ", 1)[1] for line in lines if "EdgeLLMError: " in line]
+        return said[-1] if said else lines[-1]
+    return None
