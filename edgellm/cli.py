@@ -235,7 +235,8 @@ def build_parser() -> Parser:
                     help="largest request body accepted, in MiB (default 32; larger gets 413)")
     sv.add_argument("--ray", action="store_true",
                     help="serve from Ray Serve replicas (pip install 'edgellm[ray]'; a local Ray, or the cluster at "
-                         "RAY_ADDRESS), each holding the models, behind Ray Serve's HTTP proxy")
+                         "RAY_ADDRESS), each holding the models, behind a front that listens on --host/--port and "
+                         "routes a conversation to the replica holding its prompt cache")
     sv.add_argument("--replicas", type=count(1), default=None, metavar="N", help="with --ray: N replicas (default 1)")
     sv.add_argument("--autoscale", type=replica_range, default=None, metavar="MIN,MAX",
                     help="with --ray: between MIN and MAX replicas, as the load asks")
@@ -416,10 +417,11 @@ def cmd_serve(args) -> None:
     if len(models) > 1 and (args.name or args.adapter):
         raise EdgeLLMError("--name and --adapter apply to a server of one model; give one MODEL")
     bundles = [(args.name or name, resolve(spec)) for name, spec in models]  # every conversion before serving
+    options = LoadOptions.of(args)
     if args.ray:
         from .server.replicas import ReplicaSettings, serve_on_ray
 
-        settings = ReplicaSettings(**vars(LoadOptions.of(args)), parallel=args.parallel,
+        settings = ReplicaSettings(**vars(options), parallel=args.parallel,
                                    max_request_bytes=args.max_request_mib << 20, max_queue=args.max_queue,
                                    api_key=args.api_key, max_models=args.max_models)
         print(f"serving {', '.join(n for n, _ in bundles)} from Ray Serve on http://{args.host}:{args.port}/ "
@@ -429,7 +431,6 @@ def cmd_serve(args) -> None:
                      args.autoscale)
         return
 
-    options = LoadOptions.of(args)
     pool = ModelPool([ServedModel(name, served_loader(name, bundle, options, args.parallel, len(bundles) > 1),
                                   path=Path(bundle)) for name, bundle in bundles],
                      max_models=args.max_models, max_queue=args.max_queue)

@@ -37,6 +37,7 @@ from .runners import (
     OpenVinoRunner,
     Runner,
     StagedRunner,
+    cache_layers,
 )
 from .sessions import PROVIDERS, default_threads, open_graph, session_options
 
@@ -117,8 +118,7 @@ class Engine:
                        for k, name in enumerate(stage_files)]
         self.session = self.stages[0]
         self.graph_inputs = {i.name: i.shape for i in self.session.get_inputs()}
-        self.stage_layers = [sorted(int(i.name.split(".")[1]) for i in st.get_inputs()
-                                    if i.name.startswith("past_key.")) for st in self.stages]
+        self.stage_layers = [cache_layers(st) for st in self.stages]
         self.step_session: ort.InferenceSession | None = None
         if STEP_GRAPH in bundle.manifest.graphs:
             if device == "openvino":
@@ -149,7 +149,7 @@ class Engine:
         """The runner of this bundle's execution mode on `device`."""
         self.openvino = None  # device openvino's compiled decoder
         if self.remote is not None:
-            return RayStagedRunner(self.remote, self.cache, self.lora is not None)
+            return RayStagedRunner(self.remote, self.cache)
         if len(self.stages) > 1:
             return StagedRunner(self.stages, self.stage_layers, self.bindings)
         if self.fixed_rows is not None:

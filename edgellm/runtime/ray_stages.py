@@ -26,18 +26,19 @@ from ..kernels import KernelUse
 from ..kernels import status as kernel_status
 from .kv_cache import KvCache
 from .lora_slots import LoraSlots
-from .runners import Bindings, Runner, Stage
+from .runners import Bindings, Runner, Stage, cache_layers
 from .sessions import PROVIDERS, open_graph, session_options
 
 PLACEMENTS = {"spread": "SPREAD", "strict-spread": "STRICT_SPREAD", "pack": "PACK"}
 PLACEMENT_WAIT_S = 60.0  # how long the cluster may take to find room for the stages before we say it has none
 
 
-def _ray():
+def ray_session():
+    """Ray, joined to the cluster at RAY_ADDRESS, or to a local one it starts, unless this process has joined one."""
     try:
         import ray
     except ImportError as e:
-        raise EdgeLLMError("stages on Ray need Ray: pip install 'edgellm[ray]'") from e
+        raise EdgeLLMError("Ray is not installed: pip install 'edgellm[ray]'") from e
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     return ray
@@ -57,7 +58,7 @@ class StageWorker:
         names = self.bundle.manifest.decoder_stages
         kernels = KernelUse(kernel_status())
         session = open_graph(self.bundle, names[index], session_options(threads, False), PROVIDERS[device], kernels)
-        layers = sorted(int(i.name.split(".")[1]) for i in session.get_inputs() if i.name.startswith("past_key."))
+        layers = cache_layers(session)
         self.stage = Stage(session, layers, last=index == len(names) - 1)
         self.layers = slice(layers[0], layers[-1] + 1)
         self.kernels = kernels.describe()
@@ -67,12 +68,12 @@ class StageWorker:
         self.lora = LoraSlots(lora) if lora else None  # the adapters, as the engine's (its add_adapter sends them)
 
     def describe(self) -> dict:
-        """What the engine needs to know of this stage: its graph's inputs (name: shape), its layers, its node (host
-        name / Ray node id)."""
+        """What the engine needs to know of this stage: its graph's inputs (name: shape), those it takes from the
+        engine or the stage before (Stage.inputs), its layers, its node (host name / Ray node id)."""
         import ray
 
         node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"  # (a host may run several)
-        return {"inputs": {i.name: i.shape for i in self.stage.session.get_inputs()},
+        return {"inputs": {i.name: i.shape for i in self.stage.session.get_inputs()}, "takes": self.stage.inputs,
                 "layers": list(range(self.layers.start, self.layers.stop)), "node": node, "kernels": self.kernels}
 
     def allocate(self, slots: int, position_rows: int) -> None:
@@ -122,13 +123,17 @@ def _release(group) -> None:
         remove_placement_group(group)
 
 
-def _cause(error: BaseException) -> str:
-    """The message of what failed inside an actor, without Ray's traceback around it."""
-    text = str(error)
+def error_text(text: str) -> str:
+    """What failed inside a Ray actor, from Ray's report of it: the error's own message, without the traceback
+    around it."""
     for marker in ("EdgeLLMError: ", "Error: "):
         if marker in text:
             return text.rsplit(marker, 1)[1].strip().splitlines()[0]
-    return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+    return text.strip().splitlines()[-1] if text.strip() else "no message"
+
+
+def _cause(error: BaseException) -> str:
+    return error_text(str(error)) if str(error).strip() else type(error).__name__
 
 
 class RayStages:
@@ -142,7 +147,7 @@ class RayStages:
         if len(names) < 2:
             raise EdgeLLMError(f"{bundle.path}: its decoder is one graph; stages on Ray need one written as stages "
                                "(edgellm convert --num-device N)")
-        ray = _ray()
+        ray = ray_session()
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -168,6 +173,7 @@ class RayStages:
             self.close()
             raise EdgeLLMError(f"a stage's actor could not start: {_cause(e)}") from None
         self.inputs = [d["inputs"] for d in described]
+        self.takes = [d["takes"] for d in described]
         self.layers = [d["layers"] for d in described]
         self.nodes = [d["node"] for d in described]
         self.kernels = described[0]["kernels"]
@@ -231,15 +237,14 @@ class RayStagedRunner(Runner):
 
     pipelines = True
 
-    def __init__(self, stages: RayStages, cache: KvCache, lora: bool):
-        self.stages, self.cache, self.lora = stages, cache, lora
-        self.takes = [[n for n in inputs if not n.startswith(("past_", "lora_"))] for inputs in stages.inputs]
+    def __init__(self, stages: RayStages, cache: KvCache):
+        self.stages, self.cache = stages, cache
         self.futures: list[Future] | None = None  # inside pipelined()
 
     def _chain(self, feed: dict, first: int, end: int, single: bool, first_row: bool):
-        adapters = tuple(self.cache.slot_at(i).adapter for i in range(first, end)) if self.lora else ()
+        adapters = tuple(self.cache.slot_at(i).adapter for i in range(first, end))
         carried = None
-        for actor, takes in zip(self.stages.actors, self.takes):
+        for actor, takes in zip(self.stages.actors, self.stages.takes):
             given = {name: feed[name] for name in takes if name in feed}
             carried = actor.run.remote(given, carried, first, end, single, first_row, adapters)
         return carried

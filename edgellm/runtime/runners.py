@@ -126,6 +126,11 @@ class GraphRunner(Runner):
         return self.run(feed, first, end, single=True)
 
 
+def cache_layers(session: ort.InferenceSession) -> list[int]:
+    """The decoder layers whose keys and values a graph (a whole decoder, or one stage of it) takes, in order."""
+    return sorted(int(i.name.split(".")[1]) for i in session.get_inputs() if i.name.startswith("past_key."))
+
+
 class Stage:
     """One graph of a decoder written as stages of contiguous layers (convert --num-device): it takes the previous
     stage's hand-over (its hidden state and residual stream) or, the first, the embeddings, and hands over the same

@@ -6,8 +6,8 @@ start) and forwards it through Ray Serve's request router, PrefixAffinityRouter 
 goes to the replica whose prompt cache holds it, unless that replica is busy. On one machine or a cluster
 (`RAY_ADDRESS`, `ray start --head`), with a fixed count (`--replicas N`) or autoscaling (`--autoscale MIN,MAX`).
 
-Streaming goes through; a client that leaves closes its stream, which stops the answer on its replica.
-/metrics and /health are each replica's own (the router picks one).
+Streaming goes through; a client that leaves closes its stream, which stops the answer on its replica. /metrics
+adds up every replica's figures (/metrics/replicas: each one's); /health is one replica's (the router picks it).
 """
 
 from __future__ import annotations
@@ -130,6 +130,16 @@ def replica_names() -> list[str]:
     return sorted({r.unique_id for router in list(routers()) for r in router.curr_replicas})
 
 
+def replica_name() -> str:
+    """This Ray Serve replica's id (the process id outside Serve)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # (not in a Serve replica: a test's own instance)
+        return str(os.getpid())
+
+
 class ModelReplica:
     """A replica: the models (a ModelPool) behind the application `edgellm serve` runs, answering the HTTP requests
     the front forwards as they came (method, path, query, headers, body), streamed back as ("start", status,
@@ -147,25 +157,16 @@ class ModelReplica:
             pass
         self.app = create_app(pool=self.pool, max_request_bytes=s.max_request_bytes, api_key=s.api_key,
                               max_queue=s.max_queue)
+        self.name = replica_name()
 
     def __del__(self):
         """Ray Serve stops the replica: the answers in its slots go to the prompt cache (and its folder), and a
         staged model's actors are given back."""
         self.pool.close()
 
-    @staticmethod
-    def name() -> str:
-        """This replica's Ray Serve id (its process id outside Serve)."""
-        try:
-            from ray import serve
-
-            return serve.get_replica_context().replica_id.unique_id
-        except Exception:  # (not in a Serve replica: a test's own instance)
-            return str(os.getpid())
-
     def headers(self, start: dict) -> list:
         """A response's headers, and which replica answered, for logs and clients that care."""
-        return [*start.get("headers", []), (b"x-edgellm-replica", self.name().encode())]
+        return [*start.get("headers", []), (b"x-edgellm-replica", self.name.encode())]
 
     async def metrics(self, headers: list, replica: str | None = None) -> tuple[str, int, bytes]:
         """This replica's /metrics (the request's headers carry its API key): (its name, status, body).
@@ -176,7 +177,7 @@ class ModelReplica:
                 status = item[1]
             else:
                 body.append(item[1])
-        return self.name(), status, b"".join(body)
+        return self.name, status, b"".join(body)
 
     async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes, affinity=None):
         """Run one HTTP request through the application; yields its response. Closing the generator (the client
@@ -271,7 +272,8 @@ class Front:
             sock = bind(*listen)
             self.server = uvicorn.Server(uvicorn.Config(self.asgi, log_level="warning", lifespan="off",
                                                         interface="asgi3"))
-            # (Ray Serve runs a deployment's constructor on its event loop, where the server then runs)
+            # (Ray Serve runs a deployment's constructor on its event loop, where the server then runs; the task is
+            # kept, as the loop holds only a weak reference to it)
             self.serving = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
 
     def __del__(self):
@@ -308,7 +310,6 @@ class Front:
             return StreamingResponse(rest(), status_code=status, headers=headers)
         content = b"".join([item[1] async for item in stream])
         return Response(content, status_code=status, headers=headers)
-
 
     async def metrics(self, request, per_replica: bool):
         """/metrics of every replica: summed (/metrics, as one server gives them), or each labelled with its replica
@@ -383,9 +384,10 @@ def serve_on_ray(models: list[tuple[str, str]], settings: ReplicaSettings, host:
     import sys
     import threading
 
-    ray, serve = _ray()
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    from ..runtime.ray_stages import ray_session
+
+    _, serve = _ray()
+    ray = ray_session()
     # SIGTERM from here on stops the application (ray.init's own handler exits at once, with nothing deleted)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -414,14 +416,12 @@ def serve_on_ray(models: list[tuple[str, str]], settings: ReplicaSettings, host:
 
 
 def deployment_failure(serve) -> str | None:
-    """Why a deployment of the application failed, as its replicas said it (the last EdgeLLMError among Serve's
-    messages, else the last line of one), or None."""
+    """Why a deployment of the application failed, as its replicas said it (ray_stages.error_text of Serve's
+    message), or None."""
     try:
         deployments = serve.status().applications[APP_NAME].deployments.values()
     except Exception:  # (no status to read)
         return None
-    for message in (d.message for d in deployments if d.message):
-        lines = [line.strip() for line in message.splitlines() if line.strip()]
-        said = [line.split("EdgeLLMError: ", 1)[1] for line in lines if "EdgeLLMError: " in line]
-        return said[-1] if said else lines[-1]
-    return None
+    from ..runtime.ray_stages import error_text
+
+    return next((error_text(d.message) for d in deployments if (d.message or "").strip()), None)
